@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing Hydrascale needs on a fresh Debian machine:
+# the C/C++ toolchain pieces RocksDB and protobuf code generation need, test tools,
+# and the official Tailscale client (tailscale + tailscaled) built with `go install`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TAILSCALE_VERSION="${TAILSCALE_VERSION:-v1.102.3}"
+TOOLS_DIR="${HYDRASCALE_TOOLS_DIR:-$PWD/.tools}"
+
+need_apt=()
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+command -v clang >/dev/null || need_apt+=(clang)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v haproxy >/dev/null || need_apt+=(haproxy)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "cargo (Rust >= 1.85) is required: install it with rustup" >&2; exit 1; }
+command -v go >/dev/null || { echo "Go >= 1.26 is required to build the official Tailscale client" >&2; exit 1; }
+
+mkdir -p "$TOOLS_DIR/bin"
+stamp="$TOOLS_DIR/bin/.tailscale-$TAILSCALE_VERSION"
+if [ ! -x "$TOOLS_DIR/bin/tailscaled" ] || [ ! -f "$stamp" ]; then
+  echo "building the official Tailscale client $TAILSCALE_VERSION with go install" >&2
+  GOBIN="$TOOLS_DIR/bin" GOFLAGS=-mod=mod go install \
+    "tailscale.com/cmd/tailscale@$TAILSCALE_VERSION" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
+  touch "$stamp"
+fi
+"$TOOLS_DIR/bin/tailscale" version | head -1

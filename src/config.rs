@@ -1,0 +1,353 @@
+//! Server configuration: the file format, embedded defaults, and environment overrides.
+//!
+//! Every key can come from the TOML file, from an environment variable
+//! (`HYDRASCALE_<KEY>`, nested keys joined by `__`, e.g. `HYDRASCALE_DERP__REGION_ID`),
+//! or from `hydrascale serve` flags, in increasing order of precedence.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors a user can cause with a bad configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var} has a value that does not fit key {key}: {message}")]
+    Env {
+        var: String,
+        key: String,
+        message: String,
+    },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// The whole configuration of one replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The URL clients use as `--login-server` (the load balancer's URL in a cluster).
+    pub server_url: String,
+    /// Control plane listener: TS2021 (`/key`, `/ts2021`), DERP (`/derp`) and web pages.
+    pub listen_addr: SocketAddr,
+    /// Admin gRPC listener used by the `hydrascale` CLI. Keep it on loopback.
+    pub admin_listen_addr: SocketAddr,
+    /// Raft gRPC listener between replicas.
+    pub raft_listen_addr: SocketAddr,
+    /// Where RocksDB (Raft log and state) and the control key live.
+    pub data_dir: PathBuf,
+    /// This replica's Raft node id (unique in the cluster, never reused).
+    pub node_id: u64,
+    /// MagicDNS base domain: nodes are named `<name>.<base_domain>`.
+    pub base_domain: String,
+    /// How long a node key stays valid after registration, e.g. "180d"; "0" = never expires.
+    pub node_expiry: String,
+    pub derp: DerpConfig,
+}
+
+/// The embedded DERP relay and STUN server, and how it appears in the DERP map.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DerpConfig {
+    pub enabled: bool,
+    pub region_id: i32,
+    pub region_code: String,
+    pub region_name: String,
+    /// Host name clients dial for DERP; defaults to the host of `server_url`.
+    pub hostname: Option<String>,
+    /// Port clients dial for DERP; defaults to the port of `server_url`.
+    pub port: Option<u16>,
+    /// Literal IPv4 address advertised in the DERP map (optional).
+    pub ipv4: Option<String>,
+    /// UDP address of the STUN listener.
+    pub stun_listen_addr: SocketAddr,
+    /// Mark the DERP node `InsecureForTests` (self-signed TLS in tests only).
+    pub insecure_for_tests: bool,
+}
+
+impl Default for DerpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            region_id: 900,
+            region_code: "hydrascale".into(),
+            region_name: "Hydrascale".into(),
+            hostname: None,
+            port: None,
+            ipv4: None,
+            stun_listen_addr: SocketAddr::from(([127, 0, 0, 1], 3478)),
+            insecure_for_tests: false,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_url: "http://127.0.0.1:8080".into(),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen_addr: SocketAddr::from(([127, 0, 0, 1], 50443)),
+            raft_listen_addr: SocketAddr::from(([127, 0, 0, 1], 50444)),
+            data_dir: PathBuf::from("hydrascale-data"),
+            node_id: 1,
+            base_domain: "hydrascale.internal".into(),
+            node_expiry: "0".into(),
+            derp: DerpConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file (if any) over the embedded defaults, then applies `HYDRASCALE_*` variables.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    /// Like [`Config::load`] but with an explicit environment, so tests need not touch the process's.
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: p.display().to_string(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("HYDRASCALE_") else {
+                continue;
+            };
+            // Variables the CLI reads for itself are not server settings.
+            if rest == "ADMIN_ADDR" || rest == "LOG" {
+                continue;
+            }
+            let key_path: Vec<String> = rest.split("__").map(|s| s.to_lowercase()).collect();
+            set_path(&mut table, &key_path, value).map_err(|message| ConfigError::Env {
+                var: var.clone(),
+                key: key_path.join("."),
+                message,
+            })?;
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "<environment>".into()),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies one `key=value` override (dotted key), as given by `hydrascale serve --set`.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let mut table = toml::Table::try_from(&*self).map_err(|e| ConfigError::Invalid {
+            key: key.into(),
+            message: e.to_string(),
+        })?;
+        let key_path: Vec<String> = key.split('.').map(str::to_string).collect();
+        set_path(&mut table, &key_path, value).map_err(|message| ConfigError::Invalid {
+            key: key.into(),
+            message,
+        })?;
+        let updated: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    key: key.into(),
+                    message: e.to_string(),
+                })?;
+        updated.validate()?;
+        *self = updated;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.server_url.trim_end_matches('/');
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                key: "server_url".into(),
+                message: format!(
+                    "{url:?} must start with http:// or https:// (it is what clients pass to --login-server)"
+                ),
+            });
+        }
+        if self.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                key: "node_id".into(),
+                message: "must be 1 or more".into(),
+            });
+        }
+        parse_duration_ms(&self.node_expiry).map_err(|message| ConfigError::Invalid {
+            key: "node_expiry".into(),
+            message,
+        })?;
+        if self.base_domain.is_empty() || self.base_domain.contains("..") {
+            return Err(ConfigError::Invalid {
+                key: "base_domain".into(),
+                message: "must be a DNS domain such as tailnet.example.com".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `server_url` without trailing slashes, as the client normalises it.
+    pub fn server_url(&self) -> &str {
+        self.server_url.trim_end_matches('/')
+    }
+
+    /// Host and port of `server_url`, used for DERP map defaults.
+    pub fn server_host_port(&self) -> (String, u16) {
+        let url = self.server_url();
+        let (rest, default_port) = if let Some(r) = url.strip_prefix("https://") {
+            (r, 443)
+        } else {
+            (url.strip_prefix("http://").unwrap_or(url), 80)
+        };
+        let authority = rest.split('/').next().unwrap_or(rest);
+        if let Some(v6) = authority.strip_prefix('[') {
+            if let Some((host, port)) = v6.split_once(']') {
+                let port = port
+                    .strip_prefix(':')
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(default_port);
+                return (host.to_string(), port);
+            }
+        }
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), port.parse().unwrap_or(default_port)),
+            None => (authority.to_string(), default_port),
+        }
+    }
+
+    /// Node key lifetime in milliseconds; `None` = keys do not expire.
+    pub fn node_expiry_ms(&self) -> Option<i64> {
+        match parse_duration_ms(&self.node_expiry) {
+            Ok(0) | Err(_) => None,
+            Ok(ms) => Some(ms),
+        }
+    }
+}
+
+/// Parses "90s", "15m", "1h", "7d", "0" into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{t:?} needs a unit: s, m, h or d (e.g. 90d)"))?;
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{t:?} is not a duration like 30m, 12h or 90d"))?;
+    let mult = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{t:?} has unknown unit {unit:?}; use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{t:?} is too long"))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{p} is not a section"))?;
+    }
+    cur.insert(last.clone(), guess_value(raw));
+    Ok(())
+}
+
+/// Environment values are text; numbers and booleans are recognised so `node_id=2` works.
+fn guess_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_loopback() {
+        let c = Config::load_with_env(None, &[]).expect("defaults load");
+        assert!(c.listen_addr.ip().is_loopback());
+        assert!(c.admin_listen_addr.ip().is_loopback());
+        assert_eq!(c.server_host_port(), ("127.0.0.1".to_string(), 8080));
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "server_url = \"https://login.example.com\"\nnode_id = 3\n[derp]\nregion_id = 901\n",
+        )
+        .expect("write");
+        let env = vec![
+            ("HYDRASCALE_NODE_ID".to_string(), "7".to_string()),
+            ("HYDRASCALE_DERP__REGION_CODE".to_string(), "x".to_string()),
+        ];
+        let c = Config::load_with_env(Some(&f), &env).expect("load");
+        assert_eq!(c.node_id, 7);
+        assert_eq!(c.derp.region_id, 901);
+        assert_eq!(c.derp.region_code, "x");
+        assert_eq!(c.server_host_port(), ("login.example.com".to_string(), 443));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let env = vec![("HYDRASCALE_SERVER_URL".to_string(), "login".to_string())];
+        let err = Config::load_with_env(None, &env).unwrap_err().to_string();
+        assert!(err.contains("server_url"), "{err}");
+        let mut c = Config::default();
+        let err = c.set("node_expiry", "5 weeks").unwrap_err().to_string();
+        assert!(err.contains("node_expiry"), "{err}");
+        c.set("derp.region_id", "950").expect("set");
+        assert_eq!(c.derp.region_id, 950);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("90s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
+        assert!(parse_duration_ms("2w").is_err());
+        assert!(parse_duration_ms("h").is_err());
+    }
+}
