@@ -1,0 +1,38 @@
+//! `RaftError`: every way replication can fail, said so an operator knows what to do.
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaftError {
+    #[error("this replica is not the leader and the leader is unknown{}; retry once an election has finished", .leader.map(|l| format!(" (last known leader: {l})")).unwrap_or_default())]
+    NotLeader { leader: Option<u64> },
+    #[error("no quorum: {0}; check that a majority of replicas is running and reachable")]
+    NoQuorum(String),
+    #[error("storage error: {0}; check the data directory's disk and permissions")]
+    Storage(String),
+    #[error("cannot open the Raft store in {path}: {message}; is another hydrascale process using this data directory?")]
+    Open { path: String, message: String },
+    #[error("network error talking to replica {target}: {message}")]
+    Network { target: u64, message: String },
+    #[error("cannot listen for Raft traffic on {addr}: {message}")]
+    Bind { addr: String, message: String },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl From<RaftError> for tonic::Status {
+    fn from(e: RaftError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RaftError::NotLeader { .. } | RaftError::NoQuorum(_) | RaftError::Network { .. } => {
+                tonic::Status::unavailable(msg)
+            }
+            RaftError::Unsupported(_) => tonic::Status::unimplemented(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
+}
+
+pub(crate) fn storage<E: std::fmt::Display>(e: E) -> RaftError {
+    RaftError::Storage(e.to_string())
+}

@@ -1,0 +1,392 @@
+//! `hydrascale-raft`: replication for Hydrascale.
+//!
+//! openraft with its log, vote and snapshots in RocksDB and its traffic over gRPC. The
+//! application (the tailnet state machine) is behind the [`Application`] trait and sees
+//! commands as opaque bytes: this crate knows nothing of Tailscale.
+
+// openraft's storage traits fix the error type to `StorageError`, which is large; boxing it
+// here would only mean unboxing it again at every trait boundary.
+#![allow(clippy::result_large_err)]
+
+mod error;
+mod network;
+mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+// `declare_raft_types!` names `Cursor` unqualified for the snapshot type.
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::ClientWriteError;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use error::RaftError;
+
+openraft::declare_raft_types!(
+    /// openraft types of Hydrascale: commands and responses are opaque bytes.
+    pub TypeConfig:
+        D = Vec<u8>,
+        R = Vec<u8>,
+);
+
+/// The replicated application. `apply` must be deterministic: same commands, same state.
+pub trait Application: Send + Sync + 'static {
+    /// Applies one committed command at log index `index`; returns an opaque response.
+    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// The full application state, for a snapshot.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the full state with one produced by `snapshot`.
+    fn restore(&self, snapshot: &[u8]);
+}
+
+#[derive(Debug, Clone)]
+pub struct RaftConfig {
+    pub node_id: u64,
+    /// RocksDB lives here.
+    pub data_dir: PathBuf,
+    /// gRPC listener for Raft traffic (port 0 picks one).
+    pub listen_addr: SocketAddr,
+    /// What peers dial; defaults to the bound listen address.
+    pub advertise_addr: Option<String>,
+    pub election_timeout_ms: (u64, u64),
+    pub heartbeat_ms: u64,
+    /// Build a snapshot every this many applied entries.
+    pub snapshot_every: u64,
+    /// How long a write may wait for a quorum before it fails.
+    pub write_timeout: Duration,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            data_dir: PathBuf::from("raft"),
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_addr: None,
+            election_timeout_ms: (1500, 3000),
+            heartbeat_ms: 500,
+            snapshot_every: 10_000,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A snapshot of Raft's view of the cluster from this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub state: String,
+    pub term: u64,
+    pub current_leader: Option<u64>,
+    pub last_log_index: Option<u64>,
+    pub last_applied: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    /// (id, address, voter?)
+    pub membership: Vec<(u64, String, bool)>,
+}
+
+struct Inner {
+    id: u64,
+    addr: SocketAddr,
+    advertise: String,
+    raft: openraft::Raft<TypeConfig>,
+    applied: watch::Receiver<u64>,
+    write_timeout: Duration,
+    server_stop: Mutex<Option<oneshot::Sender<()>>>,
+    server_task: Mutex<Option<JoinHandle<()>>>,
+    // openraft's storage tasks wind down after `shutdown` returns; RocksDB's lock is only
+    // released once the last of them drops its handle, so `shutdown` waits for that.
+    db_closed: Mutex<Option<watch::Receiver<()>>>,
+}
+
+/// A running Raft node. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+}
+
+impl RaftNode {
+    /// Opens RocksDB, restores the application from the latest snapshot, starts openraft
+    /// (which re-applies committed entries after the snapshot) and the gRPC listener.
+    pub async fn start(
+        config: RaftConfig,
+        app: Arc<dyn Application>,
+    ) -> Result<RaftNode, RaftError> {
+        let (db, db_closed) = store::open(&config.data_dir)?;
+        let (applied_tx, applied_rx) = watch::channel(0u64);
+        let sm =
+            store::state_machine::StateMachineStore::open(db.clone(), app, Arc::new(applied_tx))
+                .map_err(error::storage)?;
+        let log = store::log::LogStore::new(db);
+        let raft_config = openraft::Config {
+            cluster_name: "hydrascale".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_ms.0,
+            election_timeout_max: config.election_timeout_ms.1,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| RaftError::Raft(format!("invalid raft settings: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|e| RaftError::Bind {
+                addr: config.listen_addr.to_string(),
+                message: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| RaftError::Bind {
+            addr: config.listen_addr.to_string(),
+            message: e.to_string(),
+        })?;
+        let raft = openraft::Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network::client::NetworkFactory,
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let svc = network::proto::raft_service_server::RaftServiceServer::new(
+            network::server::RaftGrpc { raft: raft.clone() },
+        )
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .max_encoding_message_size(256 * 1024 * 1024);
+        let server = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            );
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "raft gRPC server stopped");
+            }
+        });
+        Ok(RaftNode {
+            inner: Arc::new(Inner {
+                id: config.node_id,
+                addr,
+                advertise: config.advertise_addr.unwrap_or_else(|| addr.to_string()),
+                raft,
+                applied: applied_rx,
+                write_timeout: config.write_timeout,
+                server_stop: Mutex::new(Some(stop_tx)),
+                server_task: Mutex::new(Some(task)),
+                db_closed: Mutex::new(Some(db_closed)),
+            }),
+        })
+    }
+
+    /// Makes this node a single-voter cluster if it has never been initialized, then waits
+    /// until a leader is known. Idempotent.
+    pub async fn initialize_single(&self) -> Result<(), RaftError> {
+        let r = &self.inner.raft;
+        let initialized = r
+            .is_initialized()
+            .await
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        if !initialized {
+            let mut members = BTreeMap::new();
+            members.insert(self.inner.id, BasicNode::new(self.inner.advertise.clone()));
+            r.initialize(members)
+                .await
+                .map_err(|e| RaftError::Raft(e.to_string()))?;
+        }
+        self.wait_for_leader(Duration::from_secs(30)).await
+    }
+
+    /// Waits until this node knows a leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<(), RaftError> {
+        self.inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::NoQuorum(format!("no leader elected: {e}")))
+    }
+
+    /// Proposes a command and returns the application's response once it is committed and
+    /// applied on this node. Followers forward to the leader.
+    pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftError> {
+        let timeout = self.inner.write_timeout;
+        let res =
+            tokio::time::timeout(timeout, self.inner.raft.client_write(command.clone())).await;
+        match res {
+            Err(_) => Err(RaftError::NoQuorum(format!(
+                "the write was not committed within {timeout:?}"
+            ))),
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                match (f.leader_id, f.leader_node) {
+                    (Some(leader), Some(node)) if leader != self.inner.id => {
+                        self.forward(leader, &node.addr, command).await
+                    }
+                    (leader, _) => Err(RaftError::NotLeader { leader }),
+                }
+            }
+            Ok(Err(e)) => Err(RaftError::Raft(e.to_string())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: u64,
+        addr: &str,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, RaftError> {
+        let timeout = self.inner.write_timeout;
+        let res = tokio::time::timeout(timeout, network::client::forward_write(addr, command))
+            .await
+            .map_err(|_| {
+                RaftError::NoQuorum(format!("leader {leader} did not answer within {timeout:?}"))
+            })?
+            .map_err(|message| RaftError::Network {
+                target: leader,
+                message,
+            })?;
+        match res {
+            network::ForwardResult::Ok { index, data } => {
+                // Read-your-writes: return only once this replica has applied the entry.
+                let mut rx = self.inner.applied.clone();
+                tokio::time::timeout(timeout, rx.wait_for(|a| *a >= index))
+                    .await
+                    .map_err(|_| {
+                        RaftError::NoQuorum("entry committed but not yet applied here".into())
+                    })?
+                    .map_err(|_| RaftError::Raft("state machine stopped".into()))?;
+                Ok(data)
+            }
+            network::ForwardResult::NotLeader { leader } => Err(RaftError::NotLeader { leader }),
+            network::ForwardResult::Failed(m) => Err(RaftError::Raft(m)),
+        }
+    }
+
+    /// Waits until this node may serve a linearizable read.
+    pub async fn read_barrier(&self) -> Result<(), RaftError> {
+        self.inner
+            .raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::NoQuorum(e.to_string()))
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.inner.id
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        RaftStatus {
+            id: m.id,
+            state: match m.state {
+                ServerState::Leader => "Leader",
+                ServerState::Follower => "Follower",
+                ServerState::Candidate => "Candidate",
+                ServerState::Learner => "Learner",
+                ServerState::Shutdown => "Shutdown",
+            }
+            .to_string(),
+            term: m.current_term,
+            current_leader: m.current_leader,
+            last_log_index: m.last_log_index,
+            last_applied: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            membership: membership
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone(), voters.contains(id)))
+                .collect(),
+        }
+    }
+
+    pub async fn add_learner(&self, id: u64, addr: String) -> Result<(), RaftError> {
+        self.inner
+            .raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    pub async fn change_membership(&self, voters: Vec<u64>) -> Result<(), RaftError> {
+        let set: BTreeSet<u64> = voters.into_iter().collect();
+        self.inner
+            .raft
+            .change_membership(set, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    pub async fn trigger_snapshot(&self) -> Result<(), RaftError> {
+        self.inner
+            .raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Stops openraft and the gRPC listener; RocksDB closes when openraft drops its stores.
+    pub async fn shutdown(&self) -> Result<(), RaftError> {
+        let stop = self
+            .inner
+            .server_stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(tx) = stop {
+            let _ = tx.send(());
+        }
+        let task = self
+            .inner
+            .server_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+        self.inner
+            .raft
+            .shutdown()
+            .await
+            .map_err(|e| RaftError::Raft(format!("shutdown: {e}")))?;
+        let closed = self
+            .inner
+            .db_closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut rx) = closed {
+            // `changed` errors exactly when the sender, dropped after the DB, is gone.
+            let wait = async { while rx.changed().await.is_ok() {} };
+            if tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .is_err()
+            {
+                return Err(RaftError::Raft(
+                    "storage still in use 10 s after shutdown; the database stays locked until the process exits".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,140 @@
+//! Outgoing Raft RPCs: one lazily connected gRPC channel per target replica.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use tonic::transport::{Channel, Endpoint};
+
+use super::proto::raft_service_client::RaftServiceClient;
+use super::proto::Payload;
+use super::ForwardResult;
+use crate::TypeConfig;
+
+#[derive(Clone, Default)]
+pub struct NetworkFactory;
+
+pub struct Connection {
+    target: u64,
+    client: Option<RaftServiceClient<Channel>>,
+    addr: String,
+}
+
+/// A channel that connects on first use, so creating a connection never blocks.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        Connection {
+            target,
+            client: channel(&node.addr).ok().map(RaftServiceClient::new),
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+fn unreachable<E: std::error::Error + 'static>(e: &E) -> Unreachable {
+    Unreachable::new(e)
+}
+
+impl Connection {
+    async fn call<Req, Resp, Err>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<u64, BasicNode, Err>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        Err: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let client = self.client.as_mut().ok_or_else(|| {
+            RPCError::Unreachable(unreachable(&std::io::Error::other(format!(
+                "bad address for replica {}: {}",
+                self.target, self.addr
+            ))))
+        })?;
+        let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let payload = tonic::Request::new(Payload { data });
+        let fut = async {
+            match which {
+                "append" => client.append_entries(payload).await,
+                "vote" => client.vote(payload).await,
+                _ => client.install_snapshot(payload).await,
+            }
+        };
+        let resp = match tokio::time::timeout(ttl, fut).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(RPCError::Unreachable(unreachable(&status))),
+            Err(_) => {
+                return Err(RPCError::Unreachable(unreachable(&std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{which} to replica {} timed out", self.target),
+                ))))
+            }
+        };
+        let res: Result<Resp, Err> = serde_json::from_slice(&resp.data)
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call("append", &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        self.call("snapshot", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        self.call("vote", &rpc, option.hard_ttl()).await
+    }
+}
+
+/// Sends a client write to the leader at `addr`.
+pub async fn forward_write(addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
+    let ch = channel(addr).map_err(|e| e.to_string())?;
+    let mut c = RaftServiceClient::new(ch);
+    let resp = c
+        .client_write(Payload { data: cmd })
+        .await
+        .map_err(|s| s.message().to_string())?;
+    serde_json::from_slice(&resp.into_inner().data).map_err(|e| e.to_string())
+}

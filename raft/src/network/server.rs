@@ -1,0 +1,59 @@
+//! The gRPC service through which other replicas reach this node's openraft instance.
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use tonic::{Request, Response, Status};
+
+use super::proto::raft_service_server::RaftService;
+use super::proto::Payload;
+use super::ForwardResult;
+use crate::TypeConfig;
+
+pub struct RaftGrpc {
+    pub raft: openraft::Raft<TypeConfig>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
+    serde_json::to_vec(v)
+        .map(|data| Response::new(Payload { data }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftGrpc {
+    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc: VoteRequest<u64> = decode(req)?;
+        encode(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        encode(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn client_write(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let cmd: Vec<u8> = req.into_inner().data;
+        let res = match self.raft.client_write(cmd).await {
+            Ok(r) => ForwardResult::Ok {
+                index: r.log_id.index,
+                data: r.data,
+            },
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => ForwardResult::NotLeader {
+                leader: f.leader_id,
+            },
+            Err(e) => ForwardResult::Failed(e.to_string()),
+        };
+        encode(&res)
+    }
+}
