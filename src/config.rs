@@ -49,6 +49,8 @@ pub struct Config {
     pub base_domain: String,
     /// How long a node key stays valid after registration, e.g. "180d"; "0" = never expires.
     pub node_expiry: String,
+    /// Where node addresses come from: subsets of 100.64.0.0/10 and fd7a:115c:a1e0::/48.
+    pub prefixes: crate::state::Prefixes,
     pub derp: DerpConfig,
 }
 
@@ -99,6 +101,7 @@ impl Default for Config {
             node_id: 1,
             base_domain: "hydrascale.internal".into(),
             node_expiry: "0".into(),
+            prefixes: crate::state::Prefixes::default(),
             derp: DerpConfig::default(),
         }
     }
@@ -201,6 +204,25 @@ impl Config {
             key: "node_expiry".into(),
             message,
         })?;
+        let tailscale = crate::state::Prefixes::default();
+        if !tailscale.v4.contains(&self.prefixes.v4) || self.prefixes.v4.prefix_len() > 30 {
+            return Err(ConfigError::Invalid {
+                key: "prefixes.v4".into(),
+                message: format!(
+                    "{} must be inside 100.64.0.0/10 (Tailscale clients accept no other IPv4 range) and no longer than /30",
+                    self.prefixes.v4
+                ),
+            });
+        }
+        if !tailscale.v6.contains(&self.prefixes.v6) || self.prefixes.v6.prefix_len() > 120 {
+            return Err(ConfigError::Invalid {
+                key: "prefixes.v6".into(),
+                message: format!(
+                    "{} must be inside fd7a:115c:a1e0::/48 (Tailscale clients accept no other IPv6 range) and no longer than /120",
+                    self.prefixes.v6
+                ),
+            });
+        }
         if self.base_domain.is_empty() || self.base_domain.contains("..") {
             return Err(ConfigError::Invalid {
                 key: "base_domain".into(),
@@ -329,6 +351,44 @@ mod tests {
         assert_eq!(c.derp.region_id, 901);
         assert_eq!(c.derp.region_code, "x");
         assert_eq!(c.server_host_port(), ("login.example.com".to_string(), 443));
+    }
+
+    #[test]
+    fn shipped_example_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/hydrascale.example.toml");
+        let c = Config::load_with_env(Some(&path), &[]).expect("example loads");
+        assert_eq!(
+            c,
+            Config::default(),
+            "deploy/hydrascale.example.toml drifted from the defaults"
+        );
+    }
+
+    #[test]
+    fn prefixes_are_configurable_and_checked() {
+        let mut c = Config::default();
+        c.set("prefixes.v4", "100.70.0.0/16")
+            .expect("a CGNAT subset is accepted");
+        assert_eq!(c.prefixes.v4.to_string(), "100.70.0.0/16");
+        let env = vec![(
+            "HYDRASCALE_PREFIXES__V6".to_string(),
+            "fd7a:115c:a1e0:1::/64".to_string(),
+        )];
+        let c = Config::load_with_env(None, &env).expect("load");
+        assert_eq!(c.prefixes.v6.to_string(), "fd7a:115c:a1e0:1::/64");
+        let mut c = Config::default();
+        let err = c.set("prefixes.v4", "10.0.0.0/8").unwrap_err().to_string();
+        assert!(
+            err.contains("prefixes.v4") && err.contains("100.64.0.0/10"),
+            "{err}"
+        );
+        let err = c.set("prefixes.v6", "fd00::/8").unwrap_err().to_string();
+        assert!(err.contains("prefixes.v6"), "{err}");
+        let err = c
+            .set("prefixes.v4", "not-a-prefix")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefixes.v4"), "{err}");
     }
 
     #[test]

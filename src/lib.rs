@@ -1,9 +1,16 @@
 //! Hydrascale: a highly available control server for Tailscale networks.
 //!
-//! This first cut holds the configuration and the TS2021 Noise transport; the control
-//! handlers, state machine, Raft crate, DERP relay and CLI land next (see the open issues).
+//! The library owns every plane of a replica; `main.rs` only parses the command line.
+//! Tests call [`server::run_server`] to start real replicas in-process.
 
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod control;
+pub mod derp;
 pub mod noise;
+pub mod server;
+pub mod state;
 
 pub use config::Config;
+pub use server::{run_server, ServerHandle};

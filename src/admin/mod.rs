@@ -1,0 +1,345 @@
+//! The admin gRPC API (`proto/admin.proto`): users, pre-auth keys and nodes.
+//!
+//! Reads come from this replica's applied state; writes become `state::Command`s through
+//! Raft. Pre-auth keys are generated here (randomness stays out of `apply`) and only their
+//! hash is replicated.
+
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::state::{now_ms, Command, CommandOutput, Db, DbError, StateError, Tailnet};
+
+pub mod proto {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("hydrascale.admin.v1");
+}
+
+use proto::admin_service_server::{AdminService, AdminServiceServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin API server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Maps state and replication errors to gRPC statuses, once.
+fn status(e: DbError) -> Status {
+    match e {
+        DbError::State(s) => {
+            let msg = s.to_string();
+            match s {
+                StateError::UserExists(_)
+                | StateError::NodeNameTaken(_)
+                | StateError::NodeKeyInUse(_) => Status::already_exists(msg),
+                StateError::UserNotFound(_)
+                | StateError::PreAuthKeyNotFound { .. }
+                | StateError::NodeNotFound(_)
+                | StateError::NodeKeyNotFound => Status::not_found(msg),
+                StateError::UserInUse { .. } | StateError::AddressesExhausted => {
+                    Status::failed_precondition(msg)
+                }
+                _ => Status::invalid_argument(msg),
+            }
+        }
+        DbError::Raft(r) => Status::unavailable(format!("the cluster cannot take writes: {r}")),
+        DbError::Codec(c) => Status::internal(c),
+    }
+}
+
+fn user_msg(u: &crate::state::User) -> proto::User {
+    proto::User {
+        id: u.id,
+        name: u.name.clone(),
+        display_name: u.display_name.clone(),
+        created_ms: u.created,
+    }
+}
+
+fn key_msg(t: &Tailnet, k: &crate::state::PreAuthKey, full_key: String) -> proto::PreAuthKey {
+    proto::PreAuthKey {
+        id: k.id,
+        user: t
+            .users
+            .get(&k.user_id)
+            .map(|u| u.name.clone())
+            .unwrap_or_default(),
+        prefix: k.prefix.clone(),
+        reusable: k.reusable,
+        ephemeral: k.ephemeral,
+        used: k.used,
+        expiration_ms: k.expiration,
+        created_ms: k.created,
+        tags: k.tags.clone(),
+        key: full_key,
+    }
+}
+
+pub fn node_msg(t: &Tailnet, n: &crate::state::Node) -> proto::Node {
+    proto::Node {
+        id: n.id,
+        given_name: n.given_name.clone(),
+        hostname: n.hostname.clone(),
+        user: t
+            .users
+            .get(&n.user_id)
+            .map(|u| u.name.clone())
+            .unwrap_or_default(),
+        ipv4: n.ipv4.to_string(),
+        ipv6: n.ipv6.to_string(),
+        machine_key: n.machine_key.clone(),
+        node_key: n.node_key.clone(),
+        online: n.online,
+        last_seen_ms: n.last_seen,
+        expiry_ms: n.expiry,
+        ephemeral: n.ephemeral,
+        tags: n.tags.clone(),
+        created_ms: n.created,
+    }
+}
+
+/// A new pre-auth key: `hskey-auth-` and 48 random hex characters.
+fn generate_key() -> String {
+    let mut b = [0u8; 24];
+    OsRng.fill_bytes(&mut b);
+    format!("hskey-auth-{}", hex::encode(b))
+}
+
+pub struct Admin {
+    db: Db,
+}
+
+impl Admin {
+    async fn write(&self, cmd: Command) -> Result<CommandOutput, Status> {
+        self.db.write(cmd).await.map_err(status)
+    }
+
+    fn node_reply(&self, out: CommandOutput) -> Result<Response<proto::NodeReply>, Status> {
+        match out {
+            CommandOutput::Node(n) => {
+                let t = self.db.store.read();
+                Ok(Response::new(proto::NodeReply {
+                    node: Some(node_msg(&t, &n)),
+                }))
+            }
+            _ => Err(Status::internal("command returned no node")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_user(
+        &self,
+        req: Request<proto::CreateUserRequest>,
+    ) -> Result<Response<proto::UserReply>, Status> {
+        let r = req.into_inner();
+        match self
+            .write(Command::CreateUser {
+                name: r.name,
+                display_name: r.display_name,
+                now: now_ms(),
+            })
+            .await?
+        {
+            CommandOutput::User(u) => Ok(Response::new(proto::UserReply {
+                user: Some(user_msg(&u)),
+            })),
+            _ => Err(Status::internal("command returned no user")),
+        }
+    }
+
+    async fn list_users(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListUsersReply>, Status> {
+        let t = self.db.store.read();
+        Ok(Response::new(proto::ListUsersReply {
+            users: t.users.values().map(user_msg).collect(),
+        }))
+    }
+
+    async fn rename_user(
+        &self,
+        req: Request<proto::RenameUserRequest>,
+    ) -> Result<Response<proto::UserReply>, Status> {
+        let r = req.into_inner();
+        match self
+            .write(Command::RenameUser {
+                old_name: r.old_name,
+                new_name: r.new_name,
+            })
+            .await?
+        {
+            CommandOutput::User(u) => Ok(Response::new(proto::UserReply {
+                user: Some(user_msg(&u)),
+            })),
+            _ => Err(Status::internal("command returned no user")),
+        }
+    }
+
+    async fn delete_user(
+        &self,
+        req: Request<proto::DeleteUserRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.write(Command::DeleteUser {
+            name: req.into_inner().name,
+        })
+        .await?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn create_pre_auth_key(
+        &self,
+        req: Request<proto::CreatePreAuthKeyRequest>,
+    ) -> Result<Response<proto::PreAuthKeyReply>, Status> {
+        let r = req.into_inner();
+        if r.expiration_ms < 0 {
+            return Err(Status::invalid_argument("expiration must not be negative"));
+        }
+        let key = generate_key();
+        let now = now_ms();
+        let out = self
+            .write(Command::CreatePreAuthKey {
+                user: r.user,
+                prefix: key.chars().take(20).collect(),
+                hash: hex::encode(Sha256::digest(key.as_bytes())),
+                reusable: r.reusable,
+                ephemeral: r.ephemeral,
+                expiration: (r.expiration_ms > 0).then(|| now.saturating_add(r.expiration_ms)),
+                tags: r.tags,
+                now,
+            })
+            .await?;
+        match out {
+            CommandOutput::PreAuthKey(k) => {
+                let t = self.db.store.read();
+                Ok(Response::new(proto::PreAuthKeyReply {
+                    key: Some(key_msg(&t, &k, key)),
+                }))
+            }
+            _ => Err(Status::internal("command returned no key")),
+        }
+    }
+
+    async fn list_pre_auth_keys(
+        &self,
+        req: Request<proto::ListPreAuthKeysRequest>,
+    ) -> Result<Response<proto::ListPreAuthKeysReply>, Status> {
+        let user = req.into_inner().user;
+        let t = self.db.store.read();
+        let uid = t
+            .user_by_name(&user)
+            .map(|u| u.id)
+            .ok_or_else(|| status(DbError::State(StateError::UserNotFound(user.clone()))))?;
+        Ok(Response::new(proto::ListPreAuthKeysReply {
+            keys: t
+                .preauth_keys
+                .values()
+                .filter(|k| k.user_id == uid)
+                .map(|k| key_msg(&t, k, String::new()))
+                .collect(),
+        }))
+    }
+
+    async fn expire_pre_auth_key(
+        &self,
+        req: Request<proto::ExpirePreAuthKeyRequest>,
+    ) -> Result<Response<proto::PreAuthKeyReply>, Status> {
+        let r = req.into_inner();
+        match self
+            .write(Command::ExpirePreAuthKey {
+                user: r.user,
+                prefix: r.prefix,
+                now: now_ms(),
+            })
+            .await?
+        {
+            CommandOutput::PreAuthKey(k) => {
+                let t = self.db.store.read();
+                Ok(Response::new(proto::PreAuthKeyReply {
+                    key: Some(key_msg(&t, &k, String::new())),
+                }))
+            }
+            _ => Err(Status::internal("command returned no key")),
+        }
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesReply>, Status> {
+        let user = req.into_inner().user;
+        let t = self.db.store.read();
+        let uid =
+            if user.is_empty() {
+                None
+            } else {
+                Some(t.user_by_name(&user).map(|u| u.id).ok_or_else(|| {
+                    status(DbError::State(StateError::UserNotFound(user.clone())))
+                })?)
+            };
+        Ok(Response::new(proto::ListNodesReply {
+            nodes: t
+                .nodes
+                .values()
+                .filter(|n| uid.is_none_or(|u| n.user_id == u))
+                .map(|n| node_msg(&t, n))
+                .collect(),
+        }))
+    }
+
+    async fn delete_node(
+        &self,
+        req: Request<proto::NodeIdRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.write(Command::DeleteNode {
+            id: req.into_inner().id,
+        })
+        .await?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn expire_node(
+        &self,
+        req: Request<proto::NodeIdRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        let out = self
+            .write(Command::ExpireNode {
+                id: req.into_inner().id,
+                now: now_ms(),
+            })
+            .await?;
+        self.node_reply(out)
+    }
+
+    async fn rename_node(
+        &self,
+        req: Request<proto::RenameNodeRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .write(Command::RenameNode {
+                id: r.id,
+                new_name: r.new_name,
+            })
+            .await?;
+        self.node_reply(out)
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    db: Db,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    tonic::transport::Server::builder()
+        .add_service(AdminServiceServer::new(Admin { db }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

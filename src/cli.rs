@@ -1,0 +1,370 @@
+//! The `hydrascale` command line: `serve`, and admin commands that talk to a running
+//! server's admin API (never to its files).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::admin::proto::{self, admin_service_client::AdminServiceClient};
+
+#[derive(Parser)]
+#[command(
+    name = "hydrascale",
+    version,
+    about = "Highly available control server for Tailscale networks"
+)]
+struct Cli {
+    /// Admin API of the server to manage.
+    #[arg(
+        long,
+        global = true,
+        env = "HYDRASCALE_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:50443"
+    )]
+    admin_addr: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a replica.
+    Serve {
+        /// TOML configuration file; embedded defaults without it.
+        #[arg(long, short = 'c', env = "HYDRASCALE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override one setting, e.g. --set server_url=https://login.example.com (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Manage pre-auth keys.
+    #[command(subcommand, alias = "preauthkey")]
+    Preauthkeys(KeysCmd),
+    /// Manage nodes.
+    #[command(subcommand, alias = "node")]
+    Nodes(NodesCmd),
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    List,
+    Rename {
+        old: String,
+        new: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    Create {
+        #[arg(long, short = 'u')]
+        user: String,
+        #[arg(long)]
+        reusable: bool,
+        #[arg(long)]
+        ephemeral: bool,
+        /// Lifetime such as 30m, 1h, 90d; 0 = never expires.
+        #[arg(long, short = 'e', default_value = "1h")]
+        expiration: String,
+        /// Comma-separated tags, e.g. tag:server,tag:prod.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    List {
+        #[arg(long, short = 'u')]
+        user: String,
+    },
+    Expire {
+        #[arg(long, short = 'u')]
+        user: String,
+        /// The key's prefix as shown by `preauthkeys list`.
+        prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    List {
+        #[arg(long, short = 'u', default_value = "")]
+        user: String,
+    },
+    Delete {
+        #[arg(long, short = 'i')]
+        identifier: u64,
+    },
+    Expire {
+        #[arg(long, short = 'i')]
+        identifier: u64,
+    },
+    Rename {
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        new_name: String,
+    },
+}
+
+pub fn main_entry() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HYDRASCALE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(run(cli))
+}
+
+fn fmt_ms(ms: Option<i64>) -> String {
+    ms.map(crate::control::tailcfg_time)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Prints `v` as JSON for `-o json`, or runs `human` for the table/sentence form.
+fn emit<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce()) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
+fn grpc_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", e.message())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Serve { config, set } = &cli.command {
+        let mut cfg = crate::config::Config::load(config.as_deref())?;
+        for kv in set {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            cfg.set(k, v)?;
+        }
+        let handle = crate::server::run_server(cfg).await?;
+        println!(
+            "Hydrascale is running. Log in with: tailscale up --login-server={}",
+            handle.server_url
+        );
+        handle.wait_for_shutdown_signal().await;
+        return Ok(());
+    }
+    let mut c = AdminServiceClient::connect(cli.admin_addr.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the admin API at {}; is `hydrascale serve` running? (set --admin-addr)",
+                cli.admin_addr
+            )
+        })?;
+    let json = cli.output == Output::Json;
+    match cli.command {
+        Cmd::Serve { .. } => {}
+        Cmd::Users(cmd) => match cmd {
+            UsersCmd::Create { name, display_name } => {
+                let r = c
+                    .create_user(proto::CreateUserRequest { name, display_name })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!("User {} created (id {})", u.name, u.id);
+                })?;
+            }
+            UsersCmd::List => {
+                let r = c
+                    .list_users(proto::Empty {})
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r.users, || {
+                    println!("{:<6} {:<24} {:<24} CREATED", "ID", "NAME", "DISPLAY NAME");
+                    for u in &r.users {
+                        println!(
+                            "{:<6} {:<24} {:<24} {}",
+                            u.id,
+                            u.name,
+                            u.display_name,
+                            fmt_ms(Some(u.created_ms))
+                        );
+                    }
+                })?;
+            }
+            UsersCmd::Rename { old, new } => {
+                let r = c
+                    .rename_user(proto::RenameUserRequest {
+                        old_name: old,
+                        new_name: new,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!("User renamed to {}", u.name);
+                })?;
+            }
+            UsersCmd::Delete { name } => {
+                c.delete_user(proto::DeleteUserRequest { name: name.clone() })
+                    .await
+                    .map_err(grpc_error)?;
+                emit(json, &serde_json::json!({ "deleted": name }), || {
+                    println!("User {name} deleted");
+                })?;
+            }
+        },
+        Cmd::Preauthkeys(cmd) => match cmd {
+            KeysCmd::Create {
+                user,
+                reusable,
+                ephemeral,
+                expiration,
+                tags,
+            } => {
+                let expiration_ms = crate::config::parse_duration_ms(&expiration)
+                    .map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
+                let r = c
+                    .create_pre_auth_key(proto::CreatePreAuthKeyRequest {
+                        user,
+                        reusable,
+                        ephemeral,
+                        expiration_ms,
+                        tags,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let k = r.key.context("no key in reply")?;
+                emit(json, &k, || {
+                    println!("{}", k.key);
+                    eprintln!("(shown once; only its hash is stored)");
+                })?;
+            }
+            KeysCmd::List { user } => {
+                let r = c
+                    .list_pre_auth_keys(proto::ListPreAuthKeysRequest { user })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r.keys, || {
+                    println!(
+                        "{:<6} {:<22} {:<8} {:<9} {:<5} {:<22} TAGS",
+                        "ID", "PREFIX", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES"
+                    );
+                    for k in &r.keys {
+                        println!(
+                            "{:<6} {:<22} {:<8} {:<9} {:<5} {:<22} {}",
+                            k.id,
+                            k.prefix,
+                            k.reusable,
+                            k.ephemeral,
+                            k.used,
+                            fmt_ms(k.expiration_ms),
+                            k.tags.join(",")
+                        );
+                    }
+                })?;
+            }
+            KeysCmd::Expire { user, prefix } => {
+                let r = c
+                    .expire_pre_auth_key(proto::ExpirePreAuthKeyRequest { user, prefix })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let k = r.key.context("no key in reply")?;
+                emit(json, &k, || {
+                    println!("Key {} expired", k.prefix);
+                })?;
+            }
+        },
+        Cmd::Nodes(cmd) => match cmd {
+            NodesCmd::List { user } => {
+                let r = c
+                    .list_nodes(proto::ListNodesRequest { user })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r.nodes, || {
+                    println!(
+                        "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} EXPIRES",
+                        "ID", "NAME", "USER", "IPV4", "IPV6", "ONLINE"
+                    );
+                    for n in &r.nodes {
+                        println!(
+                            "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} {}",
+                            n.id,
+                            n.given_name,
+                            n.user,
+                            n.ipv4,
+                            n.ipv6,
+                            n.online,
+                            fmt_ms(n.expiry_ms)
+                        );
+                    }
+                })?;
+            }
+            NodesCmd::Delete { identifier } => {
+                c.delete_node(proto::NodeIdRequest { id: identifier })
+                    .await
+                    .map_err(grpc_error)?;
+                emit(json, &serde_json::json!({ "deleted": identifier }), || {
+                    println!("Node {identifier} deleted");
+                })?;
+            }
+            NodesCmd::Expire { identifier } => {
+                let r = c
+                    .expire_node(proto::NodeIdRequest { id: identifier })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let n = r.node.context("no node in reply")?;
+                emit(json, &n, || {
+                    println!("Node {} expired", n.given_name);
+                })?;
+            }
+            NodesCmd::Rename {
+                identifier,
+                new_name,
+            } => {
+                let r = c
+                    .rename_node(proto::RenameNodeRequest {
+                        id: identifier,
+                        new_name,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let n = r.node.context("no node in reply")?;
+                emit(json, &n, || {
+                    println!("Node {} renamed to {}", n.id, n.given_name);
+                })?;
+            }
+        },
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! `/machine/map`: endpoint updates and the streaming long-poll of network maps.
+//!
+//! A stream sends one full map, then deltas as committed changes are applied on this
+//! replica, coalescing bursts into one message, with a keep-alive well inside the
+//! client's 120 s watchdog.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use tokio::sync::{broadcast, mpsc};
+
+use super::mapper::{encode_frame, StreamView};
+use super::register::parse_node_key;
+use super::tailcfg::{MapRequest, MapResponse};
+use super::ts2021::NoisePeer;
+use super::{ControlError, ControlState};
+use crate::state::{now_ms, Change, Command, Node};
+
+const KEEPALIVE: Duration = Duration::from_secs(50);
+
+pub async fn handle(
+    State(st): State<Arc<ControlState>>,
+    Extension(peer): Extension<NoisePeer>,
+    body: Bytes,
+) -> Response {
+    match map(st, peer, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn map(
+    st: Arc<ControlState>,
+    peer: NoisePeer,
+    body: &[u8],
+) -> Result<Response, ControlError> {
+    let req: MapRequest = serde_json::from_slice(body)
+        .map_err(|e| ControlError::BadRequest(format!("map request is not valid JSON: {e}")))?;
+    let node_key = parse_node_key(&req.node_key)?;
+    let node: Node = st
+        .db
+        .store
+        .read()
+        .node_by_node_key(&node_key)
+        .cloned()
+        .ok_or_else(|| {
+            ControlError::NotFound("node key not registered; run `tailscale up` again".into())
+        })?;
+    if node.machine_key != peer.machine_key {
+        tracing::warn!(node = node.id, machine = %peer.machine_key, "map request for a node of another machine");
+        return Err(ControlError::Unauthorized(
+            "node key belongs to another machine".into(),
+        ));
+    }
+    let now = now_ms();
+    if node.expiry.is_some_and(|e| e <= now) {
+        return Err(ControlError::Forbidden(
+            "node key expired; log in again with `tailscale up`".into(),
+        ));
+    }
+    apply_client_update(&st, &node, &req, now).await?;
+    if !req.stream && req.omit_peers {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let mut view = StreamView::new(node.id);
+    // Subscribe before reading the state so no change between the two is missed.
+    let changes = st.db.store.subscribe();
+    let first = {
+        let t = st.db.store.read();
+        view.full(&t, &st.config, &st.derp_map, now)
+    }
+    .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
+    let first = encode_frame(&first).map_err(|e| ControlError::Internal(e.to_string()))?;
+    if !req.stream {
+        return Ok(Response::new(Body::from(first)));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(8);
+    if tx.send(first).await.is_err() {
+        return Ok(StatusCode::OK.into_response());
+    }
+    tokio::spawn(run_stream(st, view, changes, tx));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
+    });
+    Ok(Response::new(Body::from_stream(stream)))
+}
+
+/// Writes endpoints, disco key and hostinfo through Raft, but only when they differ,
+/// so periodic identical updates cost nothing.
+async fn apply_client_update(
+    st: &ControlState,
+    node: &Node,
+    req: &MapRequest,
+    now: i64,
+) -> Result<(), ControlError> {
+    let disco = Some(req.disco_key.clone()).filter(|d| !d.is_empty() && *d != node.disco_key);
+    let endpoints = req.endpoints.clone().filter(|e| *e != node.endpoints);
+    let hostinfo_text = req.hostinfo.as_ref().map(|h| h.to_string());
+    let hostinfo = hostinfo_text.clone().filter(|h| *h != node.hostinfo);
+    let home_derp = req
+        .hostinfo
+        .as_ref()
+        .and_then(|h| h.pointer("/NetInfo/PreferredDERP"))
+        .and_then(|v| v.as_i64())
+        .and_then(|v| i32::try_from(v).ok())
+        .filter(|d| *d != node.home_derp);
+    let hostname = req
+        .hostinfo
+        .as_ref()
+        .and_then(|h| h.get("Hostname"))
+        .and_then(|h| h.as_str())
+        .map(str::to_string)
+        .filter(|h| *h != node.hostname);
+    if disco.is_none() && endpoints.is_none() && hostinfo.is_none() && home_derp.is_none() {
+        return Ok(());
+    }
+    st.db
+        .write(Command::UpdateNode {
+            node_key: node.node_key.clone(),
+            disco_key: disco,
+            endpoints,
+            hostinfo,
+            hostname,
+            home_derp,
+            now,
+        })
+        .await?;
+    Ok(())
+}
+
+async fn set_online(st: &ControlState, node_id: u64, online: bool) {
+    let res = st
+        .db
+        .write(Command::SetOnline {
+            node_id,
+            online,
+            now: now_ms(),
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::debug!(node = node_id, online, error = %e, "could not record online state");
+    }
+}
+
+fn open_session(st: &ControlState, id: u64) -> bool {
+    let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    let c = s.entry(id).or_insert(0);
+    *c += 1;
+    *c == 1
+}
+
+fn close_session(st: &ControlState, id: u64) -> bool {
+    let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    match s.get_mut(&id) {
+        Some(c) if *c > 1 => {
+            *c -= 1;
+            false
+        }
+        _ => {
+            s.remove(&id);
+            true
+        }
+    }
+}
+
+async fn run_stream(
+    st: Arc<ControlState>,
+    mut view: StreamView,
+    mut changes: broadcast::Receiver<Change>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let id = view.self_id;
+    if open_session(&st, id) {
+        set_online(&st, id, true).await;
+    }
+    let mut keepalive =
+        tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    loop {
+        let resp: Option<MapResponse> = tokio::select! {
+            _ = tx.closed() => break,
+            _ = keepalive.tick() => Some(MapResponse { keep_alive: true, ..Default::default() }),
+            first = changes.recv() => {
+                let mut touched = Vec::new();
+                let mut full = false;
+                let mut pending = Some(first);
+                // Drain the burst so many changes become one message.
+                while let Some(item) = pending.take() {
+                    match item {
+                        Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
+                        Ok(Change::UserChanged(_)) => {}
+                        Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                    pending = match changes.try_recv() {
+                        Ok(c) => Some(Ok(c)),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+                        Err(_) => None,
+                    };
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                let t = st.db.store.read();
+                let now = now_ms();
+                if full {
+                    match view.full(&t, &st.config, &st.derp_map, now) {
+                        Some(r) => Some(r),
+                        None => break,
+                    }
+                } else {
+                    match view.delta(&t, &st.config, &touched, now) {
+                        Ok(r) => r,
+                        Err(()) => break,
+                    }
+                }
+            }
+        };
+        let Some(resp) = resp else { continue };
+        let frame = match encode_frame(&resp) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "encoding map response failed");
+                break;
+            }
+        };
+        if tx.send(frame).await.is_err() {
+            break;
+        }
+    }
+    if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
+        set_online(&st, id, false).await;
+    }
+}

@@ -1,0 +1,317 @@
+//! Turns the applied tailnet state into `tailcfg` map responses: full maps and deltas.
+//!
+//! A delta is computed against what this stream last sent, so a reconnecting or lagging
+//! stream converges on the committed state without any shared bookkeeping.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{json, Value};
+
+use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse};
+use crate::config::Config;
+use crate::state::{Node, Tailnet};
+
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// The cluster's own DERP region, served to clients in every first map.
+pub fn derp_map(config: &Config) -> Value {
+    let (host, port) = config.server_host_port();
+    let d = &config.derp;
+    let mut regions = BTreeMap::new();
+    if d.enabled {
+        let hostname = d.hostname.clone().unwrap_or_else(|| host.clone());
+        let ipv4 = d.ipv4.clone().or_else(|| {
+            hostname
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .map(|ip| ip.to_string())
+        });
+        regions.insert(
+            d.region_id.to_string(),
+            DerpRegion {
+                region_id: d.region_id,
+                region_code: d.region_code.clone(),
+                region_name: d.region_name.clone(),
+                nodes: vec![DerpNode {
+                    name: format!("{}{}", d.region_id, "a"),
+                    region_id: d.region_id,
+                    host_name: hostname,
+                    ipv6: ipv4.as_ref().map(|_| "none".to_string()),
+                    stun_test_ip: ipv4.clone(),
+                    ipv4,
+                    stun_port: i32::from(d.stun_listen_addr.port()),
+                    derp_port: d.port.unwrap_or(port),
+                    insecure_for_tests: d.insecure_for_tests,
+                }],
+            },
+        );
+    }
+    serde_json::to_value(DerpMap {
+        regions,
+        omit_default_regions: true,
+    })
+    .unwrap_or(Value::Null)
+}
+
+/// `tailcfg.Node` for one node, as peers (and the node itself) see it.
+pub fn node_json(node: &Node, base_domain: &str, now: i64) -> Value {
+    let hostinfo: Value = serde_json::from_str(&node.hostinfo).unwrap_or_else(|_| json!({}));
+    let addrs = vec![format!("{}/32", node.ipv4), format!("{}/128", node.ipv6)];
+    let mut v = json!({
+        "ID": node.id,
+        "StableID": node.stable_id,
+        "Name": format!("{}.{}.", node.given_name, base_domain),
+        "User": node.user_id,
+        "Key": node.node_key,
+        "Machine": node.machine_key,
+        "Addresses": addrs,
+        "AllowedIPs": addrs,
+        "Endpoints": node.endpoints,
+        "Hostinfo": hostinfo,
+        "Created": rfc3339(node.created),
+        "MachineAuthorized": true,
+        "Online": node.online,
+    });
+    let obj = match v.as_object_mut() {
+        Some(o) => o,
+        None => return v,
+    };
+    if !node.disco_key.is_empty() {
+        obj.insert("DiscoKey".into(), json!(node.disco_key));
+    }
+    if node.home_derp > 0 {
+        obj.insert("HomeDERP".into(), json!(node.home_derp));
+        obj.insert(
+            "DERP".into(),
+            json!(format!("127.3.3.40:{}", node.home_derp)),
+        );
+    }
+    if let Some(exp) = node.expiry {
+        obj.insert("KeyExpiry".into(), json!(rfc3339(exp)));
+        if exp <= now {
+            obj.insert("Expired".into(), json!(true));
+        }
+    }
+    if !node.tags.is_empty() {
+        obj.insert("Tags".into(), json!(node.tags));
+    }
+    if !node.online {
+        if let Some(ls) = node.last_seen {
+            obj.insert("LastSeen".into(), json!(rfc3339(ls)));
+        }
+    }
+    v
+}
+
+fn user_profiles(t: &Tailnet) -> Vec<Value> {
+    t.users
+        .values()
+        .map(|u| {
+            json!({
+                "ID": u.id,
+                "LoginName": u.name,
+                "DisplayName": if u.display_name.is_empty() { &u.name } else { &u.display_name },
+            })
+        })
+        .collect()
+}
+
+fn dns_config(base_domain: &str) -> Value {
+    json!({ "Resolvers": [], "Domains": [base_domain], "Proxied": true })
+}
+
+/// What one map stream has told its client so far.
+pub struct StreamView {
+    pub self_id: u64,
+    self_sent: Option<Value>,
+    peers_sent: HashMap<u64, Value>,
+}
+
+/// Fields a `PeersChangedPatch` can carry; a change to anything else needs `PeersChanged`.
+const PATCHABLE: &[&str] = &[
+    "Endpoints",
+    "HomeDERP",
+    "DERP",
+    "Online",
+    "LastSeen",
+    "DiscoKey",
+    "Key",
+    "KeyExpiry",
+];
+
+impl StreamView {
+    pub fn new(self_id: u64) -> Self {
+        Self {
+            self_id,
+            self_sent: None,
+            peers_sent: HashMap::new(),
+        }
+    }
+
+    /// A complete map; replaces everything the client had.
+    pub fn full(
+        &mut self,
+        t: &Tailnet,
+        config: &Config,
+        derp_map: &Value,
+        now: i64,
+    ) -> Option<MapResponse> {
+        let me = t.nodes.get(&self.self_id)?;
+        let base = &config.base_domain;
+        let self_json = node_json(me, base, now);
+        let previously: Vec<u64> = self.peers_sent.keys().copied().collect();
+        self.peers_sent.clear();
+        let mut peers = Vec::new();
+        for n in t.nodes.values().filter(|n| n.id != self.self_id) {
+            let j = node_json(n, base, now);
+            self.peers_sent.insert(n.id, j.clone());
+            peers.push(j);
+        }
+        self.self_sent = Some(self_json.clone());
+        let mut resp = MapResponse {
+            node: Some(self_json),
+            derp_map: Some(derp_map.clone()),
+            dns_config: Some(dns_config(base)),
+            domain: base.clone(),
+            packet_filter: Some(filter_allow_all()),
+            user_profiles: Some(user_profiles(t)),
+            collect_services: Some(false),
+            control_time: Some(rfc3339(now)),
+            ..Default::default()
+        };
+        if peers.is_empty() {
+            // An empty Peers list means "unchanged" to the client; removals need PeersRemoved.
+            let mut gone = previously;
+            gone.sort_unstable();
+            resp.peers_removed = if gone.is_empty() { None } else { Some(gone) };
+        } else {
+            resp.peers = Some(peers);
+        }
+        Some(resp)
+    }
+
+    /// A delta for the nodes in `touched`; `None` when nothing visible changed.
+    /// Returns `Err(())` when this stream's own node is gone and the stream must end.
+    #[allow(clippy::result_unit_err)]
+    pub fn delta(
+        &mut self,
+        t: &Tailnet,
+        config: &Config,
+        touched: &[u64],
+        now: i64,
+    ) -> Result<Option<MapResponse>, ()> {
+        let base = &config.base_domain;
+        let mut resp = MapResponse::default();
+        let mut changed = Vec::new();
+        let mut removed = Vec::new();
+        let mut patches = Vec::new();
+        let mut new_user = false;
+        for &id in touched {
+            let current = t.nodes.get(&id);
+            if id == self.self_id {
+                let me = current.ok_or(())?;
+                let j = node_json(me, base, now);
+                if self.self_sent.as_ref() != Some(&j) {
+                    self.self_sent = Some(j.clone());
+                    resp.node = Some(j);
+                }
+                continue;
+            }
+            match current {
+                None => {
+                    if self.peers_sent.remove(&id).is_some() {
+                        removed.push(id);
+                    }
+                }
+                Some(n) => {
+                    let j = node_json(n, base, now);
+                    match self.peers_sent.get(&id) {
+                        Some(old) if *old == j => {}
+                        Some(old) => {
+                            match patch_for(id, old, &j) {
+                                Some(p) => patches.push(p),
+                                None => changed.push(j.clone()),
+                            }
+                            self.peers_sent.insert(id, j);
+                        }
+                        None => {
+                            new_user = true;
+                            changed.push(j.clone());
+                            self.peers_sent.insert(id, j);
+                        }
+                    }
+                }
+            }
+        }
+        if !changed.is_empty() {
+            resp.peers_changed = Some(changed);
+        }
+        if !removed.is_empty() {
+            resp.peers_removed = Some(removed);
+        }
+        if !patches.is_empty() {
+            resp.peers_changed_patch = Some(patches);
+        }
+        if new_user {
+            resp.user_profiles = Some(user_profiles(t));
+        }
+        let empty = resp.node.is_none()
+            && resp.peers_changed.is_none()
+            && resp.peers_removed.is_none()
+            && resp.peers_changed_patch.is_none();
+        Ok(if empty { None } else { Some(resp) })
+    }
+}
+
+/// A `tailcfg.PeerChange` when only patchable fields differ.
+fn patch_for(id: u64, old: &Value, new: &Value) -> Option<Value> {
+    let (o, n) = (old.as_object()?, new.as_object()?);
+    let strip = |m: &serde_json::Map<String, Value>| {
+        m.iter()
+            .filter(|(k, _)| !PATCHABLE.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    if strip(o) != strip(n) {
+        return None;
+    }
+    let mut p = serde_json::Map::new();
+    p.insert("NodeID".into(), json!(id));
+    for field in PATCHABLE {
+        let (ov, nv) = (o.get(*field), n.get(*field));
+        if ov == nv || *field == "DERP" {
+            continue;
+        }
+        match (field, nv) {
+            // LastSeen disappears when a node comes online; Online=true says it all.
+            (&"LastSeen", None) => {}
+            (_, None) => return None,
+            (&"HomeDERP", Some(v)) => {
+                p.insert("DERPRegion".into(), v.clone());
+            }
+            (f, Some(v)) => {
+                p.insert((*f).to_string(), v.clone());
+            }
+        }
+    }
+    Some(Value::Object(p))
+}
+
+/// Encodes one map message: 4-byte little-endian length, then zstd(JSON).
+pub fn encode_frame(resp: &MapResponse) -> Result<bytes::Bytes, std::io::Error> {
+    let json = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    let compressed = zstd::bulk::compress(&json, 3)?;
+    let len = u32::try_from(compressed.len()).map_err(std::io::Error::other)?;
+    let mut out = Vec::with_capacity(4 + compressed.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&compressed);
+    Ok(out.into())
+}

@@ -1,0 +1,226 @@
+//! `/machine/register`: pre-auth key registration, re-login, node key rotation and logout.
+//!
+//! The machine key comes from the Noise handshake, never from the request body, so a client
+//! can only act on the node bound to its own machine key.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use sha2::{Digest, Sha256};
+
+use super::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
+use super::ts2021::NoisePeer;
+use super::{mapper, ControlError, ControlState};
+use crate::state::{now_ms, Command, CommandOutput, DbError, Node, RegisterAuth};
+
+pub async fn handle(
+    State(st): State<Arc<ControlState>>,
+    Extension(peer): Extension<NoisePeer>,
+    body: Bytes,
+) -> Response {
+    match register(&st, &peer, &body).await {
+        Ok(resp) => Json(resp).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A failure the user must act on: shown by `tailscale up` through `RegisterResponse.Error`.
+fn user_error(message: impl Into<String>) -> RegisterResponse {
+    RegisterResponse {
+        error: message.into(),
+        ..Default::default()
+    }
+}
+
+pub fn parse_node_key(text: &str) -> Result<String, ControlError> {
+    let hex_part = text.strip_prefix("nodekey:").ok_or_else(|| {
+        ControlError::BadRequest(format!("node key {text:?} lacks nodekey: prefix"))
+    })?;
+    let bytes = hex::decode(hex_part)
+        .map_err(|_| ControlError::BadRequest("node key is not hex".into()))?;
+    if bytes.len() != 32 {
+        return Err(ControlError::BadRequest("node key must be 32 bytes".into()));
+    }
+    Ok(format!("nodekey:{}", hex::encode(bytes)))
+}
+
+fn is_zero_key(k: &str) -> bool {
+    k.is_empty()
+        || k.split_once(':')
+            .is_some_and(|(_, h)| h.bytes().all(|b| b == b'0'))
+}
+
+/// `Expiry` in the past means logout; the zero time (year 1) means "no request".
+fn requested_expiry_ms(expiry: &Option<String>) -> Option<i64> {
+    let text = expiry.as_deref()?;
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    if t.year() <= 1 {
+        return None;
+    }
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+async fn register(
+    st: &ControlState,
+    peer: &NoisePeer,
+    body: &[u8],
+) -> Result<RegisterResponse, ControlError> {
+    let req: RegisterRequest = serde_json::from_slice(body).map_err(|e| {
+        ControlError::BadRequest(format!("register request is not valid JSON: {e}"))
+    })?;
+    let node_key = parse_node_key(&req.node_key)?;
+    let old_node_key = if is_zero_key(&req.old_node_key) {
+        None
+    } else {
+        Some(parse_node_key(&req.old_node_key)?)
+    };
+    let now = now_ms();
+    let hostinfo = req
+        .hostinfo
+        .as_ref()
+        .map(|h| h.to_string())
+        .unwrap_or_else(|| "{}".into());
+    let hostname = req
+        .hostinfo
+        .as_ref()
+        .and_then(|h| h.get("Hostname"))
+        .and_then(|h| h.as_str())
+        .unwrap_or("node")
+        .to_string();
+    let existing: Option<Node> = st
+        .db
+        .store
+        .read()
+        .node_by_machine_key(&peer.machine_key)
+        .cloned();
+
+    // Logout: the client asks for an expiry in the past.
+    if let Some(exp) = requested_expiry_ms(&req.expiry) {
+        if exp <= now {
+            if let Some(node) = existing.filter(|n| n.node_key == node_key) {
+                let cmd = if node.ephemeral {
+                    Command::DeleteNode { id: node.id }
+                } else {
+                    Command::LogoutNode {
+                        node_key: node_key.clone(),
+                        now,
+                    }
+                };
+                st.db.write(cmd).await?;
+            }
+            return Ok(RegisterResponse {
+                node_key_expired: true,
+                ..Default::default()
+            });
+        }
+    }
+
+    let auth_key = req
+        .auth
+        .as_ref()
+        .map(|a| a.auth_key.trim())
+        .filter(|k| !k.is_empty());
+    let node = if let Some(key) = auth_key {
+        let hash = hex::encode(Sha256::digest(key.as_bytes()));
+        let expiry = st.config.node_expiry_ms().map(|d| now + d);
+        let cmd = Command::RegisterNode {
+            machine_key: peer.machine_key.clone(),
+            node_key: node_key.clone(),
+            old_node_key,
+            hostname,
+            hostinfo,
+            auth: RegisterAuth::PreAuthKey { hash },
+            expiry,
+            ephemeral: req.ephemeral,
+            prefixes: st.config.prefixes,
+            now,
+        };
+        match st.db.write(cmd).await {
+            Ok(CommandOutput::Node(n)) => n,
+            Ok(_) => return Err(ControlError::Internal("register returned no node".into())),
+            Err(DbError::State(e)) => {
+                tracing::info!(machine = %peer.machine_key, error = %e, "registration refused");
+                return Ok(user_error(e.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        let Some(node) = existing else {
+            return Ok(user_error(
+                "this machine is not registered: create a key with `hydrascale preauthkeys create --user USER` and run `tailscale up --login-server=... --auth-key=KEY` (interactive login is not supported yet)",
+            ));
+        };
+        let key_matches = node.node_key == node_key;
+        let rotation = old_node_key.as_deref() == Some(node.node_key.as_str());
+        if !key_matches && !rotation {
+            return Ok(user_error(
+                "this node key is not known for this machine; log in again with a pre-auth key (`tailscale up --auth-key=KEY --force-reauth`)",
+            ));
+        }
+        if node.expiry.is_some_and(|e| e <= now) {
+            return Ok(RegisterResponse {
+                node_key_expired: true,
+                ..Default::default()
+            });
+        }
+        if rotation {
+            let cmd = Command::RegisterNode {
+                machine_key: peer.machine_key.clone(),
+                node_key: node_key.clone(),
+                old_node_key,
+                hostname,
+                hostinfo,
+                auth: RegisterAuth::Existing,
+                expiry: node.expiry,
+                ephemeral: node.ephemeral,
+                prefixes: st.config.prefixes,
+                now,
+            };
+            match st.db.write(cmd).await {
+                Ok(CommandOutput::Node(n)) => n,
+                Ok(_) => return Err(ControlError::Internal("register returned no node".into())),
+                Err(DbError::State(e)) => return Ok(user_error(e.to_string())),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            node
+        }
+    };
+    let tailnet = st.db.store.read();
+    let user = tailnet.users.get(&node.user_id);
+    let (name, display, created) = user
+        .map(|u| (u.name.clone(), u.display_name.clone(), u.created))
+        .unwrap_or_else(|| {
+            (
+                "tagged-devices".into(),
+                "Tagged devices".into(),
+                node.created,
+            )
+        });
+    let display = if display.is_empty() {
+        name.clone()
+    } else {
+        display
+    };
+    Ok(RegisterResponse {
+        user: RegisterUser {
+            id: node.user_id,
+            display_name: display.clone(),
+            profile_pic_url: String::new(),
+            created: mapper::rfc3339(created),
+        },
+        login: Login {
+            id: node.user_id,
+            provider: String::new(),
+            login_name: name,
+            display_name: display,
+            profile_pic_url: String::new(),
+        },
+        machine_authorized: true,
+        ..Default::default()
+    })
+}

@@ -1,0 +1,203 @@
+//! The subset of Tailscale's `tailcfg` JSON types that the control protocol exchanges.
+//!
+//! Field names follow Go's JSON encoding (`PascalCase` unless the Go tag says otherwise).
+//! Incoming types are lenient (unknown fields ignored, most fields optional) because
+//! clients add fields over time; outgoing types omit what Go would omit.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RegisterRequest {
+    #[serde(rename = "Version")]
+    pub version: i64,
+    #[serde(rename = "NodeKey")]
+    pub node_key: String,
+    #[serde(rename = "OldNodeKey")]
+    pub old_node_key: String,
+    #[serde(rename = "Auth")]
+    pub auth: Option<RegisterAuth>,
+    #[serde(rename = "Expiry")]
+    pub expiry: Option<String>,
+    #[serde(rename = "Followup")]
+    pub followup: String,
+    #[serde(rename = "Hostinfo")]
+    pub hostinfo: Option<Value>,
+    #[serde(rename = "Ephemeral")]
+    pub ephemeral: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RegisterAuth {
+    #[serde(rename = "AuthKey")]
+    pub auth_key: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RegisterResponse {
+    #[serde(rename = "User")]
+    pub user: RegisterUser,
+    #[serde(rename = "Login")]
+    pub login: Login,
+    #[serde(rename = "NodeKeyExpired")]
+    pub node_key_expired: bool,
+    #[serde(rename = "MachineAuthorized")]
+    pub machine_authorized: bool,
+    #[serde(rename = "AuthURL")]
+    pub auth_url: String,
+    #[serde(rename = "NodeKeySignature")]
+    pub node_key_signature: Option<String>,
+    #[serde(rename = "Error")]
+    pub error: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegisterUser {
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(rename = "DisplayName")]
+    pub display_name: String,
+    #[serde(rename = "ProfilePicURL")]
+    pub profile_pic_url: String,
+    #[serde(rename = "Created")]
+    pub created: String,
+}
+
+impl Default for RegisterUser {
+    /// Go parses `Created` as a time even in error replies, so it is the zero time, not "".
+    fn default() -> Self {
+        Self {
+            id: 0,
+            display_name: String::new(),
+            profile_pic_url: String::new(),
+            created: "0001-01-01T00:00:00Z".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Login {
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(rename = "Provider")]
+    pub provider: String,
+    #[serde(rename = "LoginName")]
+    pub login_name: String,
+    #[serde(rename = "DisplayName")]
+    pub display_name: String,
+    #[serde(rename = "ProfilePicURL")]
+    pub profile_pic_url: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct MapRequest {
+    #[serde(rename = "Version")]
+    pub version: i64,
+    #[serde(rename = "Compress")]
+    pub compress: String,
+    #[serde(rename = "KeepAlive")]
+    pub keep_alive: bool,
+    #[serde(rename = "NodeKey")]
+    pub node_key: String,
+    #[serde(rename = "DiscoKey")]
+    pub disco_key: String,
+    #[serde(rename = "Stream")]
+    pub stream: bool,
+    #[serde(rename = "Hostinfo")]
+    pub hostinfo: Option<Value>,
+    #[serde(rename = "Endpoints")]
+    pub endpoints: Option<Vec<String>>,
+    #[serde(rename = "OmitPeers")]
+    pub omit_peers: bool,
+}
+
+/// One message of the map stream. Every field is optional: absent means "unchanged".
+#[derive(Debug, Default, Serialize)]
+pub struct MapResponse {
+    #[serde(rename = "KeepAlive", skip_serializing_if = "std::ops::Not::not")]
+    pub keep_alive: bool,
+    #[serde(rename = "Node", skip_serializing_if = "Option::is_none")]
+    pub node: Option<Value>,
+    #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
+    pub derp_map: Option<Value>,
+    #[serde(rename = "Peers", skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Vec<Value>>,
+    #[serde(rename = "PeersChanged", skip_serializing_if = "Option::is_none")]
+    pub peers_changed: Option<Vec<Value>>,
+    #[serde(rename = "PeersRemoved", skip_serializing_if = "Option::is_none")]
+    pub peers_removed: Option<Vec<u64>>,
+    #[serde(rename = "PeersChangedPatch", skip_serializing_if = "Option::is_none")]
+    pub peers_changed_patch: Option<Vec<Value>>,
+    #[serde(rename = "DNSConfig", skip_serializing_if = "Option::is_none")]
+    pub dns_config: Option<Value>,
+    #[serde(rename = "Domain", skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    #[serde(rename = "PacketFilter", skip_serializing_if = "Option::is_none")]
+    pub packet_filter: Option<Value>,
+    #[serde(rename = "UserProfiles", skip_serializing_if = "Option::is_none")]
+    pub user_profiles: Option<Vec<Value>>,
+    #[serde(rename = "CollectServices", skip_serializing_if = "Option::is_none")]
+    pub collect_services: Option<bool>,
+    #[serde(rename = "ControlTime", skip_serializing_if = "Option::is_none")]
+    pub control_time: Option<String>,
+}
+
+/// `tailcfg.DERPMap` with one self-hosted region per cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct DerpMap {
+    #[serde(rename = "Regions")]
+    pub regions: BTreeMap<String, DerpRegion>,
+    #[serde(rename = "omitDefaultRegions")]
+    pub omit_default_regions: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DerpRegion {
+    #[serde(rename = "RegionID")]
+    pub region_id: i32,
+    #[serde(rename = "RegionCode")]
+    pub region_code: String,
+    #[serde(rename = "RegionName")]
+    pub region_name: String,
+    #[serde(rename = "Nodes")]
+    pub nodes: Vec<DerpNode>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DerpNode {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "RegionID")]
+    pub region_id: i32,
+    #[serde(rename = "HostName")]
+    pub host_name: String,
+    #[serde(rename = "IPv4", skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<String>,
+    #[serde(rename = "IPv6", skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
+    #[serde(rename = "STUNPort")]
+    pub stun_port: i32,
+    #[serde(rename = "DERPPort")]
+    pub derp_port: u16,
+    #[serde(
+        rename = "InsecureForTests",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub insecure_for_tests: bool,
+    #[serde(rename = "STUNTestIP", skip_serializing_if = "Option::is_none")]
+    pub stun_test_ip: Option<String>,
+}
+
+/// The packet filter that lets everything in, used until the policy engine exists:
+/// without any rule the client drops all inbound traffic.
+pub fn filter_allow_all() -> Value {
+    serde_json::json!([{
+        "SrcIPs": ["*"],
+        "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
+    }])
+}

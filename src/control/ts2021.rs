@@ -1,0 +1,126 @@
+//! `POST /ts2021`: the HTTP/1.1 upgrade into a Noise session carrying HTTP/2.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Extension, Router};
+use base64::Engine;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+
+use super::{map, register, ControlState};
+use crate::noise::{accept_initiation, spawn_transport};
+
+const UPGRADE_PROTO: &str = "tailscale-control-protocol";
+const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
+/// headscale's limit; clients never send bodies near it.
+const MAX_BODY: usize = 1 << 20;
+
+/// Who is on the other end of a Noise session, learned from the handshake.
+#[derive(Clone, Debug)]
+pub struct NoisePeer {
+    /// `mkey:<hex>` of the client's machine key.
+    pub machine_key: String,
+    pub version: u16,
+}
+
+pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> Response {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTO));
+    if !wants_upgrade {
+        return (
+            StatusCode::BAD_REQUEST,
+            "this endpoint needs `Upgrade: tailscale-control-protocol` (it is for Tailscale clients)",
+        )
+            .into_response();
+    }
+    let Some(init_b64) = req
+        .headers()
+        .get(HANDSHAKE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "missing X-Tailscale-Handshake header",
+        )
+            .into_response();
+    };
+    let init = match base64::engine::general_purpose::STANDARD.decode(init_b64.trim()) {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "X-Tailscale-Handshake is not base64",
+            )
+                .into_response()
+        }
+    };
+    let accepted = match accept_initiation(&st.key, &init) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(error = %e, "noise handshake refused");
+            return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
+        }
+    };
+    let peer = NoisePeer {
+        machine_key: format!("mkey:{}", hex::encode(accepted.machine_key)),
+        version: accepted.version,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let state = st.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "ts2021 upgrade failed");
+                return;
+            }
+        };
+        let mut io = TokioIo::new(upgraded);
+        if let Err(e) = io.write_all(&accepted.response).await {
+            tracing::debug!(error = %e, "writing handshake response failed");
+            return;
+        }
+        let plain = spawn_transport(io, accepted.rx_key, accepted.tx_key);
+        tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
+        let svc = TowerToHyperService::new(noise_router(state, peer));
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
+        if let Err(e) = builder.serve_connection(TokioIo::new(plain), svc).await {
+            tracing::debug!(error = %e, "noise http/2 session ended");
+        }
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(header::UPGRADE, HeaderValue::from_static(UPGRADE_PROTO));
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    resp
+}
+
+/// The HTTP/2 routes available inside one Noise session.
+fn noise_router(st: Arc<ControlState>, peer: NoisePeer) -> Router {
+    Router::new()
+        .route("/machine/register", post(register::handle))
+        .route("/machine/map", post(map::handle))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_IMPLEMENTED,
+                "not implemented by this control server",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(Extension(peer))
+        .with_state(st)
+}

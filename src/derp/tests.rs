@@ -1,0 +1,388 @@
+//! End-to-end tests of the relay over real sockets: axum router, HTTP
+//! upgrade, handshake, relaying, error isolation, and meshing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+use super::client::dial_upgraded;
+use super::frame::{read_typed, Frame, PeerGoneReason, FRAME_SEND_PACKET, MAX_FRAME_SIZE};
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn rand_key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    k
+}
+
+async fn start(mesh_key: Option<[u8; 32]>) -> (DerpServer, SocketAddr) {
+    let server = DerpServer::new(rand_key(), mesh_key);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (server, addr)
+}
+
+async fn connect(addr: SocketAddr) -> DerpClient {
+    timeout(
+        WAIT,
+        DerpClient::connect(&addr.to_string(), rand_key(), None),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// Next frame that is not a KeepAlive.
+async fn next(c: &mut DerpClient) -> Frame {
+    loop {
+        match timeout(WAIT, c.recv()).await.unwrap().unwrap() {
+            Frame::KeepAlive => continue,
+            f => return f,
+        }
+    }
+}
+
+async fn assert_relay(a: &DerpClient, b: &mut DerpClient, len: usize) {
+    let pkt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    a.send_packet(b.public_key(), &pkt).await.unwrap();
+    match next(b).await {
+        Frame::RecvPacket { src, packet } => {
+            assert_eq!(src, a.public_key());
+            assert_eq!(&packet[..], &pkt[..]);
+        }
+        f => panic!("unexpected {f:?}"),
+    }
+}
+
+async fn assert_closed(c: &mut DerpClient) {
+    loop {
+        match timeout(WAIT, c.recv()).await.unwrap() {
+            Ok(Frame::KeepAlive) => continue,
+            Ok(f) => panic!("expected close, got {f:?}"),
+            Err(_) => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn relays_between_two_clients() {
+    let (server, addr) = start(None).await;
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+    assert_eq!(a.server_public_key(), server.public_key());
+    assert_relay(&a, &mut b, 1400).await;
+    assert_eq!(server.client_count(), 2);
+    let st = server.stats();
+    assert_eq!(
+        st.packets_relayed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        st.bytes_relayed.load(std::sync::atomic::Ordering::Relaxed),
+        1400
+    );
+    assert_eq!(
+        st.clients_connected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+
+    // Ping is echoed.
+    a.send(&Frame::Ping(*b"pingpong")).await.unwrap();
+    let mut a = a;
+    assert_eq!(next(&mut a).await, Frame::Pong(*b"pingpong"));
+
+    // Unknown frame types are skipped, not fatal.
+    a.send(&Frame::Unknown {
+        typ: 0x7e,
+        payload: bytes::Bytes::from_static(b"future"),
+    })
+    .await
+    .unwrap();
+    assert_relay(&a, &mut b, 10).await;
+
+    drop(b);
+    for _ in 0..100 {
+        if server.client_count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.client_count(), 1);
+}
+
+#[tokio::test]
+async fn unknown_destination_gets_peer_gone() {
+    let (_server, addr) = start(None).await;
+    let mut a = connect(addr).await;
+    let nobody = rand_key();
+    a.send_packet(nobody, b"hello").await.unwrap();
+    assert_eq!(
+        next(&mut a).await,
+        Frame::PeerGone {
+            key: nobody,
+            reason: PeerGoneReason::NotHere
+        }
+    );
+}
+
+#[tokio::test]
+async fn newer_connection_replaces_older() {
+    let (server, addr) = start(None).await;
+    let key = rand_key();
+    let mut old = DerpClient::connect(&addr.to_string(), key, None)
+        .await
+        .unwrap();
+    let mut new = DerpClient::connect(&addr.to_string(), key, None)
+        .await
+        .unwrap();
+    assert_closed(&mut old).await;
+    let a = connect(addr).await;
+    assert_relay(&a, &mut new, 100).await;
+    assert_eq!(server.client_count(), 2);
+}
+
+#[tokio::test]
+async fn bad_client_info_closes_only_that_connection() {
+    let (server, addr) = start(None).await;
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+
+    let (mut rd, mut wr) = dial_upgraded(&addr.to_string()).await.unwrap();
+    assert!(matches!(
+        read_typed(&mut rd, MAX_FRAME_SIZE).await.unwrap(),
+        Frame::ServerKey { .. }
+    ));
+    let mut junk = vec![0u8; 24 + 48];
+    rand::thread_rng().fill_bytes(&mut junk);
+    let hello = Frame::ClientInfo {
+        key: rand_key(),
+        sealed: junk.into(),
+    };
+    wr.write_all(&hello.encode()).await.unwrap();
+    let r = timeout(WAIT, read_typed(&mut rd, MAX_FRAME_SIZE))
+        .await
+        .unwrap();
+    assert!(r.is_err(), "expected close, got {r:?}");
+
+    assert_relay(&a, &mut b, 1400).await;
+    assert_eq!(
+        server
+            .stats()
+            .handshake_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_only_that_connection() {
+    let (_server, addr) = start(None).await;
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+    let mut c = connect(addr).await;
+    let mut hdr = vec![FRAME_SEND_PACKET];
+    hdr.extend_from_slice(&(2u32 << 20).to_be_bytes());
+    c.writer().send_encoded(&hdr).await.unwrap();
+    assert_closed(&mut c).await;
+    assert_relay(&a, &mut b, 1400).await;
+
+    // A SendPacket under the frame limit but over the packet limit too.
+    let mut d = connect(addr).await;
+    d.send_packet(b.public_key(), &vec![0u8; 65 << 10])
+        .await
+        .unwrap();
+    assert_closed(&mut d).await;
+    assert_relay(&a, &mut b, 64).await;
+}
+
+#[tokio::test]
+async fn mesh_frames_need_mesh_key() {
+    let mesh = rand_key();
+    let (_server, addr) = start(Some(mesh)).await;
+    // Wrong mesh key: an ordinary client, which may not watch.
+    let mut c = DerpClient::connect(&addr.to_string(), rand_key(), Some(rand_key()))
+        .await
+        .unwrap();
+    c.send(&Frame::WatchConns).await.unwrap();
+    assert_closed(&mut c).await;
+
+    // Right key: gets a PeerPresent flood including an existing client.
+    let a = connect(addr).await;
+    let mut w = DerpClient::connect(&addr.to_string(), rand_key(), Some(mesh))
+        .await
+        .unwrap();
+    w.send(&Frame::WatchConns).await.unwrap();
+    let mut seen = false;
+    while !seen {
+        if let Frame::PeerPresent { key, addr, .. } = next(&mut w).await {
+            if key == a.public_key() {
+                assert!(addr.is_some_and(|a| a.ip().is_loopback()));
+                seen = true;
+            }
+        }
+    }
+    // ...then live updates.
+    let a_key = a.public_key();
+    drop(a);
+    loop {
+        if let Frame::PeerGone { key, reason } = next(&mut w).await {
+            if key == a_key {
+                assert_eq!(reason, PeerGoneReason::Disconnected);
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn meshed_servers_relay_across() {
+    let mesh = rand_key();
+    let (s1, addr1) = start(Some(mesh)).await;
+    let (s2, addr2) = start(Some(mesh)).await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let l1 = spawn_mesh_peer(s1.clone(), format!("http://{addr2}/derp"), stop_rx.clone());
+    let l2 = spawn_mesh_peer(s2.clone(), addr1.to_string(), stop_rx);
+
+    let a = connect(addr1).await;
+    let mut b = connect(addr2).await;
+    // s1 learns about b through its watch on s2.
+    for _ in 0..250 {
+        if s1.forwarder_count() == 1 && s2.forwarder_count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s1.forwarder_count(), 1, "only b, not mesh links");
+    assert_relay(&a, &mut b, 1400).await;
+    let mut a = a;
+    assert_relay(&b, &mut a, 1400).await;
+    assert_eq!(
+        s1.stats()
+            .packets_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    // b leaves: s1 withdraws the forwarder, and a gets NotHere.
+    let b_key = b.public_key();
+    drop(b);
+    for _ in 0..250 {
+        if s1.forwarder_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s1.forwarder_count(), 0);
+    a.send_packet(b_key, b"x").await.unwrap();
+    assert!(matches!(
+        next(&mut a).await,
+        Frame::PeerGone {
+            reason: PeerGoneReason::NotHere,
+            ..
+        }
+    ));
+
+    stop_tx.send(true).unwrap();
+    timeout(WAIT, l1).await.unwrap().unwrap();
+    timeout(WAIT, l2).await.unwrap().unwrap();
+}
+
+async fn http_get(addr: SocketAddr, req: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).to_lowercase()
+}
+
+#[tokio::test]
+async fn http_endpoints() {
+    let (server, addr) = start(None).await;
+    let r = http_get(
+        addr,
+        "GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: abc.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("http/1.1 204"), "{r}");
+    assert!(r.contains("x-tailscale-response: response abc.1"), "{r}");
+    assert!(r.contains("cache-control: no-cache"), "{r}");
+
+    let r = http_get(
+        addr,
+        "GET /generate_204 HTTP/1.1\r\nHost: x\r\nX-Tailscale-Challenge: a b\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!r.contains("x-tailscale-response"), "{r}");
+
+    for path in ["/derp/probe", "/derp/latency-check"] {
+        for method in ["GET", "HEAD"] {
+            let r = http_get(
+                addr,
+                &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert!(r.starts_with("http/1.1 200"), "{method} {path}: {r}");
+            assert!(r.contains("access-control-allow-origin: *"), "{r}");
+        }
+    }
+
+    let r = http_get(
+        addr,
+        "GET /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("http/1.1 426"), "{r}");
+
+    // Header casing of the upgrade token does not matter; headers are right.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: dErP\r\nConnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: derp"), "{head}");
+    assert!(head.contains("derp-version: 2"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "derp-public-key: {}",
+            hex::encode(server.public_key())
+        )),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn serve_conn_writes_raw_101_when_asked() {
+    let server = DerpServer::new(rand_key(), None);
+    let (ours, mut theirs) = tokio::io::duplex(4096);
+    let s = server.clone();
+    tokio::spawn(async move { s.serve_conn(ours, false).await });
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = timeout(WAIT, theirs.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+    assert!(text.contains("Derp-Public-Key: "));
+}

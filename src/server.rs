@@ -1,0 +1,230 @@
+//! One replica: starts every plane in order and stops them in the reverse order.
+//!
+//! Start: state store -> Raft (replays the log into the store) -> admin API -> DERP/STUN ->
+//! control listener. Stop: control and admin listeners first (no new work), then Raft, so
+//! every acknowledged write is already in RocksDB when the process exits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::control::{self, ControlState};
+use crate::noise::{ControlKey, NoiseError};
+use crate::state::{Db, StateStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {what} address {addr}: {source} (is another server running? change it in the config)")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] NoiseError),
+    #[error("raft: {0}")]
+    Raft(#[from] hydrascale_raft::RaftError),
+}
+
+/// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    /// The URL clients pass to `--login-server`.
+    pub server_url: String,
+    pub control_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub stun_addr: Option<SocketAddr>,
+    pub db: Db,
+    pub control_key: ControlKey,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { what, addr, source })
+}
+
+fn shutdown_signal(
+    rx: &watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Starts a replica from `config` and returns once every listener is bound.
+pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let control_key = ControlKey::load_or_create(&config.data_dir.join("control.key"))?;
+    let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
+
+    let store = StateStore::new();
+    let raft_config = hydrascale_raft::RaftConfig {
+        node_id: config.node_id,
+        data_dir: config.data_dir.join("raft"),
+        listen_addr: config.raft_listen_addr,
+        ..Default::default()
+    };
+    let raft = hydrascale_raft::RaftNode::start(raft_config, Arc::new(store.clone())).await?;
+    raft.initialize_single().await?;
+    let raft_addr = raft.listen_addr();
+    let db = Db {
+        raft: raft.clone(),
+        store,
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+
+    let admin_listener = bind("admin", config.admin_listen_addr).await?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "admin",
+            addr: config.admin_listen_addr,
+            source,
+        })?;
+    {
+        let db = db.clone();
+        let stop = shutdown_signal(&shutdown_rx);
+        tasks.spawn(async move {
+            if let Err(e) = crate::admin::serve_admin(admin_listener, db, stop).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
+
+    let control_listener = bind("control", config.listen_addr).await?;
+    let control_addr = control_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "control",
+            addr: config.listen_addr,
+            source,
+        })?;
+
+    let mut stun_addr = None;
+    let mut config = config;
+    // Port 0 in the config means "pick one"; the DERP map must then show the real port.
+    if config.listen_addr.port() == 0 {
+        config.server_url = format!("http://{control_addr}");
+    }
+    let mut app = axum::Router::new();
+    if config.derp.enabled {
+        let stun = UdpSocket::bind(config.derp.stun_listen_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                what: "STUN",
+                addr: config.derp.stun_listen_addr,
+                source,
+            })?;
+        let bound = stun.local_addr().map_err(|source| ServerError::Bind {
+            what: "STUN",
+            addr: config.derp.stun_listen_addr,
+            source,
+        })?;
+        config.derp.stun_listen_addr = bound;
+        stun_addr = Some(bound);
+        let rx = shutdown_rx.clone();
+        tasks.spawn(async move {
+            crate::derp::run_stun(stun, rx).await;
+        });
+        let derp = crate::derp::DerpServer::new(*derp_key.secret(), None);
+        app = app.merge(crate::derp::router(derp));
+    }
+    let config = Arc::new(config);
+    let state = ControlState::new(config.clone(), control_key.clone(), db.clone());
+    app = app.merge(control::router(state));
+    {
+        let stop = shutdown_signal(&shutdown_rx);
+        tasks.spawn(async move {
+            let serve = axum::serve(
+                control_listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop);
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "control listener stopped");
+            }
+        });
+    }
+    tracing::info!(
+        login_server = %config.server_url(),
+        control = %control_addr,
+        admin = %admin_addr,
+        raft = %raft_addr,
+        "hydrascale replica {} is up",
+        config.node_id
+    );
+    Ok(ServerHandle {
+        server_url: config.server_url().to_string(),
+        control_addr,
+        admin_addr,
+        raft_addr,
+        stun_addr,
+        db,
+        control_key,
+        shutdown_tx,
+        tasks,
+    })
+}
+
+impl ServerHandle {
+    /// Stops listeners, then Raft; returns when RocksDB is closed.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        // Long-poll map streams do not end on their own; give listeners a moment, then abort.
+        let deadline = tokio::time::sleep(std::time::Duration::from_secs(3));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = self.tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => { self.tasks.abort_all(); break; }
+            }
+        }
+        if let Err(e) = self.db.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down in order.
+    pub async fn wait_for_shutdown_signal(self) {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch SIGTERM");
+                        let _ = ctrl_c.await;
+                        self.shutdown().await;
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}

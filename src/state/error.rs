@@ -1,0 +1,49 @@
+//! Errors a command can be refused with. Each says what was wrong and what to do.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum StateError {
+    #[error("user {0:?} already exists; pick another name")]
+    UserExists(String),
+    #[error("user {0:?} does not exist; list users with `hydrascale users list`")]
+    UserNotFound(String),
+    #[error("user name {0:?} is not valid: use 1-63 characters of letters, digits, '.', '_', '-' or '@'")]
+    BadUserName(String),
+    #[error(
+        "user {name:?} still has {nodes} node(s) and {keys} pre-auth key(s); delete them first"
+    )]
+    UserInUse {
+        name: String,
+        nodes: usize,
+        keys: usize,
+    },
+    #[error("invalid auth key: it is unknown to this tailnet; create one with `hydrascale preauthkeys create --user USER`")]
+    AuthKeyUnknown,
+    #[error("invalid auth key: it has expired; create a new one with `hydrascale preauthkeys create --user USER`")]
+    AuthKeyExpired,
+    #[error("invalid auth key: it was single-use and is already used; create a reusable one with `hydrascale preauthkeys create --user USER --reusable`")]
+    AuthKeyUsed,
+    #[error("no pre-auth key of user {user:?} starts with {prefix:?}; see `hydrascale preauthkeys list --user {user}`")]
+    PreAuthKeyNotFound { user: String, prefix: String },
+    #[error("tag {0:?} is not valid: tags look like tag:name")]
+    BadTag(String),
+    #[error("node {0} does not exist; list nodes with `hydrascale nodes list`")]
+    NodeNotFound(u64),
+    #[error("no node has this node key; register it again with `tailscale up --auth-key=KEY`")]
+    NodeKeyNotFound,
+    #[error(
+        "this machine's node key has expired; log in again with `tailscale up --auth-key=KEY`"
+    )]
+    NodeKeyExpired,
+    #[error("this node key is not the machine's current or previous key; log in again with a pre-auth key")]
+    NodeKeyMismatch,
+    #[error("node key is already used by node {0}")]
+    NodeKeyInUse(u64),
+    #[error("the address pool is exhausted; delete unused nodes")]
+    AddressesExhausted,
+    #[error("node name {0:?} is not valid: use 1-63 letters, digits and '-'")]
+    BadNodeName(String),
+    #[error("node name {0:?} is already taken by another node")]
+    NodeNameTaken(String),
+}

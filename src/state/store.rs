@@ -1,0 +1,126 @@
+//! `StateStore` (the in-memory state, its change feed, and the Raft `Application`) and
+//! `Db` (how the rest of the server proposes commands).
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use tokio::sync::broadcast;
+
+use super::error::StateError;
+use super::tailnet::Tailnet;
+use super::types::{Change, Command, CommandOutput};
+
+/// Wall-clock milliseconds, read by callers when they build a command (never by `apply`).
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    tailnet: Arc<RwLock<Tailnet>>,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StateStore {
+    pub fn new() -> Self {
+        let (changes, _) = broadcast::channel(4096);
+        Self {
+            tailnet: Arc::new(RwLock::new(Tailnet::default())),
+            changes,
+        }
+    }
+
+    /// The applied state. Hold the guard briefly: `apply` waits for it.
+    pub fn read(&self) -> RwLockReadGuard<'_, Tailnet> {
+        self.tailnet.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    fn publish(&self, changes: Vec<Change>) {
+        for c in changes {
+            // No subscribers is fine: nobody is streaming maps.
+            let _ = self.changes.send(c);
+        }
+    }
+}
+
+type Encoded = Result<CommandOutput, StateError>;
+
+impl hydrascale_raft::Application for StateStore {
+    fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+        let result: Encoded = match serde_json::from_slice::<Command>(command) {
+            Ok(cmd) => {
+                let (result, changes) = {
+                    let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
+                    t.apply(&cmd)
+                };
+                self.publish(changes);
+                result
+            }
+            // A command this version cannot decode changes nothing, identically everywhere.
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable command in the log");
+                Ok(CommandOutput::Done)
+            }
+        };
+        serde_json::to_vec(&result).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.read()).unwrap_or_default()
+    }
+
+    fn restore(&self, snapshot: &[u8]) {
+        let restored: Tailnet = if snapshot.is_empty() {
+            Tailnet::default()
+        } else {
+            match serde_json::from_slice(snapshot) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot does not decode; keeping current state");
+                    return;
+                }
+            }
+        };
+        *self.tailnet.write().unwrap_or_else(|p| p.into_inner()) = restored;
+        self.publish(vec![Change::Reset]);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("replication: {0}")]
+    Raft(#[from] hydrascale_raft::RaftError),
+    #[error("command encoding: {0}")]
+    Codec(String),
+}
+
+/// Proposes commands through Raft and returns their outcome once applied here.
+#[derive(Clone)]
+pub struct Db {
+    pub raft: hydrascale_raft::RaftNode,
+    pub store: StateStore,
+}
+
+impl Db {
+    pub async fn write(&self, cmd: Command) -> Result<CommandOutput, DbError> {
+        let bytes = serde_json::to_vec(&cmd).map_err(|e| DbError::Codec(e.to_string()))?;
+        let resp = self.raft.write(bytes).await?;
+        let result: Encoded =
+            serde_json::from_slice(&resp).map_err(|e| DbError::Codec(e.to_string()))?;
+        Ok(result?)
+    }
+}

@@ -1,0 +1,474 @@
+//! `Tailnet`: the whole replicated state and the pure function that changes it.
+//!
+//! `apply` validates a command completely before mutating anything, so a refused command
+//! leaves the state exactly as it was, on every replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::error::StateError;
+use super::ipam;
+use super::types::{
+    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, User,
+};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tailnet {
+    pub users: BTreeMap<u64, User>,
+    pub nodes: BTreeMap<u64, Node>,
+    pub preauth_keys: BTreeMap<u64, PreAuthKey>,
+    next_user_id: u64,
+    next_node_id: u64,
+    next_key_id: u64,
+}
+
+type Applied = (Result<CommandOutput, StateError>, Vec<Change>);
+
+fn valid_user_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+}
+
+fn valid_label(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Lowercase DNS label from a client's host name: other characters become '-'.
+pub fn sanitize_hostname(h: &str) -> String {
+    let mut out: String = h
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    out = out.trim_matches('-').to_string();
+    out.truncate(55);
+    let out = out.trim_end_matches('-').to_string();
+    if out.is_empty() {
+        "node".into()
+    } else {
+        out
+    }
+}
+
+fn stable_id(id: u64) -> String {
+    let h = Sha256::digest(id.to_be_bytes());
+    format!("n{}CNTRL", &hex::encode(h)[..10])
+}
+
+impl Tailnet {
+    pub fn node_by_node_key(&self, k: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.node_key == k)
+    }
+
+    fn node_mut_by_node_key(&mut self, k: &str) -> Result<&mut Node, StateError> {
+        self.nodes
+            .values_mut()
+            .find(|n| n.node_key == k)
+            .ok_or(StateError::NodeKeyNotFound)
+    }
+
+    pub fn node_by_machine_key(&self, k: &str) -> Option<&Node> {
+        self.nodes.values().find(|n| n.machine_key == k)
+    }
+
+    pub fn user_by_name(&self, name: &str) -> Option<&User> {
+        self.users.values().find(|u| u.name == name)
+    }
+
+    fn user_id(&self, name: &str) -> Result<u64, StateError> {
+        self.user_by_name(name)
+            .map(|u| u.id)
+            .ok_or_else(|| StateError::UserNotFound(name.to_string()))
+    }
+
+    fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
+        let taken = |n: &str| {
+            self.nodes
+                .values()
+                .any(|o| Some(o.id) != except && o.given_name == n)
+        };
+        let base = sanitize_hostname(wanted);
+        if !taken(&base) {
+            return base;
+        }
+        (1u64..)
+            .map(|i| format!("{base}-{i}"))
+            .find(|c| !taken(c))
+            .unwrap_or(base)
+    }
+
+    /// Applies one command; on error nothing has changed.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        match self.apply_inner(cmd) {
+            Ok((out, changes)) => (Ok(out), changes),
+            Err(e) => (Err(e), Vec::new()),
+        }
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Result<(CommandOutput, Vec<Change>), StateError> {
+        match cmd {
+            Command::CreateUser {
+                name,
+                display_name,
+                now,
+            } => {
+                if !valid_user_name(name) {
+                    return Err(StateError::BadUserName(name.clone()));
+                }
+                if self.user_by_name(name).is_some() {
+                    return Err(StateError::UserExists(name.clone()));
+                }
+                self.next_user_id += 1;
+                let u = User {
+                    id: self.next_user_id,
+                    name: name.clone(),
+                    display_name: display_name.clone(),
+                    created: *now,
+                };
+                self.users.insert(u.id, u.clone());
+                Ok((
+                    CommandOutput::User(u.clone()),
+                    vec![Change::UserChanged(u.id)],
+                ))
+            }
+            Command::RenameUser { old_name, new_name } => {
+                let id = self.user_id(old_name)?;
+                if !valid_user_name(new_name) {
+                    return Err(StateError::BadUserName(new_name.clone()));
+                }
+                if self.user_by_name(new_name).is_some() {
+                    return Err(StateError::UserExists(new_name.clone()));
+                }
+                let u = self
+                    .users
+                    .get_mut(&id)
+                    .ok_or(StateError::UserNotFound(old_name.clone()))?;
+                u.name = new_name.clone();
+                let u = u.clone();
+                Ok((CommandOutput::User(u), vec![Change::UserChanged(id)]))
+            }
+            Command::DeleteUser { name } => {
+                let id = self.user_id(name)?;
+                let nodes = self.nodes.values().filter(|n| n.user_id == id).count();
+                let keys = self
+                    .preauth_keys
+                    .values()
+                    .filter(|k| k.user_id == id)
+                    .count();
+                if nodes > 0 || keys > 0 {
+                    return Err(StateError::UserInUse {
+                        name: name.clone(),
+                        nodes,
+                        keys,
+                    });
+                }
+                self.users.remove(&id);
+                Ok((CommandOutput::Done, vec![Change::UserChanged(id)]))
+            }
+            Command::CreatePreAuthKey {
+                user,
+                prefix,
+                hash,
+                reusable,
+                ephemeral,
+                expiration,
+                tags,
+                now,
+            } => {
+                let user_id = self.user_id(user)?;
+                if let Some(bad) = tags.iter().find(|t| {
+                    t.strip_prefix("tag:").is_none_or(|n| {
+                        n.is_empty()
+                            || !n
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    })
+                }) {
+                    return Err(StateError::BadTag(bad.clone()));
+                }
+                self.next_key_id += 1;
+                let k = PreAuthKey {
+                    id: self.next_key_id,
+                    user_id,
+                    prefix: prefix.clone(),
+                    hash: hash.clone(),
+                    reusable: *reusable,
+                    ephemeral: *ephemeral,
+                    used: false,
+                    expiration: *expiration,
+                    created: *now,
+                    tags: tags.clone(),
+                };
+                self.preauth_keys.insert(k.id, k.clone());
+                Ok((CommandOutput::PreAuthKey(k), Vec::new()))
+            }
+            Command::ExpirePreAuthKey { user, prefix, now } => {
+                let user_id = self.user_id(user)?;
+                let k = self
+                    .preauth_keys
+                    .values_mut()
+                    .find(|k| {
+                        k.user_id == user_id
+                            && k.prefix.starts_with(prefix.as_str())
+                            && !prefix.is_empty()
+                    })
+                    .ok_or_else(|| StateError::PreAuthKeyNotFound {
+                        user: user.clone(),
+                        prefix: prefix.clone(),
+                    })?;
+                k.expiration = Some(*now);
+                Ok((CommandOutput::PreAuthKey(k.clone()), Vec::new()))
+            }
+            Command::RegisterNode {
+                machine_key,
+                node_key,
+                old_node_key,
+                hostname,
+                hostinfo,
+                auth,
+                expiry,
+                ephemeral,
+                prefixes,
+                now,
+            } => self.register(
+                machine_key,
+                node_key,
+                old_node_key.as_deref(),
+                hostname,
+                hostinfo,
+                auth,
+                *expiry,
+                *ephemeral,
+                prefixes,
+                *now,
+            ),
+            Command::UpdateNode {
+                node_key,
+                disco_key,
+                endpoints,
+                hostinfo,
+                hostname,
+                home_derp,
+                now,
+            } => {
+                let n = self.node_mut_by_node_key(node_key)?;
+                let id = n.id;
+                if let Some(d) = disco_key {
+                    n.disco_key = d.clone();
+                }
+                if let Some(e) = endpoints {
+                    n.endpoints = e.clone();
+                }
+                if let Some(h) = hostinfo {
+                    n.hostinfo = h.clone();
+                }
+                if let Some(h) = hostname {
+                    n.hostname = h.clone();
+                }
+                if let Some(d) = home_derp {
+                    n.home_derp = *d;
+                }
+                n.last_seen = Some(*now);
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(id)],
+                ))
+            }
+            Command::SetOnline {
+                node_id,
+                online,
+                now,
+            } => {
+                let n = self
+                    .nodes
+                    .get_mut(node_id)
+                    .ok_or(StateError::NodeNotFound(*node_id))?;
+                n.online = *online;
+                n.last_seen = Some(*now);
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(*node_id)],
+                ))
+            }
+            Command::LogoutNode { node_key, now } => {
+                let n = self.node_mut_by_node_key(node_key)?;
+                let id = n.id;
+                n.expiry = Some(*now);
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(id)],
+                ))
+            }
+            Command::DeleteNode { id } => {
+                self.nodes.remove(id).ok_or(StateError::NodeNotFound(*id))?;
+                Ok((CommandOutput::Done, vec![Change::NodeRemoved(*id)]))
+            }
+            Command::ExpireNode { id, now } => {
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?;
+                n.expiry = Some(*now);
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(*id)],
+                ))
+            }
+            Command::RenameNode { id, new_name } => {
+                if !valid_label(new_name) {
+                    return Err(StateError::BadNodeName(new_name.clone()));
+                }
+                if self
+                    .nodes
+                    .values()
+                    .any(|o| o.id != *id && o.given_name == *new_name)
+                {
+                    return Err(StateError::NodeNameTaken(new_name.clone()));
+                }
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?;
+                n.given_name = new_name.clone();
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(*id)],
+                ))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &mut self,
+        machine_key: &str,
+        node_key: &str,
+        old_node_key: Option<&str>,
+        hostname: &str,
+        hostinfo: &str,
+        auth: &RegisterAuth,
+        expiry: Option<i64>,
+        ephemeral: bool,
+        prefixes: &Prefixes,
+        now: i64,
+    ) -> Result<(CommandOutput, Vec<Change>), StateError> {
+        let existing = self.node_by_machine_key(machine_key).map(|n| n.id);
+        if let Some(other) = self.node_by_node_key(node_key) {
+            if Some(other.id) != existing {
+                return Err(StateError::NodeKeyInUse(other.id));
+            }
+        }
+        // Validate the key before touching anything.
+        let key = match auth {
+            RegisterAuth::PreAuthKey { hash } => {
+                let k = self
+                    .preauth_keys
+                    .values()
+                    .find(|k| k.hash == *hash)
+                    .ok_or(StateError::AuthKeyUnknown)?;
+                if k.expiration.is_some_and(|e| e <= now) {
+                    return Err(StateError::AuthKeyExpired);
+                }
+                // A single-use key may be presented again by the machine it registered.
+                let reuse_by_owner = existing
+                    .and_then(|id| self.nodes.get(&id))
+                    .is_some_and(|n| n.auth_key_id == Some(k.id));
+                if k.used && !k.reusable && !reuse_by_owner {
+                    return Err(StateError::AuthKeyUsed);
+                }
+                Some(k.clone())
+            }
+            RegisterAuth::Existing => None,
+        };
+        match (existing, key) {
+            (Some(id), key) => {
+                let n = self.nodes.get(&id).ok_or(StateError::NodeNotFound(id))?;
+                if key.is_none() {
+                    let matches =
+                        n.node_key == node_key || old_node_key == Some(n.node_key.as_str());
+                    if !matches {
+                        return Err(StateError::NodeKeyMismatch);
+                    }
+                    if n.expiry.is_some_and(|e| e <= now) {
+                        return Err(StateError::NodeKeyExpired);
+                    }
+                }
+                let given = if n.hostname == hostname {
+                    n.given_name.clone()
+                } else {
+                    self.unique_name(hostname, Some(id))
+                };
+                let n = self
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or(StateError::NodeNotFound(id))?;
+                n.node_key = node_key.to_string();
+                n.hostname = hostname.to_string();
+                n.given_name = given;
+                n.hostinfo = hostinfo.to_string();
+                n.last_seen = Some(now);
+                if let Some(k) = &key {
+                    n.user_id = k.user_id;
+                    n.tags = k.tags.clone();
+                    n.ephemeral = k.ephemeral || ephemeral;
+                    n.auth_key_id = Some(k.id);
+                    n.expiry = expiry;
+                }
+                let out = n.clone();
+                if let Some(k) = key {
+                    if let Some(stored) = self.preauth_keys.get_mut(&k.id) {
+                        stored.used = true;
+                    }
+                }
+                Ok((CommandOutput::Node(out), vec![Change::NodeUpserted(id)]))
+            }
+            (None, None) => Err(StateError::NodeKeyNotFound),
+            (None, Some(k)) => {
+                let used4: BTreeSet<Ipv4Addr> = self.nodes.values().map(|n| n.ipv4).collect();
+                let used6: BTreeSet<Ipv6Addr> = self.nodes.values().map(|n| n.ipv6).collect();
+                let (ipv4, ipv6) = ipam::allocate(prefixes, &used4, &used6)
+                    .ok_or(StateError::AddressesExhausted)?;
+                let given_name = self.unique_name(hostname, None);
+                self.next_node_id += 1;
+                let id = self.next_node_id;
+                let n = Node {
+                    id,
+                    stable_id: stable_id(id),
+                    machine_key: machine_key.to_string(),
+                    node_key: node_key.to_string(),
+                    disco_key: String::new(),
+                    user_id: k.user_id,
+                    tags: k.tags.clone(),
+                    hostname: hostname.to_string(),
+                    given_name,
+                    ipv4,
+                    ipv6,
+                    endpoints: Vec::new(),
+                    home_derp: 0,
+                    hostinfo: hostinfo.to_string(),
+                    created: now,
+                    last_seen: Some(now),
+                    expiry,
+                    ephemeral: k.ephemeral || ephemeral,
+                    auth_key_id: Some(k.id),
+                    online: false,
+                };
+                self.nodes.insert(id, n.clone());
+                if let Some(stored) = self.preauth_keys.get_mut(&k.id) {
+                    stored.used = true;
+                }
+                Ok((CommandOutput::Node(n), vec![Change::NodeUpserted(id)]))
+            }
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Unit tests of the pure state machine.
+
+use super::*;
+
+const NOW: i64 = 1_800_000_000_000;
+
+fn key_hash(k: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(k.as_bytes()))
+}
+
+fn setup() -> Tailnet {
+    let mut t = Tailnet::default();
+    ok(
+        &mut t,
+        Command::CreateUser {
+            name: "alice".into(),
+            display_name: String::new(),
+            now: NOW,
+        },
+    );
+    for (k, reusable, exp) in [
+        ("single", false, None),
+        ("multi", true, None),
+        ("old", true, Some(NOW - 1)),
+    ] {
+        ok(
+            &mut t,
+            Command::CreatePreAuthKey {
+                user: "alice".into(),
+                prefix: k.into(),
+                hash: key_hash(k),
+                reusable,
+                ephemeral: false,
+                expiration: exp,
+                tags: vec![],
+                now: NOW,
+            },
+        );
+    }
+    t
+}
+
+fn ok(t: &mut Tailnet, c: Command) -> CommandOutput {
+    let (r, _) = t.apply(&c);
+    r.unwrap_or_else(|e| panic!("{c:?} failed: {e}"))
+}
+
+fn refused(t: &mut Tailnet, c: Command) -> StateError {
+    let before = serde_json::to_string(t).expect("json");
+    let (r, changes) = t.apply(&c);
+    let e = r.expect_err("command should be refused");
+    assert!(changes.is_empty());
+    assert_eq!(
+        serde_json::to_string(t).expect("json"),
+        before,
+        "refused command changed state"
+    );
+    e
+}
+
+fn reg(machine: u32, node: u32, key: &str) -> Command {
+    Command::RegisterNode {
+        machine_key: format!("mkey:{machine:064x}"),
+        node_key: format!("nodekey:{node:064x}"),
+        old_node_key: None,
+        hostname: format!("Host {machine}"),
+        hostinfo: "{}".into(),
+        auth: RegisterAuth::PreAuthKey {
+            hash: key_hash(key),
+        },
+        expiry: None,
+        ephemeral: false,
+        prefixes: Prefixes::default(),
+        now: NOW,
+    }
+}
+
+fn node(out: CommandOutput) -> Node {
+    match out {
+        CommandOutput::Node(n) => n,
+        other => panic!("expected node, got {other:?}"),
+    }
+}
+
+#[test]
+fn preauth_key_rules() {
+    let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "single")));
+    assert_eq!(n.ipv4.to_string(), "100.64.0.1");
+    assert_eq!(n.ipv6.to_string(), "fd7a:115c:a1e0::1");
+    assert_eq!(n.given_name, "host-1");
+    assert_eq!(
+        refused(&mut t, reg(2, 2, "single")),
+        StateError::AuthKeyUsed
+    );
+    assert_eq!(
+        refused(&mut t, reg(2, 2, "old")),
+        StateError::AuthKeyExpired
+    );
+    assert_eq!(
+        refused(&mut t, reg(2, 2, "nope")),
+        StateError::AuthKeyUnknown
+    );
+    node(ok(&mut t, reg(2, 2, "multi")));
+    node(ok(&mut t, reg(3, 3, "multi")));
+    assert_eq!(t.nodes.len(), 3);
+    // Another machine may not take over a node key.
+    assert!(matches!(
+        refused(&mut t, reg(4, 1, "multi")),
+        StateError::NodeKeyInUse(_)
+    ));
+}
+
+#[test]
+fn reregistration_keeps_addresses_and_rotation_works() {
+    let mut t = setup();
+    let first = node(ok(&mut t, reg(1, 1, "multi")));
+    // Logout, then log in again with a new node key on the same machine.
+    ok(
+        &mut t,
+        Command::LogoutNode {
+            node_key: first.node_key.clone(),
+            now: NOW,
+        },
+    );
+    let again = node(ok(&mut t, reg(1, 9, "multi")));
+    assert_eq!(
+        (again.id, again.ipv4, again.ipv6),
+        (first.id, first.ipv4, first.ipv6)
+    );
+    assert_eq!(again.expiry, None);
+    // Key rotation without an auth key needs the old key.
+    let mut rotate = reg(1, 10, "multi");
+    if let Command::RegisterNode {
+        auth, old_node_key, ..
+    } = &mut rotate
+    {
+        *auth = RegisterAuth::Existing;
+        *old_node_key = Some(format!("nodekey:{:064x}", 5));
+    }
+    assert_eq!(refused(&mut t, rotate.clone()), StateError::NodeKeyMismatch);
+    if let Command::RegisterNode { old_node_key, .. } = &mut rotate {
+        *old_node_key = Some(again.node_key.clone());
+    }
+    let rotated = node(ok(&mut t, rotate));
+    assert_eq!(rotated.node_key, format!("nodekey:{:064x}", 10));
+    assert_eq!(rotated.ipv4, first.ipv4);
+    // The single-use key can be presented again by the machine it registered.
+    let mut t = setup();
+    node(ok(&mut t, reg(1, 1, "single")));
+    node(ok(&mut t, reg(1, 1, "single")));
+}
+
+#[test]
+fn addresses_unique_across_many_nodes_and_deletes() {
+    let mut t = setup();
+    for i in 0..1000u32 {
+        node(ok(&mut t, reg(i + 1, i + 1, "multi")));
+    }
+    ok(&mut t, Command::DeleteNode { id: 10 });
+    node(ok(&mut t, reg(5000, 5000, "multi")));
+    let mut v4: Vec<_> = t.nodes.values().map(|n| n.ipv4).collect();
+    let mut v6: Vec<_> = t.nodes.values().map(|n| n.ipv6).collect();
+    let mut names: Vec<_> = t.nodes.values().map(|n| n.given_name.clone()).collect();
+    let count = v4.len();
+    v4.sort();
+    v4.dedup();
+    v6.sort();
+    v6.dedup();
+    names.sort();
+    names.dedup();
+    assert_eq!((v4.len(), v6.len(), names.len()), (count, count, count));
+    assert!(!v4.contains(&"100.100.100.100".parse().expect("ip")));
+}
+
+#[test]
+fn users_and_names() {
+    let mut t = setup();
+    assert_eq!(
+        refused(
+            &mut t,
+            Command::CreateUser {
+                name: "alice".into(),
+                display_name: String::new(),
+                now: NOW
+            }
+        ),
+        StateError::UserExists("alice".into())
+    );
+    assert!(matches!(
+        refused(
+            &mut t,
+            Command::DeleteUser {
+                name: "alice".into()
+            }
+        ),
+        StateError::UserInUse { .. }
+    ));
+    assert!(matches!(
+        refused(
+            &mut t,
+            Command::CreateUser {
+                name: "bad name".into(),
+                display_name: String::new(),
+                now: NOW
+            }
+        ),
+        StateError::BadUserName(_)
+    ));
+    ok(
+        &mut t,
+        Command::RenameUser {
+            old_name: "alice".into(),
+            new_name: "alicia".into(),
+        },
+    );
+    let a = node(ok(&mut t, reg(1, 1, "multi")));
+    let b = node(ok(&mut t, reg(2, 2, "multi")));
+    assert!(matches!(
+        refused(
+            &mut t,
+            Command::RenameNode {
+                id: b.id,
+                new_name: a.given_name.clone()
+            }
+        ),
+        StateError::NodeNameTaken(_)
+    ));
+    ok(
+        &mut t,
+        Command::RenameNode {
+            id: b.id,
+            new_name: "db".into(),
+        },
+    );
+    assert_eq!(sanitize_hostname("My_Laptop.local"), "my-laptop-local");
+    assert_eq!(sanitize_hostname("---"), "node");
+}
+
+#[test]
+fn apply_is_deterministic_and_snapshot_roundtrips() {
+    let cmds: Vec<Command> = {
+        let mut v = vec![Command::CreateUser {
+            name: "u".into(),
+            display_name: "U".into(),
+            now: NOW,
+        }];
+        v.push(Command::CreatePreAuthKey {
+            user: "u".into(),
+            prefix: "k".into(),
+            hash: key_hash("k"),
+            reusable: true,
+            ephemeral: false,
+            expiration: None,
+            tags: vec!["tag:a".into()],
+            now: NOW,
+        });
+        for i in 0..50 {
+            v.push(reg(i, i, "k"));
+            v.push(Command::SetOnline {
+                node_id: u64::from(i) + 1,
+                online: true,
+                now: NOW + 5,
+            });
+        }
+        v
+    };
+    let mut a = Tailnet::default();
+    let mut b = Tailnet::default();
+    for c in &cmds {
+        let _ = a.apply(c);
+        let _ = b.apply(c);
+    }
+    assert_eq!(
+        serde_json::to_string(&a).expect("json"),
+        serde_json::to_string(&b).expect("json")
+    );
+    let store = StateStore::new();
+    use hydrascale_raft::Application;
+    for (i, c) in cmds.iter().enumerate() {
+        store.apply(i as u64 + 1, &serde_json::to_vec(c).expect("json"));
+    }
+    assert_eq!(*store.read(), a);
+    let snap = store.snapshot();
+    let other = StateStore::new();
+    other.restore(&snap);
+    assert_eq!(*other.read(), a);
+}

@@ -1,0 +1,181 @@
+//! The records of the tailnet: users, pre-auth keys and nodes.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+/// The prefixes node addresses come from. Tailscale clients only accept subsets of
+/// 100.64.0.0/10 and fd7a:115c:a1e0::/48.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Prefixes {
+    pub v4: Ipv4Net,
+    pub v6: Ipv6Net,
+}
+
+impl Default for Prefixes {
+    fn default() -> Self {
+        Self {
+            v4: Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10),
+            v6: Ipv6Net::new_assert(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0), 48),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub id: u64,
+    pub name: String,
+    pub display_name: String,
+    pub created: i64,
+}
+
+/// A pre-auth key; only its SHA-256 hash is stored, the key itself is shown once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreAuthKey {
+    pub id: u64,
+    pub user_id: u64,
+    /// The first characters of the key, enough to name it in lists and `expire`.
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub used: bool,
+    pub expiration: Option<i64>,
+    pub created: i64,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: u64,
+    pub stable_id: String,
+    /// `mkey:<hex>`: binds the node to the machine that registered it.
+    pub machine_key: String,
+    /// `nodekey:<hex>`: the WireGuard key, rotated by the client.
+    pub node_key: String,
+    pub disco_key: String,
+    pub user_id: u64,
+    pub tags: Vec<String>,
+    /// The host name the client asked for.
+    pub hostname: String,
+    /// The unique DNS label the node is known by.
+    pub given_name: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    pub endpoints: Vec<String>,
+    pub home_derp: i32,
+    /// Raw `Hostinfo` JSON as the client sent it.
+    pub hostinfo: String,
+    pub created: i64,
+    pub last_seen: Option<i64>,
+    /// Key expiry; a time at or before now means expired or logged out.
+    pub expiry: Option<i64>,
+    pub ephemeral: bool,
+    pub auth_key_id: Option<u64>,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RegisterAuth {
+    PreAuthKey {
+        hash: String,
+    },
+    /// Re-login of a known machine with its current or previous node key.
+    Existing,
+}
+
+/// Every change to the tailnet. Time and random values are inside, so `apply` is pure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    CreateUser {
+        name: String,
+        display_name: String,
+        now: i64,
+    },
+    RenameUser {
+        old_name: String,
+        new_name: String,
+    },
+    DeleteUser {
+        name: String,
+    },
+    CreatePreAuthKey {
+        user: String,
+        prefix: String,
+        hash: String,
+        reusable: bool,
+        ephemeral: bool,
+        expiration: Option<i64>,
+        tags: Vec<String>,
+        now: i64,
+    },
+    ExpirePreAuthKey {
+        user: String,
+        prefix: String,
+        now: i64,
+    },
+    RegisterNode {
+        machine_key: String,
+        node_key: String,
+        old_node_key: Option<String>,
+        hostname: String,
+        hostinfo: String,
+        auth: RegisterAuth,
+        expiry: Option<i64>,
+        ephemeral: bool,
+        /// Where a new node's addresses come from (the proposing replica's config).
+        #[serde(default)]
+        prefixes: Prefixes,
+        now: i64,
+    },
+    UpdateNode {
+        node_key: String,
+        disco_key: Option<String>,
+        endpoints: Option<Vec<String>>,
+        hostinfo: Option<String>,
+        hostname: Option<String>,
+        home_derp: Option<i32>,
+        now: i64,
+    },
+    SetOnline {
+        node_id: u64,
+        online: bool,
+        now: i64,
+    },
+    LogoutNode {
+        node_key: String,
+        now: i64,
+    },
+    DeleteNode {
+        id: u64,
+    },
+    ExpireNode {
+        id: u64,
+        now: i64,
+    },
+    RenameNode {
+        id: u64,
+        new_name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandOutput {
+    User(User),
+    PreAuthKey(PreAuthKey),
+    Node(Node),
+    Done,
+}
+
+/// What an applied command touched, for the map streams.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    NodeUpserted(u64),
+    NodeRemoved(u64),
+    UserChanged(u64),
+    /// The whole state was replaced (snapshot install): streams resend full maps.
+    Reset,
+}
