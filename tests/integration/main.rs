@@ -1,0 +1,5 @@
+//! The one integration test binary: real replicas in-process, real clients as processes.
+
+mod fixtures;
+mod interop;
+mod protocol;

@@ -1,0 +1,237 @@
+//! The TS2021 protocol against a real replica with a hand-driven Noise client:
+//! what well-formed requests get, and that malformed ones are refused without harm.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::fixtures::TestServer;
+
+type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+fn initiation(server_pub: &[u8; 32], client_secret: &[u8; 32]) -> (Vec<u8>, snow::HandshakeState) {
+    let version: u16 = 142;
+    let prologue = format!("Tailscale Control Protocol v{version}");
+    let mut hs = snow::Builder::new("Noise_IK_25519_ChaChaPoly_BLAKE2s".parse().expect("params"))
+        .local_private_key(client_secret)
+        .expect("key")
+        .remote_public_key(server_pub)
+        .expect("remote")
+        .prologue(prologue.as_bytes())
+        .expect("prologue")
+        .build_initiator()
+        .expect("initiator");
+    let mut buf = [0u8; 128];
+    let n = hs.write_message(&[], &mut buf).expect("write");
+    let mut init = version.to_be_bytes().to_vec();
+    init.push(1);
+    init.extend_from_slice(&96u16.to_be_bytes());
+    init.extend_from_slice(&buf[..n]);
+    (init, hs)
+}
+
+async fn upgrade_raw(addr: std::net::SocketAddr, handshake_b64: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "POST /ts2021 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {handshake_b64}\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    // Read the response head byte by byte so nothing after it is consumed.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut b).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).to_string())
+}
+
+/// A Noise session with HTTP/2 on top, as the official client makes one.
+async fn noise_session(server: &TestServer, machine_secret: [u8; 32]) -> H2 {
+    use base64::Engine;
+    let server_pub = *server.handle().control_key.public();
+    let (init, mut hs) = initiation(&server_pub, &machine_secret);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&init);
+    let (mut s, head) = upgrade_raw(server.handle().control_addr, &b64).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
+    let mut resp = [0u8; 51];
+    s.read_exact(&mut resp).await.expect("handshake response");
+    let mut out = [0u8; 64];
+    hs.read_message(&resp[3..], &mut out)
+        .expect("client reads response");
+    let (k1, k2) = hs.dangerously_get_raw_split();
+    // The client receives with k2 and sends with k1: the mirror of the server.
+    let plain = hydrascale::noise::spawn_transport(s, k2, k1);
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(plain))
+            .await
+            .expect("http/2 over noise");
+    tokio::spawn(conn);
+    send
+}
+
+async fn post(h2: &mut H2, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let req = hyper::Request::post(format!("https://unused{path}"))
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request");
+    let resp = h2.send_request(req).await.expect("send");
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    (status, body)
+}
+
+fn nodekey(b: u8) -> String {
+    format!("nodekey:{}", hex::encode([b; 32]))
+}
+
+fn state_json(server: &TestServer) -> String {
+    serde_json::to_string(&*server.handle().db.store.read()).expect("state serializes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_endpoint_and_bad_handshakes() {
+    let mut server = TestServer::start().await;
+    let url = server.url();
+    let client = reqwest_get(&format!("{url}/key?v=142")).await;
+    let v: serde_json::Value = serde_json::from_str(&client).expect("json");
+    assert_eq!(v["publicKey"], server.handle().control_key.public_text());
+
+    let before = state_json(&server);
+    // Garbage, wrong size, and a handshake meant for another server key.
+    let (_, head) = upgrade_raw(server.handle().control_addr, "!!!notbase64").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let (_, head) = upgrade_raw(server.handle().control_addr, "AAAA").await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    let other = hydrascale::noise::ControlKey::generate();
+    let (init, _) = initiation(other.public(), &[5u8; 32]);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&init);
+    let (_, head) = upgrade_raw(server.handle().control_addr, &b64).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(
+        state_json(&server),
+        before,
+        "refused handshakes change nothing"
+    );
+    // The server still serves everyone else.
+    let mut h2 = noise_session(&server, [6u8; 32]).await;
+    let (status, _) = post(&mut h2, "/machine/map", b"{not json").await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_rules_and_bad_requests() {
+    let mut server = TestServer::start().await;
+    server.cli_json(&["users", "create", "bob"]);
+    let single = server.cli_json(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "bob",
+        "--expiration",
+        "1h",
+    ]);
+    let single = single["key"].as_str().expect("key").to_string();
+
+    let mut h2 = noise_session(&server, [7u8; 32]).await;
+    let reg = |nk: &str, key: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "Version": 142, "NodeKey": nk, "OldNodeKey": format!("nodekey:{}", "0".repeat(64)),
+            "Auth": {"AuthKey": key}, "Hostinfo": {"Hostname": "alpha"}
+        }))
+        .expect("json")
+    };
+    // Unknown key: refused with a message, nothing stored.
+    let before = state_json(&server);
+    let (status, body) = post(
+        &mut h2,
+        "/machine/register",
+        &reg(&nodekey(1), "hskey-bogus"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert!(!v["Error"].as_str().unwrap_or_default().is_empty(), "{v}");
+    assert_eq!(state_json(&server), before);
+    // Garbage JSON: 400, nothing stored.
+    let (status, _) = post(&mut h2, "/machine/register", b"\x00\x01garbage").await;
+    assert_eq!(status, 400);
+    assert_eq!(state_json(&server), before);
+
+    // Good key registers.
+    let (status, body) = post(&mut h2, "/machine/register", &reg(&nodekey(1), &single)).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(v["MachineAuthorized"], true, "{v}");
+    assert_eq!(v["Error"], "");
+    assert_eq!(v["Login"]["LoginName"], "bob");
+
+    // The single-use key is used up for another machine.
+    let mut other = noise_session(&server, [8u8; 32]).await;
+    let before = state_json(&server);
+    let (_, body) = post(&mut other, "/machine/register", &reg(&nodekey(2), &single)).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        !v["Error"].as_str().unwrap_or_default().is_empty(),
+        "used key accepted: {v}"
+    );
+    assert_eq!(state_json(&server), before);
+
+    // Another machine may not poll the map of bob's node (wrong machine key).
+    let map_req = serde_json::to_vec(&serde_json::json!({
+        "Version": 142, "NodeKey": nodekey(1), "Stream": false, "Compress": "zstd"
+    }))
+    .expect("json");
+    let (status, _) = post(&mut other, "/machine/map", &map_req).await;
+    assert_eq!(status, 401);
+
+    // The owner gets one framed, zstd-compressed map with its own node authorized.
+    let (status, body) = post(&mut h2, "/machine/map", &map_req).await;
+    assert_eq!(status, 200);
+    let len = u32::from_le_bytes(body[..4].try_into().expect("len")) as usize;
+    assert_eq!(len, body.len() - 4);
+    let json = zstd::decode_all(&body[4..]).expect("zstd frame");
+    let m: serde_json::Value = serde_json::from_slice(&json).expect("map json");
+    assert_eq!(m["Node"]["MachineAuthorized"], true);
+    assert_eq!(m["Node"]["Key"], nodekey(1));
+    assert!(m["DERPMap"]["Regions"].is_object());
+    assert!(m["PacketFilter"].is_array());
+    server.stop().await;
+}
+
+/// Minimal HTTP/1.1 GET so the test does not need an HTTP client crate.
+async fn reqwest_get(url: &str) -> String {
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (authority, path) = rest
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = TcpStream::connect(authority).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    body
+}
