@@ -97,11 +97,13 @@ struct Inner {
     raft: openraft::Raft<TypeConfig>,
     applied: watch::Receiver<u64>,
     write_timeout: Duration,
+    stale_leader_after: Duration,
     server_stop: Mutex<Option<oneshot::Sender<()>>>,
     server_task: Mutex<Option<JoinHandle<()>>>,
     // openraft's storage tasks wind down after `shutdown` returns; RocksDB's lock is only
     // released once the last of them drops its handle, so `shutdown` waits for that.
     db_closed: Mutex<Option<watch::Receiver<()>>>,
+    contacts: network::Contacts,
 }
 
 /// A running Raft node. Cheap to clone.
@@ -123,6 +125,7 @@ impl RaftNode {
             store::state_machine::StateMachineStore::open(db.clone(), app, Arc::new(applied_tx))
                 .map_err(error::storage)?;
         let log = store::log::LogStore::new(db);
+        let contacts = network::Contacts::default();
         let raft_config = openraft::Config {
             cluster_name: "hydrascale".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -147,7 +150,9 @@ impl RaftNode {
         let raft = openraft::Raft::new(
             config.node_id,
             Arc::new(raft_config),
-            network::client::NetworkFactory,
+            network::client::NetworkFactory {
+                contacts: contacts.clone(),
+            },
             log,
             sm,
         )
@@ -155,7 +160,10 @@ impl RaftNode {
         .map_err(|e| RaftError::Raft(e.to_string()))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let svc = network::proto::raft_service_server::RaftServiceServer::new(
-            network::server::RaftGrpc { raft: raft.clone() },
+            network::server::RaftGrpc {
+                raft: raft.clone(),
+                contacts: contacts.clone(),
+            },
         )
         .max_decoding_message_size(256 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024);
@@ -180,9 +188,11 @@ impl RaftNode {
                 raft,
                 applied: applied_rx,
                 write_timeout: config.write_timeout,
+                stale_leader_after: Duration::from_millis(config.election_timeout_ms.1),
                 server_stop: Mutex::new(Some(stop_tx)),
                 server_task: Mutex::new(Some(task)),
                 db_closed: Mutex::new(Some(db_closed)),
+                contacts,
             }),
         })
     }
@@ -190,19 +200,29 @@ impl RaftNode {
     /// Makes this node a single-voter cluster if it has never been initialized, then waits
     /// until a leader is known. Idempotent.
     pub async fn initialize_single(&self) -> Result<(), RaftError> {
+        let me = BTreeMap::from([(self.inner.id, self.inner.advertise.clone())]);
+        self.initialize(me).await?;
+        self.wait_for_leader(Duration::from_secs(30)).await
+    }
+
+    /// Starts a new cluster with these voters (id -> Raft address) unless this node already
+    /// belongs to one. Does not wait for an election: the other voters may not be up yet.
+    pub async fn initialize(&self, voters: BTreeMap<u64, String>) -> Result<(), RaftError> {
         let r = &self.inner.raft;
         let initialized = r
             .is_initialized()
             .await
             .map_err(|e| RaftError::Raft(e.to_string()))?;
         if !initialized {
-            let mut members = BTreeMap::new();
-            members.insert(self.inner.id, BasicNode::new(self.inner.advertise.clone()));
+            let members: BTreeMap<u64, BasicNode> = voters
+                .into_iter()
+                .map(|(id, addr)| (id, BasicNode::new(addr)))
+                .collect();
             r.initialize(members)
                 .await
                 .map_err(|e| RaftError::Raft(e.to_string()))?;
         }
-        self.wait_for_leader(Duration::from_secs(30)).await
+        Ok(())
     }
 
     /// Waits until this node knows a leader.
@@ -220,6 +240,19 @@ impl RaftNode {
     /// applied on this node. Followers forward to the leader.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         let timeout = self.inner.write_timeout;
+        // A leader that has not heard from a majority for an election timeout is probably
+        // cut off; refuse now rather than append an entry whose fate is unknown.
+        if self.is_leader() {
+            match self.quorum_contact_age() {
+                Some(age) if age <= self.inner.stale_leader_after => {}
+                age => {
+                    return Err(RaftError::NoQuorum(format!(
+                        "this replica is the leader but has not heard from a majority of replicas for {}",
+                        age.map_or("ever".to_string(), |a| format!("{a:.1?}"))
+                    )))
+                }
+            }
+        }
         let res =
             tokio::time::timeout(timeout, self.inner.raft.client_write(command.clone())).await;
         match res {
@@ -282,6 +315,57 @@ impl RaftNode {
             .map_err(|e| RaftError::NoQuorum(e.to_string()))
     }
 
+    /// How long ago this replica last had evidence that it is part of a working quorum:
+    /// as leader, when a majority of voters (itself included) last answered; otherwise,
+    /// the last append accepted from a leader. `None` if it never had any, e.g. a replica
+    /// waiting to be added. A replica cut off from the majority sees this grow without
+    /// bound, and must then stop serving what may be stale state.
+    pub fn quorum_contact_age(&self) -> Option<Duration> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let contacts = &self.inner.contacts;
+        let now = std::time::Instant::now();
+        if m.state != ServerState::Leader {
+            return contacts.last_from_leader().map(|t| now - t);
+        }
+        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+        let mut ages: Vec<Option<Duration>> = voters
+            .iter()
+            .map(|v| {
+                if *v == self.inner.id {
+                    Some(Duration::ZERO)
+                } else {
+                    contacts.last_answer(*v).map(|t| now - t)
+                }
+            })
+            .collect();
+        // Youngest first, never-answered last; the majority-th answer bounds the quorum's age.
+        ages.sort_by_key(|a| a.unwrap_or(Duration::MAX));
+        ages.get(voters.len() / 2).copied().flatten()
+    }
+
+    /// As leader: how long ago each other member (voter or learner) last answered an
+    /// append. `None` for a member that never answered this node, or when not leader.
+    pub fn peer_answer_ages(&self) -> Option<BTreeMap<u64, Option<Duration>>> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        Some(
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .filter(|id| *id != self.inner.id)
+                .map(|id| (id, self.inner.contacts.last_answer(id).map(|t| now - t)))
+                .collect(),
+        )
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().state == ServerState::Leader
+    }
+
     pub fn node_id(&self) -> u64 {
         self.inner.id
     }
@@ -330,6 +414,53 @@ impl RaftNode {
         self.inner
             .raft
             .change_membership(set, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Makes a learner a voter (joint consensus inside openraft).
+    pub async fn promote(&self, id: u64) -> Result<(), RaftError> {
+        let ids = BTreeSet::from([id]);
+        self.inner
+            .raft
+            .change_membership(openraft::ChangeMembers::AddVoterIds(ids), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
+    /// Removes a voter or a learner from the cluster altogether.
+    pub async fn remove_member(&self, id: u64) -> Result<(), RaftError> {
+        let ids = BTreeSet::from([id]);
+        let is_voter = {
+            let m = self.inner.raft.metrics().borrow().clone();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id);
+            if !voter
+                && !m
+                    .membership_config
+                    .membership()
+                    .nodes()
+                    .any(|(n, _)| *n == id)
+            {
+                return Err(RaftError::Unsupported(format!(
+                    "replica {id} is not a member of this cluster; see `hydrascale cluster status`"
+                )));
+            }
+            voter
+        };
+        let change = if is_voter {
+            openraft::ChangeMembers::RemoveVoters(ids)
+        } else {
+            openraft::ChangeMembers::RemoveNodes(ids)
+        };
+        self.inner
+            .raft
+            .change_membership(change, false)
             .await
             .map(|_| ())
             .map_err(|e| RaftError::Raft(e.to_string()))

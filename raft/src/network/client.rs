@@ -19,10 +19,13 @@ use super::ForwardResult;
 use crate::TypeConfig;
 
 #[derive(Clone, Default)]
-pub struct NetworkFactory;
+pub struct NetworkFactory {
+    pub contacts: super::Contacts,
+}
 
 pub struct Connection {
     target: u64,
+    contacts: super::Contacts,
     client: Option<RaftServiceClient<Channel>>,
     addr: String,
 }
@@ -46,6 +49,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
         Connection {
             target,
+            contacts: self.contacts.clone(),
             client: channel(&node.addr).ok().map(RaftServiceClient::new),
             addr: node.addr.clone(),
         }
@@ -105,7 +109,11 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call("append", &rpc, option.hard_ttl()).await
+        let res = self.call("append", &rpc, option.hard_ttl()).await;
+        if res.is_ok() {
+            self.contacts.peer_answered(self.target);
+        }
+        res
     }
 
     async fn install_snapshot(

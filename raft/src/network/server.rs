@@ -10,6 +10,7 @@ use crate::TypeConfig;
 
 pub struct RaftGrpc {
     pub raft: openraft::Raft<TypeConfig>,
+    pub contacts: super::Contacts,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -27,7 +28,12 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
 impl RaftService for RaftGrpc {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
-        encode(&self.raft.append_entries(rpc).await)
+        let res = self.raft.append_entries(rpc).await;
+        // Only an accepted append proves a live leader with our term; a stale one does not.
+        if matches!(&res, Ok(r) if r.is_success()) {
+            self.contacts.leader_appended();
+        }
+        encode(&res)
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
