@@ -56,6 +56,37 @@ enum Cmd {
     /// Manage nodes.
     #[command(subcommand, alias = "node")]
     Nodes(NodesCmd),
+    /// Manage the replicas of the cluster (membership changes go to the leader).
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, roles, term, log and applied indexes, and (on the leader) contact ages.
+    Status,
+    /// Add a running replica (started with cluster.join = true) as a non-voting learner;
+    /// returns once it has caught up.
+    AddLearner {
+        /// The new replica's node_id.
+        #[arg(long)]
+        id: u64,
+        /// The new replica's Raft address (HOST:PORT).
+        #[arg(long)]
+        raft_addr: String,
+    },
+    /// Make a learner a voter.
+    Promote {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Remove a replica from the cluster (voter or learner).
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Build a Raft snapshot now (compacts the log).
+    Snapshot,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +160,7 @@ pub fn main_entry() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HYDRASCALE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -363,6 +394,73 @@ async fn run(cli: Cli) -> Result<()> {
                 emit(json, &n, || {
                     println!("Node {} renamed to {}", n.id, n.given_name);
                 })?;
+            }
+        },
+        Cmd::Cluster(cmd) => match cmd {
+            ClusterCmd::Status => {
+                let r = c
+                    .cluster_status(proto::Empty {})
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r, || {
+                    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+                    println!(
+                        "replica {} is {} in term {}; leader {}; log {} applied {} snapshot {}",
+                        r.id,
+                        r.role,
+                        r.term,
+                        opt(r.leader),
+                        opt(r.last_log_index),
+                        opt(r.applied_index),
+                        opt(r.snapshot_index)
+                    );
+                    println!(
+                        "{:<4} {:<8} {:<22} {:<22} {:<22} CONTACT",
+                        "ID", "ROLE", "RAFT", "ADMIN", "DERP"
+                    );
+                    for m in &r.members {
+                        let role = if Some(m.id) == r.leader {
+                            "leader"
+                        } else if m.voter {
+                            "voter"
+                        } else {
+                            "learner"
+                        };
+                        let contact = m
+                            .last_contact_ms
+                            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+                        println!(
+                            "{:<4} {:<8} {:<22} {:<22} {:<22} {contact}",
+                            m.id, role, m.raft_addr, m.admin_addr, m.derp
+                        );
+                    }
+                })?;
+            }
+            ClusterCmd::AddLearner { id, raft_addr } => {
+                c.add_learner(proto::AddLearnerRequest {
+                    id,
+                    raft_addr: raft_addr.clone(),
+                })
+                .await
+                .map_err(grpc_error)?;
+                println!("Replica {id} ({raft_addr}) added as a learner and caught up; promote it with `hydrascale cluster promote --id {id}`");
+            }
+            ClusterCmd::Promote { id } => {
+                c.promote(proto::MemberIdRequest { id })
+                    .await
+                    .map_err(grpc_error)?;
+                println!("Replica {id} is now a voter");
+            }
+            ClusterCmd::Remove { id } => {
+                c.remove_member(proto::MemberIdRequest { id })
+                    .await
+                    .map_err(grpc_error)?;
+                println!("Replica {id} removed from the cluster; stop its process");
+            }
+            ClusterCmd::Snapshot => {
+                c.snapshot(proto::Empty {}).await.map_err(grpc_error)?;
+                println!("Snapshot taken");
             }
         },
     }

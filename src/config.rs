@@ -52,6 +52,80 @@ pub struct Config {
     /// Where node addresses come from: subsets of 100.64.0.0/10 and fd7a:115c:a1e0::/48.
     pub prefixes: crate::state::Prefixes,
     pub derp: DerpConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// How this replica forms or joins a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The voters a brand-new cluster starts with, `ID=HOST:PORT` (Raft addresses) separated
+    /// by commas, the same on every replica; the replica with the lowest id starts the
+    /// cluster. Empty: a cluster of this replica alone. Ignored once the data directory
+    /// holds a cluster.
+    pub peers: String,
+    /// Start no cluster: wait to be added with `hydrascale cluster add-learner`.
+    pub join: bool,
+    /// Raft address other replicas dial; defaults to `raft_listen_addr`.
+    pub advertise_raft_addr: Option<String>,
+    /// Admin address other replicas name in "ask the leader" errors; defaults to
+    /// `admin_listen_addr`.
+    pub advertise_admin_addr: Option<String>,
+    /// A replica that has not heard from a quorum for this long stops serving clients, and
+    /// the leader marks the nodes of a replica silent for this long offline.
+    pub isolation_timeout: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            peers: String::new(),
+            join: false,
+            advertise_raft_addr: None,
+            advertise_admin_addr: None,
+            isolation_timeout: "8s".into(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// `peers` as (id, Raft address) pairs.
+    pub fn peer_list(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (id, addr) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} should look like 1=10.0.0.1:50444"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .ok()
+                .filter(|i| *i > 0)
+                .ok_or_else(|| format!("{item:?}: the id must be a number of 1 or more"))?;
+            let addr = addr.trim();
+            if addr
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(format!("{item:?}: the address must be HOST:PORT"));
+            }
+            if out.insert(id, addr.to_string()).is_some() {
+                return Err(format!("replica id {id} appears twice"));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn isolation_timeout(&self) -> std::time::Duration {
+        let ms = parse_duration_ms(&self.isolation_timeout).unwrap_or(8_000);
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(8_000))
+    }
 }
 
 /// The embedded DERP relay and STUN server, and how it appears in the DERP map.
@@ -103,6 +177,7 @@ impl Default for Config {
             node_expiry: "0".into(),
             prefixes: crate::state::Prefixes::default(),
             derp: DerpConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -138,7 +213,7 @@ impl Config {
                 continue;
             };
             // Variables the CLI reads for itself are not server settings.
-            if rest == "ADMIN_ADDR" || rest == "LOG" {
+            if matches!(rest, "ADMIN_ADDR" | "LOG" | "CONFIG") {
                 continue;
             }
             let key_path: Vec<String> = rest.split("__").map(|s| s.to_lowercase()).collect();
@@ -222,6 +297,43 @@ impl Config {
                     self.prefixes.v6
                 ),
             });
+        }
+        let peers = self
+            .cluster
+            .peer_list()
+            .map_err(|message| ConfigError::Invalid {
+                key: "cluster.peers".into(),
+                message,
+            })?;
+        if !peers.is_empty() && !peers.contains_key(&self.node_id) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.peers".into(),
+                message: format!(
+                    "lists no replica with this replica's node_id {}; list every voter, this one included",
+                    self.node_id
+                ),
+            });
+        }
+        if !peers.is_empty() && self.cluster.join {
+            return Err(ConfigError::Invalid {
+                key: "cluster.join".into(),
+                message: "a replica either starts a cluster from cluster.peers or joins one; set only one".into(),
+            });
+        }
+        match parse_duration_ms(&self.cluster.isolation_timeout) {
+            Ok(ms) if ms >= 1_000 => {}
+            Ok(_) => {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.isolation_timeout".into(),
+                    message: "must be at least 1s (longer than a leader election, e.g. 8s)".into(),
+                })
+            }
+            Err(message) => {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.isolation_timeout".into(),
+                    message,
+                })
+            }
         }
         if self.base_domain.is_empty() || self.base_domain.contains("..") {
             return Err(ConfigError::Invalid {
@@ -389,6 +501,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("prefixes.v4"), "{err}");
+    }
+
+    #[test]
+    fn cluster_peers_are_parsed_and_checked() {
+        let mut c = Config::default();
+        c.set(
+            "cluster.peers",
+            "1=127.0.0.1:50444, 2=127.0.0.2:50444,3=[::1]:7",
+        )
+        .expect("a peer list");
+        let peers = c.cluster.peer_list().expect("parsed");
+        assert_eq!(peers.len(), 3);
+        assert_eq!(peers[&3], "[::1]:7");
+        for bad in ["1=nohost", "x=1.2.3.4:5", "1=a:1,1=b:2", "2=127.0.0.1:1"] {
+            let err = c.set("cluster.peers", bad).unwrap_err().to_string();
+            assert!(err.contains("cluster.peers"), "{bad}: {err}");
+        }
+        let err = c.set("cluster.join", "true").unwrap_err().to_string();
+        assert!(err.contains("cluster.join"), "{err}");
+        let err = c
+            .set("cluster.isolation_timeout", "10")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.isolation_timeout"), "{err}");
     }
 
     #[test]

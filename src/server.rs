@@ -1,8 +1,9 @@
 //! One replica: starts every plane in order and stops them in the reverse order.
 //!
-//! Start: state store -> Raft (replays the log into the store) -> admin API -> DERP/STUN ->
-//! control listener. Stop: control and admin listeners first (no new work), then Raft, so
-//! every acknowledged write is already in RocksDB when the process exits.
+//! Start: state store -> Raft (replays the log into the store) -> admin API -> cluster
+//! bootstrap -> agreement on the control key -> DERP/STUN -> control listener -> cluster
+//! tasks. Stop: listeners and tasks first (no new work), then Raft, so every acknowledged
+//! write is already in RocksDB when the process exits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub enum ServerError {
     Key(#[from] NoiseError),
     #[error("raft: {0}")]
     Raft(#[from] hydrascale_raft::RaftError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -70,7 +73,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let control_key = ControlKey::load_or_create(&config.data_dir.join("control.key"))?;
+    let local_key = ControlKey::load_or_create(&config.data_dir.join("control.key"))?;
     let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
 
     let store = StateStore::new();
@@ -78,10 +81,10 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         node_id: config.node_id,
         data_dir: config.data_dir.join("raft"),
         listen_addr: config.raft_listen_addr,
+        advertise_addr: config.cluster.advertise_raft_addr.clone(),
         ..Default::default()
     };
     let raft = hydrascale_raft::RaftNode::start(raft_config, Arc::new(store.clone())).await?;
-    raft.initialize_single().await?;
     let raft_addr = raft.listen_addr();
     let db = Db {
         raft: raft.clone(),
@@ -109,6 +112,9 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         });
     }
 
+    crate::cluster::bootstrap(&config, &db).await?;
+    let control_key = crate::cluster::control_key(&db, &local_key, shutdown_rx.clone()).await?;
+
     let control_listener = bind("control", config.listen_addr).await?;
     let control_addr = control_listener
         .local_addr()
@@ -125,6 +131,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         config.server_url = format!("http://{control_addr}");
     }
     let mut app = axum::Router::new();
+    let mut derp_server = None;
     if config.derp.enabled {
         let stun = UdpSocket::bind(config.derp.stun_listen_addr)
             .await
@@ -144,11 +151,42 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks.spawn(async move {
             crate::derp::run_stun(stun, rx).await;
         });
-        let derp = crate::derp::DerpServer::new(*derp_key.secret(), None);
-        app = app.merge(crate::derp::router(derp));
+        let derp = crate::derp::DerpServer::new(
+            *derp_key.secret(),
+            Some(crate::cluster::mesh_key(&control_key)),
+        );
+        app = app.merge(crate::derp::router(derp.clone()));
+        derp_server = Some(derp);
     }
     let config = Arc::new(config);
-    let state = ControlState::new(config.clone(), control_key.clone(), db.clone());
+    let advertised_admin = config
+        .cluster
+        .advertise_admin_addr
+        .clone()
+        .unwrap_or_else(|| admin_addr.to_string());
+    let me = control::local_replica(&config, &advertised_admin, control_addr);
+    // The first answer must not wait for the quorum watcher's first tick.
+    let serving = db
+        .raft
+        .quorum_contact_age()
+        .is_some_and(|age| age < config.cluster.isolation_timeout());
+    let (serving_tx, serving_rx) = watch::channel(serving);
+    crate::cluster::spawn_tasks(
+        &mut tasks,
+        db.clone(),
+        me.clone(),
+        derp_server,
+        config.cluster.isolation_timeout(),
+        serving_tx,
+        shutdown_rx.clone(),
+    );
+    let state = ControlState::new(
+        config.clone(),
+        control_key.clone(),
+        db.clone(),
+        me,
+        serving_rx,
+    );
     app = app.merge(control::router(state));
     {
         let stop = shutdown_signal(&shutdown_rx);

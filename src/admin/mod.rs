@@ -114,6 +114,40 @@ impl Admin {
         self.db.write(cmd).await.map_err(status)
     }
 
+    /// Membership changes only work on the leader; elsewhere say where it is.
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.db.raft.is_leader() {
+            return Ok(());
+        }
+        let st = self.db.raft.status();
+        let msg = match st.current_leader {
+            Some(l) => {
+                let addr = self
+                    .db
+                    .store
+                    .read()
+                    .replicas
+                    .get(&l)
+                    .map(|r| r.admin_addr.clone());
+                match addr {
+                    Some(a) => format!(
+                        "replica {} is not the leader; replica {l} is: run this again with --admin-addr http://{a}",
+                        st.id
+                    ),
+                    None => format!(
+                        "replica {} is not the leader; replica {l} is: run this again against its admin API",
+                        st.id
+                    ),
+                }
+            }
+            None => format!(
+                "replica {} knows no leader right now; check that a majority of replicas is running and retry",
+                st.id
+            ),
+        };
+        Err(Status::failed_precondition(msg))
+    }
+
     fn node_reply(&self, out: CommandOutput) -> Result<Response<proto::NodeReply>, Status> {
         match out {
             CommandOutput::Node(n) => {
@@ -325,6 +359,128 @@ impl AdminService for Admin {
             })
             .await?;
         self.node_reply(out)
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ClusterStatusReply>, Status> {
+        Ok(Response::new(Admin::cluster_status(self).await))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<proto::AddLearnerRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 || r.raft_addr.rsplit_once(':').is_none() {
+            return Err(Status::invalid_argument(
+                "give the new replica's node_id (1 or more) and its Raft address HOST:PORT",
+            ));
+        }
+        self.require_leader()?;
+        if self.db.raft.status().membership.iter().any(|m| m.0 == r.id) {
+            return Err(Status::already_exists(format!(
+                "replica {} is already a member; pick an unused node_id",
+                r.id
+            )));
+        }
+        // Returns once the learner has caught up with the log.
+        self.db
+            .raft
+            .add_learner(r.id, r.raft_addr)
+            .await
+            .map_err(raft_status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn promote(
+        &self,
+        req: Request<proto::MemberIdRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let id = req.into_inner().id;
+        self.require_leader()?;
+        if !self.db.raft.status().membership.iter().any(|m| m.0 == id) {
+            return Err(Status::not_found(format!(
+                "replica {id} is not a member; add it first with `hydrascale cluster add-learner`"
+            )));
+        }
+        self.db.raft.promote(id).await.map_err(raft_status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<proto::MemberIdRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let id = req.into_inner().id;
+        self.require_leader()?;
+        self.db.raft.remove_member(id).await.map_err(raft_status)?;
+        // Its relay leaves the DERP map and its nodes go offline until they reconnect.
+        self.write(Command::ForgetReplica { id }).await?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn snapshot(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.db.raft.trigger_snapshot().await.map_err(raft_status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+}
+
+fn raft_status(e: hydrascale_raft::RaftError) -> Status {
+    match e {
+        hydrascale_raft::RaftError::Unsupported(m) => Status::not_found(m),
+        other => other.into(),
+    }
+}
+
+impl Admin {
+    async fn cluster_status(&self) -> proto::ClusterStatusReply {
+        let st = self.db.raft.status();
+        let ages = self.db.raft.peer_answer_ages().unwrap_or_default();
+        let t = self.db.store.read();
+        let members = st
+            .membership
+            .iter()
+            .map(|(id, addr, voter)| {
+                let r = t.replicas.get(id);
+                proto::Member {
+                    id: *id,
+                    raft_addr: addr.clone(),
+                    voter: *voter,
+                    admin_addr: r.map(|r| r.admin_addr.clone()).unwrap_or_default(),
+                    derp: r
+                        .map(|r| format!("{}:{}", r.derp_host, r.derp_port))
+                        .unwrap_or_default(),
+                    last_contact_ms: if *id == st.id {
+                        None
+                    } else {
+                        ages.get(id)
+                            .copied()
+                            .flatten()
+                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    },
+                }
+            })
+            .collect();
+        proto::ClusterStatusReply {
+            id: st.id,
+            role: st.state,
+            term: st.term,
+            leader: st.current_leader,
+            last_log_index: st.last_log_index,
+            applied_index: st.last_applied,
+            snapshot_index: st.snapshot_index,
+            members,
+            quorum_contact_ms: self
+                .db
+                .raft
+                .quorum_contact_age()
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
     }
 }
 

@@ -39,6 +39,7 @@ async fn map(
     peer: NoisePeer,
     body: &[u8],
 ) -> Result<Response, ControlError> {
+    st.check_serving()?;
     let req: MapRequest = serde_json::from_slice(body)
         .map_err(|e| ControlError::BadRequest(format!("map request is not valid JSON: {e}")))?;
     let node_key = parse_node_key(&req.node_key)?;
@@ -72,7 +73,7 @@ async fn map(
     let changes = st.db.store.subscribe();
     let first = {
         let t = st.db.store.read();
-        view.full(&t, &st.config, &st.derp_map, now)
+        view.full(&t, &st.config, &st.derp_map(&t), now)
     }
     .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
     let first = encode_frame(&first).map_err(|e| ControlError::Internal(e.to_string()))?;
@@ -139,6 +140,7 @@ async fn set_online(st: &ControlState, node_id: u64, online: bool) {
         .write(Command::SetOnline {
             node_id,
             online,
+            replica: st.me.id,
             now: now_ms(),
         })
         .await;
@@ -180,19 +182,29 @@ async fn run_stream(
     }
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+    let mut serving = st.serving.clone();
     loop {
         let resp: Option<MapResponse> = tokio::select! {
             _ = tx.closed() => break,
+            // Cut off from the quorum: end the stream so the client reconnects elsewhere.
+            lost = serving.wait_for(|ok| !*ok) => {
+                if lost.is_ok() {
+                    tracing::info!(node = id, "closing map stream: replica lost the quorum");
+                }
+                break;
+            }
             _ = keepalive.tick() => Some(MapResponse { keep_alive: true, ..Default::default() }),
             first = changes.recv() => {
                 let mut touched = Vec::new();
                 let mut full = false;
+                let mut derp_changed = false;
                 let mut pending = Some(first);
                 // Drain the burst so many changes become one message.
                 while let Some(item) = pending.take() {
                     match item {
                         Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
                         Ok(Change::UserChanged(_)) => {}
+                        Ok(Change::ReplicasChanged) => derp_changed = true,
                         Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
@@ -207,12 +219,17 @@ async fn run_stream(
                 let t = st.db.store.read();
                 let now = now_ms();
                 if full {
-                    match view.full(&t, &st.config, &st.derp_map, now) {
+                    match view.full(&t, &st.config, &st.derp_map(&t), now) {
                         Some(r) => Some(r),
                         None => break,
                     }
                 } else {
                     match view.delta(&t, &st.config, &touched, now) {
+                        Ok(r) if derp_changed => {
+                            let mut r = r.unwrap_or_default();
+                            r.derp_map = Some(st.derp_map(&t));
+                            Some(r)
+                        }
                         Ok(r) => r,
                         Err(()) => break,
                     }

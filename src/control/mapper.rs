@@ -4,12 +4,13 @@
 //! stream converges on the committed state without any shared bookkeeping.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
 use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse};
 use crate::config::Config;
-use crate::state::{Node, Tailnet};
+use crate::state::{Node, Replica, Tailnet};
 
 pub fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
@@ -21,36 +22,73 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
-/// The cluster's own DERP region, served to clients in every first map.
-pub fn derp_map(config: &Config) -> Value {
+/// This replica's own entry in the replica registry, from its configuration and the
+/// addresses it actually bound.
+pub fn local_replica(config: &Config, admin_addr: &str, control_addr: SocketAddr) -> Replica {
     let (host, port) = config.server_host_port();
+    let d = &config.derp;
+    let derp_host = d.hostname.clone().unwrap_or(host);
+    let derp_ipv4 = d.ipv4.clone().or_else(|| {
+        derp_host
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(|ip| ip.to_string())
+    });
+    // Relays mesh over the replicas' own plain-HTTP listeners, never through the load
+    // balancer (which could send a relay to itself).
+    let mesh_host = if control_addr.ip().is_unspecified() {
+        config
+            .cluster
+            .advertise_raft_addr
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':').map(|(h, _)| h.to_string()))
+            .unwrap_or_else(|| "127.0.0.1".into())
+    } else {
+        control_addr.ip().to_string()
+    };
+    let mesh_host = if mesh_host.contains(':') && !mesh_host.starts_with('[') {
+        format!("[{mesh_host}]")
+    } else {
+        mesh_host
+    };
+    Replica {
+        id: config.node_id,
+        admin_addr: admin_addr.to_string(),
+        derp_host,
+        derp_ipv4,
+        derp_port: d.port.unwrap_or(port),
+        stun_port: d.stun_listen_addr.port(),
+        mesh_url: format!("http://{mesh_host}:{}/derp", control_addr.port()),
+    }
+}
+
+/// The cluster's DERP region: one node per replica, this replica's first so that its
+/// clients use the relay of the replica they talk to (the relays mesh, so peers on
+/// other replicas are still reached).
+pub fn derp_map(config: &Config, replicas: &BTreeMap<u64, Replica>, me: &Replica) -> Value {
     let d = &config.derp;
     let mut regions = BTreeMap::new();
     if d.enabled {
-        let hostname = d.hostname.clone().unwrap_or_else(|| host.clone());
-        let ipv4 = d.ipv4.clone().or_else(|| {
-            hostname
-                .parse::<std::net::Ipv4Addr>()
-                .ok()
-                .map(|ip| ip.to_string())
-        });
+        let node = |r: &Replica| DerpNode {
+            name: format!("{}r{}", d.region_id, r.id),
+            region_id: d.region_id,
+            host_name: r.derp_host.clone(),
+            ipv6: r.derp_ipv4.as_ref().map(|_| "none".to_string()),
+            stun_test_ip: r.derp_ipv4.clone(),
+            ipv4: r.derp_ipv4.clone(),
+            stun_port: i32::from(r.stun_port),
+            derp_port: r.derp_port,
+            insecure_for_tests: d.insecure_for_tests,
+        };
+        let mut nodes = vec![node(me)];
+        nodes.extend(replicas.values().filter(|r| r.id != me.id).map(node));
         regions.insert(
             d.region_id.to_string(),
             DerpRegion {
                 region_id: d.region_id,
                 region_code: d.region_code.clone(),
                 region_name: d.region_name.clone(),
-                nodes: vec![DerpNode {
-                    name: format!("{}{}", d.region_id, "a"),
-                    region_id: d.region_id,
-                    host_name: hostname,
-                    ipv6: ipv4.as_ref().map(|_| "none".to_string()),
-                    stun_test_ip: ipv4.clone(),
-                    ipv4,
-                    stun_port: i32::from(d.stun_listen_addr.port()),
-                    derp_port: d.port.unwrap_or(port),
-                    insecure_for_tests: d.insecure_for_tests,
-                }],
+                nodes,
             },
         );
     }

@@ -22,9 +22,10 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::noise::ControlKey;
-use crate::state::Db;
+use crate::state::{Db, Replica, Tailnet};
+use tokio::sync::watch;
 
-pub use mapper::derp_map;
+pub use mapper::{derp_map, local_replica};
 
 /// RFC 3339 text of a unix-millisecond time, as the CLI and `tailcfg` show times.
 pub fn tailcfg_time(ms: i64) -> String {
@@ -76,21 +77,47 @@ pub struct ControlState {
     pub config: Arc<Config>,
     pub key: ControlKey,
     pub db: Db,
-    pub derp_map: serde_json::Value,
+    /// This replica as the registry (and the DERP map) knows it.
+    pub me: Replica,
+    /// True while this replica is in contact with a quorum. When it turns false, map
+    /// streams end and new requests are refused, so clients move to a healthy replica
+    /// instead of following state that may be stale.
+    pub serving: watch::Receiver<bool>,
     /// Open map streams per node id, so a node is marked offline only when its last stream ends.
     sessions: Mutex<HashMap<u64, u32>>,
 }
 
 impl ControlState {
-    pub fn new(config: Arc<Config>, key: ControlKey, db: Db) -> Arc<Self> {
-        let derp_map = derp_map(&config);
+    pub fn new(
+        config: Arc<Config>,
+        key: ControlKey,
+        db: Db,
+        me: Replica,
+        serving: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             key,
             db,
-            derp_map,
+            me,
+            serving,
             sessions: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn derp_map(&self, t: &Tailnet) -> serde_json::Value {
+        derp_map(&self.config, &t.replicas, &self.me)
+    }
+
+    /// Refuses work while this replica is cut off from the quorum.
+    pub fn check_serving(&self) -> Result<(), ControlError> {
+        if *self.serving.borrow() {
+            Ok(())
+        } else {
+            Err(ControlError::Unavailable(
+                "this replica has lost contact with the cluster's majority".into(),
+            ))
+        }
     }
 }
 
@@ -101,6 +128,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/ts2021", any(ts2021::upgrade))
         .route("/derpmap/default", get(derp_map_handler))
         .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler))
         .with_state(state)
 }
 
@@ -128,5 +156,14 @@ async fn key_handler(State(st): State<Arc<ControlState>>, Query(q): Query<KeyQue
 }
 
 async fn derp_map_handler(State(st): State<Arc<ControlState>>) -> Json<serde_json::Value> {
-    Json(st.derp_map.clone())
+    Json(st.derp_map(&st.db.store.read()))
+}
+
+/// 200 while this replica may serve clients (in contact with a quorum), 503 otherwise:
+/// what a load balancer's health check asks.
+async fn ready_handler(State(st): State<Arc<ControlState>>) -> Response {
+    match st.check_serving() {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => e.into_response(),
+    }
 }

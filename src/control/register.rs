@@ -69,6 +69,7 @@ async fn register(
     peer: &NoisePeer,
     body: &[u8],
 ) -> Result<RegisterResponse, ControlError> {
+    st.check_serving()?;
     let req: RegisterRequest = serde_json::from_slice(body).map_err(|e| {
         ControlError::BadRequest(format!("register request is not valid JSON: {e}"))
     })?;

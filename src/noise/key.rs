@@ -47,7 +47,7 @@ impl ControlKey {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
                 }
-                write_private(path, &format!("privkey:{}\n", hex::encode(key.secret)))
+                write_private(path, &format!("{}\n", key.private_text()))
                     .map_err(|e| err(e.to_string()))?;
                 Ok(key)
             }
@@ -64,6 +64,11 @@ impl ControlKey {
             .try_into()
             .map_err(|_| "expected 32 bytes (64 hex characters)".to_string())?;
         Ok(Self::from_secret(secret))
+    }
+
+    /// `privkey:<hex>`, the form `parse` reads and the key file holds.
+    pub fn private_text(&self) -> String {
+        format!("privkey:{}", hex::encode(self.secret))
     }
 
     pub fn secret(&self) -> &[u8; 32] {

@@ -12,4 +12,6 @@ mod types;
 pub use error::StateError;
 pub use store::{now_ms, Db, DbError, StateStore};
 pub use tailnet::{sanitize_hostname, Tailnet};
-pub use types::{Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, User};
+pub use types::{
+    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
+};

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, User,
+    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -20,6 +20,11 @@ pub struct Tailnet {
     pub users: BTreeMap<u64, User>,
     pub nodes: BTreeMap<u64, Node>,
     pub preauth_keys: BTreeMap<u64, PreAuthKey>,
+    /// The cluster's control key as `privkey:<hex>`; every replica serves with it.
+    #[serde(default)]
+    pub control_key: Option<String>,
+    #[serde(default)]
+    pub replicas: BTreeMap<u64, Replica>,
     next_user_id: u64,
     next_node_id: u64,
     next_key_id: u64,
@@ -287,18 +292,66 @@ impl Tailnet {
             Command::SetOnline {
                 node_id,
                 online,
+                replica,
                 now,
             } => {
                 let n = self
                     .nodes
                     .get_mut(node_id)
                     .ok_or(StateError::NodeNotFound(*node_id))?;
-                n.online = *online;
+                if *online {
+                    n.online = true;
+                    n.online_via = Some(*replica);
+                } else if n.online_via.is_none_or(|v| v == *replica) {
+                    n.online = false;
+                    n.online_via = None;
+                } else {
+                    return Ok((CommandOutput::Done, Vec::new()));
+                }
                 n.last_seen = Some(*now);
                 Ok((
                     CommandOutput::Node(n.clone()),
                     vec![Change::NodeUpserted(*node_id)],
                 ))
+            }
+            Command::ReplicaDown { replica, now } => {
+                let mut changes = Vec::new();
+                for n in self.nodes.values_mut() {
+                    if n.online && n.online_via == Some(*replica) {
+                        n.online = false;
+                        n.online_via = None;
+                        n.last_seen = Some(*now);
+                        changes.push(Change::NodeUpserted(n.id));
+                    }
+                }
+                Ok((CommandOutput::Done, changes))
+            }
+            Command::SetControlKey { key } => {
+                if self.control_key.is_none() {
+                    self.control_key = Some(key.clone());
+                }
+                Ok((CommandOutput::Done, Vec::new()))
+            }
+            Command::RegisterReplica { replica } => {
+                if self.replicas.get(&replica.id) == Some(replica) {
+                    return Ok((CommandOutput::Done, Vec::new()));
+                }
+                self.replicas.insert(replica.id, replica.clone());
+                Ok((CommandOutput::Done, vec![Change::ReplicasChanged]))
+            }
+            Command::ForgetReplica { id } => {
+                if self.replicas.remove(id).is_none() {
+                    return Ok((CommandOutput::Done, Vec::new()));
+                }
+                let mut changes = vec![Change::ReplicasChanged];
+                for n in self.nodes.values_mut() {
+                    if n.online && n.online_via == Some(*id) {
+                        n.online = false;
+                        n.online_via = None;
+                        changes.push(Change::NodeUpserted(n.id));
+                    }
+                }
+                Ok((CommandOutput::Done, changes))
             }
             Command::LogoutNode { node_key, now } => {
                 let n = self.node_mut_by_node_key(node_key)?;
@@ -462,6 +515,7 @@ impl Tailnet {
                     ephemeral: k.ephemeral || ephemeral,
                     auth_key_id: Some(k.id),
                     online: false,
+                    online_via: None,
                 };
                 self.nodes.insert(id, n.clone());
                 if let Some(stored) = self.preauth_keys.get_mut(&k.id) {

@@ -261,6 +261,7 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
             v.push(Command::SetOnline {
                 node_id: u64::from(i) + 1,
                 online: true,
+                replica: 1,
                 now: NOW + 5,
             });
         }
@@ -286,4 +287,72 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
     let other = StateStore::new();
     other.restore(&snap);
     assert_eq!(*other.read(), a);
+}
+
+#[test]
+fn online_follows_the_replica_holding_the_stream() {
+    let mut t = setup();
+    let id = node(ok(&mut t, reg(1, 1, "multi"))).id;
+    let online = |t: &mut Tailnet, online: bool, replica: u64| {
+        t.apply(&Command::SetOnline {
+            node_id: id,
+            online,
+            replica,
+            now: NOW,
+        })
+    };
+    online(&mut t, true, 2).0.expect("online via 2");
+    // The node moved to replica 3 before replica 2's stream ended: 2's "offline" is stale.
+    online(&mut t, true, 3).0.expect("online via 3");
+    let (_, changes) = online(&mut t, false, 2);
+    assert!(changes.is_empty());
+    assert!(t.nodes[&id].online);
+    // Replica 2 dying changes nothing either; replica 3 dying takes the node offline.
+    let (_, changes) = t.apply(&Command::ReplicaDown {
+        replica: 2,
+        now: NOW,
+    });
+    assert!(changes.is_empty() && t.nodes[&id].online);
+    let (_, changes) = t.apply(&Command::ReplicaDown {
+        replica: 3,
+        now: NOW,
+    });
+    assert_eq!(changes, vec![Change::NodeUpserted(id)]);
+    assert!(!t.nodes[&id].online && t.nodes[&id].online_via.is_none());
+}
+
+#[test]
+fn first_control_key_wins_and_replicas_register() {
+    let mut t = Tailnet::default();
+    ok(
+        &mut t,
+        Command::SetControlKey {
+            key: "privkey:aa".into(),
+        },
+    );
+    ok(
+        &mut t,
+        Command::SetControlKey {
+            key: "privkey:bb".into(),
+        },
+    );
+    assert_eq!(t.control_key.as_deref(), Some("privkey:aa"));
+    let r = Replica {
+        id: 2,
+        admin_addr: "127.0.0.1:1".into(),
+        derp_host: "r2.example.com".into(),
+        derp_ipv4: None,
+        derp_port: 443,
+        stun_port: 3478,
+        mesh_url: "http://10.0.0.2:8080/derp".into(),
+    };
+    let reg = Command::RegisterReplica { replica: r.clone() };
+    assert_eq!(t.apply(&reg).1, vec![Change::ReplicasChanged]);
+    // Announcing the same thing again is not a change (replicas re-announce periodically).
+    assert!(t.apply(&reg).1.is_empty());
+    assert_eq!(
+        t.apply(&Command::ForgetReplica { id: 2 }).1,
+        vec![Change::ReplicasChanged]
+    );
+    assert!(t.replicas.is_empty());
 }

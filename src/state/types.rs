@@ -76,6 +76,23 @@ pub struct Node {
     pub ephemeral: bool,
     pub auth_key_id: Option<u64>,
     pub online: bool,
+    /// The replica holding the node's map stream while it is online, so the leader can
+    /// mark it offline when that replica dies.
+    #[serde(default)]
+    pub online_via: Option<u64>,
+}
+
+/// A replica as the rest of the cluster needs to know it: its DERP node in the DERP map,
+/// the URL other relays mesh with, and where its admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: u64,
+    pub admin_addr: String,
+    pub derp_host: String,
+    pub derp_ipv4: Option<String>,
+    pub derp_port: u16,
+    pub stun_port: u16,
+    pub mesh_url: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,10 +157,31 @@ pub enum Command {
         home_derp: Option<i32>,
         now: i64,
     },
+    /// A map stream on `replica` started (`online`) or ended. An "offline" from a replica
+    /// that no longer holds the node's stream is ignored: the node moved elsewhere.
     SetOnline {
         node_id: u64,
         online: bool,
+        #[serde(default)]
+        replica: u64,
         now: i64,
+    },
+    /// The leader lost contact with `replica`: nodes streaming from it are offline.
+    ReplicaDown {
+        replica: u64,
+        now: i64,
+    },
+    /// The cluster's control (Noise) key; the first one proposed wins, later ones are ignored.
+    SetControlKey {
+        key: String,
+    },
+    /// A replica announces (or updates) how it is reached.
+    RegisterReplica {
+        replica: Replica,
+    },
+    /// A replica left the cluster for good.
+    ForgetReplica {
+        id: u64,
     },
     LogoutNode {
         node_key: String,
@@ -163,6 +201,9 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// One value per applied command, never held in bulk: boxing the node would only add an
+// allocation to every registration and update.
+#[allow(clippy::large_enum_variant)]
 pub enum CommandOutput {
     User(User),
     PreAuthKey(PreAuthKey),
@@ -176,6 +217,8 @@ pub enum Change {
     NodeUpserted(u64),
     NodeRemoved(u64),
     UserChanged(u64),
+    /// The set of replicas changed: the DERP map changed.
+    ReplicasChanged,
     /// The whole state was replaced (snapshot install): streams resend full maps.
     Reset,
 }

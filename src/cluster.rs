@@ -1,0 +1,298 @@
+//! What makes several replicas one service: forming or joining the Raft cluster, agreeing
+//! on one control key, the replica registry (DERP map and relay mesh), and the background
+//! tasks that keep client-facing state honest when replicas die or are cut off.
+//!
+//! Tasks here only observe Raft and propose commands; the state machine decides.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::derp::DerpServer;
+use crate::noise::ControlKey;
+use crate::state::{now_ms, Change, Command, Db, Replica};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("invalid setting cluster.peers: {0}")]
+    Peers(String),
+    #[error("raft: {0}")]
+    Raft(#[from] hydrascale_raft::RaftError),
+    #[error("the cluster's control key in the replicated state is unreadable ({0}); restore from a backup")]
+    BadKey(String),
+    #[error("stopped while waiting for the cluster")]
+    Stopped,
+}
+
+/// Starts a new cluster when this replica is the one to do it: alone (no peers), or the
+/// lowest id of `cluster.peers`. A joining replica, or the other peers, wait to be reached.
+pub async fn bootstrap(config: &Config, db: &Db) -> Result<(), ClusterError> {
+    if config.cluster.join {
+        return Ok(());
+    }
+    let peers = config.cluster.peer_list().map_err(ClusterError::Peers)?;
+    let me = config
+        .cluster
+        .advertise_raft_addr
+        .clone()
+        .unwrap_or_else(|| db.raft.listen_addr().to_string());
+    if peers.is_empty() {
+        db.raft
+            .initialize(BTreeMap::from([(config.node_id, me)]))
+            .await?;
+    } else if peers.keys().next() == Some(&config.node_id) {
+        db.raft.initialize(peers).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the replicated state holds the cluster's control key and returns it.
+/// Every replica proposes its local key once a leader is known; the first committed one
+/// wins, so all replicas end up presenting the same key at `/key`.
+pub async fn control_key(
+    db: &Db,
+    local: &ControlKey,
+    mut stop: watch::Receiver<bool>,
+) -> Result<ControlKey, ClusterError> {
+    let mut last_note = Instant::now();
+    let mut proposed = false;
+    loop {
+        let agreed = db.store.read().control_key.clone();
+        if let Some(text) = agreed {
+            let key = ControlKey::parse(&text).map_err(ClusterError::BadKey)?;
+            if key.public() != local.public() {
+                tracing::info!(key = %key.public_text(), "serving with the cluster's control key");
+            }
+            return Ok(key);
+        }
+        if !proposed && db.raft.status().current_leader.is_some() {
+            match db
+                .write(Command::SetControlKey {
+                    key: local.private_text(),
+                })
+                .await
+            {
+                Ok(_) => proposed = true,
+                Err(e) => tracing::debug!(error = %e, "proposing the control key"),
+            }
+            continue;
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            last_note = Instant::now();
+            tracing::info!(
+                "waiting for the cluster: a majority of cluster.peers must be running, or, for a joining replica, run `hydrascale cluster add-learner` against the leader"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait_for(|s| *s) => return Err(ClusterError::Stopped),
+        }
+    }
+}
+
+/// Derives the relay mesh key from the cluster's control key: every replica has the
+/// latter, so the mesh needs no configuration of its own.
+pub fn mesh_key(control: &ControlKey) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"hydrascale derp mesh key v1");
+    h.update(control.secret());
+    h.finalize().into()
+}
+
+/// Spawns the replica's cluster tasks into `tasks`; they end when `stop` turns true.
+pub fn spawn_tasks(
+    tasks: &mut JoinSet<()>,
+    db: Db,
+    me: Replica,
+    derp: Option<DerpServer>,
+    isolation_timeout: Duration,
+    serving_tx: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+) {
+    tasks.spawn(announce(db.clone(), me.clone(), stop.clone()));
+    tasks.spawn(watch_quorum(
+        db.clone(),
+        isolation_timeout,
+        serving_tx,
+        stop.clone(),
+    ));
+    tasks.spawn(mark_dead_replicas_offline(
+        db.clone(),
+        isolation_timeout,
+        stop.clone(),
+    ));
+    if let Some(derp) = derp {
+        tasks.spawn(mesh_with_replicas(db, me.id, derp, stop));
+    }
+}
+
+/// Keeps this replica's registry entry current (after a restart with new addresses, or a
+/// restore from a backup that predates it).
+async fn announce(db: Db, me: Replica, mut stop: watch::Receiver<bool>) {
+    loop {
+        let current = db.store.read().replicas.get(&me.id) == Some(&me);
+        let wait = if current {
+            Duration::from_secs(10)
+        } else {
+            match db
+                .write(Command::RegisterReplica {
+                    replica: me.clone(),
+                })
+                .await
+            {
+                Ok(_) => Duration::from_secs(10),
+                Err(e) => {
+                    tracing::debug!(error = %e, "announcing this replica");
+                    Duration::from_secs(1)
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Publishes whether this replica is in contact with a quorum. Losing it for
+/// `isolation_timeout` ends client streams here (see `ControlState::serving`).
+async fn watch_quorum(
+    db: Db,
+    isolation_timeout: Duration,
+    serving_tx: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let ok = db
+            .raft
+            .quorum_contact_age()
+            .is_some_and(|age| age < isolation_timeout);
+        serving_tx.send_if_modified(|s| {
+            if *s != ok {
+                if ok {
+                    tracing::info!("in contact with the cluster's majority: serving clients");
+                } else {
+                    tracing::warn!(
+                        "no contact with the cluster's majority for {isolation_timeout:?}: refusing clients until it returns"
+                    );
+                }
+                *s = ok;
+                true
+            } else {
+                false
+            }
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// On the leader: a replica silent for `isolation_timeout` has lost its clients (it died,
+/// or it closed their streams on losing the quorum), so its nodes are marked offline;
+/// they come back online when they reconnect to another replica.
+async fn mark_dead_replicas_offline(
+    db: Db,
+    isolation_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut leading_since: Option<Instant> = None;
+    loop {
+        match db.raft.peer_answer_ages() {
+            None => leading_since = None,
+            Some(ages) => {
+                let since = *leading_since.get_or_insert_with(Instant::now);
+                let dead: Vec<u64> = ages
+                    .into_iter()
+                    .filter(|(_, age)| {
+                        age.unwrap_or_else(|| since.elapsed()) >= isolation_timeout
+                            && since.elapsed() >= isolation_timeout
+                    })
+                    .map(|(id, _)| id)
+                    .collect();
+                for replica in dead {
+                    let has_nodes = db
+                        .store
+                        .read()
+                        .nodes
+                        .values()
+                        .any(|n| n.online && n.online_via == Some(replica));
+                    if has_nodes {
+                        tracing::info!(replica, "replica unreachable: marking its nodes offline");
+                        if let Err(e) = db
+                            .write(Command::ReplicaDown {
+                                replica,
+                                now: now_ms(),
+                            })
+                            .await
+                        {
+                            tracing::warn!(replica, error = %e, "could not mark nodes offline");
+                        }
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// Keeps one mesh link to every other registered replica's relay, following the registry.
+async fn mesh_with_replicas(
+    db: Db,
+    self_id: u64,
+    derp: DerpServer,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut changes = db.store.subscribe();
+    let mut links: HashMap<u64, (String, watch::Sender<bool>)> = HashMap::new();
+    loop {
+        let wanted: BTreeMap<u64, String> = db
+            .store
+            .read()
+            .replicas
+            .values()
+            .filter(|r| r.id != self_id)
+            .map(|r| (r.id, r.mesh_url.clone()))
+            .collect();
+        links.retain(|id, (url, link_stop)| {
+            let keep = wanted.get(id) == Some(url);
+            if !keep {
+                let _ = link_stop.send(true);
+            }
+            keep
+        });
+        for (id, url) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(e) = links.entry(id) {
+                let (tx, rx) = watch::channel(false);
+                tracing::info!(replica = id, %url, "meshing DERP with replica");
+                crate::derp::spawn_mesh_peer(derp.clone(), url.clone(), rx);
+                e.insert((url, tx));
+            }
+        }
+        // Wake on a registry change (or a reset); other changes are ignored.
+        loop {
+            tokio::select! {
+                c = changes.recv() => match c {
+                    Ok(Change::ReplicasChanged) | Ok(Change::Reset)
+                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = stop.wait_for(|s| *s) => {
+                    for (_, (_, tx)) in links.drain() {
+                        let _ = tx.send(true);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
