@@ -63,31 +63,12 @@ impl TestServer {
 
     /// Runs the real `hydrascale` CLI against this server's admin API.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_hydrascale"))
-            .arg("--admin-addr")
-            .arg(format!("http://{}", self.handle().admin_addr))
-            .args(args)
-            .output()
-            .expect("run hydrascale CLI")
+        cli_at(&self.handle().admin_addr.to_string(), args)
     }
 
     /// Like `cli` with `-o json`, asserting success and parsing the output.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut full = vec!["-o", "json"];
-        full.extend_from_slice(args);
-        let out = self.cli(&full);
-        assert!(
-            out.status.success(),
-            "hydrascale {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "hydrascale {args:?} printed non-JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        cli_json_at(&self.handle().admin_addr.to_string(), args)
     }
 
     /// Stops the replica and starts it again on the same data directory and the same
@@ -113,6 +94,230 @@ impl TestServer {
         if let Some(h) = self.handle.take() {
             h.shutdown().await;
         }
+    }
+}
+
+/// Runs the real `hydrascale` CLI against the admin API at `admin` (HOST:PORT).
+pub fn cli_at(admin: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+        .arg("--admin-addr")
+        .arg(format!("http://{admin}"))
+        .args(args)
+        .output()
+        .expect("run hydrascale CLI")
+}
+
+/// `cli_at` with `-o json`, asserting success and parsing the output.
+pub fn cli_json_at(admin: &str, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["-o", "json"];
+    full.extend_from_slice(args);
+    let out = cli_at(admin, &full);
+    assert!(
+        out.status.success(),
+        "hydrascale {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hydrascale {args:?} printed non-JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A free loopback TCP port (the OS picks it; it is released for the caller to bind).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A free loopback UDP port.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}
+
+/// `GET path` over plain HTTP/1.0; the status code and body, or `None` if unreachable.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// One `hydrascale serve` process with its own config file, data and log.
+pub struct ReplicaProc {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub control: String,
+    pub admin: String,
+    pub raft: String,
+    pub stun: String,
+    child: Option<Child>,
+}
+
+impl ReplicaProc {
+    /// Replica `id` with its own directory and free loopback ports.
+    pub fn new(root: &Path, id: u64) -> Self {
+        let dir = root.join(format!("replica{id}"));
+        std::fs::create_dir_all(&dir).expect("replica dir");
+        ReplicaProc {
+            id,
+            dir,
+            control: format!("127.0.0.1:{}", free_port()),
+            admin: format!("127.0.0.1:{}", free_port()),
+            raft: format!("127.0.0.1:{}", free_port()),
+            stun: format!("127.0.0.1:{}", free_udp_port()),
+            child: None,
+        }
+    }
+
+    /// Writes the config: clients log in at `server_url`; a new cluster starts with the
+    /// voters `peers`, or (`join`) the replica waits to be added.
+    pub fn write_config(&self, server_url: &str, peers: &str, join: bool) {
+        let (control, admin, raft, stun, id) =
+            (&self.control, &self.admin, &self.raft, &self.stun, self.id);
+        let control_port = control.rsplit_once(':').map(|(_, p)| p).unwrap_or("0");
+        let toml = format!(
+            r#"server_url = "{server_url}"
+listen_addr = "{control}"
+admin_listen_addr = "{admin}"
+raft_listen_addr = "{raft}"
+data_dir = "{data}"
+node_id = {id}
+
+[derp]
+hostname = "127.0.0.1"
+port = {control_port}
+stun_listen_addr = "{stun}"
+
+[cluster]
+peers = "{peers}"
+join = {join}
+isolation_timeout = "8s"
+"#,
+            data = self.dir.join("data").display(),
+        );
+        std::fs::write(self.dir.join("hydrascale.toml"), toml).expect("write config");
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("hydrascale.log"))
+            .expect("log file");
+        let log2 = log.try_clone().expect("log clone");
+        let child = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("hydrascale.toml"))
+            .env("HYDRASCALE_LOG", "info,openraft=warn")
+            // The test harness's own HYDRASCALE_* switches are not server settings.
+            .env_remove("HYDRASCALE_INTEROP")
+            .env_remove("HYDRASCALE_TOOLS_DIR")
+            .env_remove("HYDRASCALE_ADMIN_ADDR")
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .expect("start hydrascale serve");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs, as when a machine dies.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn ready(&self) -> bool {
+        http_get(&self.control, "/ready").is_some_and(|(code, _)| code == 200)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        cli_at(&self.admin, args)
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        cli_json_at(&self.admin, args)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("hydrascale.log")).unwrap_or_default();
+        // Backtrace frames would push the panic message itself out of the tail.
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                !(t.starts_with("at ")
+                    || t.split_once(": ")
+                        .is_some_and(|(n, _)| n.parse::<u32>().is_ok()))
+            })
+            .collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for ReplicaProc {
+    fn drop(&mut self) {
+        // A failing test shows what each replica said last.
+        if std::thread::panicking() {
+            eprintln!("--- replica {} log ---\n{}", self.id, self.log_tail());
+        }
+        self.kill();
+    }
+}
+
+/// HAProxy from the system, running the shipped `deploy/haproxy/haproxy.cfg`.
+pub struct Haproxy {
+    pub addr: String,
+    child: Child,
+}
+
+impl Haproxy {
+    /// Listens on `addr` (the replicas' `server_url`) and balances over `replicas`.
+    pub fn start(dir: &Path, addr: &str, replicas: &[&ReplicaProc]) -> Haproxy {
+        let addr = addr.to_string();
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy/haproxy.cfg");
+        let log = std::fs::File::create(dir.join("haproxy.log")).expect("log file");
+        let log2 = log.try_clone().expect("log clone");
+        let mut cmd = Command::new("haproxy");
+        cmd.arg("-db")
+            .arg("-f")
+            .arg(cfg)
+            .env("HYDRASCALE_LB_BIND", &addr);
+        for (i, r) in replicas.iter().enumerate() {
+            cmd.env(format!("HYDRASCALE_R{}", i + 1), &r.control);
+        }
+        let child = cmd
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .spawn()
+            .expect("start haproxy (apt install haproxy)");
+        Haproxy { addr, child }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,5 +1,6 @@
 //! The one integration test binary: real replicas in-process, real clients as processes.
 
+mod cluster;
 mod fixtures;
 mod interop;
 mod protocol;

@@ -1,0 +1,384 @@
+//! Three `hydrascale serve` processes behind the shipped HAProxy config, with official
+//! clients logging in through the load-balanced URL: losing the leader, losing the
+//! replica a client streams from, losing the majority, and restarting.
+
+use std::time::{Duration, Instant};
+
+use crate::fixtures::{http_get, require_tailscale, wait_for, Haproxy, ReplicaProc, Tailscaled};
+
+fn leader_of(replicas: &[ReplicaProc]) -> Option<u64> {
+    replicas.iter().filter(|r| r.is_running()).find_map(|r| {
+        let out = r.cli(&["-o", "json", "cluster", "status"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["leader"].as_u64()
+    })
+}
+
+/// Peer host name -> Online, as this client sees it.
+fn peers_online(n: &Tailscaled) -> Vec<(String, bool)> {
+    let st = n.status();
+    let mut v: Vec<(String, bool)> = st["Peer"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|p| {
+                    (
+                        p["HostName"].as_str().unwrap_or_default().to_string(),
+                        p["Online"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn user_names(r: &ReplicaProc) -> Vec<String> {
+    r.cli_json(&["users", "list"])
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`; returns
+/// once every replica is ready.
+async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<ReplicaProc> {
+    let mut replicas: Vec<ReplicaProc> = (1..=3).map(|id| ReplicaProc::new(root, id)).collect();
+    let peers = replicas
+        .iter()
+        .map(|r| format!("{}={}", r.id, r.raft))
+        .collect::<Vec<_>>()
+        .join(",");
+    for r in &mut replicas {
+        r.write_config(server_url, &peers, false);
+        r.start();
+    }
+    for r in &replicas {
+        wait_for(
+            &format!("replica {} ready", r.id),
+            Duration::from_secs(60),
+            || {
+                let ok = r.ready();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    replicas
+}
+
+fn create_reusable_key(r: &ReplicaProc, user: &str) -> String {
+    r.cli_json(&["users", "create", user]);
+    r.cli_json(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        user,
+        "--reusable",
+        "--expiration",
+        "1h",
+    ])["key"]
+        .as_str()
+        .expect("key")
+        .to_string()
+}
+
+/// Two clients on different replicas, direct paths forbidden by the client's own debug
+/// switch: packets go client -> relay of replica 1 -> mesh -> relay of replica 2 -> client
+/// (each replica lists its own relay first in the DERP map it serves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_different_replicas_relay_through_the_derp_mesh() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lb_url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
+    let replicas = start_cluster(dir.path(), &lb_url).await;
+    let key = create_reusable_key(&replicas[0], "bob");
+    let root = dir.path().join("clients");
+    let derp_only = [("TS_DEBUG_ALWAYS_USE_DERP", "1")];
+    let a = Tailscaled::start_with_env(&bin, &root, "relay-a", &derp_only);
+    let b = Tailscaled::start_with_env(&bin, &root, "relay-b", &derp_only);
+    a.up(&format!("http://{}", replicas[0].control), &key).await;
+    b.up(&format!("http://{}", replicas[1].control), &key).await;
+    wait_for("relay-a to see relay-b", Duration::from_secs(30), || {
+        let ok = a.peer_names() == ["relay-b"];
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let target = b.ipv4();
+    let text = wait_for("a ping through DERP", Duration::from_secs(60), || {
+        let out = a.cli(&[
+            "ping",
+            "--until-direct=false",
+            "--c",
+            "3",
+            "--timeout",
+            "5s",
+            &target,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let ok = text.contains("via DERP(hydrascale)");
+        async move { ok.then_some(text) }
+    })
+    .await;
+    assert!(
+        !text.contains("via 127.0.0.1"),
+        "a direct path was used although DERP was forced: {text}"
+    );
+    eprintln!(
+        "relay-a -> relay-b: {}",
+        text.lines().last().unwrap_or_default()
+    );
+
+    // netcheck runs STUN against the DERP map the node got from its replica.
+    let out = a.cli(&["netcheck", "--format=json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "netcheck printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(report["UDP"], true, "STUN answered: {report}");
+    assert_eq!(report["PreferredDERP"], 900, "{report}");
+    let latency = report["RegionLatency"]["900"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no latency for region 900: {report}"));
+    assert!(latency > 0, "{report}");
+    eprintln!("netcheck: region 900 latency {latency} ns");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_behind_haproxy_survive_losing_replicas() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The load balancer's address must be known before the replicas' configs are written.
+    let lb_addr = format!("127.0.0.1:{}", crate::fixtures::free_port());
+    let lb_url = format!("http://{lb_addr}");
+    let mut replicas = start_cluster(dir.path(), &lb_url).await;
+
+    // One control key for the whole cluster: /key answers the same everywhere.
+    let keys: Vec<String> = replicas
+        .iter()
+        .map(|r| http_get(&r.control, "/key?v=100").expect("/key").1)
+        .collect();
+    assert!(keys[0].contains("mkey:"), "{}", keys[0]);
+    assert!(keys.iter().all(|k| *k == keys[0]), "keys differ: {keys:?}");
+
+    // Every replica's relay is in the DERP map, the serving replica's first.
+    wait_for(
+        "all replicas in the DERP map",
+        Duration::from_secs(30),
+        || {
+            let ok = replicas.iter().all(|r| {
+                let Some((200, body)) = http_get(&r.control, "/derpmap/default") else {
+                    return false;
+                };
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let nodes = v["Regions"]["900"]["Nodes"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let port: Option<u64> =
+                    r.control.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+                nodes.len() == 3 && nodes[0]["DERPPort"].as_u64() == port
+            });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+
+    let lb = Haproxy::start(dir.path(), &lb_addr, &replicas.iter().collect::<Vec<_>>());
+    wait_for("load balancer up", Duration::from_secs(30), || {
+        let ok = http_get(&lb.addr, "/ready").is_some_and(|(c, _)| c == 200);
+        async move { ok.then_some(()) }
+    })
+    .await;
+
+    // Writes work on any replica (followers forward to the leader).
+    let key = create_reusable_key(&replicas[1], "alice");
+
+    let root = dir.path().join("clients");
+    let nodes: Vec<Tailscaled> = ["n1", "n2"]
+        .iter()
+        .map(|n| Tailscaled::start(&bin, &root, n))
+        .collect();
+    for n in &nodes {
+        n.up(&lb_url, &key).await;
+    }
+    for (a, b) in [(0, 1), (1, 0)] {
+        let want = vec![(nodes[b].name.clone(), true)];
+        wait_for(
+            &format!("{} to see {} online", nodes[a].name, nodes[b].name),
+            Duration::from_secs(30),
+            || {
+                let ok = peers_online(&nodes[a]) == want;
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    // Kill -9 the leader in the middle of a burst of writes sent to a follower.
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas);
+        async move { l }
+    })
+    .await;
+    let li = replicas
+        .iter()
+        .position(|r| r.id == leader)
+        .expect("leader");
+    let fi = (li + 1) % 3;
+    let mut acked = Vec::new();
+    let mut killed_at = None;
+    let mut first_ack_after_kill = None;
+    for i in 0..30 {
+        if i == 5 {
+            replicas[li].kill();
+            killed_at = Some(Instant::now());
+        }
+        // Like a real client, retry a refused write (no leader during the election).
+        let name = format!("burst{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let out = replicas[fi].cli(&["users", "create", &name]);
+            if out.status.success() {
+                acked.push(name);
+                if let (Some(k), None) = (killed_at, first_ack_after_kill) {
+                    first_ack_after_kill = Some(k.elapsed());
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let failover = first_ack_after_kill.expect("writes succeed again after the leader died");
+    eprintln!(
+        "leader {leader} killed: next acknowledged write after {:?}; {} of 30 writes acknowledged within 30 s each",
+        failover,
+        acked.len()
+    );
+    let new_leader = wait_for("a new leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas).filter(|l| *l != leader);
+        async move { l }
+    })
+    .await;
+    let users = user_names(&replicas[fi]);
+    for name in &acked {
+        assert!(users.contains(name), "acknowledged {name} lost: {users:?}");
+    }
+
+    // Whichever client streamed from the dead replica reconnects through the load
+    // balancer: a node registered now reaches both, and every node is online again.
+    let killed_at = killed_at.expect("killed");
+    let n3 = Tailscaled::start(&bin, &root, "n3");
+    n3.up(&lb_url, &key).await;
+    for n in nodes.iter().chain(std::iter::once(&n3)) {
+        let want: Vec<(String, bool)> = ["n1", "n2", "n3"]
+            .iter()
+            .filter(|x| **x != n.name)
+            .map(|x| (x.to_string(), true))
+            .collect();
+        wait_for(
+            &format!("{} to see the others online", n.name),
+            Duration::from_secs(60),
+            || {
+                let ok = peers_online(n) == want;
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    eprintln!(
+        "after the leader kill every client had a fresh map with all peers online {:?} later",
+        killed_at.elapsed()
+    );
+    let target = nodes[1].ipv4();
+    let out = nodes[0].cli(&["ping", "--c", "10", "--timeout", "5s", &target]);
+    assert!(
+        out.status.success(),
+        "n1 -> n2 after failover: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // The old leader comes back and catches up.
+    replicas[li].start();
+    wait_for("old leader rejoins", Duration::from_secs(60), || {
+        let ok = replicas[li].ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    wait_for("old leader caught up", Duration::from_secs(30), || {
+        let users = user_names(&replicas[li]);
+        let ok = acked.iter().all(|a| users.contains(a));
+        async move { ok.then_some(()) }
+    })
+    .await;
+
+    // Lose the majority: the last replica standing refuses writes with a clear error and
+    // stops serving clients (its /ready turns 503, so the load balancer drops it).
+    let survivor = replicas
+        .iter()
+        .position(|r| r.id == new_leader)
+        .expect("new leader");
+    let lost_at = Instant::now();
+    for (i, r) in replicas.iter_mut().enumerate() {
+        if i != survivor {
+            r.kill();
+        }
+    }
+    wait_for("minority stops serving", Duration::from_secs(30), || {
+        let ok = http_get(&replicas[survivor].control, "/ready").is_some_and(|(c, _)| c == 503);
+        async move { ok.then_some(()) }
+    })
+    .await;
+    eprintln!(
+        "majority lost: the survivor stopped serving clients {:?} later",
+        lost_at.elapsed()
+    );
+    let out = replicas[survivor].cli(&["users", "create", "minority"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a minority accepted a write");
+    assert!(err.contains("majority"), "unclear error: {err}");
+
+    // Everything comes back, with every acknowledged write.
+    for (i, r) in replicas.iter_mut().enumerate() {
+        if i != survivor {
+            r.start();
+        }
+    }
+    for r in &replicas {
+        wait_for(
+            &format!("replica {} ready after restart", r.id),
+            Duration::from_secs(60),
+            || {
+                let ok = r.ready();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    let users = user_names(&replicas[0]);
+    for name in &acked {
+        assert!(users.contains(name), "{name} lost after restarts");
+    }
+    assert!(!users.contains(&"minority".to_string()));
+    let out = nodes[1].cli(&["ping", "--c", "10", "--timeout", "5s", &nodes[0].ipv4()]);
+    assert!(
+        out.status.success(),
+        "n2 -> n1 after restarts: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(n3);
+    drop(nodes);
+    drop(lb);
+}
