@@ -10,8 +10,10 @@ pub enum RaftError {
     Storage(String),
     #[error("cannot open the Raft store in {path}: {message}; is another hydrascale process using this data directory?")]
     Open { path: String, message: String },
-    #[error("network error talking to replica {target}: {message}")]
+    #[error("network error talking to replica {target}: {message}; check that it is running and reachable, and that both replicas have certificates from the same cluster CA (cluster.tls_*) or neither has")]
     Network { target: u64, message: String },
+    #[error("Raft TLS settings: {0}; check cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file")]
+    Tls(String),
     #[error("cannot listen for Raft traffic on {addr}: {message}")]
     Bind { addr: String, message: String },
     #[error("raft: {0}")]

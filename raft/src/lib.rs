@@ -11,6 +11,7 @@
 mod error;
 mod network;
 mod store;
+pub mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 // `declare_raft_types!` names `Cursor` unqualified for the snapshot type.
@@ -26,6 +27,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use error::RaftError;
+pub use tls::RaftTls;
 
 openraft::declare_raft_types!(
     /// openraft types of Hydrascale: commands and responses are opaque bytes.
@@ -59,6 +61,8 @@ pub struct RaftConfig {
     pub snapshot_every: u64,
     /// How long a write may wait for a quorum before it fails.
     pub write_timeout: Duration,
+    /// Mutual TLS for all Raft traffic; `None` is plaintext (a single replica on loopback).
+    pub tls: Option<RaftTls>,
 }
 
 impl Default for RaftConfig {
@@ -72,6 +76,7 @@ impl Default for RaftConfig {
             heartbeat_ms: 500,
             snapshot_every: 10_000,
             write_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -104,6 +109,7 @@ struct Inner {
     // released once the last of them drops its handle, so `shutdown` waits for that.
     db_closed: Mutex<Option<watch::Receiver<()>>>,
     contacts: network::Contacts,
+    forwarder: network::client::WriteForwarder,
 }
 
 /// A running Raft node. Cheap to clone.
@@ -147,11 +153,13 @@ impl RaftNode {
             addr: config.listen_addr.to_string(),
             message: e.to_string(),
         })?;
+        let tls = config.tls.clone().map(Arc::new);
         let raft = openraft::Raft::new(
             config.node_id,
             Arc::new(raft_config),
             network::client::NetworkFactory {
                 contacts: contacts.clone(),
+                tls: tls.clone(),
             },
             log,
             sm,
@@ -167,14 +175,18 @@ impl RaftNode {
         )
         .max_decoding_message_size(256 * 1024 * 1024)
         .max_encoding_message_size(256 * 1024 * 1024);
-        let server = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            builder = builder
+                .tls_config(tls.server_config())
+                .map_err(|e| RaftError::Tls(e.to_string()))?;
+        }
+        let server = builder.add_service(svc).serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
         let task = tokio::spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "raft gRPC server stopped");
@@ -193,6 +205,7 @@ impl RaftNode {
                 server_task: Mutex::new(Some(task)),
                 db_closed: Mutex::new(Some(db_closed)),
                 contacts,
+                forwarder: network::client::WriteForwarder::new(tls),
             }),
         })
     }
@@ -279,7 +292,7 @@ impl RaftNode {
         command: Vec<u8>,
     ) -> Result<Vec<u8>, RaftError> {
         let timeout = self.inner.write_timeout;
-        let res = tokio::time::timeout(timeout, network::client::forward_write(addr, command))
+        let res = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command))
             .await
             .map_err(|_| {
                 RaftError::NoQuorum(format!("leader {leader} did not answer within {timeout:?}"))
@@ -400,13 +413,39 @@ impl RaftNode {
         }
     }
 
+    /// Adds a learner and returns once it holds the log up to its own addition. (openraft's
+    /// "blocking" mode gives up silently after half a second, so this waits by itself;
+    /// bound it with a timeout: an unreachable learner never catches up.)
     pub async fn add_learner(&self, id: u64, addr: String) -> Result<(), RaftError> {
-        self.inner
+        let resp = self
+            .inner
             .raft
-            .add_learner(id, BasicNode::new(addr), true)
+            .add_learner(id, BasicNode::new(addr), false)
             .await
-            .map(|_| ())
-            .map_err(|e| RaftError::Raft(e.to_string()))
+            .map_err(|e| RaftError::Raft(e.to_string()))?;
+        let want = resp.log_id.index;
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let caught_up = {
+                let m = metrics.borrow_and_update();
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .is_some_and(|matched| matched.index >= want)
+            };
+            if caught_up {
+                return Ok(());
+            }
+            if !self.is_leader() {
+                return Err(RaftError::NotLeader {
+                    leader: self.status().current_leader,
+                });
+            }
+            metrics
+                .changed()
+                .await
+                .map_err(|_| RaftError::Raft("raft stopped".into()))?;
+        }
     }
 
     pub async fn change_membership(&self, voters: Vec<u64>) -> Result<(), RaftError> {

@@ -176,3 +176,66 @@ async fn three_nodes_forward_and_fail_over() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+fn tls_for(ca: &hydrascale_raft::tls::CaPem, id: u64) -> hydrascale_raft::RaftTls {
+    let (cert_pem, key_pem) = hydrascale_raft::tls::issue_replica(ca, id).expect("issue");
+    hydrascale_raft::RaftTls {
+        ca_pem: ca.cert_pem.clone(),
+        cert_pem,
+        key_pem,
+    }
+}
+
+/// With mutual TLS, replicas certified by the cluster CA replicate and forward; a node
+/// with a certificate from another CA, or with none, cannot join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_the_cluster_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = hydrascale_raft::tls::generate_ca().expect("ca");
+    let other_ca = hydrascale_raft::tls::generate_ca().expect("other ca");
+    let start = |id: u64, tls: Option<hydrascale_raft::RaftTls>| {
+        let app = Arc::new(Recorder::default());
+        let cfg = RaftConfig {
+            tls,
+            write_timeout: Duration::from_secs(3),
+            ..config(id, dir.path())
+        };
+        async move {
+            let n = RaftNode::start(cfg, app.clone()).await.expect("start");
+            (n, app)
+        }
+    };
+    let (n1, _a1) = start(1, Some(tls_for(&ca, 1))).await;
+    let (n2, a2) = start(2, Some(tls_for(&ca, 2))).await;
+    n1.initialize_single().await.expect("init");
+    n1.add_learner(2, n2.listen_addr().to_string())
+        .await
+        .expect("a certified replica joins");
+    n1.change_membership(vec![1, 2]).await.expect("membership");
+    n2.write(b"forwarded over tls".to_vec())
+        .await
+        .expect("forwarded write over mutual TLS");
+    assert!(a2.commands().contains(&b"forwarded over tls".to_vec()));
+
+    // Certificate from another CA: the leader cannot reach it as a learner.
+    let (stranger, _) = start(3, Some(tls_for(&other_ca, 3))).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        n1.add_learner(3, stranger.listen_addr().to_string()),
+    )
+    .await;
+    assert!(!matches!(r, Ok(Ok(()))), "a replica from another CA joined");
+    // Plaintext: the leader cannot reach it either.
+    let (plain, _) = start(4, None).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        n1.add_learner(4, plain.listen_addr().to_string()),
+    )
+    .await;
+    assert!(!matches!(r, Ok(Ok(()))), "a plaintext replica joined");
+    for n in [stranger, plain] {
+        n.shutdown().await.expect("shutdown");
+    }
+    n2.shutdown().await.expect("shutdown");
+    n1.shutdown().await.expect("shutdown");
+}

@@ -1,5 +1,7 @@
 //! Outgoing Raft RPCs: one lazily connected gRPC channel per target replica.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
@@ -16,11 +18,13 @@ use tonic::transport::{Channel, Endpoint};
 use super::proto::raft_service_client::RaftServiceClient;
 use super::proto::Payload;
 use super::ForwardResult;
+use crate::tls::RaftTls;
 use crate::TypeConfig;
 
 #[derive(Clone, Default)]
 pub struct NetworkFactory {
     pub contacts: super::Contacts,
+    pub tls: Option<Arc<RaftTls>>,
 }
 
 pub struct Connection {
@@ -30,17 +34,21 @@ pub struct Connection {
     addr: String,
 }
 
-/// A channel that connects on first use, so creating a connection never blocks.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
+/// A channel that connects on first use, so creating a connection never blocks. With
+/// `tls` it speaks mutual TLS and only trusts replicas certified by the cluster CA.
+pub fn channel(addr: &str, tls: Option<&RaftTls>) -> Result<Channel, tonic::transport::Error> {
+    let host = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut ep = Endpoint::from_shared(format!("{scheme}://{host}"))?
         .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect_lazy())
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.client_config())?;
+    }
+    Ok(ep.connect_lazy())
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -50,7 +58,9 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         Connection {
             target,
             contacts: self.contacts.clone(),
-            client: channel(&node.addr).ok().map(RaftServiceClient::new),
+            client: channel(&node.addr, self.tls.as_deref())
+                .ok()
+                .map(RaftServiceClient::new),
             addr: node.addr.clone(),
         }
     }
@@ -136,13 +146,39 @@ impl RaftNetwork<TypeConfig> for Connection {
     }
 }
 
-/// Sends a client write to the leader at `addr`.
-pub async fn forward_write(addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
-    let ch = channel(addr).map_err(|e| e.to_string())?;
-    let mut c = RaftServiceClient::new(ch);
-    let resp = c
-        .client_write(Payload { data: cmd })
-        .await
-        .map_err(|s| s.message().to_string())?;
-    serde_json::from_slice(&resp.into_inner().data).map_err(|e| e.to_string())
+/// Sends client writes to the leader, keeping one channel per leader address so a
+/// forwarded write does not pay for a new connection (and TLS handshake) each time.
+#[derive(Default)]
+pub struct WriteForwarder {
+    pub tls: Option<Arc<RaftTls>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl WriteForwarder {
+    pub fn new(tls: Option<Arc<RaftTls>>) -> Self {
+        Self {
+            tls,
+            channels: Mutex::default(),
+        }
+    }
+
+    pub async fn write(&self, addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
+        let ch = {
+            let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(addr) {
+                Some(ch) => ch.clone(),
+                None => {
+                    let ch = channel(addr, self.tls.as_deref()).map_err(|e| e.to_string())?;
+                    map.insert(addr.to_string(), ch.clone());
+                    ch
+                }
+            }
+        };
+        let mut c = RaftServiceClient::new(ch);
+        let resp = c
+            .client_write(Payload { data: cmd })
+            .await
+            .map_err(|s| s.message().to_string())?;
+        serde_json::from_slice(&resp.into_inner().data).map_err(|e| e.to_string())
+    }
 }
