@@ -87,6 +87,23 @@ enum ClusterCmd {
     },
     /// Build a Raft snapshot now (compacts the log).
     Snapshot,
+    /// Create the cluster CA (or reuse the one in --out) and a certificate and key per
+    /// replica, for mutual TLS between replicas (cluster.tls_* settings). Offline.
+    Certs {
+        /// Directory for ca.pem, ca.key, replica-ID.pem and replica-ID.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replica node_ids to issue certificates for, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u64>,
+    },
+    /// Write the whole tailnet state (users, nodes, keys, control key) to a file. Restore
+    /// it by starting the first replica of a new cluster with cluster.restore_from = FILE.
+    Backup {
+        /// File to write (replaced atomically); it holds the control key: keep it secret.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,11 +200,81 @@ fn emit<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce()) -> Result<
     Ok(())
 }
 
+fn make_certs(out: &std::path::Path, ids: &[u64]) -> Result<()> {
+    use hydrascale_raft::tls;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (ca_cert, ca_key) = (out.join("ca.pem"), out.join("ca.key"));
+    let ca = if ca_cert.exists() && ca_key.exists() {
+        println!("Using the existing CA in {}", out.display());
+        tls::CaPem {
+            cert_pem: std::fs::read_to_string(&ca_cert)
+                .with_context(|| format!("reading {}", ca_cert.display()))?,
+            key_pem: std::fs::read_to_string(&ca_key)
+                .with_context(|| format!("reading {}", ca_key.display()))?,
+        }
+    } else {
+        let ca = tls::generate_ca()?;
+        std::fs::write(&ca_cert, &ca.cert_pem)?;
+        write_private(&ca_key, ca.key_pem.as_bytes())?;
+        println!(
+            "Created the cluster CA: {} (keep {} offline; it can certify new replicas)",
+            ca_cert.display(),
+            ca_key.display()
+        );
+        ca
+    };
+    for id in ids {
+        let (cert, key) = tls::issue_replica(&ca, *id).with_context(|| {
+            format!(
+                "issuing the certificate of replica {id} (is {} the key of {}?)",
+                ca_key.display(),
+                ca_cert.display()
+            )
+        })?;
+        let (cp, kp) = (
+            out.join(format!("replica-{id}.pem")),
+            out.join(format!("replica-{id}.key")),
+        );
+        std::fs::write(&cp, cert)?;
+        write_private(&kp, key.as_bytes())?;
+        println!(
+            "Replica {id}: cluster.tls_ca_file = {}, cluster.tls_cert_file = {}, cluster.tls_key_file = {}",
+            ca_cert.display(),
+            cp.display(),
+            kp.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` readable by its owner only, via a temporary file and a
+/// rename so a crash never leaves half a backup under the final name.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
+        return make_certs(out, ids);
+    }
     if let Cmd::Serve { config, set } = &cli.command {
         let mut cfg = crate::config::Config::load(config.as_deref())?;
         for kv in set {
@@ -211,7 +298,9 @@ async fn run(cli: Cli) -> Result<()> {
                 "cannot reach the admin API at {}; is `hydrascale serve` running? (set --admin-addr)",
                 cli.admin_addr
             )
-        })?;
+        })?
+        // Node lists and backups of large tailnets exceed tonic's 4 MiB default.
+        .max_decoding_message_size(usize::MAX);
     let json = cli.output == Output::Json;
     match cli.command {
         Cmd::Serve { .. } => {}
@@ -461,6 +550,34 @@ async fn run(cli: Cli) -> Result<()> {
             ClusterCmd::Snapshot => {
                 c.snapshot(proto::Empty {}).await.map_err(grpc_error)?;
                 println!("Snapshot taken");
+            }
+            ClusterCmd::Certs { out, ids } => make_certs(&out, &ids)?,
+            ClusterCmd::Backup { out } => {
+                let r = c
+                    .backup(proto::Empty {})
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                write_private(&out, &r.backup)
+                    .with_context(|| format!("writing the backup to {}", out.display()))?;
+                let summary = serde_json::json!({
+                    "path": out.display().to_string(),
+                    "applied_index": r.applied_index,
+                    "users": r.users,
+                    "nodes": r.nodes,
+                    "preauth_keys": r.preauth_keys,
+                    "bytes": r.backup.len(),
+                });
+                emit(json, &summary, || {
+                    println!(
+                        "Backup of {} users, {} nodes, {} pre-auth keys (log index {}) written to {}",
+                        r.users,
+                        r.nodes,
+                        r.preauth_keys,
+                        r.applied_index,
+                        out.display()
+                    );
+                })?;
             }
         },
     }

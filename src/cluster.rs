@@ -25,13 +25,16 @@ pub enum ClusterError {
     BadKey(String),
     #[error("stopped while waiting for the cluster")]
     Stopped,
+    #[error("cluster.restore_from {path}: {message}")]
+    Restore { path: String, message: String },
 }
 
-/// Starts a new cluster when this replica is the one to do it: alone (no peers), or the
-/// lowest id of `cluster.peers`. A joining replica, or the other peers, wait to be reached.
-pub async fn bootstrap(config: &Config, db: &Db) -> Result<(), ClusterError> {
+/// Starts a new cluster when this replica is the one to do it (its founder): alone (no
+/// peers), or the lowest id of `cluster.peers`. A joining replica, or the other peers, wait
+/// to be reached. Returns whether this replica is the founder.
+pub async fn bootstrap(config: &Config, db: &Db) -> Result<bool, ClusterError> {
     if config.cluster.join {
-        return Ok(());
+        return Ok(false);
     }
     let peers = config.cluster.peer_list().map_err(ClusterError::Peers)?;
     let me = config
@@ -43,18 +46,29 @@ pub async fn bootstrap(config: &Config, db: &Db) -> Result<(), ClusterError> {
         db.raft
             .initialize(BTreeMap::from([(config.node_id, me)]))
             .await?;
+        Ok(true)
     } else if peers.keys().next() == Some(&config.node_id) {
         db.raft.initialize(peers).await?;
+        Ok(true)
+    } else {
+        Ok(false)
     }
-    Ok(())
+}
+
+/// The first state a new cluster is seeded with: a fresh control key, or a backup.
+pub enum Seed<'a> {
+    Key(&'a ControlKey),
+    Backup(&'a std::path::Path),
 }
 
 /// Waits until the replicated state holds the cluster's control key and returns it.
-/// Every replica proposes its local key once a leader is known; the first committed one
-/// wins, so all replicas end up presenting the same key at `/key`.
+/// Only the founder proposes (`seed`), so a restore cannot race another replica's fresh
+/// key; should two proposals ever meet, the first committed wins and all replicas still
+/// present the same key at `/key`.
 pub async fn control_key(
     db: &Db,
     local: &ControlKey,
+    seed: Option<Seed<'_>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<ControlKey, ClusterError> {
     let mut last_note = Instant::now();
@@ -69,16 +83,34 @@ pub async fn control_key(
             return Ok(key);
         }
         if !proposed && db.raft.status().current_leader.is_some() {
-            match db
-                .write(Command::SetControlKey {
-                    key: local.private_text(),
-                })
-                .await
-            {
-                Ok(_) => proposed = true,
-                Err(e) => tracing::debug!(error = %e, "proposing the control key"),
+            let cmd = match &seed {
+                None => None,
+                Some(Seed::Key(k)) => Some(Command::SetControlKey {
+                    key: k.private_text(),
+                }),
+                Some(Seed::Backup(path)) => Some(restore_command(path)?),
+            };
+            if let Some(cmd) = cmd {
+                match db.write(cmd).await {
+                    Ok(_) => {
+                        proposed = true;
+                        if let Some(Seed::Backup(path)) = &seed {
+                            tracing::info!(path = %path.display(), "new cluster seeded from the backup");
+                        }
+                    }
+                    Err(crate::state::DbError::State(e)) => {
+                        if let Some(Seed::Backup(path)) = &seed {
+                            return Err(ClusterError::Restore {
+                                path: path.display().to_string(),
+                                message: e.to_string(),
+                            });
+                        }
+                        tracing::warn!(error = %e, "proposing the control key");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "proposing the first state"),
+                }
+                continue;
             }
-            continue;
         }
         if last_note.elapsed() > Duration::from_secs(10) {
             last_note = Instant::now();
@@ -91,6 +123,44 @@ pub async fn control_key(
             _ = stop.wait_for(|s| *s) => return Err(ClusterError::Stopped),
         }
     }
+}
+
+/// A backup file as written by `hydrascale cluster backup`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Backup {
+    pub format: String,
+    /// Raft index the state was read at, for the operator's records.
+    pub applied_index: u64,
+    /// Milliseconds since the Unix epoch when it was taken.
+    pub taken_ms: i64,
+    pub tailnet: serde_json::Value,
+}
+
+pub const BACKUP_FORMAT: &str = "hydrascale-backup-v1";
+
+/// Reads and checks a backup before it is proposed, so a bad file fails at startup
+/// with its path rather than as a refused command.
+fn restore_command(path: &std::path::Path) -> Result<Command, ClusterError> {
+    let err = |message: String| ClusterError::Restore {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let backup: Backup =
+        serde_json::from_str(&text).map_err(|e| err(format!("not a Hydrascale backup: {e}")))?;
+    if backup.format != BACKUP_FORMAT {
+        return Err(err(format!(
+            "format {:?} is not {BACKUP_FORMAT:?}",
+            backup.format
+        )));
+    }
+    let tailnet: crate::state::Tailnet = serde_json::from_value(backup.tailnet)
+        .map_err(|e| err(format!("tailnet state does not decode: {e}")))?;
+    if tailnet.control_key.is_none() {
+        return Err(err("it holds no control key".into()));
+    }
+    let tailnet = serde_json::to_string(&tailnet).map_err(|e| err(e.to_string()))?;
+    Ok(Command::Restore { tailnet })
 }
 
 /// Derives the relay mesh key from the cluster's control key: every replica has the

@@ -74,6 +74,15 @@ pub struct ClusterConfig {
     /// A replica that has not heard from a quorum for this long stops serving clients, and
     /// the leader marks the nodes of a replica silent for this long offline.
     pub isolation_timeout: String,
+    /// A file written by `hydrascale cluster backup`: the replica that starts a new cluster
+    /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
+    /// has state, and by the other replicas.
+    pub restore_from: Option<std::path::PathBuf>,
+    /// Mutual TLS for Raft traffic (all three or none): the cluster CA certificate and this
+    /// replica's certificate and key, e.g. from `hydrascale cluster certs`.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -84,11 +93,30 @@ impl Default for ClusterConfig {
             advertise_raft_addr: None,
             advertise_admin_addr: None,
             isolation_timeout: "8s".into(),
+            restore_from: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
 
 impl ClusterConfig {
+    /// The Raft TLS file paths, when all three are set.
+    pub fn tls_files(
+        &self,
+    ) -> Option<(
+        &std::path::PathBuf,
+        &std::path::PathBuf,
+        &std::path::PathBuf,
+    )> {
+        Some((
+            self.tls_ca_file.as_ref()?,
+            self.tls_cert_file.as_ref()?,
+            self.tls_key_file.as_ref()?,
+        ))
+    }
+
     /// `peers` as (id, Raft address) pairs.
     pub fn peer_list(&self) -> Result<std::collections::BTreeMap<u64, String>, String> {
         let mut out = std::collections::BTreeMap::new();
@@ -146,6 +174,9 @@ pub struct DerpConfig {
     pub stun_listen_addr: SocketAddr,
     /// Mark the DERP node `InsecureForTests` (self-signed TLS in tests only).
     pub insecure_for_tests: bool,
+    /// Relay only for nodes of this tailnet (current, unexpired node keys); off makes the
+    /// relay open to anyone who can reach it.
+    pub verify_clients: bool,
 }
 
 impl Default for DerpConfig {
@@ -160,6 +191,7 @@ impl Default for DerpConfig {
             ipv4: None,
             stun_listen_addr: SocketAddr::from(([127, 0, 0, 1], 3478)),
             insecure_for_tests: false,
+            verify_clients: true,
         }
     }
 }
@@ -312,6 +344,17 @@ impl Config {
                     "lists no replica with this replica's node_id {}; list every voter, this one included",
                     self.node_id
                 ),
+            });
+        }
+        let c = &self.cluster;
+        let tls_set = [&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if tls_set != 0 && tls_set != 3 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_ca_file".into(),
+                message: "set cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file together (or none); `hydrascale cluster certs` makes all three".into(),
             });
         }
         if !peers.is_empty() && self.cluster.join {

@@ -36,6 +36,8 @@ pub enum ServerError {
     Raft(#[from] hydrascale_raft::RaftError),
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("Raft TLS: {0}")]
+    Tls(#[from] hydrascale_raft::tls::TlsError),
 }
 
 /// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -77,11 +79,21 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
 
     let store = StateStore::new();
+    let tls = match config.cluster.tls_files() {
+        Some((ca, cert, key)) => Some(hydrascale_raft::RaftTls::load(ca, cert, key)?),
+        None => {
+            if !config.cluster.peers.trim().is_empty() || config.cluster.join {
+                tracing::warn!("Raft traffic between replicas is neither encrypted nor authenticated: anyone who reaches raft_listen_addr can rewrite the tailnet; set cluster.tls_* (see `hydrascale cluster certs`)");
+            }
+            None
+        }
+    };
     let raft_config = hydrascale_raft::RaftConfig {
         node_id: config.node_id,
         data_dir: config.data_dir.join("raft"),
         listen_addr: config.raft_listen_addr,
         advertise_addr: config.cluster.advertise_raft_addr.clone(),
+        tls,
         ..Default::default()
     };
     let raft = hydrascale_raft::RaftNode::start(raft_config, Arc::new(store.clone())).await?;
@@ -112,8 +124,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         });
     }
 
-    crate::cluster::bootstrap(&config, &db).await?;
-    let control_key = crate::cluster::control_key(&db, &local_key, shutdown_rx.clone()).await?;
+    let founder = crate::cluster::bootstrap(&config, &db).await?;
+    let seed = match (&config.cluster.restore_from, founder) {
+        (Some(path), true) => Some(crate::cluster::Seed::Backup(path.as_ref())),
+        (None, true) => Some(crate::cluster::Seed::Key(&local_key)),
+        (Some(_), false) => {
+            tracing::warn!("cluster.restore_from is only read by the replica that starts a new cluster (no cluster.peers, or the lowest id in it); ignoring it here");
+            None
+        }
+        (None, false) => None,
+    };
+    let control_key =
+        crate::cluster::control_key(&db, &local_key, seed, shutdown_rx.clone()).await?;
 
     let control_listener = bind("control", config.listen_addr).await?;
     let control_addr = control_listener
@@ -151,9 +173,23 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks.spawn(async move {
             crate::derp::run_stun(stun, rx).await;
         });
-        let derp = crate::derp::DerpServer::new(
+        let verifier: Option<crate::derp::ClientVerifier> = if config.derp.verify_clients {
+            let db = db.clone();
+            Some(std::sync::Arc::new(move |key: &[u8; 32]| {
+                let text = format!("nodekey:{}", hex::encode(key));
+                let now = crate::state::now_ms();
+                db.store
+                    .read()
+                    .node_by_node_key(&text)
+                    .is_some_and(|n| n.expiry.is_none_or(|e| e > now))
+            }))
+        } else {
+            None
+        };
+        let derp = crate::derp::DerpServer::with_verifier(
             *derp_key.secret(),
             Some(crate::cluster::mesh_key(&control_key)),
+            verifier,
         );
         app = app.merge(crate::derp::router(derp.clone()));
         derp_server = Some(derp);

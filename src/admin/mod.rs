@@ -385,12 +385,20 @@ impl AdminService for Admin {
                 r.id
             )));
         }
-        // Returns once the learner has caught up with the log.
-        self.db
-            .raft
-            .add_learner(r.id, r.raft_addr)
+        // Returns once the learner has caught up with the log; one that cannot be reached
+        // would otherwise hold the command forever.
+        let catch_up = std::time::Duration::from_secs(60);
+        match tokio::time::timeout(catch_up, self.db.raft.add_learner(r.id, r.raft_addr.clone()))
             .await
-            .map_err(raft_status)?;
+        {
+            Ok(res) => res.map_err(raft_status)?,
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "replica {} at {} has not caught up within {catch_up:?}: check that it is running with cluster.join = true, that {} is reachable from the leader, and that its certificate is from this cluster's CA (cluster.tls_*); it stays a learner until `hydrascale cluster remove --id {}`",
+                    r.id, r.raft_addr, r.raft_addr, r.id
+                )))
+            }
+        }
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -427,6 +435,35 @@ impl AdminService for Admin {
     ) -> Result<Response<proto::Empty>, Status> {
         self.db.raft.trigger_snapshot().await.map_err(raft_status)?;
         Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn backup(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::BackupReply>, Status> {
+        self.db.raft.read_barrier().await.map_err(raft_status)?;
+        let applied_index = self.db.raft.status().last_applied.unwrap_or(0);
+        let (tailnet, users, nodes, keys) = {
+            let t = self.db.store.read();
+            let v = serde_json::to_value(&*t)
+                .map_err(|e| Status::internal(format!("encoding the state: {e}")))?;
+            (v, t.users.len(), t.nodes.len(), t.preauth_keys.len())
+        };
+        let backup = crate::cluster::Backup {
+            format: crate::cluster::BACKUP_FORMAT.into(),
+            applied_index,
+            taken_ms: crate::state::now_ms(),
+            tailnet,
+        };
+        let bytes = serde_json::to_vec_pretty(&backup)
+            .map_err(|e| Status::internal(format!("encoding the backup: {e}")))?;
+        Ok(Response::new(proto::BackupReply {
+            backup: bytes,
+            applied_index,
+            users: users as u64,
+            nodes: nodes as u64,
+            preauth_keys: keys as u64,
+        }))
     }
 }
 

@@ -19,7 +19,7 @@ pub use client::{DerpClient, DerpReader, DerpWriter};
 pub use frame::{Frame, PeerGoneReason};
 pub use http::router;
 pub use mesh::spawn_mesh_peer;
-pub use server::{DerpServer, DerpStats};
+pub use server::{ClientVerifier, DerpServer, DerpStats};
 pub use stun::run_stun;
 
 /// Everything that can go wrong on a DERP connection. Errors end only the
@@ -50,4 +50,6 @@ pub enum DerpError {
     Http(String),
     #[error("not permitted without the mesh key: {0}")]
     NotPermitted(&'static str),
+    #[error("client key is not a current node of this tailnet (derp.verify_clients is on)")]
+    UnknownClient,
 }

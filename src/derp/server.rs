@@ -62,7 +62,12 @@ pub struct DerpStats {
     pub packets_dropped_queue_full: AtomicU64,
     /// Counter: packets dropped because nobody holds the destination key.
     pub packets_dropped_unknown_dest: AtomicU64,
+    /// Counter: handshakes refused because the client is not a node of the tailnet.
+    pub clients_rejected: AtomicU64,
 }
+
+/// Decides whether a client key (a node key) may use the relay.
+pub type ClientVerifier = Arc<dyn Fn(&Key) -> bool + Send + Sync>;
 
 #[derive(Clone)]
 struct ClientHandle {
@@ -95,6 +100,7 @@ struct Inner {
     registry: Mutex<Registry>,
     stats: DerpStats,
     next_id: AtomicU64,
+    verifier: Option<ClientVerifier>,
 }
 
 /// The DERP relay. Cheap to clone; all clones share one registry.
@@ -194,6 +200,16 @@ impl GoneLimiter {
 
 impl DerpServer {
     pub fn new(private_key: [u8; 32], mesh_key: Option<[u8; 32]>) -> Self {
+        Self::with_verifier(private_key, mesh_key, None)
+    }
+
+    /// A relay that admits only clients `verifier` accepts (mesh peers, which prove the
+    /// mesh key, always get in): the relay of one tailnet rather than an open relay.
+    pub fn with_verifier(
+        private_key: [u8; 32],
+        mesh_key: Option<[u8; 32]>,
+        verifier: Option<ClientVerifier>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 public_key: public_key_of(&private_key),
@@ -202,6 +218,7 @@ impl DerpServer {
                 registry: Mutex::new(Registry::default()),
                 stats: DerpStats::default(),
                 next_id: AtomicU64::new(1),
+                verifier,
             }),
         }
     }
@@ -376,6 +393,17 @@ impl DerpServer {
             }
             _ => false,
         };
+        if !is_mesh {
+            if let Some(verify) = &self.inner.verifier {
+                if !verify(&key) {
+                    self.inner
+                        .stats
+                        .clients_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(DerpError::UnknownClient);
+                }
+            }
+        }
         let flags = if is_mesh {
             PEER_PRESENT_IS_MESH_PEER
         } else if info.is_prober {

@@ -209,6 +209,53 @@ async fn oversized_frame_closes_only_that_connection() {
 }
 
 #[tokio::test]
+async fn truncated_frame_closes_only_that_connection() {
+    let (server, addr) = start(None).await;
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+    let c = connect(addr).await;
+    // A SendPacket header promising 1,432 bytes, then only 100 of them and EOF.
+    let mut partial = vec![FRAME_SEND_PACKET];
+    partial.extend_from_slice(&(32u32 + 1400).to_be_bytes());
+    partial.extend_from_slice(&b.public_key());
+    partial.extend_from_slice(&[7u8; 68]);
+    c.writer().send_encoded(&partial).await.unwrap();
+    drop(c);
+    // The half frame is never delivered to b, and b still gets the next packet.
+    assert_relay(&a, &mut b, 1400).await;
+    tokio::time::timeout(WAIT, async {
+        while server.client_count() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the truncated connection is dropped from the client table");
+}
+
+#[tokio::test]
+async fn slow_receiver_does_not_stall_others() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (server, addr) = start(None).await;
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+    // `slow` never reads: its socket buffers and then its bounded queue fill.
+    let slow = connect(addr).await;
+    let pkt = vec![1u8; 1400];
+    // 28 MB: more than the kernel buffers of one stalled loopback socket hold.
+    for _ in 0..20_000 {
+        timeout(WAIT, a.send_packet(slow.public_key(), &pkt))
+            .await
+            .expect("sending to a slow receiver must not block the sender")
+            .unwrap();
+    }
+    // The sender and everyone else keep flowing...
+    assert_relay(&a, &mut b, 1400).await;
+    // ...and the excess was dropped, not buffered without bound.
+    assert!(server.stats().packets_dropped_queue_full.load(Relaxed) > 0);
+    drop(slow);
+}
+
+#[tokio::test]
 async fn mesh_frames_need_mesh_key() {
     let mesh = rand_key();
     let (_server, addr) = start(Some(mesh)).await;
@@ -385,4 +432,43 @@ async fn serve_conn_writes_raw_101_when_asked() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
     assert!(text.contains("Derp-Public-Key: "));
+}
+
+#[tokio::test]
+async fn verify_clients_admits_only_known_keys_and_mesh_peers() {
+    let mesh = rand_key();
+    let known = rand_key();
+    let known_pub = super::server::public_key_of(&known);
+    let verifier: ClientVerifier = std::sync::Arc::new(move |k: &[u8; 32]| *k == known_pub);
+    let server = DerpServer::with_verifier(rand_key(), Some(mesh), Some(verifier));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = router(server.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let stranger = timeout(
+        WAIT,
+        DerpClient::connect(&addr.to_string(), rand_key(), None),
+    )
+    .await
+    .unwrap();
+    assert!(stranger.is_err(), "an unknown key got a relay session");
+    assert_eq!(
+        server
+            .stats()
+            .clients_rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let mut node = DerpClient::connect(&addr.to_string(), known, None)
+        .await
+        .unwrap();
+    let peer = DerpClient::connect(&addr.to_string(), rand_key(), Some(mesh))
+        .await
+        .unwrap();
+    assert_relay(&peer, &mut node, 1400).await;
+    assert_eq!(server.client_count(), 2);
 }

@@ -46,4 +46,8 @@ pub enum StateError {
     BadNodeName(String),
     #[error("node name {0:?} is already taken by another node")]
     NodeNameTaken(String),
+    #[error("a backup can only be restored into a new cluster, and this one already has state; start the first replica of a new cluster with an empty data directory and cluster.restore_from")]
+    RestoreNotFresh,
+    #[error("the backup does not decode ({0}); use a file written by `hydrascale cluster backup`")]
+    BadBackup(String),
 }

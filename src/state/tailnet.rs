@@ -332,6 +332,23 @@ impl Tailnet {
                 }
                 Ok((CommandOutput::Done, Vec::new()))
             }
+            Command::Restore { tailnet } => {
+                if self.control_key.is_some() || !self.users.is_empty() || !self.nodes.is_empty() {
+                    return Err(StateError::RestoreNotFresh);
+                }
+                let mut restored: Tailnet = serde_json::from_str(tailnet)
+                    .map_err(|e| StateError::BadBackup(e.to_string()))?;
+                if restored.control_key.is_none() {
+                    return Err(StateError::BadBackup("it holds no control key".into()));
+                }
+                restored.replicas = std::mem::take(&mut self.replicas);
+                for n in restored.nodes.values_mut() {
+                    n.online = false;
+                    n.online_via = None;
+                }
+                *self = restored;
+                Ok((CommandOutput::Done, vec![Change::Reset]))
+            }
             Command::RegisterReplica { replica } => {
                 if self.replicas.get(&replica.id) == Some(replica) {
                     return Ok((CommandOutput::Done, Vec::new()));

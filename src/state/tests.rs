@@ -356,3 +356,76 @@ fn first_control_key_wins_and_replicas_register() {
     );
     assert!(t.replicas.is_empty());
 }
+
+#[test]
+fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
+    let mut old = setup();
+    ok(&mut old, reg(1, 1, "multi"));
+    ok(
+        &mut old,
+        Command::SetControlKey {
+            key: "privkey:aa".into(),
+        },
+    );
+    let id = *old.nodes.keys().next().expect("node");
+    ok(
+        &mut old,
+        Command::SetOnline {
+            node_id: id,
+            online: true,
+            replica: 1,
+            now: NOW,
+        },
+    );
+    let backup = serde_json::to_string(&old).expect("json");
+
+    let mut fresh = Tailnet::default();
+    let me = Replica {
+        id: 7,
+        admin_addr: "127.0.0.1:1".into(),
+        derp_host: "r7".into(),
+        derp_ipv4: None,
+        derp_port: 443,
+        stun_port: 3478,
+        mesh_url: "http://r7/derp".into(),
+    };
+    ok(&mut fresh, Command::RegisterReplica { replica: me });
+    let (r, changes) = fresh.apply(&Command::Restore {
+        tailnet: backup.clone(),
+    });
+    r.expect("restore into a new cluster");
+    assert_eq!(changes, vec![Change::Reset]);
+    assert_eq!(fresh.users, old.users);
+    assert_eq!(fresh.preauth_keys, old.preauth_keys);
+    assert_eq!(fresh.control_key.as_deref(), Some("privkey:aa"));
+    assert_eq!(fresh.replicas.keys().collect::<Vec<_>>(), vec![&7]);
+    let n = &fresh.nodes[&id];
+    assert_eq!((n.ipv4, n.ipv6), (old.nodes[&id].ipv4, old.nodes[&id].ipv6));
+    assert!(!n.online && n.online_via.is_none());
+    // Counters came along: the next user does not reuse an id.
+    ok(
+        &mut fresh,
+        Command::CreateUser {
+            name: "bob".into(),
+            display_name: String::new(),
+            now: NOW,
+        },
+    );
+    assert_eq!(fresh.users.len(), old.users.len() + 1);
+
+    // Never over existing state, and never from garbage.
+    assert_eq!(
+        refused(&mut fresh, Command::Restore { tailnet: backup }),
+        StateError::RestoreNotFresh
+    );
+    let mut fresh = Tailnet::default();
+    assert!(matches!(
+        refused(
+            &mut fresh,
+            Command::Restore {
+                tailnet: "{\"users\":".into()
+            }
+        ),
+        StateError::BadBackup(_)
+    ));
+}

@@ -175,6 +175,15 @@ pub enum Command {
     SetControlKey {
         key: String,
     },
+    /// Seeds a new cluster with the tailnet of a backup (the JSON of a [`Tailnet`]),
+    /// control key included, so clients keep trusting the server. Only valid as a new
+    /// cluster's first state: refused once a control key, user or node exists. This
+    /// cluster's replica registry is kept and every node starts offline.
+    ///
+    /// [`Tailnet`]: crate::state::Tailnet
+    Restore {
+        tailnet: String,
+    },
     /// A replica announces (or updates) how it is reached.
     RegisterReplica {
         replica: Replica,

@@ -45,10 +45,19 @@ fn user_names(r: &ReplicaProc) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`; returns
+/// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`, Raft over
+/// mutual TLS with certificates from `hydrascale cluster certs` in `root/certs`; returns
 /// once every replica is ready.
 async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<ReplicaProc> {
-    let mut replicas: Vec<ReplicaProc> = (1..=3).map(|id| ReplicaProc::new(root, id)).collect();
+    let certs = root.join("certs");
+    crate::fixtures::make_certs(&certs, &[1, 2, 3]);
+    let mut replicas: Vec<ReplicaProc> = (1..=3)
+        .map(|id| {
+            let mut r = ReplicaProc::new(root, id);
+            r.tls_dir = Some(certs.clone());
+            r
+        })
+        .collect();
     let peers = replicas
         .iter()
         .map(|r| format!("{}={}", r.id, r.raft))
@@ -378,7 +387,259 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         "n2 -> n1 after restarts: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // Rolling restart, one replica at a time (SIGTERM, as an upgrade would), with a write
+    // through another replica while each is down: nothing is lost, clients stay up.
+    let mut rolling = Vec::new();
+    for i in 0..replicas.len() {
+        replicas[i].stop();
+        let other = (i + 1) % replicas.len();
+        let name = format!("rolling{i}");
+        wait_for(
+            &format!("write {name} while replica {} is down", replicas[i].id),
+            Duration::from_secs(30),
+            || {
+                let out = replicas[other].cli(&["users", "create", &name]);
+                let ok = out.status.success()
+                    || String::from_utf8_lossy(&out.stderr).contains("already exists");
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+        rolling.push(name);
+        replicas[i].start();
+        wait_for(
+            &format!("replica {} ready after its restart", replicas[i].id),
+            Duration::from_secs(60),
+            || {
+                let ok = replicas[i].ready();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    for r in &replicas {
+        wait_for(
+            &format!("replica {} holds every write", r.id),
+            Duration::from_secs(30),
+            || {
+                let users = user_names(r);
+                let ok = acked.iter().chain(&rolling).all(|a| users.contains(a));
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    let out = nodes[0].cli(&["ping", "--c", "10", "--timeout", "5s", &nodes[1].ipv4()]);
+    assert!(
+        out.status.success(),
+        "n1 -> n2 after the rolling restart: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Backup, then restore into a brand-new cluster: same nodes, same addresses, same
+    // control key (so the clients' view of the server does not change).
+    let backup = dir.path().join("tailnet.backup");
+    let b = replicas[0].cli_json(&["cluster", "backup", "--out", backup.to_str().expect("path")]);
+    assert_eq!(b["nodes"].as_u64(), Some(3), "{b}");
+    let node_view = |r: &ReplicaProc| -> Vec<(String, String, String, String)> {
+        let mut v: Vec<(String, String, String, String)> = r
+            .cli_json(&["nodes", "list"])
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| {
+                        let f = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+                        (f("given_name"), f("ipv4"), f("ipv6"), f("node_key"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let before = node_view(&replicas[0]);
+    let mut fresh = ReplicaProc::new(&dir.path().join("restored"), 1);
+    fresh.write_config(&lb_url, "", false);
+    fresh.start_with(&[
+        "--set",
+        &format!("cluster.restore_from={}", backup.display()),
+    ]);
+    wait_for("restored replica ready", Duration::from_secs(60), || {
+        let ok = fresh.ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert_eq!(node_view(&fresh), before);
+    let users = user_names(&fresh);
+    for name in acked.iter().chain(&rolling) {
+        assert!(
+            users.contains(name),
+            "{name} missing from the restored cluster"
+        );
+    }
+    assert_eq!(
+        http_get(&fresh.control, "/key?v=100").expect("/key").1,
+        keys[0],
+        "the restored cluster serves the old control key"
+    );
+    // Restoring over state is refused: the file is ignored once the cluster has state.
+    fresh.stop();
+    fresh.start_with(&[
+        "--set",
+        &format!("cluster.restore_from={}", backup.display()),
+    ]);
+    wait_for("restored replica restarts", Duration::from_secs(60), || {
+        let ok = fresh.ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert_eq!(node_view(&fresh), before);
+
     drop(n3);
     drop(nodes);
     drop(lb);
+}
+
+fn members(r: &ReplicaProc) -> Vec<(u64, bool)> {
+    let st = r.cli_json(&["cluster", "status"]);
+    let mut v: Vec<(u64, bool)> = st["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| Some((m["id"].as_u64()?, m["voter"].as_bool().unwrap_or(false))))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Replacing a replica: a fourth joins as a learner, is promoted, an original one is
+/// removed; the new voter then carries a quorum on its own with one old replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_a_replica_with_learner_promote_and_remove() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
+    let mut replicas = start_cluster(dir.path(), &url).await;
+    replicas[0].cli_json(&["users", "create", "before-join"]);
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas);
+        async move { l }
+    })
+    .await;
+    let li = replicas
+        .iter()
+        .position(|r| r.id == leader)
+        .expect("leader");
+    let (fa, fb) = ((li + 1) % 3, (li + 2) % 3);
+
+    // A certificate for the new replica from the same CA.
+    let certs = dir.path().join("certs");
+    crate::fixtures::make_certs(&certs, &[4]);
+    let mut r4 = ReplicaProc::new(dir.path(), 4);
+    r4.tls_dir = Some(certs);
+    r4.write_config(&url, "", true);
+    r4.start();
+
+    // Membership changes go to the leader; a follower says where it is.
+    let out = replicas[fa].cli(&[
+        "cluster",
+        "add-learner",
+        "--id",
+        "4",
+        "--raft-addr",
+        &r4.raft,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&replicas[li].admin), "unhelpful: {err}");
+
+    let out = replicas[li].cli(&[
+        "cluster",
+        "add-learner",
+        "--id",
+        "4",
+        "--raft-addr",
+        &r4.raft,
+    ]);
+    assert!(
+        out.status.success(),
+        "add-learner: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the learner serves", Duration::from_secs(60), || {
+        let ok = r4.ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert!(user_names(&r4).contains(&"before-join".to_string()));
+    assert_eq!(
+        members(&replicas[li]),
+        vec![(1, true), (2, true), (3, true), (4, false)]
+    );
+
+    let out = replicas[li].cli(&["cluster", "promote", "--id", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = replicas[fa].id;
+    let out = replicas[li].cli(&["cluster", "remove", "--id", &gone.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    replicas[fa].stop();
+    let mut want: Vec<(u64, bool)> = [replicas[li].id, replicas[fb].id, 4]
+        .iter()
+        .map(|id| (*id, true))
+        .collect();
+    want.sort();
+    assert_eq!(members(&replicas[li]), want);
+
+    // Its relay leaves the DERP map every replica serves.
+    wait_for(
+        "removed replica leaves the DERP map",
+        Duration::from_secs(30),
+        || {
+            let ok = http_get(&r4.control, "/derpmap/default").is_some_and(|(c, body)| {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                c == 200 && v["Regions"]["900"]["Nodes"].as_array().map(Vec::len) == Some(3)
+            });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+
+    // Writes through the new replica are forwarded and replicated.
+    r4.cli_json(&["users", "create", "after-replace"]);
+    // Kill the old leader: the new voter and the remaining original are a majority.
+    replicas[li].kill();
+    wait_for(
+        "a write with the new voter in the majority",
+        Duration::from_secs(30),
+        || {
+            let out = r4.cli(&["users", "create", "new-majority"]);
+            // A retry of a write that committed just before its answer was lost.
+            let ok = out.status.success()
+                || String::from_utf8_lossy(&out.stderr).contains("already exists");
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    wait_for(
+        "every write on the remaining original",
+        Duration::from_secs(30),
+        || {
+            let users = user_names(&replicas[fb]);
+            let ok = ["before-join", "after-replace", "new-majority"]
+                .iter()
+                .all(|u| users.contains(&u.to_string()));
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
 }

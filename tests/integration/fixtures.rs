@@ -24,6 +24,23 @@ where
     }
 }
 
+/// Waits for the replica's own announcement in the replica registry, its one background
+/// write after start, so that tests comparing the state before and after a request see
+/// only what the request did.
+async fn settle(h: &ServerHandle) {
+    let id = h.db.raft.node_id();
+    let db = h.db.clone();
+    wait_for(
+        "the replica to announce itself",
+        Duration::from_secs(10),
+        || {
+            let ok = db.store.read().replicas.contains_key(&id);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
 pub struct TestServer {
     pub handle: Option<ServerHandle>,
     pub config: Config,
@@ -46,6 +63,7 @@ impl TestServer {
         let handle = hydrascale::run_server(config.clone())
             .await
             .expect("server starts");
+        settle(&handle).await;
         TestServer {
             handle: Some(handle),
             config,
@@ -86,6 +104,7 @@ impl TestServer {
         let handle = hydrascale::run_server(config.clone())
             .await
             .expect("server restarts on the same data directory");
+        settle(&handle).await;
         self.config = config;
         self.handle = Some(handle);
     }
@@ -105,6 +124,22 @@ pub fn cli_at(admin: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("run hydrascale CLI")
+}
+
+/// Issues cluster certificates (CA reused if `dir` has one) for `ids` into `dir`.
+pub fn make_certs(dir: &Path, ids: &[u64]) {
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+        .args(["cluster", "certs", "--out"])
+        .arg(dir)
+        .args(["--ids", &ids.join(",")])
+        .output()
+        .expect("run hydrascale cluster certs");
+    assert!(
+        out.status.success(),
+        "cluster certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `cli_at` with `-o json`, asserting success and parsing the output.
@@ -163,6 +198,8 @@ pub struct ReplicaProc {
     pub admin: String,
     pub raft: String,
     pub stun: String,
+    /// Directory made by `hydrascale cluster certs`: Raft runs over mutual TLS.
+    pub tls_dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -178,6 +215,7 @@ impl ReplicaProc {
             admin: format!("127.0.0.1:{}", free_port()),
             raft: format!("127.0.0.1:{}", free_port()),
             stun: format!("127.0.0.1:{}", free_udp_port()),
+            tls_dir: None,
             child: None,
         }
     }
@@ -208,10 +246,24 @@ isolation_timeout = "8s"
 "#,
             data = self.dir.join("data").display(),
         );
+        let toml = match &self.tls_dir {
+            Some(d) => format!(
+                "{toml}tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+                d.join("ca.pem").display(),
+                d.join(format!("replica-{id}.pem")).display(),
+                d.join(format!("replica-{id}.key")).display(),
+            ),
+            None => toml,
+        };
         std::fs::write(self.dir.join("hydrascale.toml"), toml).expect("write config");
     }
 
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// Starts `hydrascale serve` with extra arguments, e.g. `--set key=value`.
+    pub fn start_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -222,6 +274,7 @@ isolation_timeout = "8s"
             .arg("serve")
             .arg("--config")
             .arg(self.dir.join("hydrascale.toml"))
+            .args(extra)
             .env("HYDRASCALE_LOG", "info,openraft=warn")
             // The test harness's own HYDRASCALE_* switches are not server settings.
             .env_remove("HYDRASCALE_INTEROP")
@@ -232,6 +285,28 @@ isolation_timeout = "8s"
             .spawn()
             .expect("start hydrascale serve");
         self.child = Some(child);
+    }
+
+    /// SIGTERM and wait for the orderly shutdown, as a service manager stops it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = libc::pid_t::try_from(c.id()).expect("pid");
+            // SAFETY: signals our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            panic!(
+                "replica {} did not stop within 20 s of SIGTERM\n{}",
+                self.id,
+                self.log_tail()
+            );
+        }
     }
 
     /// SIGKILL: no shutdown path runs, as when a machine dies.

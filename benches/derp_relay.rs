@@ -1,0 +1,433 @@
+//! DERP relay benchmark against real `hydrascale serve` processes.
+//!
+//! Starts a two-replica cluster (so the replicas' DERP servers mesh), then
+//! measures with the DERP wire protocol the official client speaks:
+//!
+//! * throughput: sender/receiver pairs pushing 1,400-byte packets flat out
+//!   through one replica, and across the mesh (sender on replica 1, receiver on
+//!   replica 2); delivered packets/s, bytes/s and the share dropped by the
+//!   bounded per-client queues;
+//! * latency: one-way latency of 1,400-byte packets sent on a fixed schedule
+//!   (measured from the scheduled send time, so a stalled relay cannot hide
+//!   its stall by slowing the sender down), through one replica and across;
+//! * memory: resident memory of replica 1 before and after opening many idle
+//!   client connections, divided by their number.
+//!
+//! Run with `cargo bench --bench derp_relay`. Knobs (environment):
+//! `DERP_BENCH_SECS` (throughput run length, default 5), `DERP_BENCH_PAIRS`
+//! (default 4), `DERP_BENCH_RATE` (latency run, packets/s, default 2000),
+//! `DERP_BENCH_IDLE` (idle connections, default 2000).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hydrascale::derp::{DerpClient, Frame};
+use rand::RngCore;
+use tokio::time::timeout;
+
+const PACKET: usize = 1400;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}
+
+struct Replica {
+    control: String,
+    child: Child,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Replica {
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn start_cluster(dir: &Path) -> Vec<Replica> {
+    let ids = [1u64, 2];
+    let ports: Vec<(u16, u16, u16, u16)> = ids
+        .iter()
+        .map(|_| (free_port(), free_port(), free_port(), free_udp_port()))
+        .collect();
+    let peers = ids
+        .iter()
+        .zip(&ports)
+        .map(|(id, p)| format!("{id}=127.0.0.1:{}", p.2))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut out = Vec::new();
+    for (id, (control, admin, raft, stun)) in ids.iter().zip(ports) {
+        let rdir = dir.join(format!("r{id}"));
+        std::fs::create_dir_all(&rdir).expect("replica dir");
+        let toml = format!(
+            r#"server_url = "http://127.0.0.1:{control}"
+listen_addr = "127.0.0.1:{control}"
+admin_listen_addr = "127.0.0.1:{admin}"
+raft_listen_addr = "127.0.0.1:{raft}"
+data_dir = "{data}"
+node_id = {id}
+
+[derp]
+hostname = "127.0.0.1"
+port = {control}
+stun_listen_addr = "127.0.0.1:{stun}"
+# The benchmark's clients are not registered nodes.
+verify_clients = false
+
+[cluster]
+peers = "{peers}"
+"#,
+            data = rdir.join("data").display(),
+        );
+        let cfg = rdir.join("hydrascale.toml");
+        std::fs::write(&cfg, toml).expect("write config");
+        let log = std::fs::File::create(rdir.join("hydrascale.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env("HYDRASCALE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start hydrascale serve");
+        out.push(Replica {
+            control: format!("127.0.0.1:{control}"),
+            child,
+        });
+    }
+    out
+}
+
+fn ready(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")
+}
+
+fn key() -> [u8; 32] {
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    k
+}
+
+async fn connect(addr: &str) -> DerpClient {
+    timeout(
+        Duration::from_secs(10),
+        DerpClient::connect(addr, key(), None),
+    )
+    .await
+    .expect("DERP connect timed out")
+    .expect("DERP connect")
+}
+
+/// Sends until one packet crosses from `a` to `b`: the mesh link between the
+/// replicas comes up asynchronously after they form a cluster.
+async fn wait_path(a: &DerpClient, b: &mut DerpClient) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        a.send_packet(b.public_key(), b"probe")
+            .await
+            .expect("send probe");
+        let got = timeout(Duration::from_millis(500), async {
+            loop {
+                match b.recv().await {
+                    Ok(Frame::RecvPacket { .. }) => return true,
+                    Ok(_) => continue,
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await;
+        if got == Ok(true) {
+            return;
+        }
+    }
+    panic!("no DERP path between the two clients after 60 s");
+}
+
+struct Throughput {
+    sent: u64,
+    delivered: u64,
+    secs: f64,
+}
+
+async fn throughput(src_addr: &str, dst_addr: &str, pairs: usize, secs: u64) -> Throughput {
+    let mut clients = Vec::new();
+    for _ in 0..pairs {
+        let a = connect(src_addr).await;
+        let mut b = connect(dst_addr).await;
+        wait_path(&a, &mut b).await;
+        clients.push((a, b));
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for (a, b) in clients {
+        let dst = b.public_key();
+        let (mut rd, _w) = b.split();
+        let delivered = delivered.clone();
+        let stop_r = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop_r.load(Ordering::Relaxed) {
+                match timeout(Duration::from_millis(200), rd.recv()).await {
+                    Ok(Ok(Frame::RecvPacket { packet, .. })) if packet.len() == PACKET => {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) | Err(_) => {}
+                    Ok(Err(_)) => break,
+                }
+            }
+        }));
+        let sent = sent.clone();
+        let stop_s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let payload = vec![0xa5u8; PACKET];
+            while !stop_s.load(Ordering::Relaxed) {
+                if a.send_packet(dst, &payload).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let sent_n = sent.load(Ordering::Relaxed);
+    // Let packets already in flight land before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let delivered_n = delivered.load(Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Throughput {
+        sent: sent_n,
+        delivered: delivered_n,
+        secs: elapsed,
+    }
+}
+
+struct Latency {
+    sorted_us: Vec<u64>,
+    sent: u64,
+}
+
+impl Latency {
+    fn pct(&self, p: f64) -> f64 {
+        if self.sorted_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.sorted_us.len() as f64 - 1.0) * p).round() as usize;
+        self.sorted_us[i] as f64 / 1000.0
+    }
+}
+
+async fn latency(src_addr: &str, dst_addr: &str, rate: u64, secs: u64) -> Latency {
+    let a = connect(src_addr).await;
+    let mut b = connect(dst_addr).await;
+    wait_path(&a, &mut b).await;
+    let dst = b.public_key();
+    let (mut rd, _w) = b.split();
+    let t0 = Instant::now();
+    let total = rate * secs;
+    let receiver = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        let deadline = Duration::from_secs(secs + 2);
+        while lat.len() < total as usize && t0.elapsed() < deadline {
+            match timeout(Duration::from_millis(200), rd.recv()).await {
+                Ok(Ok(Frame::RecvPacket { packet, .. })) if packet.len() == PACKET => {
+                    let mut ts = [0u8; 8];
+                    ts.copy_from_slice(&packet[..8]);
+                    let scheduled = u64::from_le_bytes(ts);
+                    let now = t0.elapsed().as_micros() as u64;
+                    lat.push(now.saturating_sub(scheduled));
+                }
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(_)) => break,
+            }
+        }
+        lat
+    });
+    let interval_us = 1_000_000 / rate.max(1);
+    let mut payload = vec![0u8; PACKET];
+    for i in 0..total {
+        let scheduled = i * interval_us;
+        let target = t0 + Duration::from_micros(scheduled);
+        tokio::time::sleep_until(target.into()).await;
+        payload[..8].copy_from_slice(&scheduled.to_le_bytes());
+        a.send_packet(dst, &payload).await.expect("send");
+    }
+    let mut sorted_us = receiver.await.expect("receiver");
+    sorted_us.sort_unstable();
+    Latency {
+        sorted_us,
+        sent: total,
+    }
+}
+
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            return lim.rlim_cur;
+        }
+    }
+    1024
+}
+
+async fn idle_memory(replica: &Replica, n: usize) -> (usize, u64, u64) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = replica.rss_kib();
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        match timeout(
+            Duration::from_secs(10),
+            DerpClient::connect(&replica.control, key(), None),
+        )
+        .await
+        {
+            Ok(Ok(c)) => conns.push(c),
+            _ => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = replica.rss_kib();
+    let opened = conns.len();
+    drop(conns);
+    (opened, before, after)
+}
+
+fn report_throughput(name: &str, t: &Throughput) {
+    let pps = t.delivered as f64 / t.secs;
+    let drop_pct = if t.sent > 0 {
+        100.0 * (t.sent.saturating_sub(t.delivered)) as f64 / t.sent as f64
+    } else {
+        0.0
+    };
+    println!(
+        "{name:<28} delivered {pps:>10.0} pkt/s  {:>8.1} MB/s  (offered {:.0} pkt/s, {drop_pct:.1}% dropped by full queues)",
+        pps * PACKET as f64 / 1e6,
+        t.sent as f64 / t.secs,
+    );
+}
+
+fn report_latency(name: &str, rate: u64, l: &Latency) {
+    println!(
+        "{name:<28} {rate} pkt/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms  ({} of {} delivered)",
+        l.pct(0.50),
+        l.pct(0.99),
+        l.pct(0.999),
+        l.pct(1.0),
+        l.sorted_us.len(),
+        l.sent,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
+    // special but must not run a multi-minute benchmark.
+    let args: Vec<String> = std::env::args().collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("derp_relay: run with `cargo bench --bench derp_relay`");
+        return;
+    }
+    let secs: u64 = env_or("DERP_BENCH_SECS", 5);
+    let pairs: usize = env_or("DERP_BENCH_PAIRS", 4);
+    let rate: u64 = env_or("DERP_BENCH_RATE", 2000);
+    let idle: usize = env_or("DERP_BENCH_IDLE", 2000);
+    let fd_limit = raise_fd_limit();
+
+    let tmp = std::env::temp_dir().join(format!("hydrascale-derp-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("bench dir");
+    let replicas = start_cluster(&tmp);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !replicas.iter().all(|r| ready(&r.control)) {
+        assert!(
+            Instant::now() < deadline,
+            "replicas not ready after 60 s; logs in {}",
+            tmp.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (r1, r2) = (replicas[0].control.clone(), replicas[1].control.clone());
+    println!(
+        "hydrascale DERP relay benchmark: {} CPUs, {PACKET}-byte packets, {pairs} sender/receiver pairs, {secs} s per throughput run",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    rt.block_on(async {
+        let t = throughput(&r1, &r1, pairs, secs).await;
+        report_throughput("throughput, one replica", &t);
+        let t = throughput(&r1, &r2, pairs, secs).await;
+        report_throughput("throughput, across mesh", &t);
+        let l = latency(&r1, &r1, rate, secs).await;
+        report_latency("latency, one replica", rate, &l);
+        let l = latency(&r1, &r2, rate, secs).await;
+        report_latency("latency, across mesh", rate, &l);
+        let want = idle.min(fd_limit.saturating_sub(200) as usize);
+        let (opened, before, after) = idle_memory(&replicas[0], want).await;
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;
+        println!(
+            "idle connections            {opened} opened: replica RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            per / 1024.0
+        );
+    });
+    drop(rt);
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
