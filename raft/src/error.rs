@@ -6,6 +6,8 @@ pub enum RaftError {
     NotLeader { leader: Option<u64> },
     #[error("no quorum: {0}; check that a majority of replicas is running and reachable")]
     NoQuorum(String),
+    #[error("leader {leader} was lost while this write was in flight (an election is under way); the write may or may not have been applied: retry it")]
+    LeaderLost { leader: u64 },
     #[error("storage error: {0}; check the data directory's disk and permissions")]
     Storage(String),
     #[error("cannot open the Raft store in {path}: {message}; is another hydrascale process using this data directory?")]
@@ -26,9 +28,10 @@ impl From<RaftError> for tonic::Status {
     fn from(e: RaftError) -> Self {
         let msg = e.to_string();
         match e {
-            RaftError::NotLeader { .. } | RaftError::NoQuorum(_) | RaftError::Network { .. } => {
-                tonic::Status::unavailable(msg)
-            }
+            RaftError::NotLeader { .. }
+            | RaftError::NoQuorum(_)
+            | RaftError::LeaderLost { .. }
+            | RaftError::Network { .. } => tonic::Status::unavailable(msg),
             RaftError::Unsupported(_) => tonic::Status::unimplemented(msg),
             _ => tonic::Status::internal(msg),
         }

@@ -292,8 +292,25 @@ impl RaftNode {
         command: Vec<u8>,
     ) -> Result<Vec<u8>, RaftError> {
         let timeout = self.inner.write_timeout;
-        let res = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command))
-            .await
+        // A leader cut off by a partition answers nothing; give up as soon as this replica
+        // stops following it (an election started) instead of waiting out the timeout, so
+        // the caller's retry reaches the new leader.
+        let mut metrics = self.inner.raft.metrics();
+        let leader_lost = async move {
+            loop {
+                if metrics.borrow_and_update().current_leader != Some(leader) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let res = tokio::select! {
+            r = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command)) => r,
+            _ = leader_lost => return Err(RaftError::LeaderLost { leader }),
+        };
+        let res = res
             .map_err(|_| {
                 RaftError::NoQuorum(format!("leader {leader} did not answer within {timeout:?}"))
             })?

@@ -118,7 +118,24 @@ impl TestServer {
 
 /// Runs the real `hydrascale` CLI against the admin API at `admin` (HOST:PORT).
 pub fn cli_at(admin: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+    cli_in(None, admin, args)
+}
+
+/// `hydrascale` (or any program) as a command, inside network namespace `netns` if given.
+fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// `cli_at`, run inside network namespace `netns` if given.
+pub fn cli_in(netns: Option<&str>, admin: &str, args: &[&str]) -> std::process::Output {
+    command_in(netns, env!("CARGO_BIN_EXE_hydrascale"))
         .arg("--admin-addr")
         .arg(format!("http://{admin}"))
         .args(args)
@@ -200,6 +217,8 @@ pub struct ReplicaProc {
     pub stun: String,
     /// Directory made by `hydrascale cluster certs`: Raft runs over mutual TLS.
     pub tls_dir: Option<PathBuf>,
+    /// Network namespace the process runs in (see [`Lan`]); the CLI runs there too.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -216,8 +235,27 @@ impl ReplicaProc {
             raft: format!("127.0.0.1:{}", free_port()),
             stun: format!("127.0.0.1:{}", free_udp_port()),
             tls_dir: None,
+            netns: None,
             child: None,
         }
+    }
+
+    /// Replica `id` on host `host` of `lan`: it listens on the host's address (the admin
+    /// API on the namespace's own loopback) and runs in the host's namespace.
+    pub fn on_lan(root: &Path, id: u64, lan: &Lan, host: usize) -> Self {
+        let ip = lan.ip(host);
+        let mut r = Self::new(root, id);
+        // A fresh namespace has every port free; reuse the numbers picked on loopback.
+        let port = |a: &str| {
+            a.rsplit_once(':')
+                .map(|(_, p)| p.to_string())
+                .unwrap_or_default()
+        };
+        r.control = format!("{ip}:{}", port(&r.control));
+        r.raft = format!("{ip}:{}", port(&r.raft));
+        r.stun = format!("{ip}:{}", port(&r.stun));
+        r.netns = Some(lan.netns(host).to_string());
+        r
     }
 
     /// Writes the config: clients log in at `server_url`; a new cluster starts with the
@@ -225,7 +263,7 @@ impl ReplicaProc {
     pub fn write_config(&self, server_url: &str, peers: &str, join: bool) {
         let (control, admin, raft, stun, id) =
             (&self.control, &self.admin, &self.raft, &self.stun, self.id);
-        let control_port = control.rsplit_once(':').map(|(_, p)| p).unwrap_or("0");
+        let (control_host, control_port) = control.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
         let toml = format!(
             r#"server_url = "{server_url}"
 listen_addr = "{control}"
@@ -235,7 +273,7 @@ data_dir = "{data}"
 node_id = {id}
 
 [derp]
-hostname = "127.0.0.1"
+hostname = "{control_host}"
 port = {control_port}
 stun_listen_addr = "{stun}"
 
@@ -270,7 +308,8 @@ isolation_timeout = "8s"
             .open(self.dir.join("hydrascale.log"))
             .expect("log file");
         let log2 = log.try_clone().expect("log clone");
-        let child = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+        // `ip netns exec` execs the server, so the child is the server itself.
+        let child = command_in(self.netns.as_deref(), env!("CARGO_BIN_EXE_hydrascale"))
             .arg("serve")
             .arg("--config")
             .arg(self.dir.join("hydrascale.toml"))
@@ -326,11 +365,20 @@ isolation_timeout = "8s"
     }
 
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli_at(&self.admin, args)
+        cli_in(self.netns.as_deref(), &self.admin, args)
     }
 
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        cli_json_at(&self.admin, args)
+        let mut full = vec!["-o", "json"];
+        full.extend_from_slice(args);
+        let out = self.cli(&full);
+        assert!(
+            out.status.success(),
+            "hydrascale {args:?} on replica {} failed: {}",
+            self.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("CLI prints JSON")
     }
 
     pub fn log_tail(&self) -> String {
@@ -360,6 +408,98 @@ impl Drop for ReplicaProc {
 }
 
 /// HAProxy from the system, running the shipped `deploy/haproxy/haproxy.cfg`.
+/// A private LAN made for one test: a bridge in the test's namespace (the "router", where
+/// the load balancer and clients live) at 10.N.0.1/24, and one network namespace per host
+/// joined to it by a veth pair. Cutting a host's link partitions it from everyone.
+/// Needs root; everything is removed on drop.
+pub struct Lan {
+    bridge: String,
+    net: String,
+    hosts: Vec<(String, String)>,
+}
+
+fn ip_cmd(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (apt install iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Lan {
+    pub fn new(hosts: usize) -> Lan {
+        let tag = std::process::id() % 100_000;
+        let net = format!("10.{}", 200 + tag % 50);
+        let bridge = format!("hsb{tag}");
+        let _ = Command::new("ip").args(["link", "del", &bridge]).output();
+        ip_cmd(&["link", "add", &bridge, "type", "bridge"]);
+        let mut lan = Lan {
+            bridge: bridge.clone(),
+            net: net.clone(),
+            hosts: Vec::new(),
+        };
+        ip_cmd(&["addr", "add", &format!("{net}.0.1/24"), "dev", &bridge]);
+        ip_cmd(&["link", "set", &bridge, "up"]);
+        for i in 0..hosts {
+            let ns = format!("hs{tag}n{i}");
+            let (vh, vn) = (format!("hsv{tag}h{i}"), format!("hsv{tag}n{i}"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            ip_cmd(&["netns", "add", &ns]);
+            lan.hosts.push((ns.clone(), vh.clone()));
+            ip_cmd(&["link", "add", &vh, "type", "veth", "peer", "name", &vn]);
+            ip_cmd(&["link", "set", &vn, "netns", &ns]);
+            ip_cmd(&["link", "set", &vh, "master", &bridge]);
+            ip_cmd(&["link", "set", &vh, "up"]);
+            let ip = lan.ip(i);
+            for args in [
+                vec!["addr", "add", &format!("{ip}/24"), "dev", &vn],
+                vec!["link", "set", &vn, "up"],
+                vec!["link", "set", "lo", "up"],
+            ] {
+                let mut full = vec!["netns", "exec", &ns, "ip"];
+                full.extend(args.iter().copied());
+                ip_cmd(&full);
+            }
+        }
+        lan
+    }
+
+    /// Address of host `i`.
+    pub fn ip(&self, i: usize) -> String {
+        format!("{}.0.{}", self.net, 11 + i)
+    }
+
+    pub fn netns(&self, i: usize) -> &str {
+        &self.hosts[i].0
+    }
+
+    /// Cuts host `i` off the LAN (its link goes down; packets in flight are lost).
+    pub fn cut(&self, i: usize) {
+        ip_cmd(&["link", "set", &self.hosts[i].1, "down"]);
+    }
+
+    pub fn heal(&self, i: usize) {
+        ip_cmd(&["link", "set", &self.hosts[i].1, "up"]);
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for (ns, vh) in &self.hosts {
+            let _ = Command::new("ip").args(["link", "del", vh]).output();
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
 pub struct Haproxy {
     pub addr: String,
     child: Child,

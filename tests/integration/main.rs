@@ -3,4 +3,5 @@
 mod cluster;
 mod fixtures;
 mod interop;
+mod partition;
 mod protocol;

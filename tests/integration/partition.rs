@@ -1,0 +1,257 @@
+//! Network partitions: three replicas on their own hosts (network namespaces on a private
+//! bridge), HAProxy and official clients on the router. Cutting a host's link is a real
+//! partition: packets are lost, not refused.
+
+use std::time::{Duration, Instant};
+
+use crate::fixtures::{
+    http_get, make_certs, require_tailscale, wait_for, Haproxy, Lan, ReplicaProc, Tailscaled,
+};
+
+fn leader_among(replicas: &[ReplicaProc], hosts: &[usize]) -> Option<u64> {
+    hosts.iter().find_map(|&i| {
+        let out = replicas[i].cli(&["-o", "json", "cluster", "status"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["leader"].as_u64()
+    })
+}
+
+fn user_names(r: &ReplicaProc) -> Vec<String> {
+    let out = r.cli(&["-o", "json", "users", "list"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|u| u["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn peers_online(n: &Tailscaled) -> Vec<(String, bool)> {
+    let st = n.status();
+    let mut v: Vec<(String, bool)> = st["Peer"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .map(|p| {
+                    (
+                        p["HostName"].as_str().unwrap_or_default().to_string(),
+                        p["Online"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Creates `name` through replica `r`, retrying refusals until `within`; a retry of a
+/// write that committed just before its answer was lost counts as success.
+async fn create_user(r: &ReplicaProc, name: &str, within: Duration) {
+    wait_for(
+        &format!("user {name} created via replica {}", r.id),
+        within,
+        || {
+            let out = r.cli(&["users", "create", name]);
+            let ok = out.status.success()
+                || String::from_utf8_lossy(&out.stderr).contains("already exists");
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    if !nix_is_root() {
+        panic!("the partition test makes network namespaces and needs root");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lan = Lan::new(3);
+    let certs = dir.path().join("certs");
+    make_certs(&certs, &[1, 2, 3]);
+    let lb_addr = format!("127.0.0.1:{}", crate::fixtures::free_port());
+    let lb_url = format!("http://{lb_addr}");
+    let mut replicas: Vec<ReplicaProc> = (0..3)
+        .map(|i| {
+            let mut r = ReplicaProc::on_lan(dir.path(), i as u64 + 1, &lan, i);
+            r.tls_dir = Some(certs.clone());
+            r
+        })
+        .collect();
+    let peers = replicas
+        .iter()
+        .map(|r| format!("{}={}", r.id, r.raft))
+        .collect::<Vec<_>>()
+        .join(",");
+    for r in &mut replicas {
+        r.write_config(&lb_url, &peers, false);
+        r.start();
+    }
+    for r in &replicas {
+        wait_for(
+            &format!("replica {} ready", r.id),
+            Duration::from_secs(60),
+            || {
+                let ok = r.ready();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    let lb = Haproxy::start(dir.path(), &lb_addr, &replicas.iter().collect::<Vec<_>>());
+    wait_for("load balancer up", Duration::from_secs(30), || {
+        let ok = http_get(&lb.addr, "/ready").is_some_and(|(c, _)| c == 200);
+        async move { ok.then_some(()) }
+    })
+    .await;
+
+    replicas[0].cli_json(&["users", "create", "alice"]);
+    let key = replicas[0].cli_json(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "alice",
+        "--reusable",
+        "--expiration",
+        "1h",
+    ])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let root = dir.path().join("clients");
+    let nodes: Vec<Tailscaled> = ["p1", "p2"]
+        .iter()
+        .map(|n| Tailscaled::start(&bin, &root, n))
+        .collect();
+    for n in &nodes {
+        n.up(&lb_url, &key).await;
+    }
+    for (a, b) in [(0, 1), (1, 0)] {
+        let want = vec![(nodes[b].name.clone(), true)];
+        wait_for("clients see each other", Duration::from_secs(30), || {
+            let ok = peers_online(&nodes[a]) == want;
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    // 1. Leader in the minority: cut the leader's host off.
+    let all = [0usize, 1, 2];
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_among(&replicas, &all);
+        async move { l }
+    })
+    .await;
+    let li = (leader - 1) as usize;
+    let majority: Vec<usize> = all.iter().copied().filter(|i| *i != li).collect();
+    let cut_at = Instant::now();
+    lan.cut(li);
+
+    // The majority elects a new leader and accepts writes.
+    create_user(
+        &replicas[majority[0]],
+        "during-partition",
+        Duration::from_secs(30),
+    )
+    .await;
+    eprintln!(
+        "leader {leader} partitioned: the majority acknowledged a write {:?} later",
+        cut_at.elapsed()
+    );
+    let new_leader = leader_among(&replicas, &majority).expect("a leader in the majority");
+    assert_ne!(new_leader, leader);
+
+    // The old leader refuses writes, with an error that says why, and never acknowledges one.
+    let out = replicas[li].cli(&["users", "create", "minority-write"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "the partitioned old leader accepted a write"
+    );
+    assert!(err.contains("majority"), "unclear refusal: {err}");
+
+    // Its clients are moved: HAProxy's health checks fail, their sessions are cut, they
+    // reconnect to the majority and see each other online again.
+    for (a, b) in [(0, 1), (1, 0)] {
+        let want = vec![(nodes[b].name.clone(), true)];
+        wait_for(
+            "clients converge on the majority",
+            Duration::from_secs(60),
+            || {
+                let ok = peers_online(&nodes[a]) == want;
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+    let out = nodes[0].cli(&["ping", "--c", "10", "--timeout", "5s", &nodes[1].ipv4()]);
+    assert!(
+        out.status.success(),
+        "ping during the partition: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eprintln!(
+        "clients had fresh maps with every peer online {:?} after the partition",
+        cut_at.elapsed()
+    );
+
+    // Heal: the old leader rejoins as a follower and catches up; its refused write is
+    // nowhere.
+    lan.heal(li);
+    wait_for("old leader catches up", Duration::from_secs(60), || {
+        let users = user_names(&replicas[li]);
+        let ok = users.contains(&"during-partition".to_string());
+        async move { ok.then_some(()) }
+    })
+    .await;
+    for r in &replicas {
+        assert!(!user_names(r).contains(&"minority-write".to_string()));
+    }
+
+    // 2. Leader in the majority: cut a follower; writes through the leader go on.
+    let leader = wait_for("a leader after healing", Duration::from_secs(30), || {
+        let l = leader_among(&replicas, &all);
+        async move { l }
+    })
+    .await;
+    let li = (leader - 1) as usize;
+    let fi = (li + 1) % 3;
+    lan.cut(fi);
+    create_user(&replicas[li], "leader-in-majority", Duration::from_secs(30)).await;
+    let out = replicas[fi].cli(&["users", "create", "cut-follower-write"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a cut-off follower accepted a write");
+    assert!(
+        ["majority", "leader", "reachable"]
+            .iter()
+            .any(|w| err.contains(w)),
+        "unclear refusal: {err}"
+    );
+    lan.heal(fi);
+    wait_for("follower catches up", Duration::from_secs(60), || {
+        let ok = user_names(&replicas[fi]).contains(&"leader-in-majority".to_string());
+        async move { ok.then_some(()) }
+    })
+    .await;
+    assert!(!user_names(&replicas[li]).contains(&"cut-follower-write".to_string()));
+
+    drop(nodes);
+    drop(lb);
+    for r in &mut replicas {
+        r.kill();
+    }
+    drop(lan);
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
