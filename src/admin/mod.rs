@@ -44,6 +44,9 @@ fn status(e: DbError) -> Status {
         }
         DbError::Raft(r) => Status::unavailable(format!("the cluster cannot take writes: {r}")),
         DbError::Codec(c) => Status::internal(c),
+        DbError::Replication(r) => {
+            Status::unavailable(format!("the cluster cannot take writes: {r}"))
+        }
     }
 }
 

@@ -120,7 +120,7 @@ async fn apply_client_update(
     if disco.is_none() && endpoints.is_none() && hostinfo.is_none() && home_derp.is_none() {
         return Ok(());
     }
-    st.db
+    st.updates
         .write(Command::UpdateNode {
             node_key: node.node_key.clone(),
             disco_key: disco,
@@ -136,7 +136,7 @@ async fn apply_client_update(
 
 async fn set_online(st: &ControlState, node_id: u64, online: bool) {
     let res = st
-        .db
+        .updates
         .write(Command::SetOnline {
             node_id,
             online,

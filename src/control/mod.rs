@@ -4,6 +4,7 @@
 //! runs its own HTTP/2 server (`noise_router`) with `/machine/register` and `/machine/map`.
 //! Handlers read the replica's applied state and write through Raft via [`crate::state::Db`].
 
+pub mod batch;
 mod map;
 mod mapper;
 mod register;
@@ -85,6 +86,8 @@ pub struct ControlState {
     pub serving: watch::Receiver<bool>,
     /// Open map streams per node id, so a node is marked offline only when its last stream ends.
     sessions: Mutex<HashMap<u64, u32>>,
+    /// Endpoint/hostinfo updates and online state go through here, batched.
+    pub updates: batch::UpdateBatcher,
 }
 
 impl ControlState {
@@ -95,6 +98,7 @@ impl ControlState {
         me: Replica,
         serving: watch::Receiver<bool>,
     ) -> Arc<Self> {
+        let updates = batch::UpdateBatcher::spawn(db.clone());
         Arc::new(Self {
             config,
             key,
@@ -102,6 +106,7 @@ impl ControlState {
             me,
             serving,
             sessions: Mutex::new(HashMap::new()),
+            updates,
         })
     }
 

@@ -106,6 +106,9 @@ pub enum DbError {
     Raft(#[from] hydrascale_raft::RaftError),
     #[error("command encoding: {0}")]
     Codec(String),
+    /// A batched write failed as a whole (the Raft error, as text, for every member).
+    #[error("replication: {0}")]
+    Replication(String),
 }
 
 /// Proposes commands through Raft and returns their outcome once applied here.

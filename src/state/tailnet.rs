@@ -332,6 +332,16 @@ impl Tailnet {
                 }
                 Ok((CommandOutput::Done, Vec::new()))
             }
+            Command::Batch { commands } => {
+                let mut outputs = Vec::with_capacity(commands.len());
+                let mut changes = Vec::new();
+                for c in commands {
+                    let (r, ch) = self.apply(c);
+                    outputs.push(r);
+                    changes.extend(ch);
+                }
+                Ok((CommandOutput::Batch(outputs), changes))
+            }
             Command::Restore { tailnet } => {
                 if self.control_key.is_some() || !self.users.is_empty() || !self.nodes.is_empty() {
                     return Err(StateError::RestoreNotFresh);

@@ -429,3 +429,35 @@ fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
         StateError::BadBackup(_)
     ));
 }
+
+#[test]
+fn a_batch_applies_each_command_on_its_own() {
+    let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "multi")));
+    let update = |key: String, ep: &str| Command::UpdateNode {
+        node_key: key,
+        disco_key: None,
+        endpoints: Some(vec![ep.to_string()]),
+        hostinfo: None,
+        hostname: None,
+        home_derp: None,
+        now: NOW,
+    };
+    let (r, changes) = t.apply(&Command::Batch {
+        commands: vec![
+            update(n.node_key.clone(), "192.0.2.1:41641"),
+            update(format!("nodekey:{:064x}", 99), "192.0.2.2:41641"),
+            update(n.node_key.clone(), "192.0.2.3:41641"),
+        ],
+    });
+    let CommandOutput::Batch(outs) = r.expect("a batch itself succeeds") else {
+        panic!("not a batch output");
+    };
+    assert!(outs[0].is_ok() && outs[2].is_ok());
+    assert_eq!(outs[1], Err(StateError::NodeKeyNotFound));
+    assert_eq!(
+        t.nodes[&n.id].endpoints,
+        vec!["192.0.2.3:41641".to_string()]
+    );
+    assert_eq!(changes, vec![Change::NodeUpserted(n.id); 2]);
+}

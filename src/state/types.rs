@@ -175,6 +175,11 @@ pub enum Command {
     SetControlKey {
         key: String,
     },
+    /// Several commands in one log entry (see `control::batch`); each is applied on its
+    /// own, in order, and has its own outcome.
+    Batch {
+        commands: Vec<Command>,
+    },
     /// Seeds a new cluster with the tailnet of a backup (the JSON of a [`Tailnet`]),
     /// control key included, so clients keep trusting the server. Only valid as a new
     /// cluster's first state: refused once a control key, user or node exists. This
@@ -218,6 +223,7 @@ pub enum CommandOutput {
     PreAuthKey(PreAuthKey),
     Node(Node),
     Done,
+    Batch(Vec<Result<CommandOutput, crate::state::StateError>>),
 }
 
 /// What an applied command touched, for the map streams.

@@ -235,3 +235,48 @@ async fn reqwest_get(url: &str) -> String {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     body
 }
+
+/// Updates queued while a write is in flight share the next log entry, and each keeps its
+/// own outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_share_log_entries() {
+    use hydrascale::control::batch::UpdateBatcher;
+    use hydrascale::state::{Command, CommandOutput, StateError};
+    let server = TestServer::start().await;
+    let db = server.handle().db.clone();
+    let batcher = UpdateBatcher::spawn(db.clone());
+    let before = db.raft.status().last_log_index.unwrap_or(0);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        let b = batcher.clone();
+        // Every 100th name repeats an earlier one: refused on its own, the rest unaffected.
+        let name = if i % 100 == 99 {
+            format!("u{}", i - 1)
+        } else {
+            format!("u{i}")
+        };
+        tasks.spawn(async move {
+            b.write(Command::CreateUser {
+                name,
+                display_name: String::new(),
+                now: 1_800_000_000_000,
+            })
+            .await
+        });
+    }
+    let (mut ok, mut exists) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.expect("task") {
+            Ok(CommandOutput::User(_)) => ok += 1,
+            Err(hydrascale::state::DbError::State(StateError::UserExists(_))) => exists += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((ok, exists), (297, 3));
+    assert_eq!(db.store.read().users.len(), 297);
+    let entries = db.raft.status().last_log_index.unwrap_or(0) - before;
+    assert!(
+        entries < 100,
+        "300 concurrent updates took {entries} log entries"
+    );
+}
