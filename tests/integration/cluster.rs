@@ -4,46 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::fixtures::{http_get, require_tailscale, wait_for, Haproxy, ReplicaProc, Tailscaled};
-
-fn leader_of(replicas: &[ReplicaProc]) -> Option<u64> {
-    replicas.iter().filter(|r| r.is_running()).find_map(|r| {
-        let out = r.cli(&["-o", "json", "cluster", "status"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["leader"].as_u64()
-    })
-}
-
-/// Peer host name -> Online, as this client sees it.
-fn peers_online(n: &Tailscaled) -> Vec<(String, bool)> {
-    let st = n.status();
-    let mut v: Vec<(String, bool)> = st["Peer"]
-        .as_object()
-        .map(|m| {
-            m.values()
-                .map(|p| {
-                    (
-                        p["HostName"].as_str().unwrap_or_default().to_string(),
-                        p["Online"].as_bool().unwrap_or(false),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn user_names(r: &ReplicaProc) -> Vec<String> {
-    r.cli_json(&["users", "list"])
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|u| u["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use crate::fixtures::{
+    create_user_retrying, http_get, leader_of, require_tailscale, user_names, wait_for, Haproxy,
+    ReplicaProc, Tailscaled,
+};
 
 /// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`, Raft over
 /// mutual TLS with certificates from `hydrascale cluster certs` in `root/certs`; returns
@@ -229,7 +193,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
             &format!("{} to see {} online", nodes[a].name, nodes[b].name),
             Duration::from_secs(30),
             || {
-                let ok = peers_online(&nodes[a]) == want;
+                let ok = nodes[a].peers_online() == want;
                 async move { ok.then_some(()) }
             },
         )
@@ -301,7 +265,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
             &format!("{} to see the others online", n.name),
             Duration::from_secs(60),
             || {
-                let ok = peers_online(n) == want;
+                let ok = n.peers_online() == want;
                 async move { ok.then_some(()) }
             },
         )
@@ -395,17 +359,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         replicas[i].stop();
         let other = (i + 1) % replicas.len();
         let name = format!("rolling{i}");
-        wait_for(
-            &format!("write {name} while replica {} is down", replicas[i].id),
-            Duration::from_secs(30),
-            || {
-                let out = replicas[other].cli(&["users", "create", &name]);
-                let ok = out.status.success()
-                    || String::from_utf8_lossy(&out.stderr).contains("already exists");
-                async move { ok.then_some(()) }
-            },
-        )
-        .await;
+        create_user_retrying(&replicas[other], &name, Duration::from_secs(30)).await;
         rolling.push(name);
         replicas[i].start();
         wait_for(
@@ -618,18 +572,8 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
     r4.cli_json(&["users", "create", "after-replace"]);
     // Kill the old leader: the new voter and the remaining original are a majority.
     replicas[li].kill();
-    wait_for(
-        "a write with the new voter in the majority",
-        Duration::from_secs(30),
-        || {
-            let out = r4.cli(&["users", "create", "new-majority"]);
-            // A retry of a write that committed just before its answer was lost.
-            let ok = out.status.success()
-                || String::from_utf8_lossy(&out.stderr).contains("already exists");
-            async move { ok.then_some(()) }
-        },
-    )
-    .await;
+    // With the new voter in the majority, writes go on.
+    create_user_retrying(&r4, "new-majority", Duration::from_secs(30)).await;
     wait_for(
         "every write on the remaining original",
         Duration::from_secs(30),

@@ -408,6 +408,50 @@ impl Drop for ReplicaProc {
 }
 
 /// HAProxy from the system, running the shipped `deploy/haproxy/haproxy.cfg`.
+/// The leader as the first running replica of `replicas` that answers `cluster status`.
+pub fn leader_of<'a>(replicas: impl IntoIterator<Item = &'a ReplicaProc>) -> Option<u64> {
+    replicas
+        .into_iter()
+        .filter(|r| r.is_running())
+        .find_map(|r| {
+            let out = r.cli(&["-o", "json", "cluster", "status"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v["leader"].as_u64()
+        })
+}
+
+/// User names as replica `r` has them applied; empty if it does not answer.
+pub fn user_names(r: &ReplicaProc) -> Vec<String> {
+    let out = r.cli(&["-o", "json", "users", "list"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| {
+            v.as_array().map(|a| {
+                a.iter()
+                    .filter_map(|u| u["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Creates user `name` through replica `r`, retrying refusals (elections, lost leaders)
+/// for up to `within`, as a client would. A retry of a write that committed just before
+/// its answer was lost ("already exists") counts as success.
+pub async fn create_user_retrying(r: &ReplicaProc, name: &str, within: Duration) {
+    wait_for(
+        &format!("user {name} created via replica {}", r.id),
+        within,
+        || {
+            let out = r.cli(&["users", "create", name]);
+            let ok = out.status.success()
+                || String::from_utf8_lossy(&out.stderr).contains("already exists");
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
 /// A private LAN made for one test: a bridge in the test's namespace (the "router", where
 /// the load balancer and clients live) at 10.N.0.1/24, and one network namespace per host
 /// joined to it by a veth pair. Cutting a host's link partitions it from everyone.
@@ -652,6 +696,26 @@ impl Tailscaled {
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Peer host name -> Online, as this client sees it, sorted.
+    pub fn peers_online(&self) -> Vec<(String, bool)> {
+        let st = self.status();
+        let mut v: Vec<(String, bool)> = st["Peer"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .map(|p| {
+                        (
+                            p["HostName"].as_str().unwrap_or_default().to_string(),
+                            p["Online"].as_bool().unwrap_or(false),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     pub fn ipv4(&self) -> String {

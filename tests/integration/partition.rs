@@ -5,65 +5,9 @@
 use std::time::{Duration, Instant};
 
 use crate::fixtures::{
-    http_get, make_certs, require_tailscale, wait_for, Haproxy, Lan, ReplicaProc, Tailscaled,
+    create_user_retrying, http_get, leader_of, make_certs, require_tailscale, user_names, wait_for,
+    Haproxy, Lan, ReplicaProc, Tailscaled,
 };
-
-fn leader_among(replicas: &[ReplicaProc], hosts: &[usize]) -> Option<u64> {
-    hosts.iter().find_map(|&i| {
-        let out = replicas[i].cli(&["-o", "json", "cluster", "status"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["leader"].as_u64()
-    })
-}
-
-fn user_names(r: &ReplicaProc) -> Vec<String> {
-    let out = r.cli(&["-o", "json", "users", "list"]);
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| {
-            v.as_array().map(|a| {
-                a.iter()
-                    .filter_map(|u| u["name"].as_str().map(str::to_string))
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
-fn peers_online(n: &Tailscaled) -> Vec<(String, bool)> {
-    let st = n.status();
-    let mut v: Vec<(String, bool)> = st["Peer"]
-        .as_object()
-        .map(|m| {
-            m.values()
-                .map(|p| {
-                    (
-                        p["HostName"].as_str().unwrap_or_default().to_string(),
-                        p["Online"].as_bool().unwrap_or(false),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-/// Creates `name` through replica `r`, retrying refusals until `within`; a retry of a
-/// write that committed just before its answer was lost counts as success.
-async fn create_user(r: &ReplicaProc, name: &str, within: Duration) {
-    wait_for(
-        &format!("user {name} created via replica {}", r.id),
-        within,
-        || {
-            let out = r.cli(&["users", "create", name]);
-            let ok = out.status.success()
-                || String::from_utf8_lossy(&out.stderr).contains("already exists");
-            async move { ok.then_some(()) }
-        },
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
@@ -137,7 +81,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     for (a, b) in [(0, 1), (1, 0)] {
         let want = vec![(nodes[b].name.clone(), true)];
         wait_for("clients see each other", Duration::from_secs(30), || {
-            let ok = peers_online(&nodes[a]) == want;
+            let ok = nodes[a].peers_online() == want;
             async move { ok.then_some(()) }
         })
         .await;
@@ -146,7 +90,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     // 1. Leader in the minority: cut the leader's host off.
     let all = [0usize, 1, 2];
     let leader = wait_for("a leader", Duration::from_secs(30), || {
-        let l = leader_among(&replicas, &all);
+        let l = leader_of(&replicas);
         async move { l }
     })
     .await;
@@ -156,7 +100,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     lan.cut(li);
 
     // The majority elects a new leader and accepts writes.
-    create_user(
+    create_user_retrying(
         &replicas[majority[0]],
         "during-partition",
         Duration::from_secs(30),
@@ -166,7 +110,8 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
         "leader {leader} partitioned: the majority acknowledged a write {:?} later",
         cut_at.elapsed()
     );
-    let new_leader = leader_among(&replicas, &majority).expect("a leader in the majority");
+    let new_leader =
+        leader_of(majority.iter().map(|&i| &replicas[i])).expect("a leader in the majority");
     assert_ne!(new_leader, leader);
 
     // The old leader refuses writes, with an error that says why, and never acknowledges one.
@@ -186,7 +131,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
             "clients converge on the majority",
             Duration::from_secs(60),
             || {
-                let ok = peers_online(&nodes[a]) == want;
+                let ok = nodes[a].peers_online() == want;
                 async move { ok.then_some(()) }
             },
         )
@@ -218,14 +163,14 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
 
     // 2. Leader in the majority: cut a follower; writes through the leader go on.
     let leader = wait_for("a leader after healing", Duration::from_secs(30), || {
-        let l = leader_among(&replicas, &all);
+        let l = leader_of(&replicas);
         async move { l }
     })
     .await;
     let li = (leader - 1) as usize;
     let fi = (li + 1) % 3;
     lan.cut(fi);
-    create_user(&replicas[li], "leader-in-majority", Duration::from_secs(30)).await;
+    create_user_retrying(&replicas[li], "leader-in-majority", Duration::from_secs(30)).await;
     let out = replicas[fi].cli(&["users", "create", "cut-follower-write"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "a cut-off follower accepted a write");
