@@ -227,8 +227,14 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     {
         let stop = shutdown_signal(&shutdown_rx);
         tasks.spawn(async move {
+            use axum::serve::ListenerExt;
+            // Nagle plus the client's delayed ACKs would hold small DERP frames and map
+            // deltas back by up to 40 ms; Go (the official client and derper) disables it too.
+            let listener = control_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let serve = axum::serve(
-                control_listener,
+                listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(stop);
