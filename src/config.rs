@@ -177,6 +177,9 @@ pub struct DerpConfig {
     /// Relay only for nodes of this tailnet (current, unexpired node keys); off makes the
     /// relay open to anyone who can reach it.
     pub verify_clients: bool,
+    /// A DERP map in Tailscale's JSON form whose regions are added to the map clients get
+    /// (e.g. your own external relays, or Tailscale's public ones as a fallback).
+    pub extra_regions_file: Option<std::path::PathBuf>,
 }
 
 impl Default for DerpConfig {
@@ -192,6 +195,7 @@ impl Default for DerpConfig {
             stun_listen_addr: SocketAddr::from(([127, 0, 0, 1], 3478)),
             insecure_for_tests: false,
             verify_clients: true,
+            extra_regions_file: None,
         }
     }
 }

@@ -38,6 +38,8 @@ pub enum ServerError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("Raft TLS: {0}")]
     Tls(#[from] hydrascale_raft::tls::TlsError),
+    #[error("derp.extra_regions_file {path}: {message}")]
+    ExtraRegions { path: String, message: String },
 }
 
 /// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -78,6 +80,17 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     let local_key = ControlKey::load_or_create(&config.data_dir.join("control.key"))?;
     let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
 
+    let extra_regions = match &config.derp.extra_regions_file {
+        Some(path) => control::mapper::load_extra_regions(
+            path,
+            config.derp.enabled.then_some(config.derp.region_id),
+        )
+        .map_err(|message| ServerError::ExtraRegions {
+            path: path.display().to_string(),
+            message,
+        })?,
+        None => Default::default(),
+    };
     let store = StateStore::new();
     let tls = match config.cluster.tls_files() {
         Some((ca, cert, key)) => Some(hydrascale_raft::RaftTls::load(ca, cert, key)?),
@@ -222,6 +235,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         db.clone(),
         me,
         serving_rx,
+        extra_regions,
     );
     app = app.merge(control::router(state));
     {

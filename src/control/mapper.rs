@@ -62,10 +62,50 @@ pub fn local_replica(config: &Config, admin_addr: &str, control_addr: SocketAddr
     }
 }
 
+/// Reads `derp.extra_regions_file`: a DERP map in Tailscale's JSON form
+/// (`{"Regions": {"ID": {"RegionID": ID, "Nodes": [...]}}}`), checked so that a mistake
+/// stops the server at start rather than breaking every client's map later.
+pub fn load_extra_regions(
+    path: &std::path::Path,
+    own_region: Option<i32>,
+) -> Result<BTreeMap<String, Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?;
+    let regions = v
+        .get("Regions")
+        .and_then(Value::as_object)
+        .ok_or("expected an object with \"Regions\", as served at /derpmap/default")?;
+    let mut out = BTreeMap::new();
+    for (key, region) in regions {
+        let id = region.get("RegionID").and_then(Value::as_i64);
+        if id.map(|i| i.to_string()).as_deref() != Some(key.as_str()) {
+            return Err(format!("region {key:?}: RegionID must be the number {key}"));
+        }
+        if id == own_region.map(i64::from) {
+            return Err(format!(
+                "region {key} is the cluster's own region (derp.region_id); pick another id"
+            ));
+        }
+        let nodes = region.get("Nodes").and_then(Value::as_array);
+        if nodes.is_none_or(|n| n.is_empty() || n.iter().any(|n| n.get("HostName").is_none())) {
+            return Err(format!(
+                "region {key}: \"Nodes\" must list at least one node, each with a HostName"
+            ));
+        }
+        out.insert(key.clone(), region.clone());
+    }
+    Ok(out)
+}
+
 /// The cluster's DERP region: one node per replica, this replica's first so that its
 /// clients use the relay of the replica they talk to (the relays mesh, so peers on
-/// other replicas are still reached).
-pub fn derp_map(config: &Config, replicas: &BTreeMap<u64, Replica>, me: &Replica) -> Value {
+/// other replicas are still reached); plus any extra regions from the config.
+pub fn derp_map(
+    config: &Config,
+    replicas: &BTreeMap<u64, Replica>,
+    me: &Replica,
+    extra: &BTreeMap<String, Value>,
+) -> Value {
     let d = &config.derp;
     let mut regions = BTreeMap::new();
     if d.enabled {
@@ -92,11 +132,17 @@ pub fn derp_map(config: &Config, replicas: &BTreeMap<u64, Replica>, me: &Replica
             },
         );
     }
-    serde_json::to_value(DerpMap {
+    let mut map = serde_json::to_value(DerpMap {
         regions,
         omit_default_regions: true,
     })
-    .unwrap_or(Value::Null)
+    .unwrap_or(Value::Null);
+    if let Some(r) = map.get_mut("Regions").and_then(Value::as_object_mut) {
+        for (id, region) in extra {
+            r.insert(id.clone(), region.clone());
+        }
+    }
+    map
 }
 
 /// `tailcfg.Node` for one node, as peers (and the node itself) see it.
@@ -352,4 +398,48 @@ pub fn encode_frame(resp: &MapResponse) -> Result<bytes::Bytes, std::io::Error> 
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&compressed);
     Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+        let p = dir.join("regions.json");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn extra_regions_merge_after_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = r#"{"Regions": {"1": {"RegionID": 1, "RegionCode": "nyc", "RegionName": "New York",
+            "Nodes": [{"Name": "1a", "RegionID": 1, "HostName": "derp1.example.com"}]}}}"#;
+        let extra = load_extra_regions(&write(dir.path(), good), Some(900)).unwrap();
+        let config = Config::default();
+        let me = local_replica(&config, "127.0.0.1:1", "127.0.0.1:8080".parse().unwrap());
+        let map = derp_map(&config, &BTreeMap::new(), &me, &extra);
+        assert_eq!(map["Regions"]["1"]["RegionCode"], "nyc");
+        assert_eq!(map["Regions"]["900"]["Nodes"][0]["DERPPort"], 8080);
+
+        for (bad, why) in [
+            ("[]", "Regions"),
+            (
+                r#"{"Regions": {"1": {"RegionID": 2, "Nodes": [{"HostName": "h"}]}}}"#,
+                "RegionID",
+            ),
+            (
+                r#"{"Regions": {"900": {"RegionID": 900, "Nodes": [{"HostName": "h"}]}}}"#,
+                "own region",
+            ),
+            (
+                r#"{"Regions": {"1": {"RegionID": 1, "Nodes": []}}}"#,
+                "Nodes",
+            ),
+            ("{", "not JSON"),
+        ] {
+            let err = load_extra_regions(&write(dir.path(), bad), Some(900)).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 
 pub mod batch;
 mod map;
-mod mapper;
+pub mod mapper;
 mod register;
 pub mod tailcfg;
 mod ts2021;
@@ -88,6 +88,8 @@ pub struct ControlState {
     sessions: Mutex<HashMap<u64, u32>>,
     /// Endpoint/hostinfo updates and online state go through here, batched.
     pub updates: batch::UpdateBatcher,
+    /// Regions from `derp.extra_regions_file`, merged into every DERP map.
+    pub extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl ControlState {
@@ -97,6 +99,7 @@ impl ControlState {
         db: Db,
         me: Replica,
         serving: watch::Receiver<bool>,
+        extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Arc<Self> {
         let updates = batch::UpdateBatcher::spawn(db.clone());
         Arc::new(Self {
@@ -107,11 +110,12 @@ impl ControlState {
             serving,
             sessions: Mutex::new(HashMap::new()),
             updates,
+            extra_regions,
         })
     }
 
     pub fn derp_map(&self, t: &Tailnet) -> serde_json::Value {
-        derp_map(&self.config, &t.replicas, &self.me)
+        derp_map(&self.config, &t.replicas, &self.me, &self.extra_regions)
     }
 
     /// Refuses work while this replica is cut off from the quorum.
