@@ -73,6 +73,9 @@ pub async fn control_key(
 ) -> Result<ControlKey, ClusterError> {
     let mut last_note = Instant::now();
     let mut proposed = false;
+    // Built on first use: a restarted founder whose cluster already has a key must not
+    // need its (possibly since deleted) backup file.
+    let mut first_state: Option<Command> = None;
     loop {
         let agreed = db.store.read().control_key.clone();
         if let Some(text) = agreed {
@@ -83,20 +86,24 @@ pub async fn control_key(
             return Ok(key);
         }
         if !proposed && db.raft.status().current_leader.is_some() {
-            let cmd = match &seed {
-                None => None,
-                Some(Seed::Key(k)) => Some(Command::SetControlKey {
-                    key: k.private_text(),
-                }),
-                Some(Seed::Backup(path)) => Some(restore_command(path)?),
-            };
-            if let Some(cmd) = cmd {
-                match db.write(cmd).await {
+            if first_state.is_none() {
+                first_state = match &seed {
+                    None => None,
+                    Some(Seed::Key(k)) => Some(Command::SetControlKey {
+                        key: k.private_text(),
+                    }),
+                    Some(Seed::Backup(path)) => Some(restore_command(path)?),
+                };
+            }
+            if let Some(cmd) = &first_state {
+                match db.write(cmd.clone()).await {
                     Ok(_) => {
                         proposed = true;
                         if let Some(Seed::Backup(path)) = &seed {
                             tracing::info!(path = %path.display(), "new cluster seeded from the backup");
                         }
+                        // Read the agreed key at once.
+                        continue;
                     }
                     Err(crate::state::DbError::State(e)) => {
                         if let Some(Seed::Backup(path)) = &seed {
@@ -107,9 +114,9 @@ pub async fn control_key(
                         }
                         tracing::warn!(error = %e, "proposing the control key");
                     }
+                    // No leader yet or no quorum: wait below, then try again.
                     Err(e) => tracing::debug!(error = %e, "proposing the first state"),
                 }
-                continue;
             }
         }
         if last_note.elapsed() > Duration::from_secs(10) {
