@@ -63,7 +63,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Members, roles, term, log and applied indexes, and (on the leader) contact ages.
+    /// Members, roles, term, log and applied indexes, and (on the leader) each member's
+    /// replication lag and contact age.
     Status,
     /// Add a running replica (started with cluster.join = true) as a non-voting learner;
     /// returns once it has caught up.
@@ -505,8 +506,8 @@ async fn run(cli: Cli) -> Result<()> {
                         opt(r.snapshot_index)
                     );
                     println!(
-                        "{:<4} {:<8} {:<22} {:<22} {:<22} CONTACT",
-                        "ID", "ROLE", "RAFT", "ADMIN", "DERP"
+                        "{:<4} {:<8} {:<22} {:<22} {:<22} {:<6} CONTACT",
+                        "ID", "ROLE", "RAFT", "ADMIN", "DERP", "LAG"
                     );
                     for m in &r.members {
                         let role = if Some(m.id) == r.leader {
@@ -519,8 +520,13 @@ async fn run(cli: Cli) -> Result<()> {
                         let contact = m
                             .last_contact_ms
                             .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+                        // Entries the leader has that the member does not (leader's view only).
+                        let lag = match (r.last_log_index, m.matched_index) {
+                            (Some(last), Some(matched)) => last.saturating_sub(matched).to_string(),
+                            _ => "-".to_string(),
+                        };
                         println!(
-                            "{:<4} {:<8} {:<22} {:<22} {:<22} {contact}",
+                            "{:<4} {:<8} {:<22} {:<22} {:<22} {lag:<6} {contact}",
                             m.id, role, m.raft_addr, m.admin_addr, m.derp
                         );
                     }

@@ -373,6 +373,20 @@ impl RaftNode {
         ages.get(voters.len() / 2).copied().flatten()
     }
 
+    /// As leader: the highest log index each member is known to hold (`None` inside for a
+    /// member not yet matched). `None` when not leader.
+    pub fn matched_indexes(&self) -> Option<BTreeMap<u64, Option<u64>>> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        m.replication.map(|r| {
+            r.into_iter()
+                .map(|(id, matched)| (id, matched.map(|l| l.index)))
+                .collect()
+        })
+    }
+
     /// As leader: how long ago each other member (voter or learner) last answered an
     /// append. `None` for a member that never answered this node, or when not leader.
     pub fn peer_answer_ages(&self) -> Option<BTreeMap<u64, Option<Duration>>> {

@@ -481,6 +481,7 @@ impl Admin {
     async fn cluster_status(&self) -> proto::ClusterStatusReply {
         let st = self.db.raft.status();
         let ages = self.db.raft.peer_answer_ages().unwrap_or_default();
+        let matched = self.db.raft.matched_indexes().unwrap_or_default();
         let t = self.db.store.read();
         let members = st
             .membership
@@ -502,6 +503,11 @@ impl Admin {
                             .copied()
                             .flatten()
                             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    },
+                    matched_index: if *id == st.id && st.current_leader == Some(st.id) {
+                        st.last_log_index
+                    } else {
+                        matched.get(id).copied().flatten()
                     },
                 }
             })

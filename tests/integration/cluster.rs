@@ -533,6 +533,21 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
         vec![(1, true), (2, true), (3, true), (4, false)]
     );
 
+    // The leader reports each member's replication lag; all catch up to zero.
+    wait_for(
+        "every member caught up (lag 0)",
+        Duration::from_secs(30),
+        || {
+            let st = replicas[li].cli_json(&["cluster", "status"]);
+            let last = st["last_log_index"].as_u64();
+            let ok = last.is_some()
+                && st["members"].as_array().is_some_and(|m| {
+                    m.len() == 4 && m.iter().all(|m| m["matched_index"].as_u64() == last)
+                });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
     let out = replicas[li].cli(&["cluster", "promote", "--id", "4"]);
     assert!(
         out.status.success(),
