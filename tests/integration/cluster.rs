@@ -32,15 +32,7 @@ async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<ReplicaP
         r.start();
     }
     for r in &replicas {
-        wait_for(
-            &format!("replica {} ready", r.id),
-            Duration::from_secs(60),
-            || {
-                let ok = r.ready();
-                async move { ok.then_some(()) }
-            },
-        )
-        .await;
+        r.wait_ready().await;
     }
     replicas
 }
@@ -285,11 +277,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
 
     // The old leader comes back and catches up.
     replicas[li].start();
-    wait_for("old leader rejoins", Duration::from_secs(60), || {
-        let ok = replicas[li].ready();
-        async move { ok.then_some(()) }
-    })
-    .await;
+    replicas[li].wait_ready().await;
     wait_for("old leader caught up", Duration::from_secs(30), || {
         let users = user_names(&replicas[li]);
         let ok = acked.iter().all(|a| users.contains(a));
@@ -330,15 +318,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         }
     }
     for r in &replicas {
-        wait_for(
-            &format!("replica {} ready after restart", r.id),
-            Duration::from_secs(60),
-            || {
-                let ok = r.ready();
-                async move { ok.then_some(()) }
-            },
-        )
-        .await;
+        r.wait_ready().await;
     }
     let users = user_names(&replicas[0]);
     for name in &acked {
@@ -362,15 +342,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         create_user_retrying(&replicas[other], &name, Duration::from_secs(30)).await;
         rolling.push(name);
         replicas[i].start();
-        wait_for(
-            &format!("replica {} ready after its restart", replicas[i].id),
-            Duration::from_secs(60),
-            || {
-                let ok = replicas[i].ready();
-                async move { ok.then_some(()) }
-            },
-        )
-        .await;
+        replicas[i].wait_ready().await;
     }
     for r in &replicas {
         wait_for(
@@ -419,11 +391,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         "--set",
         &format!("cluster.restore_from={}", backup.display()),
     ]);
-    wait_for("restored replica ready", Duration::from_secs(60), || {
-        let ok = fresh.ready();
-        async move { ok.then_some(()) }
-    })
-    .await;
+    fresh.wait_ready().await;
     assert_eq!(node_view(&fresh), before);
     let users = user_names(&fresh);
     for name in acked.iter().chain(&rolling) {
@@ -443,11 +411,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
         "--set",
         &format!("cluster.restore_from={}", backup.display()),
     ]);
-    wait_for("restored replica restarts", Duration::from_secs(60), || {
-        let ok = fresh.ready();
-        async move { ok.then_some(()) }
-    })
-    .await;
+    fresh.wait_ready().await;
     assert_eq!(node_view(&fresh), before);
 
     drop(n3);
@@ -522,11 +486,7 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
         "add-learner: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("the learner serves", Duration::from_secs(60), || {
-        let ok = r4.ready();
-        async move { ok.then_some(()) }
-    })
-    .await;
+    r4.wait_ready().await;
     assert!(user_names(&r4).contains(&"before-join".to_string()));
     assert_eq!(
         members(&replicas[li]),

@@ -364,6 +364,20 @@ isolation_timeout = "8s"
         http_get(&self.control, "/ready").is_some_and(|(code, _)| code == 200)
     }
 
+    /// Waits up to 60 s for `/ready` to answer 200 (started, in a cluster, in contact with
+    /// a quorum).
+    pub async fn wait_ready(&self) {
+        wait_for(
+            &format!("replica {} ready", self.id),
+            Duration::from_secs(60),
+            || {
+                let ok = self.ready();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         cli_in(self.netns.as_deref(), &self.admin, args)
     }

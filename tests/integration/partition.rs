@@ -40,15 +40,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
         r.start();
     }
     for r in &replicas {
-        wait_for(
-            &format!("replica {} ready", r.id),
-            Duration::from_secs(60),
-            || {
-                let ok = r.ready();
-                async move { ok.then_some(()) }
-            },
-        )
-        .await;
+        r.wait_ready().await;
     }
     let lb = Haproxy::start(dir.path(), &lb_addr, &replicas.iter().collect::<Vec<_>>());
     wait_for("load balancer up", Duration::from_secs(30), || {
