@@ -335,16 +335,6 @@ impl RaftNode {
         }
     }
 
-    /// Waits until this node may serve a linearizable read.
-    pub async fn read_barrier(&self) -> Result<(), RaftError> {
-        self.inner
-            .raft
-            .ensure_linearizable()
-            .await
-            .map(|_| ())
-            .map_err(|e| RaftError::NoQuorum(e.to_string()))
-    }
-
     /// How long ago this replica last had evidence that it is part of a working quorum:
     /// as leader, when a majority of voters (itself included) last answered; otherwise,
     /// the last append accepted from a leader. `None` if it never had any, e.g. a replica

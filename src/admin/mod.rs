@@ -444,7 +444,13 @@ impl AdminService for Admin {
         &self,
         _req: Request<proto::Empty>,
     ) -> Result<Response<proto::BackupReply>, Status> {
-        self.db.raft.read_barrier().await.map_err(raft_status)?;
+        // openraft's linearizable read only works on the leader; an empty batch written
+        // through Raft works from any replica: it returns once this replica has applied
+        // it, and with it every write acknowledged before this call.
+        self.write(Command::Batch {
+            commands: Vec::new(),
+        })
+        .await?;
         let applied_index = self.db.raft.status().last_applied.unwrap_or(0);
         let (tailnet, users, nodes, keys) = {
             let t = self.db.store.read();

@@ -488,6 +488,10 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
     );
     r4.wait_ready().await;
     assert!(user_names(&r4).contains(&"before-join".to_string()));
+    // A backup can be taken on a follower.
+    let backup = dir.path().join("from-follower.backup");
+    let b = replicas[fa].cli_json(&["cluster", "backup", "--out", backup.to_str().expect("path")]);
+    assert!(b["users"].as_u64() >= Some(1), "{b}");
     assert_eq!(
         members(&replicas[li]),
         vec![(1, true), (2, true), (3, true), (4, false)]
