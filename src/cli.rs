@@ -98,8 +98,43 @@ enum ClusterCmd {
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
     },
+    /// Start a new cluster on the replica at --admin-addr, which must have been started with
+    /// cluster.join = true and an empty data directory. Alone, or with --peers (also
+    /// started with cluster.join = true); a majority must be running to finish.
+    Init {
+        /// The other voters, e.g. 2=10.0.0.2:50444,3=10.0.0.3:50444.
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<(u64, String)>,
+    },
+    /// Like `init`, but the new cluster starts with the state of a backup (same users,
+    /// nodes, addresses and control key, so clients keep working unchanged).
+    Restore {
+        /// A file written by `hydrascale cluster backup`.
+        #[arg(long)]
+        from: PathBuf,
+        /// The other voters, e.g. 2=10.0.0.2:50444,3=10.0.0.3:50444.
+        #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+        peers: Vec<(u64, String)>,
+    },
+    /// Add a running replica (started with cluster.join = true) as a voter: add-learner,
+    /// wait until it has caught up, promote. Send to the leader.
+    Join {
+        /// The new replica's node_id.
+        #[arg(long)]
+        id: u64,
+        /// The new replica's Raft address (HOST:PORT).
+        #[arg(long)]
+        raft_addr: String,
+    },
+    /// Hand leadership to another voter (send to the leader), e.g. before stopping the
+    /// leader for maintenance. Writes pause for about one election timeout.
+    TransferLeader {
+        /// The voter to hand over to; without it, the most caught-up other voter.
+        #[arg(long)]
+        to: Option<u64>,
+    },
     /// Write the whole tailnet state (users, nodes, keys, control key) to a file. Restore
-    /// it by starting the first replica of a new cluster with cluster.restore_from = FILE.
+    /// it with `cluster restore` (or cluster.restore_from on a new founding replica).
     Backup {
         /// File to write (replaced atomically); it holds the control key: keep it secret.
         #[arg(long)]
@@ -184,6 +219,21 @@ pub fn main_entry() -> Result<()> {
         .init();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run(cli))
+}
+
+/// `ID=HOST:PORT` for --peers.
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NODE_ID=HOST:PORT"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {id:?} is not a node_id"))?;
+    if addr.rsplit_once(':').is_none() {
+        return Err(format!("{s:?}: {addr:?} is not HOST:PORT"));
+    }
+    Ok((id, addr.trim().to_string()))
 }
 
 fn fmt_ms(ms: Option<i64>) -> String {
@@ -558,6 +608,68 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("Snapshot taken");
             }
             ClusterCmd::Certs { out, ids } => make_certs(&out, &ids)?,
+            ClusterCmd::Init { peers } => {
+                let r = c
+                    .init_cluster(proto::InitClusterRequest {
+                        peers: peers.into_iter().collect(),
+                        backup: Vec::new(),
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r, || {
+                    println!("New cluster started; control key {}", r.control_key);
+                })?;
+            }
+            ClusterCmd::Restore { from, peers } => {
+                let backup = std::fs::read(&from)
+                    .with_context(|| format!("reading the backup {}", from.display()))?;
+                let r = c
+                    .init_cluster(proto::InitClusterRequest {
+                        peers: peers.into_iter().collect(),
+                        backup,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r, || {
+                    println!(
+                        "New cluster started from {}: {} users, {} nodes; control key {}",
+                        from.display(),
+                        r.users,
+                        r.nodes,
+                        r.control_key
+                    );
+                })?;
+            }
+            ClusterCmd::Join { id, raft_addr } => {
+                c.add_learner(proto::AddLearnerRequest {
+                    id,
+                    raft_addr: raft_addr.clone(),
+                })
+                .await
+                .map_err(grpc_error)?;
+                c.promote(proto::MemberIdRequest { id })
+                    .await
+                    .map_err(grpc_error)
+                    .with_context(|| format!("replica {id} was added as a learner and caught up, but promoting it failed; retry with `hydrascale cluster promote --id {id}`"))?;
+                println!("Replica {id} ({raft_addr}) joined the cluster as a voter");
+            }
+            ClusterCmd::TransferLeader { to } => {
+                let r = c
+                    .transfer_leader(proto::TransferLeaderRequest {
+                        to: to.unwrap_or(0),
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r, || {
+                    println!(
+                        "Replica {} is the leader now (writes paused {} ms)",
+                        r.leader, r.paused_ms
+                    );
+                })?;
+            }
             ClusterCmd::Backup { out } => {
                 let r = c
                     .backup(proto::Empty {})

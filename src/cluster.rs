@@ -122,7 +122,7 @@ pub async fn control_key(
         if last_note.elapsed() > Duration::from_secs(10) {
             last_note = Instant::now();
             tracing::info!(
-                "waiting for the cluster: a majority of cluster.peers must be running, or, for a joining replica, run `hydrascale cluster add-learner` against the leader"
+                "waiting for the cluster: a majority of cluster.peers must be running; a replica started with cluster.join = true waits for `hydrascale cluster join` (or add-learner) against the leader, or for `hydrascale cluster init` / `cluster restore` against itself"
             );
         }
         tokio::select! {
@@ -152,21 +152,27 @@ fn restore_command(path: &std::path::Path) -> Result<Command, ClusterError> {
         path: path.display().to_string(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    restore_command_from(&text).map_err(err)
+}
+
+/// The `Restore` command for a backup file's contents, checked: right format, a state
+/// that decodes, a control key.
+pub fn restore_command_from(backup: &[u8]) -> Result<Command, String> {
     let backup: Backup =
-        serde_json::from_str(&text).map_err(|e| err(format!("not a Hydrascale backup: {e}")))?;
+        serde_json::from_slice(backup).map_err(|e| format!("not a Hydrascale backup: {e}"))?;
     if backup.format != BACKUP_FORMAT {
-        return Err(err(format!(
+        return Err(format!(
             "format {:?} is not {BACKUP_FORMAT:?}",
             backup.format
-        )));
+        ));
     }
     let tailnet: crate::state::Tailnet = serde_json::from_value(backup.tailnet)
-        .map_err(|e| err(format!("tailnet state does not decode: {e}")))?;
+        .map_err(|e| format!("tailnet state does not decode: {e}"))?;
     if tailnet.control_key.is_none() {
-        return Err(err("it holds no control key".into()));
+        return Err("it holds no control key".into());
     }
-    let tailnet = serde_json::to_string(&tailnet).map_err(|e| err(e.to_string()))?;
+    let tailnet = serde_json::to_string(&tailnet).map_err(|e| e.to_string())?;
     Ok(Command::Restore { tailnet })
 }
 

@@ -64,7 +64,8 @@ pub struct ClusterConfig {
     /// cluster. Empty: a cluster of this replica alone. Ignored once the data directory
     /// holds a cluster.
     pub peers: String,
-    /// Start no cluster: wait to be added with `hydrascale cluster add-learner`.
+    /// Start no cluster by itself: wait to be added (`cluster join`/`add-learner` on the
+    /// leader) or to found one (`cluster init`/`cluster restore` against this replica).
     pub join: bool,
     /// Raft address other replicas dial; defaults to `raft_listen_addr`.
     pub advertise_raft_addr: Option<String>,

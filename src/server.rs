@@ -129,9 +129,10 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         })?;
     {
         let db = db.clone();
+        let join = config.cluster.join;
         let stop = shutdown_signal(&shutdown_rx);
         tasks.spawn(async move {
-            if let Err(e) = crate::admin::serve_admin(admin_listener, db, stop).await {
+            if let Err(e) = crate::admin::serve_admin(admin_listener, db, join, stop).await {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });

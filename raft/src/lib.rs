@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)]
 
 mod error;
+mod handover;
 mod network;
 mod store;
 pub mod tls;
@@ -103,6 +104,10 @@ struct Inner {
     applied: watch::Receiver<u64>,
     write_timeout: Duration,
     stale_leader_after: Duration,
+    /// openraft's leader lease: voters refuse to vote for this long after a leader's
+    /// last append (its `election_timeout_max`).
+    leader_lease: Duration,
+    gate: handover::WriteGate,
     server_stop: Mutex<Option<oneshot::Sender<()>>>,
     server_task: Mutex<Option<JoinHandle<()>>>,
     // openraft's storage tasks wind down after `shutdown` returns; RocksDB's lock is only
@@ -167,10 +172,12 @@ impl RaftNode {
         .await
         .map_err(|e| RaftError::Raft(e.to_string()))?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let gate = handover::WriteGate::default();
         let svc = network::proto::raft_service_server::RaftServiceServer::new(
             network::server::RaftGrpc {
                 raft: raft.clone(),
                 contacts: contacts.clone(),
+                gate: gate.clone(),
             },
         )
         .max_decoding_message_size(256 * 1024 * 1024)
@@ -201,6 +208,8 @@ impl RaftNode {
                 applied: applied_rx,
                 write_timeout: config.write_timeout,
                 stale_leader_after: Duration::from_millis(config.election_timeout_ms.1),
+                leader_lease: Duration::from_millis(config.election_timeout_ms.1),
+                gate,
                 server_stop: Mutex::new(Some(stop_tx)),
                 server_task: Mutex::new(Some(task)),
                 db_closed: Mutex::new(Some(db_closed)),
@@ -252,36 +261,70 @@ impl RaftNode {
     /// Proposes a command and returns the application's response once it is committed and
     /// applied on this node. Followers forward to the leader.
     pub async fn write(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftError> {
+        match self.write_once(command.clone()).await {
+            // The leader refused it without appending it (it had just handed leadership
+            // over) and named its successor: safe to send again once this replica follows
+            // that one too.
+            Err(RaftError::NotLeader {
+                leader: Some(named),
+            }) => {
+                let mut metrics = self.inner.raft.metrics();
+                let _ = tokio::time::timeout(
+                    self.inner.leader_lease,
+                    metrics.wait_for(|m| m.current_leader == Some(named)),
+                )
+                .await;
+                self.write_once(command).await
+            }
+            res => res,
+        }
+    }
+
+    async fn write_once(&self, command: Vec<u8>) -> Result<Vec<u8>, RaftError> {
         let timeout = self.inner.write_timeout;
-        // A leader that has not heard from a majority for an election timeout is probably
-        // cut off; refuse now rather than append an entry whose fate is unknown.
-        if self.is_leader() {
-            match self.quorum_contact_age() {
-                Some(age) if age <= self.inner.stale_leader_after => {}
-                age => {
-                    return Err(RaftError::NoQuorum(format!(
-                        "this replica is the leader but has not heard from a majority of replicas for {}",
-                        age.map_or("ever".to_string(), |a| format!("{a:.1?}"))
-                    )))
+        let local = async {
+            let _open = self.inner.gate.enter().await;
+            // A leader that has not heard from a majority for an election timeout is
+            // probably cut off; refuse now rather than append an entry whose fate is
+            // unknown.
+            if self.is_leader() {
+                let stale = self.inner.stale_leader_after;
+                let mut age = self.quorum_contact_age();
+                // A leader elected a moment ago has not had its first appends answered
+                // (what it has are answers from an earlier term, or none); give them a
+                // moment.
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                while age.is_none_or(|a| a > stale) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    age = self.quorum_contact_age();
+                }
+                match age {
+                    Some(age) if age <= stale => {}
+                    age => {
+                        return Err(RaftError::NoQuorum(format!(
+                            "this replica is the leader but has not heard from a majority of replicas for {}",
+                            age.map_or("ever".to_string(), |a| format!("{a:.1?}"))
+                        )))
+                    }
                 }
             }
-        }
-        let res =
-            tokio::time::timeout(timeout, self.inner.raft.client_write(command.clone())).await;
-        match res {
+            Ok(self.inner.raft.client_write(command.clone()).await)
+        };
+        match tokio::time::timeout(timeout, local).await {
             Err(_) => Err(RaftError::NoQuorum(format!(
                 "the write was not committed within {timeout:?}"
             ))),
-            Ok(Ok(r)) => Ok(r.data),
-            Ok(Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                match (f.leader_id, f.leader_node) {
-                    (Some(leader), Some(node)) if leader != self.inner.id => {
-                        self.forward(leader, &node.addr, command).await
-                    }
-                    (leader, _) => Err(RaftError::NotLeader { leader }),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Ok(r))) => Ok(r.data),
+            Ok(Ok(Err(openraft::error::RaftError::APIError(
+                ClientWriteError::ForwardToLeader(f),
+            )))) => match (f.leader_id, f.leader_node) {
+                (Some(leader), Some(node)) if leader != self.inner.id => {
+                    self.forward(leader, &node.addr, command).await
                 }
-            }
-            Ok(Err(e)) => Err(RaftError::Raft(e.to_string())),
+                (leader, _) => Err(RaftError::NotLeader { leader }),
+            },
+            Ok(Ok(Err(e))) => Err(RaftError::Raft(e.to_string())),
         }
     }
 
@@ -306,9 +349,19 @@ impl RaftNode {
                 }
             }
         };
+        let call = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command));
+        tokio::pin!(call);
         let res = tokio::select! {
-            r = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command)) => r,
-            _ = leader_lost => return Err(RaftError::LeaderLost { leader }),
+            r = &mut call => r,
+            _ = leader_lost => {
+                // A leader that handed leadership over on purpose is still there and
+                // answers at once (it held the write back, so "not leader": retried
+                // below); one cut off answers nothing.
+                match tokio::time::timeout(Duration::from_secs(1), &mut call).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(RaftError::LeaderLost { leader }),
+                }
+            }
         };
         let res = res
             .map_err(|_| {
@@ -404,6 +457,20 @@ impl RaftNode {
         self.inner.id
     }
 
+    /// The Raft address other replicas dial for this one.
+    pub fn advertise_addr(&self) -> &str {
+        &self.inner.advertise
+    }
+
+    /// Whether this node belongs to a cluster (was initialized, or reached by a leader).
+    pub async fn is_initialized(&self) -> Result<bool, RaftError> {
+        self.inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| RaftError::Raft(e.to_string()))
+    }
+
     pub fn listen_addr(&self) -> SocketAddr {
         self.inner.addr
     }
@@ -471,6 +538,7 @@ impl RaftNode {
 
     pub async fn change_membership(&self, voters: Vec<u64>) -> Result<(), RaftError> {
         let set: BTreeSet<u64> = voters.into_iter().collect();
+        let _open = self.inner.gate.enter().await;
         self.inner
             .raft
             .change_membership(set, false)
@@ -482,6 +550,7 @@ impl RaftNode {
     /// Makes a learner a voter (joint consensus inside openraft).
     pub async fn promote(&self, id: u64) -> Result<(), RaftError> {
         let ids = BTreeSet::from([id]);
+        let _open = self.inner.gate.enter().await;
         self.inner
             .raft
             .change_membership(openraft::ChangeMembers::AddVoterIds(ids), true)
@@ -518,6 +587,7 @@ impl RaftNode {
         } else {
             openraft::ChangeMembers::RemoveNodes(ids)
         };
+        let _open = self.inner.gate.enter().await;
         self.inner
             .raft
             .change_membership(change, false)

@@ -150,6 +150,50 @@ async fn three_nodes_forward_and_fail_over() {
         apps[0].commands().len() == 21 && apps.iter().all(|a| a.commands() == apps[0].commands())
     })
     .await;
+    // Hand leadership to another node while every node keeps writing: each write lands
+    // exactly once, and the chosen node leads.
+    let from = nodes[0].status().current_leader.expect("leader");
+    let to = from % 3 + 1;
+    let writers: Vec<_> = nodes
+        .iter()
+        .cloned()
+        .map(|n| {
+            tokio::spawn(async move {
+                for i in 0..30u32 {
+                    let cmd = format!("handover-{}-{i}", n.node_id()).into_bytes();
+                    n.write(cmd).await.expect("write during the handover");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let paused = nodes[from as usize - 1]
+        .transfer_leader(to)
+        .await
+        .expect("transfer");
+    assert!(paused < Duration::from_secs(5), "paused {paused:?}");
+    for w in writers {
+        w.await.expect("writer");
+    }
+    wait_for("everyone follows the new leader", || {
+        nodes.iter().all(|n| n.status().current_leader == Some(to))
+    })
+    .await;
+    wait_for("convergence after the handover", || {
+        apps[0].commands().len() == 111 && apps.iter().all(|a| a.commands() == apps[0].commands())
+    })
+    .await;
+    // Not to itself, not from a follower.
+    assert_eq!(
+        nodes[to as usize - 1]
+            .transfer_leader(to)
+            .await
+            .expect("no-op"),
+        Duration::ZERO
+    );
+    assert!(nodes[from as usize - 1].transfer_leader(to).await.is_err());
+
     // Kill the leader; the other two elect a new one and keep accepting writes.
     let leader = nodes[0].status().current_leader.expect("leader");
     let idx = nodes

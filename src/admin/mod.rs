@@ -110,6 +110,8 @@ fn generate_key() -> String {
 
 pub struct Admin {
     db: Db,
+    /// Started with `cluster.join = true`: may found a cluster on request (`InitCluster`).
+    may_init: bool,
 }
 
 impl Admin {
@@ -432,6 +434,109 @@ impl AdminService for Admin {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn transfer_leader(
+        &self,
+        req: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderReply>, Status> {
+        self.require_leader()?;
+        let me = self.db.raft.node_id();
+        let st = self.db.raft.status();
+        let to = match req.into_inner().to {
+            0 => {
+                // The voter with the most of the log loses the least time catching up.
+                let matched = self.db.raft.matched_indexes().unwrap_or_default();
+                st.membership
+                    .iter()
+                    .filter(|(id, _, voter)| *voter && *id != me)
+                    .max_by_key(|(id, _, _)| matched.get(id).copied().flatten())
+                    .map(|(id, _, _)| *id)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(
+                            "this replica is the only voter; promote another one first",
+                        )
+                    })?
+            }
+            id => id,
+        };
+        let paused = self
+            .db
+            .raft
+            .transfer_leader(to)
+            .await
+            .map_err(raft_status)?;
+        tracing::info!(to, paused_ms = paused.as_millis(), "leadership handed over");
+        Ok(Response::new(proto::TransferLeaderReply {
+            leader: to,
+            paused_ms: u64::try_from(paused.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn init_cluster(
+        &self,
+        req: Request<proto::InitClusterRequest>,
+    ) -> Result<Response<proto::InitClusterReply>, Status> {
+        let r = req.into_inner();
+        let me = self.db.raft.node_id();
+        if self.db.raft.is_initialized().await.map_err(raft_status)? {
+            return Err(Status::failed_precondition(
+                "this replica already belongs to a cluster; `cluster init` and `cluster restore` only work on a new replica started with cluster.join = true (and an empty data directory)",
+            ));
+        }
+        if !self.may_init {
+            return Err(Status::failed_precondition(
+                "this replica was not started with cluster.join = true: it founds or joins the cluster named by cluster.peers by itself",
+            ));
+        }
+        if r.peers.contains_key(&me) || r.peers.contains_key(&0) {
+            return Err(Status::invalid_argument(format!(
+                "--peers lists the other voters only (this replica is {me}); node_ids start at 1"
+            )));
+        }
+        if let Some((id, addr)) = r.peers.iter().find(|(_, a)| a.rsplit_once(':').is_none()) {
+            return Err(Status::invalid_argument(format!(
+                "peer {id}: {addr:?} is not a Raft address HOST:PORT"
+            )));
+        }
+        // Check the backup before the cluster exists: a bad file must leave nothing behind.
+        let first = if r.backup.is_empty() {
+            Command::SetControlKey {
+                key: crate::noise::ControlKey::generate().private_text(),
+            }
+        } else {
+            crate::cluster::restore_command_from(&r.backup)
+                .map_err(|e| Status::invalid_argument(format!("the backup: {e}")))?
+        };
+        let mut voters = r
+            .peers
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>();
+        voters.insert(me, self.db.raft.advertise_addr().to_string());
+        let count = voters.len();
+        self.db.raft.initialize(voters).await.map_err(raft_status)?;
+        self.db
+            .raft
+            .wait_for_leader(std::time::Duration::from_secs(60))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "{e}: the cluster is initialized with {count} voters, but a majority of them must be running (with cluster.join = true) to elect a leader; start them and the election happens by itself"
+                ))
+            })?;
+        self.write(first).await?;
+        let t = self.db.store.read();
+        let key = t
+            .control_key
+            .as_deref()
+            .and_then(|k| crate::noise::ControlKey::parse(k).ok())
+            .map(|k| k.public_text())
+            .unwrap_or_default();
+        Ok(Response::new(proto::InitClusterReply {
+            control_key: key,
+            users: t.users.len() as u64,
+            nodes: t.nodes.len() as u64,
+        }))
+    }
+
     async fn snapshot(
         &self,
         _req: Request<proto::Empty>,
@@ -540,10 +645,15 @@ impl Admin {
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     db: Db,
+    may_init: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
     tonic::transport::Server::builder()
-        .add_service(AdminServiceServer::new(Admin { db }))
+        .add_service(
+            AdminServiceServer::new(Admin { db, may_init })
+                // A backup sent to `InitCluster` is the whole tailnet.
+                .max_decoding_message_size(256 * 1024 * 1024),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,

@@ -512,6 +512,10 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
         },
     )
     .await;
+    // A learner cannot lead.
+    let out = replicas[li].cli(&["cluster", "transfer-leader", "--to", "4"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("promote"), "{err}");
     let out = replicas[li].cli(&["cluster", "promote", "--id", "4"]);
     assert!(
         out.status.success(),
@@ -547,6 +551,33 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
     )
     .await;
 
+    // Hand leadership to the new replica while a write arrives at the other follower:
+    // the write waits for the handover and lands.
+    let (fb_admin, fb_id) = (replicas[fb].admin.clone(), replicas[fb].id);
+    let during = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let out = crate::fixtures::cli_at(&fb_admin, &["users", "create", "during-handover"]);
+        (out, started.elapsed())
+    });
+    let t = Instant::now();
+    let moved = replicas[li].cli_json(&["cluster", "transfer-leader", "--to", "4"]);
+    let took = t.elapsed();
+    assert_eq!(moved["leader"].as_u64(), Some(4), "{moved}");
+    let (out, write_took) = during.join().expect("writer thread");
+    assert!(
+        out.status.success(),
+        "write through replica {fb_id} during the handover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "transfer-leader took {took:?} (writes paused {} ms); a write during it took {write_took:?}",
+        moved["paused_ms"]
+    );
+    for r in [&replicas[li], &replicas[fb], &r4] {
+        let st = r.cli_json(&["cluster", "status"]);
+        assert_eq!(st["leader"].as_u64(), Some(4), "replica {}: {st}", r.id);
+    }
     // Writes through the new replica are forwarded and replicated.
     r4.cli_json(&["users", "create", "after-replace"]);
     // Kill the old leader: the new voter and the remaining original are a majority.
@@ -558,11 +589,109 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
         Duration::from_secs(30),
         || {
             let users = user_names(&replicas[fb]);
-            let ok = ["before-join", "after-replace", "new-majority"]
-                .iter()
-                .all(|u| users.contains(&u.to_string()));
+            let ok = [
+                "before-join",
+                "during-handover",
+                "after-replace",
+                "new-majority",
+            ]
+            .iter()
+            .all(|u| users.contains(&u.to_string()));
             async move { ok.then_some(()) }
         },
     )
     .await;
+}
+
+/// The CLI way to build and rebuild clusters, on replicas started with `cluster.join`:
+/// `init` a new one, `join` a replica as a voter, `transfer-leader`, and `restore` a
+/// backup into a new two-replica cluster; a bad backup leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_join_transfer_and_restore_from_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
+    let waiting = |root: &std::path::Path, id: u64| {
+        let mut r = ReplicaProc::new(root, id);
+        r.write_config(&url, "", true);
+        r.start();
+        r
+    };
+    let r1 = waiting(dir.path(), 1);
+    r1.wait_admin().await;
+    let init = r1.cli_json(&["cluster", "init"]);
+    let key = init["control_key"]
+        .as_str()
+        .expect("control key")
+        .to_string();
+    assert!(key.starts_with("mkey:"), "{init}");
+    r1.wait_ready().await;
+    r1.cli_json(&["users", "create", "alice"]);
+    let out = r1.cli(&["cluster", "init"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already belongs"),
+        "{err}"
+    );
+
+    let r2 = waiting(dir.path(), 2);
+    let out = r1.cli(&["cluster", "join", "--id", "2", "--raft-addr", &r2.raft]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    r2.wait_ready().await;
+    assert_eq!(members(&r1), vec![(1, true), (2, true)]);
+    assert!(user_names(&r2).contains(&"alice".to_string()));
+    let moved = r1.cli_json(&["cluster", "transfer-leader"]);
+    assert_eq!(moved["leader"].as_u64(), Some(2), "{moved}");
+    assert_eq!(leader_of([&r1, &r2]), Some(2));
+    // Through the old leader, now a follower.
+    r1.cli_json(&["users", "create", "bob"]);
+
+    let backup = dir.path().join("two.backup");
+    r1.cli_json(&["cluster", "backup", "--out", backup.to_str().expect("path")]);
+    let old_key = http_get(&r1.control, "/key?v=100").expect("/key").1;
+
+    // A file that is not a backup is refused before anything is created.
+    let root = dir.path().join("restored");
+    let n1 = waiting(&root, 1);
+    let n2 = waiting(&root, 2);
+    n1.wait_admin().await;
+    n2.wait_admin().await;
+    let junk = dir.path().join("junk.backup");
+    std::fs::write(&junk, b"{\"format\": 1}").expect("junk");
+    let out = n1.cli(&["cluster", "restore", "--from", junk.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a Hydrascale backup"),
+        "{err}"
+    );
+
+    let peers = format!("2={}", n2.raft);
+    let restored = n1.cli_json(&[
+        "cluster",
+        "restore",
+        "--from",
+        backup.to_str().expect("path"),
+        "--peers",
+        &peers,
+    ]);
+    assert_eq!(restored["users"].as_u64(), Some(2), "{restored}");
+    n1.wait_ready().await;
+    n2.wait_ready().await;
+    assert_eq!(members(&n1), vec![(1, true), (2, true)]);
+    for r in [&n1, &n2] {
+        let users = user_names(r);
+        assert!(
+            users.contains(&"alice".to_string()) && users.contains(&"bob".to_string()),
+            "replica {}: {users:?}",
+            r.id
+        );
+        assert_eq!(
+            http_get(&r.control, "/key?v=100").expect("/key").1,
+            old_key,
+            "the restored cluster serves the old control key"
+        );
+    }
 }

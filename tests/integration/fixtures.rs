@@ -378,6 +378,20 @@ isolation_timeout = "8s"
         .await;
     }
 
+    /// Waits until the admin API accepts connections: a replica started with
+    /// `cluster.join` is never ready before it belongs to a cluster.
+    pub async fn wait_admin(&self) {
+        wait_for(
+            &format!("replica {} admin API", self.id),
+            Duration::from_secs(60),
+            || {
+                let ok = std::net::TcpStream::connect(&self.admin).is_ok();
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         cli_in(self.netns.as_deref(), &self.admin, args)
     }
@@ -421,7 +435,6 @@ impl Drop for ReplicaProc {
     }
 }
 
-/// HAProxy from the system, running the shipped `deploy/haproxy/haproxy.cfg`.
 /// The leader as the first running replica of `replicas` that answers `cluster status`.
 pub fn leader_of<'a>(replicas: impl IntoIterator<Item = &'a ReplicaProc>) -> Option<u64> {
     replicas
@@ -558,6 +571,7 @@ impl Drop for Lan {
     }
 }
 
+/// HAProxy from the system, running the shipped `deploy/haproxy/haproxy.cfg`.
 pub struct Haproxy {
     pub addr: String,
     child: Child,

@@ -162,19 +162,37 @@ impl WriteForwarder {
         }
     }
 
-    pub async fn write(&self, addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
-        let ch = {
-            let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(addr) {
-                Some(ch) => ch.clone(),
-                None => {
-                    let ch = channel(addr, self.tls.as_deref()).map_err(|e| e.to_string())?;
-                    map.insert(addr.to_string(), ch.clone());
-                    ch
-                }
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(addr) {
+            Some(ch) => Ok(ch.clone()),
+            None => {
+                let ch = channel(addr, self.tls.as_deref()).map_err(|e| e.to_string())?;
+                map.insert(addr.to_string(), ch.clone());
+                Ok(ch)
             }
-        };
-        let mut c = RaftServiceClient::new(ch);
+        }
+    }
+
+    /// Asks the replica at `addr` to start an election after `delay` (leadership handover).
+    pub async fn timeout_now(
+        &self,
+        addr: &str,
+        leader: u64,
+        delay: Duration,
+    ) -> Result<(), String> {
+        let mut c = RaftServiceClient::new(self.channel(addr)?);
+        c.timeout_now(super::proto::TimeoutNowRequest {
+            leader,
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
+    }
+
+    pub async fn write(&self, addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
+        let mut c = RaftServiceClient::new(self.channel(addr)?);
         let resp = c
             .client_write(Payload { data: cmd })
             .await

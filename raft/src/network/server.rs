@@ -11,6 +11,7 @@ use crate::TypeConfig;
 pub struct RaftGrpc {
     pub raft: openraft::Raft<TypeConfig>,
     pub contacts: super::Contacts,
+    pub gate: crate::handover::WriteGate,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -48,7 +49,11 @@ impl RaftService for RaftGrpc {
 
     async fn client_write(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let cmd: Vec<u8> = req.into_inner().data;
-        let res = match self.raft.client_write(cmd).await {
+        let res = {
+            let _open = self.gate.enter().await;
+            self.raft.client_write(cmd).await
+        };
+        let res = match res {
             Ok(r) => ForwardResult::Ok {
                 index: r.log_id.index,
                 data: r.data,
@@ -61,5 +66,33 @@ impl RaftService for RaftGrpc {
             Err(e) => ForwardResult::Failed(e.to_string()),
         };
         encode(&res)
+    }
+
+    async fn timeout_now(
+        &self,
+        req: Request<super::proto::TimeoutNowRequest>,
+    ) -> Result<Response<Payload>, Status> {
+        let r = req.into_inner();
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(r.leader) {
+            return Err(Status::failed_precondition(format!(
+                "replica {} is not the leader this replica follows ({:?})",
+                r.leader, m.current_leader
+            )));
+        }
+        if !m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == m.id)
+        {
+            return Err(Status::failed_precondition(
+                "this replica is a learner and cannot lead; promote it first",
+            ));
+        }
+        // Bounded so a confused caller cannot park an election for long.
+        let delay = std::time::Duration::from_millis(r.delay_ms.min(60_000));
+        crate::handover::timeout_now(&self.raft, r.leader, delay);
+        Ok(Response::new(Payload { data: Vec::new() }))
     }
 }
