@@ -97,6 +97,7 @@ fn start_cluster(dir: &Path) -> Vec<Replica> {
 listen_addr = "127.0.0.1:{control}"
 admin_listen_addr = "127.0.0.1:{admin}"
 raft_listen_addr = "127.0.0.1:{raft}"
+metrics_listen_addr = "127.0.0.1:0"
 data_dir = "{data}"
 node_id = {id}
 

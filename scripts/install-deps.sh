@@ -14,6 +14,8 @@ command -v clang >/dev/null || need_apt+=(clang)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
+command -v prometheus >/dev/null || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq

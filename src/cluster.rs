@@ -241,6 +241,23 @@ async fn announce(db: Db, me: Replica, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Entries a replica may trail the leader's last announced commit and still count as
+/// caught up: under steady writes a healthy follower is always a few behind.
+const READY_SLACK: u64 = 100;
+
+/// Whether a load balancer should send clients here (`/ready`): in contact with the
+/// majority (`serving`) and caught up with the leader, so a replica replaying a long log
+/// after a restart gets no clients until it holds what they expect. `Err` says why not.
+pub fn readiness(db: &Db, serving: &watch::Receiver<bool>) -> Result<(), &'static str> {
+    if !*serving.borrow() {
+        return Err("this replica has lost contact with the cluster's majority");
+    }
+    if !db.raft.caught_up(READY_SLACK) {
+        return Err("this replica is still catching up with the leader's log");
+    }
+    Ok(())
+}
+
 /// Publishes whether this replica is in contact with a quorum. Losing it for
 /// `isolation_timeout` ends client streams here (see `ControlState::serving`).
 async fn watch_quorum(
@@ -364,7 +381,7 @@ async fn mesh_with_replicas(
         loop {
             tokio::select! {
                 c = changes.recv() => match c {
-                    Ok(Change::ReplicasChanged) | Ok(Change::Reset)
+                    Ok((_, Change::ReplicasChanged)) | Ok((_, Change::Reset))
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
                     Ok(_) => continue,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

@@ -41,6 +41,8 @@ pub struct Config {
     pub admin_listen_addr: SocketAddr,
     /// Raft gRPC listener between replicas.
     pub raft_listen_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`) and probes (`/health`, `/ready`).
+    pub metrics_listen_addr: SocketAddr,
     /// Where RocksDB (Raft log and state) and the control key live.
     pub data_dir: PathBuf,
     /// This replica's Raft node id (unique in the cluster, never reused).
@@ -208,6 +210,7 @@ impl Default for Config {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen_addr: SocketAddr::from(([127, 0, 0, 1], 50443)),
             raft_listen_addr: SocketAddr::from(([127, 0, 0, 1], 50444)),
+            metrics_listen_addr: SocketAddr::from(([127, 0, 0, 1], 50445)),
             data_dir: PathBuf::from("hydrascale-data"),
             node_id: 1,
             base_domain: "hydrascale.internal".into(),

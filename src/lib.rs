@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod derp;
+pub mod metrics;
 pub mod noise;
 pub mod server;
 pub mod state;

@@ -49,6 +49,7 @@ pub struct ServerHandle {
     pub control_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub raft_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub stun_addr: Option<SocketAddr>,
     pub db: Db,
     pub control_key: ControlKey,
@@ -225,11 +226,35 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         &mut tasks,
         db.clone(),
         me.clone(),
-        derp_server,
+        derp_server.clone(),
         config.cluster.isolation_timeout(),
         serving_tx,
         shutdown_rx.clone(),
     );
+    let metrics_listener = bind("metrics", config.metrics_listen_addr).await?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            what: "metrics",
+            addr: config.metrics_listen_addr,
+            source,
+        })?;
+    {
+        let sources = crate::metrics::Sources {
+            metrics: db.store.metrics().clone(),
+            db: db.clone(),
+            derp: derp_server,
+            serving: serving_rx.clone(),
+        };
+        let stop = shutdown_signal(&shutdown_rx);
+        tasks.spawn(async move {
+            let serve = axum::serve(metrics_listener, crate::metrics::router(sources))
+                .with_graceful_shutdown(stop);
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     let state = ControlState::new(
         config.clone(),
         control_key.clone(),
@@ -263,6 +288,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         control = %control_addr,
         admin = %admin_addr,
         raft = %raft_addr,
+        metrics = %metrics_addr,
         "hydrascale replica {} is up",
         config.node_id
     );
@@ -271,6 +297,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         control_addr,
         admin_addr,
         raft_addr,
+        metrics_addr,
         stun_addr,
         db,
         control_key,

@@ -284,6 +284,19 @@ impl RaftNode {
         let timeout = self.inner.write_timeout;
         let local = async {
             let _open = self.inner.gate.enter().await;
+            // A follower that has not heard from any leader for this long is cut off: refuse
+            // now, definitively, rather than forward a write that may be delivered once the
+            // network heals ("may or may not have been applied"). Twice the leader lease,
+            // so a leadership handover (heartbeats paused for one lease) never trips it.
+            if !self.is_leader() {
+                if let Some(age) = self.inner.contacts.last_from_leader().map(|t| t.elapsed()) {
+                    if age > 2 * self.inner.leader_lease {
+                        return Err(RaftError::NoQuorum(format!(
+                            "this replica has not heard from a leader for {age:.1?}, so it is probably cut off from the majority"
+                        )));
+                    }
+                }
+            }
             // A leader that has not heard from a majority for an election timeout is
             // probably cut off; refuse now rather than append an entry whose fate is
             // unknown.
@@ -414,6 +427,22 @@ impl RaftNode {
         // Youngest first, never-answered last; the majority-th answer bounds the quorum's age.
         ages.sort_by_key(|a| a.unwrap_or(Duration::MAX));
         ages.get(voters.len() / 2).copied().flatten()
+    }
+
+    /// Whether this replica has applied what the leader had committed when it last heard
+    /// from it, give or take `slack` entries (a replica under steady writes is always a
+    /// few behind). The leader has by definition; a replica that never heard from a
+    /// leader has not.
+    pub fn caught_up(&self, slack: u64) -> bool {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader {
+            return true;
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        self.inner
+            .contacts
+            .leader_commit()
+            .is_some_and(|commit| applied + slack >= commit)
     }
 
     /// As leader: the highest log index each member is known to hold (`None` inside for a

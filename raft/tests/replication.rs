@@ -123,6 +123,8 @@ async fn three_nodes_forward_and_fail_over() {
         nodes.push(n);
     }
     nodes[0].initialize_single().await.expect("init");
+    // Never heard from a leader: not caught up.
+    assert!(!nodes[1].caught_up(1000));
     for n in &nodes[1..] {
         nodes[0]
             .add_learner(n.node_id(), n.listen_addr().to_string())
@@ -148,6 +150,12 @@ async fn three_nodes_forward_and_fail_over() {
     }
     wait_for("convergence", || {
         apps[0].commands().len() == 21 && apps.iter().all(|a| a.commands() == apps[0].commands())
+    })
+    .await;
+    // Followers learn the leader's commit index from its appends and count as caught up
+    // once they have applied it.
+    wait_for("everyone caught up", || {
+        nodes.iter().all(|n| n.caught_up(0))
     })
     .await;
     // Hand leadership to another node while every node keeps writing: each write lands

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -77,6 +79,11 @@ async fn map(
     }
     .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
     let first = encode_frame(&first).map_err(|e| ControlError::Internal(e.to_string()))?;
+    let metrics = st.db.store.metrics();
+    metrics.map_responses_full.fetch_add(1, Ordering::Relaxed);
+    metrics
+        .map_bytes
+        .fetch_add(first.len() as u64, Ordering::Relaxed);
     if !req.stream {
         return Ok(Response::new(Body::from(first)));
     }
@@ -173,7 +180,7 @@ fn close_session(st: &ControlState, id: u64) -> bool {
 async fn run_stream(
     st: Arc<ControlState>,
     mut view: StreamView,
-    mut changes: broadcast::Receiver<Change>,
+    mut changes: broadcast::Receiver<crate::state::StampedChange>,
     tx: mpsc::Sender<Bytes>,
 ) {
     let id = view.self_id;
@@ -183,7 +190,11 @@ async fn run_stream(
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     let mut serving = st.serving.clone();
+    let metrics = st.db.store.metrics().clone();
+    metrics.map_streams.fetch_add(1, Ordering::Relaxed);
     loop {
+        // When the oldest change this message carries was applied here.
+        let mut oldest_change = None;
         let resp: Option<MapResponse> = tokio::select! {
             _ = tx.closed() => break,
             // Cut off from the quorum: end the stream so the client reconnects elsewhere.
@@ -201,6 +212,10 @@ async fn run_stream(
                 let mut pending = Some(first);
                 // Drain the burst so many changes become one message.
                 while let Some(item) = pending.take() {
+                    let item = item.map(|(at, c)| {
+                        oldest_change.get_or_insert(at);
+                        c
+                    });
                     match item {
                         Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
                         Ok(Change::UserChanged(_)) => {}
@@ -237,6 +252,13 @@ async fn run_stream(
             }
         };
         let Some(resp) = resp else { continue };
+        let kind = if resp.keep_alive {
+            &metrics.map_keepalives
+        } else if resp.peers.is_some() {
+            &metrics.map_responses_full
+        } else {
+            &metrics.map_responses_delta
+        };
         let frame = match encode_frame(&resp) {
             Ok(f) => f,
             Err(e) => {
@@ -244,10 +266,17 @@ async fn run_stream(
                 break;
             }
         };
+        let len = frame.len() as u64;
         if tx.send(frame).await.is_err() {
             break;
         }
+        kind.fetch_add(1, Ordering::Relaxed);
+        metrics.map_bytes.fetch_add(len, Ordering::Relaxed);
+        if let Some(at) = oldest_change {
+            metrics.update_fanout.observe(at.elapsed());
+        }
     }
+    metrics.map_streams.fetch_sub(1, Ordering::Relaxed);
     if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
         set_online(&st, id, false).await;
     }

@@ -168,11 +168,11 @@ async fn derp_map_handler(State(st): State<Arc<ControlState>>) -> Json<serde_jso
     Json(st.derp_map(&st.db.store.read()))
 }
 
-/// 200 while this replica may serve clients (in contact with a quorum), 503 otherwise:
-/// what a load balancer's health check asks.
+/// 200 while this replica may serve clients (in contact with a quorum and caught up with
+/// the leader), 503 otherwise: what a load balancer's health check asks.
 async fn ready_handler(State(st): State<Arc<ControlState>>) -> Response {
-    match st.check_serving() {
+    match crate::cluster::readiness(&st.db, &st.serving) {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => e.into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }

@@ -21,7 +21,12 @@ pub async fn handle(
     Extension(peer): Extension<NoisePeer>,
     body: Bytes,
 ) -> Response {
-    match register(&st, &peer, &body).await {
+    let res = register(&st, &peer, &body).await;
+    st.db
+        .store
+        .metrics()
+        .registration(matches!(&res, Ok(r) if r.error.is_empty()));
+    match res {
         Ok(resp) => Json(resp).into_response(),
         Err(e) => e.into_response(),
     }

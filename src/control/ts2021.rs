@@ -66,10 +66,12 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
     let accepted = match accept_initiation(&st.key, &init) {
         Ok(a) => a,
         Err(e) => {
+            st.db.store.metrics().handshake(false);
             tracing::info!(error = %e, "noise handshake refused");
             return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
         }
     };
+    st.db.store.metrics().handshake(true);
     let peer = NoisePeer {
         machine_key: format!("mkey:{}", hex::encode(accepted.machine_key)),
         version: accepted.version,

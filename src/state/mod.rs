@@ -10,7 +10,7 @@ mod tests;
 mod types;
 
 pub use error::StateError;
-pub use store::{now_ms, Db, DbError, StateStore};
+pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, Tailnet};
 pub use types::{
     Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,

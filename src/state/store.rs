@@ -17,10 +17,14 @@ pub fn now_ms() -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A change and when it was applied here (for the update fan-out latency metric).
+pub type StampedChange = (std::time::Instant, Change);
+
 #[derive(Clone)]
 pub struct StateStore {
     tailnet: Arc<RwLock<Tailnet>>,
-    changes: broadcast::Sender<Change>,
+    changes: broadcast::Sender<StampedChange>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for StateStore {
@@ -35,7 +39,13 @@ impl StateStore {
         Self {
             tailnet: Arc::new(RwLock::new(Tailnet::default())),
             changes,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// This replica's metrics: the store is the one thing every plane already holds.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The applied state. Hold the guard briefly: `apply` waits for it.
@@ -43,14 +53,15 @@ impl StateStore {
         self.tailnet.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+    pub fn subscribe(&self) -> broadcast::Receiver<StampedChange> {
         self.changes.subscribe()
     }
 
     fn publish(&self, changes: Vec<Change>) {
+        let now = std::time::Instant::now();
         for c in changes {
             // No subscribers is fine: nobody is streaming maps.
-            let _ = self.changes.send(c);
+            let _ = self.changes.send((now, c));
         }
     }
 }
@@ -61,10 +72,17 @@ impl hydrascale_raft::Application for StateStore {
     fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
         let result: Encoded = match serde_json::from_slice::<Command>(command) {
             Ok(cmd) => {
+                // Timed out here, around the pure `Tailnet::apply`: the duration only feeds
+                // the metric, never the state.
+                let started = std::time::Instant::now();
                 let (result, changes) = {
                     let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
                     t.apply(&cmd)
                 };
+                self.metrics.apply.observe(started.elapsed());
+                self.metrics
+                    .applied_entries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.publish(changes);
                 result
             }

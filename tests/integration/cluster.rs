@@ -12,7 +12,7 @@ use crate::fixtures::{
 /// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`, Raft over
 /// mutual TLS with certificates from `hydrascale cluster certs` in `root/certs`; returns
 /// once every replica is ready.
-async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<ReplicaProc> {
+pub async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<ReplicaProc> {
     let certs = root.join("certs");
     crate::fixtures::make_certs(&certs, &[1, 2, 3]);
     let mut replicas: Vec<ReplicaProc> = (1..=3)

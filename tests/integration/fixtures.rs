@@ -57,6 +57,7 @@ impl TestServer {
             listen_addr: any_port,
             admin_listen_addr: any_port,
             raft_listen_addr: any_port,
+            metrics_listen_addr: any_port,
             ..Config::default()
         };
         config.derp.stun_listen_addr = "127.0.0.1:0".parse().expect("addr");
@@ -97,6 +98,7 @@ impl TestServer {
         config.listen_addr = h.control_addr;
         config.admin_listen_addr = h.admin_addr;
         config.raft_listen_addr = h.raft_addr;
+        config.metrics_listen_addr = h.metrics_addr;
         if let Some(stun) = h.stun_addr {
             config.derp.stun_listen_addr = stun;
         }
@@ -207,6 +209,19 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// A replica's `/metrics` as series (name with labels, as written) -> value.
+pub fn scrape(metrics_addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let (code, body) = http_get(metrics_addr, "/metrics").expect("metrics listener answers");
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// One `hydrascale serve` process with its own config file, data and log.
 pub struct ReplicaProc {
     pub id: u64,
@@ -215,6 +230,8 @@ pub struct ReplicaProc {
     pub admin: String,
     pub raft: String,
     pub stun: String,
+    /// Prometheus metrics and probes.
+    pub metrics: String,
     /// Directory made by `hydrascale cluster certs`: Raft runs over mutual TLS.
     pub tls_dir: Option<PathBuf>,
     /// Network namespace the process runs in (see [`Lan`]); the CLI runs there too.
@@ -234,6 +251,7 @@ impl ReplicaProc {
             admin: format!("127.0.0.1:{}", free_port()),
             raft: format!("127.0.0.1:{}", free_port()),
             stun: format!("127.0.0.1:{}", free_udp_port()),
+            metrics: format!("127.0.0.1:{}", free_port()),
             tls_dir: None,
             netns: None,
             child: None,
@@ -261,14 +279,21 @@ impl ReplicaProc {
     /// Writes the config: clients log in at `server_url`; a new cluster starts with the
     /// voters `peers`, or (`join`) the replica waits to be added.
     pub fn write_config(&self, server_url: &str, peers: &str, join: bool) {
-        let (control, admin, raft, stun, id) =
-            (&self.control, &self.admin, &self.raft, &self.stun, self.id);
+        let (control, admin, raft, stun, metrics, id) = (
+            &self.control,
+            &self.admin,
+            &self.raft,
+            &self.stun,
+            &self.metrics,
+            self.id,
+        );
         let (control_host, control_port) = control.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
         let toml = format!(
             r#"server_url = "{server_url}"
 listen_addr = "{control}"
 admin_listen_addr = "{admin}"
 raft_listen_addr = "{raft}"
+metrics_listen_addr = "{metrics}"
 data_dir = "{data}"
 node_id = {id}
 

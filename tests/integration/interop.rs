@@ -93,6 +93,23 @@ async fn official_clients_register_see_each_other_and_ping() {
         }
     }
 
+    // The replica's metrics count what just happened.
+    let metrics = crate::fixtures::scrape(&server.handle().metrics_addr.to_string());
+    for (series, at_least) in [
+        ("hydrascale_registrations_total{result=\"ok\"}", 3.0),
+        ("hydrascale_noise_handshakes_total{result=\"ok\"}", 3.0),
+        ("hydrascale_map_streams", 3.0),
+        ("hydrascale_nodes_online", 3.0),
+        ("hydrascale_map_responses_total{kind=\"full\"}", 3.0),
+        ("hydrascale_map_responses_total{kind=\"delta\"}", 1.0),
+        ("hydrascale_update_fanout_seconds_count", 1.0),
+        ("hydrascale_derp_clients", 3.0),
+        ("hydrascale_raft_is_leader", 1.0),
+    ] {
+        let v = metrics.get(series).copied().unwrap_or(-1.0);
+        assert!(v >= at_least, "{series} = {v}, want >= {at_least}");
+    }
+
     // tailscale ping between two real clients.
     let target = nodes[1].ipv4();
     let out = nodes[0].cli(&["ping", "--c", "10", "--timeout", "5s", &target]);

@@ -3,5 +3,7 @@
 mod cluster;
 mod fixtures;
 mod interop;
+mod monitoring;
+mod packaging;
 mod partition;
 mod protocol;

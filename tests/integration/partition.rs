@@ -162,7 +162,25 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     let li = (leader - 1) as usize;
     let fi = (li + 1) % 3;
     lan.cut(fi);
+    let cut_at = Instant::now();
     create_user_retrying(&replicas[li], "leader-in-majority", Duration::from_secs(30)).await;
+    // Once the follower knows it is cut off (no leader heard for two leader leases, 6 s),
+    // it refuses writes outright; before that it cannot know, and says a forwarded write
+    // "may or may not" have landed.
+    wait_for(
+        "the cut-off follower gives up its leader",
+        Duration::from_secs(30),
+        || {
+            let st = replicas[fi].cli_json(&["cluster", "status"]);
+            let ok = st["leader"].is_null();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(
+        (cut_at + Duration::from_millis(6500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     let out = replicas[fi].cli(&["users", "create", "cut-follower-write"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "a cut-off follower accepted a write");

@@ -27,6 +27,8 @@ pub struct Contacts {
 struct ContactTimes {
     answered: HashMap<u64, Instant>,
     from_leader: Option<Instant>,
+    /// The commit index the leader announced in its latest accepted append.
+    leader_commit: Option<u64>,
 }
 
 impl Contacts {
@@ -38,8 +40,16 @@ impl Contacts {
         self.lock().answered.insert(peer, Instant::now());
     }
 
-    pub fn leader_appended(&self) {
-        self.lock().from_leader = Some(Instant::now());
+    pub fn leader_appended(&self, leader_commit: Option<u64>) {
+        let mut c = self.lock();
+        c.from_leader = Some(Instant::now());
+        if leader_commit.is_some() {
+            c.leader_commit = leader_commit;
+        }
+    }
+
+    pub fn leader_commit(&self) -> Option<u64> {
+        self.lock().leader_commit
     }
 
     pub fn last_answer(&self, peer: u64) -> Option<Instant> {

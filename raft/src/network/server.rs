@@ -29,10 +29,11 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
 impl RaftService for RaftGrpc {
     async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        let leader_commit = rpc.leader_commit.map(|l| l.index);
         let res = self.raft.append_entries(rpc).await;
         // Only an accepted append proves a live leader with our term; a stale one does not.
         if matches!(&res, Ok(r) if r.is_success()) {
-            self.contacts.leader_appended();
+            self.contacts.leader_appended(leader_commit);
         }
         encode(&res)
     }

@@ -1,0 +1,553 @@
+//! Prometheus metrics of one replica, served on their own listener
+//! (`metrics_listen_addr`, `/metrics`, plus `/health` and `/ready` for probes).
+//!
+//! The planes bump counters and histograms in [`Metrics`] as things happen; everything
+//! that is a state (Raft's view, the tailnet's size, DERP's current clients, the process)
+//! is read at scrape time instead, so it can never drift from the truth. The text format
+//! is written here directly: a handful of families does not warrant a client library.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::derp::DerpServer;
+use crate::state::Db;
+
+/// Upper bounds (seconds) shared by every latency histogram: 100 µs to 10 s.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
+
+/// A latency histogram with fixed buckets, lock-free to observe.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in nanoseconds, so it can be an integer atomic.
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// What the planes count as it happens. One per replica (tests run several in one
+/// process), shared by `Arc`.
+#[derive(Default)]
+pub struct Metrics {
+    pub noise_handshakes: AtomicU64,
+    pub noise_handshake_failures: AtomicU64,
+    pub registrations: AtomicU64,
+    pub registrations_refused: AtomicU64,
+    /// Open streaming map long-polls on this replica.
+    pub map_streams: AtomicI64,
+    pub map_responses_full: AtomicU64,
+    pub map_responses_delta: AtomicU64,
+    pub map_keepalives: AtomicU64,
+    /// Compressed bytes of map responses handed to clients' connections.
+    pub map_bytes: AtomicU64,
+    /// From a change being applied here to the update that carries it being queued on a
+    /// client's stream.
+    pub update_fanout: Histogram,
+    /// Time the state machine spends applying one committed entry.
+    pub apply: Histogram,
+    pub applied_entries: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+}
+
+fn add(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn handshake(&self, ok: bool) {
+        add(if ok {
+            &self.noise_handshakes
+        } else {
+            &self.noise_handshake_failures
+        });
+    }
+
+    pub fn registration(&self, ok: bool) {
+        add(if ok {
+            &self.registrations
+        } else {
+            &self.registrations_refused
+        });
+    }
+}
+
+/// What a scrape reads besides the counters.
+#[derive(Clone)]
+pub struct Sources {
+    pub metrics: Arc<Metrics>,
+    pub db: Db,
+    pub derp: Option<DerpServer>,
+    /// Whether this replica serves clients (in contact with a quorum).
+    pub serving: watch::Receiver<bool>,
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn one(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        let _ = writeln!(
+            self.out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+
+    fn labelled<V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        rows: impl IntoIterator<Item = (String, V)>,
+    ) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// The whole exposition, in Prometheus text format 0.0.4.
+pub fn render(src: &Sources) -> String {
+    let mut out = String::with_capacity(8192);
+    let m = &src.metrics;
+    let raft = &src.db.raft;
+    let st = raft.status();
+    let id = raft.node_id();
+    {
+        let mut f = Family { out: &mut out };
+        f.one(
+            "hydrascale_raft_term",
+            "gauge",
+            "Current Raft term.",
+            st.term,
+        );
+        f.one(
+            "hydrascale_raft_is_leader",
+            "gauge",
+            "1 if this replica is the Raft leader.",
+            u8::from(st.current_leader == Some(id)),
+        );
+        f.one(
+            "hydrascale_raft_has_leader",
+            "gauge",
+            "1 if this replica knows a leader.",
+            u8::from(st.current_leader.is_some()),
+        );
+        f.one(
+            "hydrascale_raft_leader_id",
+            "gauge",
+            "node_id of the leader this replica knows (0: none).",
+            st.current_leader.unwrap_or(0),
+        );
+        f.one(
+            "hydrascale_raft_last_log_index",
+            "gauge",
+            "Index of the last entry in this replica's log.",
+            st.last_log_index.unwrap_or(0),
+        );
+        f.one(
+            "hydrascale_raft_applied_index",
+            "gauge",
+            "Index of the last entry applied to this replica's state.",
+            st.last_applied.unwrap_or(0),
+        );
+        f.one(
+            "hydrascale_raft_snapshot_index",
+            "gauge",
+            "Index the latest snapshot covers.",
+            st.snapshot_index.unwrap_or(0),
+        );
+        f.one(
+            "hydrascale_raft_log_entries",
+            "gauge",
+            "Entries in the log since the latest snapshot (what a restart replays).",
+            st.last_log_index
+                .unwrap_or(0)
+                .saturating_sub(st.snapshot_index.unwrap_or(0)),
+        );
+        f.one(
+            "hydrascale_raft_voters",
+            "gauge",
+            "Voting members of the cluster.",
+            st.membership.iter().filter(|m| m.2).count(),
+        );
+        f.one(
+            "hydrascale_raft_members",
+            "gauge",
+            "Members of the cluster, voters and learners.",
+            st.membership.len(),
+        );
+        f.one(
+            "hydrascale_raft_quorum_contact_age_seconds",
+            "gauge",
+            "Seconds since this replica last had evidence of a working quorum (-1: never).",
+            raft.quorum_contact_age().map_or(-1.0, |a| a.as_secs_f64()),
+        );
+        if let Some(matched) = raft.matched_indexes() {
+            let last = st.last_log_index.unwrap_or(0);
+            f.labelled(
+                "hydrascale_raft_member_lag_entries",
+                "gauge",
+                "On the leader: log entries each member has not yet got.",
+                matched.into_iter().map(|(member, idx)| {
+                    (
+                        format!("member=\"{member}\""),
+                        last.saturating_sub(idx.unwrap_or(0)),
+                    )
+                }),
+            );
+        }
+        f.one(
+            "hydrascale_ready",
+            "gauge",
+            "1 while /ready answers 200: in contact with a quorum and caught up with the leader.",
+            u8::from(crate::cluster::readiness(&src.db, &src.serving).is_ok()),
+        );
+        f.one(
+            "hydrascale_raft_applied_entries_total",
+            "counter",
+            "Entries applied to the state machine since start.",
+            load(&m.applied_entries),
+        );
+    }
+    m.apply.render(
+        &mut out,
+        "hydrascale_raft_apply_duration_seconds",
+        "Time to apply one committed entry to the state.",
+    );
+
+    let (nodes, online, users, keys) = {
+        let t = src.db.store.read();
+        (
+            t.nodes.len(),
+            t.nodes.values().filter(|n| n.online).count(),
+            t.users.len(),
+            t.preauth_keys.len(),
+        )
+    };
+    {
+        let mut f = Family { out: &mut out };
+        f.one("hydrascale_nodes", "gauge", "Nodes in the tailnet.", nodes);
+        f.one(
+            "hydrascale_nodes_online",
+            "gauge",
+            "Nodes streaming a map from any replica.",
+            online,
+        );
+        f.one("hydrascale_users", "gauge", "Users in the tailnet.", users);
+        f.one(
+            "hydrascale_preauth_keys",
+            "gauge",
+            "Pre-auth keys, used or not.",
+            keys,
+        );
+        f.one(
+            "hydrascale_map_streams",
+            "gauge",
+            "Streaming map long-polls open on this replica (its connected nodes).",
+            m.map_streams.load(Ordering::Relaxed),
+        );
+        f.labelled(
+            "hydrascale_map_responses_total",
+            "counter",
+            "Map responses sent by this replica, by kind.",
+            [
+                ("kind=\"full\"".to_string(), load(&m.map_responses_full)),
+                ("kind=\"delta\"".to_string(), load(&m.map_responses_delta)),
+                ("kind=\"keepalive\"".to_string(), load(&m.map_keepalives)),
+            ],
+        );
+        f.one(
+            "hydrascale_map_bytes_total",
+            "counter",
+            "Bytes of map responses (compressed, framed) sent by this replica.",
+            load(&m.map_bytes),
+        );
+        f.labelled(
+            "hydrascale_registrations_total",
+            "counter",
+            "Registration requests handled by this replica, by outcome.",
+            [
+                ("result=\"ok\"".to_string(), load(&m.registrations)),
+                (
+                    "result=\"refused\"".to_string(),
+                    load(&m.registrations_refused),
+                ),
+            ],
+        );
+        f.labelled(
+            "hydrascale_noise_handshakes_total",
+            "counter",
+            "TS2021 Noise handshakes on this replica, by outcome.",
+            [
+                ("result=\"ok\"".to_string(), load(&m.noise_handshakes)),
+                (
+                    "result=\"failed\"".to_string(),
+                    load(&m.noise_handshake_failures),
+                ),
+            ],
+        );
+    }
+    m.update_fanout.render(
+        &mut out,
+        "hydrascale_update_fanout_seconds",
+        "From a change applied on this replica to the update carrying it queued on a client's stream.",
+    );
+
+    if let Some(derp) = &src.derp {
+        let s = derp.stats();
+        let mut f = Family { out: &mut out };
+        f.one(
+            "hydrascale_derp_clients",
+            "gauge",
+            "DERP clients connected (mesh peers included).",
+            load(&s.clients_connected),
+        );
+        f.one(
+            "hydrascale_derp_clients_accepted_total",
+            "counter",
+            "DERP connections accepted.",
+            load(&s.clients_accepted),
+        );
+        f.one(
+            "hydrascale_derp_clients_rejected_total",
+            "counter",
+            "DERP clients refused (not a node of this tailnet, or a bad mesh key).",
+            load(&s.clients_rejected),
+        );
+        f.one(
+            "hydrascale_derp_handshake_failures_total",
+            "counter",
+            "DERP connections that failed before their handshake completed.",
+            load(&s.handshake_failures),
+        );
+        f.one(
+            "hydrascale_derp_packets_relayed_total",
+            "counter",
+            "Packets delivered to a client of this relay.",
+            load(&s.packets_relayed),
+        );
+        f.one(
+            "hydrascale_derp_bytes_relayed_total",
+            "counter",
+            "Payload bytes delivered to clients of this relay.",
+            load(&s.bytes_relayed),
+        );
+        f.one(
+            "hydrascale_derp_packets_forwarded_total",
+            "counter",
+            "Packets forwarded to another replica's relay over the mesh.",
+            load(&s.packets_forwarded),
+        );
+        f.labelled(
+            "hydrascale_derp_packets_dropped_total",
+            "counter",
+            "Packets dropped, by reason.",
+            [
+                (
+                    "reason=\"queue_full\"".to_string(),
+                    load(&s.packets_dropped_queue_full),
+                ),
+                (
+                    "reason=\"unknown_dest\"".to_string(),
+                    load(&s.packets_dropped_unknown_dest),
+                ),
+            ],
+        );
+    }
+    process_metrics(&mut out);
+    out
+}
+
+/// `process_*` families as the Go and Python clients name them, from /proc.
+fn process_metrics(out: &mut String) {
+    let mut f = Family { out };
+    // Field 14/15 utime/stime (ticks), 22 starttime (ticks since boot); the comm field
+    // may hold spaces, so count from the closing parenthesis.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    // After ')': state is index 0, so field N (1-based, man proc) is index N - 3.
+    if let (Some(u), Some(s)) = (num(11), num(12)) {
+        f.one(
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent, in seconds.",
+            (u + s) / ticks,
+        );
+    }
+    if let Some(rss) = num(21) {
+        f.one(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss * page,
+        );
+    }
+    if let Some(vsize) = num(20) {
+        f.one(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsize,
+        );
+    }
+    if let (Some(start), Ok(uptime)) = (num(19), std::fs::read_to_string("/proc/uptime")) {
+        let boot_ago = uptime
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        if let Some(up) = boot_ago {
+            f.one(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since the Unix epoch, in seconds.",
+                (now - up + start / ticks).round(),
+            );
+        }
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        f.one(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            fds.count(),
+        );
+    }
+}
+
+async fn metrics_handler(State(src): State<Sources>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&src),
+    )
+        .into_response()
+}
+
+async fn ready_handler(State(src): State<Sources>) -> Response {
+    match crate::cluster::readiness(&src.db, &src.serving) {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+/// Routes of the metrics listener.
+pub fn router(src: Sources) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler))
+        .with_state(src)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_sum_is_seconds() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(20));
+        let mut out = String::new();
+        h.render(&mut out, "x_seconds", "help");
+        assert!(out.contains("x_seconds_bucket{le=\"0.0001\"} 1\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_seconds_count 3\n"), "{out}");
+        let sum: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("x_seconds_sum "))
+            .and_then(|v| v.parse().ok())
+            .expect("sum");
+        assert!((sum - 20.00305).abs() < 1e-6, "{sum}");
+    }
+
+    #[test]
+    fn process_metrics_read_this_process() {
+        let mut out = String::new();
+        process_metrics(&mut out);
+        let value = |name: &str| -> f64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} missing in {out}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let start = value("process_start_time_seconds");
+        assert!(
+            start <= now + 1.0 && start > now - 3600.0,
+            "{start} vs {now}"
+        );
+    }
+}
