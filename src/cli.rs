@@ -15,14 +15,22 @@ use crate::admin::proto::{self, admin_service_client::AdminServiceClient};
     about = "Highly available control server for Tailscale networks"
 )]
 struct Cli {
-    /// Admin API of the server to manage.
+    /// TOML configuration file (embedded defaults without it). `serve` runs with it; the
+    /// admin commands use its data_dir to find the local admin socket.
+    #[arg(long, short = 'c', global = true, env = "HYDRASCALE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Admin API to manage: http://HOST:PORT (needs --api-key) or unix:PATH. Default: the
+    /// admin socket in the config's data_dir, or http://127.0.0.1:50443 with --api-key.
+    #[arg(long, global = true, env = "HYDRASCALE_ADMIN_ADDR")]
+    admin_addr: Option<String>,
+    /// API key for the admin API over TCP (`hydrascale apikeys create`).
     #[arg(
         long,
         global = true,
-        env = "HYDRASCALE_ADMIN_ADDR",
-        default_value = "http://127.0.0.1:50443"
+        env = "HYDRASCALE_API_KEY",
+        hide_env_values = true
     )]
-    admin_addr: String,
+    api_key: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -38,11 +46,8 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a replica.
+    /// Run a replica (with --config FILE, or on embedded defaults).
     Serve {
-        /// TOML configuration file; embedded defaults without it.
-        #[arg(long, short = 'c', env = "HYDRASCALE_CONFIG")]
-        config: Option<PathBuf>,
         /// Override one setting, e.g. --set server_url=https://login.example.com (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -56,6 +61,9 @@ enum Cmd {
     /// Manage nodes.
     #[command(subcommand, alias = "node")]
     Nodes(NodesCmd),
+    /// Manage API keys for the admin API over TCP.
+    #[command(subcommand, alias = "apikey")]
+    Apikeys(ApiKeysCmd),
     /// Manage the replicas of the cluster (membership changes go to the leader).
     #[command(subcommand)]
     Cluster(ClusterCmd),
@@ -139,6 +147,25 @@ enum ClusterCmd {
         /// File to write (replaced atomically); it holds the control key: keep it secret.
         #[arg(long)]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeysCmd {
+    /// Create a key; it is shown once, only its hash is stored.
+    Create {
+        /// Lifetime such as 30m, 1h, 90d; 0 = never expires.
+        #[arg(long, short = 'e', default_value = "90d")]
+        expiration: String,
+    },
+    List,
+    /// Make a key invalid from now on (it stays listed).
+    Expire {
+        /// The key's prefix as shown by `apikeys list`.
+        prefix: String,
+    },
+    Delete {
+        prefix: String,
     },
 }
 
@@ -318,6 +345,76 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Adds the API key, if any, to every admin call.
+#[derive(Clone)]
+struct ApiKeyHeader(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for ApiKeyHeader {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type AdminClient = AdminServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, ApiKeyHeader>,
+>;
+
+/// Connects to the admin API named by --admin-addr, or by default the local admin socket
+/// (no key needed), or TCP on loopback when only an API key is given.
+async fn connect(cli: &Cli) -> Result<AdminClient> {
+    let target = match (&cli.admin_addr, &cli.api_key) {
+        (Some(a), _) => a.clone(),
+        (None, Some(_)) => "http://127.0.0.1:50443".into(),
+        (None, None) => {
+            let cfg = crate::config::Config::load(cli.config.as_deref())?;
+            format!("unix:{}", cfg.data_dir.join("admin.sock").display())
+        }
+    };
+    let channel = if let Some(path) = target.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        let dial = path.clone();
+        // The URI is required by the API and unused: the connector dials the socket.
+        tonic::transport::Endpoint::from_static("http://admin.socket")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let dial = dial.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(dial).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the admin socket {}; is `hydrascale serve` running with this config (--config / HYDRASCALE_CONFIG), and are you its user? For a remote replica pass --admin-addr http://HOST:PORT and --api-key",
+                    path.display()
+                )
+            })?
+    } else {
+        tonic::transport::Endpoint::from_shared(target.clone())
+            .with_context(|| format!("--admin-addr {target:?} is not a URL like http://HOST:PORT or unix:PATH"))?
+            .connect()
+            .await
+            .with_context(|| {
+                format!("cannot reach the admin API at {target}; is `hydrascale serve` running? (set --admin-addr)")
+            })?
+    };
+    let header = cli
+        .api_key
+        .as_deref()
+        .map(|k| format!("Bearer {}", k.trim()).parse())
+        .transpose()
+        .context("the API key holds characters an HTTP header cannot carry")?;
+    // Node lists and backups of large tailnets exceed tonic's 4 MiB default.
+    Ok(
+        AdminServiceClient::with_interceptor(channel, ApiKeyHeader(header))
+            .max_decoding_message_size(usize::MAX),
+    )
+}
+
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
@@ -326,8 +423,8 @@ async fn run(cli: Cli) -> Result<()> {
     if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
         return make_certs(out, ids);
     }
-    if let Cmd::Serve { config, set } = &cli.command {
-        let mut cfg = crate::config::Config::load(config.as_deref())?;
+    if let Cmd::Serve { set } = &cli.command {
+        let mut cfg = crate::config::Config::load(cli.config.as_deref())?;
         for kv in set {
             let (k, v) = kv
                 .split_once('=')
@@ -342,16 +439,7 @@ async fn run(cli: Cli) -> Result<()> {
         handle.wait_for_shutdown_signal().await;
         return Ok(());
     }
-    let mut c = AdminServiceClient::connect(cli.admin_addr.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the admin API at {}; is `hydrascale serve` running? (set --admin-addr)",
-                cli.admin_addr
-            )
-        })?
-        // Node lists and backups of large tailnets exceed tonic's 4 MiB default.
-        .max_decoding_message_size(usize::MAX);
+    let mut c = connect(&cli).await?;
     let json = cli.output == Output::Json;
     match cli.command {
         Cmd::Serve { .. } => {}
@@ -471,6 +559,58 @@ async fn run(cli: Cli) -> Result<()> {
                 emit(json, &k, || {
                     println!("Key {} expired", k.prefix);
                 })?;
+            }
+        },
+        Cmd::Apikeys(cmd) => match cmd {
+            ApiKeysCmd::Create { expiration } => {
+                let expiration_ms = crate::config::parse_duration_ms(&expiration)
+                    .map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
+                let r = c
+                    .create_api_key(proto::CreateApiKeyRequest { expiration_ms })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let k = r.key.context("no key in reply")?;
+                emit(json, &k, || {
+                    println!("{}", k.key);
+                    eprintln!("(shown once; only its hash is stored)");
+                })?;
+            }
+            ApiKeysCmd::List => {
+                let r = c
+                    .list_api_keys(proto::Empty {})
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                emit(json, &r.keys, || {
+                    println!("{:<6} {:<14} {:<22} CREATED", "ID", "PREFIX", "EXPIRES");
+                    for k in &r.keys {
+                        println!(
+                            "{:<6} {:<14} {:<22} {}",
+                            k.id,
+                            k.prefix,
+                            fmt_ms(k.expiration_ms),
+                            fmt_ms(Some(k.created_ms))
+                        );
+                    }
+                })?;
+            }
+            ApiKeysCmd::Expire { prefix } => {
+                let r = c
+                    .expire_api_key(proto::ApiKeyPrefixRequest { prefix })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let k = r.key.context("no key in reply")?;
+                emit(json, &k, || println!("API key {} expired", k.prefix))?;
+            }
+            ApiKeysCmd::Delete { prefix } => {
+                c.delete_api_key(proto::ApiKeyPrefixRequest {
+                    prefix: prefix.clone(),
+                })
+                .await
+                .map_err(grpc_error)?;
+                println!("API key {prefix} deleted");
             }
         },
         Cmd::Nodes(cmd) => match cmd {

@@ -253,7 +253,7 @@ impl Config {
                 continue;
             };
             // Variables the CLI reads for itself are not server settings.
-            if matches!(rest, "ADMIN_ADDR" | "LOG" | "CONFIG") {
+            if matches!(rest, "ADMIN_ADDR" | "API_KEY" | "LOG" | "CONFIG") {
                 continue;
             }
             let key_path: Vec<String> = rest.split("__").map(|s| s.to_lowercase()).collect();

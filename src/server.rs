@@ -30,6 +30,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot create the admin socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Key(#[from] NoiseError),
     #[error("raft: {0}")]
@@ -50,6 +55,8 @@ pub struct ServerHandle {
     pub admin_addr: SocketAddr,
     pub raft_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The admin API without API keys, for the server's own user (`data_dir/admin.sock`).
+    pub admin_socket: std::path::PathBuf,
     pub stun_addr: Option<SocketAddr>,
     pub db: Db,
     pub control_key: ControlKey,
@@ -135,6 +142,33 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks.spawn(async move {
             if let Err(e) = crate::admin::serve_admin(admin_listener, db, join, stop).await {
                 tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
+    let admin_socket = config.data_dir.join("admin.sock");
+    {
+        let socket_err = |source| ServerError::Socket {
+            path: admin_socket.display().to_string(),
+            source,
+        };
+        // A socket file left by a previous run: the Raft store's lock, taken above, already
+        // proved no other server uses this data directory.
+        match std::fs::remove_file(&admin_socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(socket_err(e)),
+            _ => {}
+        }
+        let listener = tokio::net::UnixListener::bind(&admin_socket).map_err(socket_err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&admin_socket, std::fs::Permissions::from_mode(0o600))
+                .map_err(socket_err)?;
+        }
+        let db = db.clone();
+        let join = config.cluster.join;
+        let stop = shutdown_signal(&shutdown_rx);
+        tasks.spawn(async move {
+            if let Err(e) = crate::admin::serve_admin_socket(listener, db, join, stop).await {
+                tracing::error!(error = %e, "admin socket stopped");
             }
         });
     }
@@ -298,6 +332,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         admin_addr,
         raft_addr,
         metrics_addr,
+        admin_socket,
         stun_addr,
         db,
         control_key,

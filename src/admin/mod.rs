@@ -33,6 +33,7 @@ fn status(e: DbError) -> Status {
                 | StateError::NodeNameTaken(_)
                 | StateError::NodeKeyInUse(_) => Status::already_exists(msg),
                 StateError::UserNotFound(_)
+                | StateError::ApiKeyNotFound(_)
                 | StateError::PreAuthKeyNotFound { .. }
                 | StateError::NodeNotFound(_)
                 | StateError::NodeKeyNotFound => Status::not_found(msg),
@@ -98,6 +99,58 @@ pub fn node_msg(t: &Tailnet, n: &crate::state::Node) -> proto::Node {
         ephemeral: n.ephemeral,
         tags: n.tags.clone(),
         created_ms: n.created,
+    }
+}
+
+/// A new API key, `hskey-api-<12 hex prefix>-<48 hex secret>`, and its prefix.
+fn generate_api_key() -> (String, String) {
+    let mut b = [0u8; 30];
+    OsRng.fill_bytes(&mut b);
+    let prefix = hex::encode(&b[..6]);
+    (
+        format!("hskey-api-{prefix}-{}", hex::encode(&b[6..])),
+        prefix,
+    )
+}
+
+/// Whether `presented` (the whole key) is a current API key of this tailnet. The answer
+/// is the same for an unknown, a wrong and an expired key except for the hint.
+pub fn check_api_key(t: &Tailnet, presented: &str, now: i64) -> Result<(), &'static str> {
+    let unknown = "the API key is not valid; create one with `hydrascale apikeys create` on a replica (over its local admin socket)";
+    let prefix = presented
+        .strip_prefix("hskey-api-")
+        .and_then(|rest| rest.split_once('-'))
+        .map(|(p, _)| p)
+        .ok_or(unknown)?;
+    let key = t
+        .api_keys
+        .values()
+        .find(|k| k.prefix == prefix)
+        .ok_or(unknown)?;
+    let hash = hex::encode(Sha256::digest(presented.as_bytes()));
+    // Constant time: how much of the hash matched must not show in the answer's timing.
+    let same = hash.len() == key.hash.len()
+        && hash
+            .bytes()
+            .zip(key.hash.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return Err(unknown);
+    }
+    if key.expiration.is_some_and(|e| e <= now) {
+        return Err("the API key has expired; create a new one with `hydrascale apikeys create`");
+    }
+    Ok(())
+}
+
+fn api_key_msg(k: &crate::state::ApiKey, key: String) -> proto::ApiKey {
+    proto::ApiKey {
+        id: k.id,
+        prefix: k.prefix.clone(),
+        expiration_ms: k.expiration,
+        created_ms: k.created,
+        key,
     }
 }
 
@@ -364,6 +417,74 @@ impl AdminService for Admin {
             })
             .await?;
         self.node_reply(out)
+    }
+
+    async fn create_api_key(
+        &self,
+        req: Request<proto::CreateApiKeyRequest>,
+    ) -> Result<Response<proto::ApiKeyReply>, Status> {
+        let r = req.into_inner();
+        if r.expiration_ms < 0 {
+            return Err(Status::invalid_argument("expiration must not be negative"));
+        }
+        let (key, prefix) = generate_api_key();
+        let now = now_ms();
+        let out = self
+            .write(Command::CreateApiKey {
+                prefix,
+                hash: hex::encode(Sha256::digest(key.as_bytes())),
+                expiration: (r.expiration_ms > 0).then(|| now.saturating_add(r.expiration_ms)),
+                now,
+            })
+            .await?;
+        match out {
+            CommandOutput::ApiKey(k) => Ok(Response::new(proto::ApiKeyReply {
+                key: Some(api_key_msg(&k, key)),
+            })),
+            _ => Err(Status::internal("command returned no key")),
+        }
+    }
+
+    async fn list_api_keys(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListApiKeysReply>, Status> {
+        let t = self.db.store.read();
+        Ok(Response::new(proto::ListApiKeysReply {
+            keys: t
+                .api_keys
+                .values()
+                .map(|k| api_key_msg(k, String::new()))
+                .collect(),
+        }))
+    }
+
+    async fn expire_api_key(
+        &self,
+        req: Request<proto::ApiKeyPrefixRequest>,
+    ) -> Result<Response<proto::ApiKeyReply>, Status> {
+        let prefix = req.into_inner().prefix;
+        match self
+            .write(Command::ExpireApiKey {
+                prefix,
+                now: now_ms(),
+            })
+            .await?
+        {
+            CommandOutput::ApiKey(k) => Ok(Response::new(proto::ApiKeyReply {
+                key: Some(api_key_msg(&k, String::new())),
+            })),
+            _ => Err(Status::internal("command returned no key")),
+        }
+    }
+
+    async fn delete_api_key(
+        &self,
+        req: Request<proto::ApiKeyPrefixRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let prefix = req.into_inner().prefix;
+        self.write(Command::DeleteApiKey { prefix }).await?;
+        Ok(Response::new(proto::Empty {}))
     }
 
     async fn cluster_status(
@@ -642,20 +763,62 @@ impl Admin {
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.
+/// The admin API over TCP (`admin_listen_addr`): every call must carry a current API key
+/// (`authorization: Bearer KEY`); without one it is refused before it reaches a handler,
+/// so it changes nothing.
 pub async fn serve_admin(
     listener: tokio::net::TcpListener,
     db: Db,
     may_init: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
+    let store = db.store.clone();
+    let svc = AdminServiceServer::new(Admin { db, may_init })
+        // A backup sent to `InitCluster` is the whole tailnet.
+        .max_decoding_message_size(256 * 1024 * 1024);
+    let authed = tonic::service::interceptor::InterceptedService::new(
+        svc,
+        move |req: Request<()>| -> Result<Request<()>, Status> {
+            let presented = req
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    Status::unauthenticated(
+                        "this admin API needs an API key: pass --api-key (or HYDRASCALE_API_KEY); create one with `hydrascale apikeys create` on a replica (over its local admin socket)",
+                    )
+                })?;
+            check_api_key(&store.read(), presented.trim(), now_ms())
+                .map_err(Status::unauthenticated)?;
+            Ok(req)
+        },
+    );
     tonic::transport::Server::builder()
-        .add_service(
-            AdminServiceServer::new(Admin { db, may_init })
-                // A backup sent to `InitCluster` is the whole tailnet.
-                .max_decoding_message_size(256 * 1024 * 1024),
-        )
+        .add_service(authed)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+/// The admin API on a Unix socket in the data directory (`admin.sock`, mode 0600): no
+/// API key, because only the server's own user can open it. This is how the first API
+/// key is created, and how the CLI on the server works without one.
+pub async fn serve_admin_socket(
+    listener: tokio::net::UnixListener,
+    db: Db,
+    may_init: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    let svc = AdminServiceServer::new(Admin { db, may_init })
+        .max_decoding_message_size(256 * 1024 * 1024);
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
             shutdown,
         )
         .await?;

@@ -26,6 +26,10 @@ pub enum StateError {
     AuthKeyUsed,
     #[error("no pre-auth key of user {user:?} starts with {prefix:?}; see `hydrascale preauthkeys list --user {user}`")]
     PreAuthKeyNotFound { user: String, prefix: String },
+    #[error("no API key has the prefix {0:?}; see `hydrascale apikeys list`")]
+    ApiKeyNotFound(String),
+    #[error("an API key with the prefix {0:?} exists already; create the key again")]
+    ApiKeyExists(String),
     #[error("tag {0:?} is not valid: tags look like tag:name")]
     BadTag(String),
     #[error("node {0} does not exist; list nodes with `hydrascale nodes list`")]

@@ -13,5 +13,5 @@ pub use error::StateError;
 pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, Tailnet};
 pub use types::{
-    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
+    ApiKey, Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
 };

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
+    ApiKey, Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,10 @@ pub struct Tailnet {
     pub control_key: Option<String>,
     #[serde(default)]
     pub replicas: BTreeMap<u64, Replica>,
+    #[serde(default)]
+    pub api_keys: BTreeMap<u64, ApiKey>,
+    #[serde(default)]
+    next_api_key_id: u64,
     next_user_id: u64,
     next_node_id: u64,
     next_key_id: u64,
@@ -233,6 +237,48 @@ impl Tailnet {
                     })?;
                 k.expiration = Some(*now);
                 Ok((CommandOutput::PreAuthKey(k.clone()), Vec::new()))
+            }
+            Command::CreateApiKey {
+                prefix,
+                hash,
+                expiration,
+                now,
+            } => {
+                if prefix.is_empty() || self.api_keys.values().any(|k| &k.prefix == prefix) {
+                    return Err(StateError::ApiKeyExists(prefix.clone()));
+                }
+                self.next_api_key_id += 1;
+                let k = ApiKey {
+                    id: self.next_api_key_id,
+                    prefix: prefix.clone(),
+                    hash: hash.clone(),
+                    expiration: *expiration,
+                    created: *now,
+                };
+                self.api_keys.insert(k.id, k.clone());
+                Ok((CommandOutput::ApiKey(k), Vec::new()))
+            }
+            Command::ExpireApiKey { prefix, now } => {
+                let k = self
+                    .api_keys
+                    .values_mut()
+                    .find(|k| &k.prefix == prefix)
+                    .ok_or_else(|| StateError::ApiKeyNotFound(prefix.clone()))?;
+                // Expiring an expired key keeps its original expiry.
+                if k.expiration.is_none_or(|e| e > *now) {
+                    k.expiration = Some(*now);
+                }
+                Ok((CommandOutput::ApiKey(k.clone()), Vec::new()))
+            }
+            Command::DeleteApiKey { prefix } => {
+                let id = self
+                    .api_keys
+                    .values()
+                    .find(|k| &k.prefix == prefix)
+                    .map(|k| k.id)
+                    .ok_or_else(|| StateError::ApiKeyNotFound(prefix.clone()))?;
+                self.api_keys.remove(&id);
+                Ok((CommandOutput::Done, Vec::new()))
             }
             Command::RegisterNode {
                 machine_key,

@@ -461,3 +461,55 @@ fn a_batch_applies_each_command_on_its_own() {
     );
     assert_eq!(changes, vec![Change::NodeUpserted(n.id); 2]);
 }
+
+#[test]
+fn api_keys_are_created_expired_and_deleted_by_prefix() {
+    let mut t = Tailnet::default();
+    let create = |prefix: &str| Command::CreateApiKey {
+        prefix: prefix.into(),
+        hash: key_hash(prefix),
+        expiration: Some(NOW + 3_600_000),
+        now: NOW,
+    };
+    let CommandOutput::ApiKey(k) = ok(&mut t, create("abc123")) else {
+        panic!("not an API key");
+    };
+    assert_eq!((k.prefix.as_str(), k.created), ("abc123", NOW));
+    assert_eq!(
+        t.apply(&create("abc123")).0,
+        Err(StateError::ApiKeyExists("abc123".into()))
+    );
+    let CommandOutput::ApiKey(k) = ok(
+        &mut t,
+        Command::ExpireApiKey {
+            prefix: "abc123".into(),
+            now: NOW + 10,
+        },
+    ) else {
+        panic!("not an API key");
+    };
+    assert_eq!(k.expiration, Some(NOW + 10));
+    // Expiring again does not move the expiry.
+    ok(
+        &mut t,
+        Command::ExpireApiKey {
+            prefix: "abc123".into(),
+            now: NOW + 99,
+        },
+    );
+    assert_eq!(t.api_keys[&k.id].expiration, Some(NOW + 10));
+    ok(
+        &mut t,
+        Command::DeleteApiKey {
+            prefix: "abc123".into(),
+        },
+    );
+    assert!(t.api_keys.is_empty());
+    assert_eq!(
+        t.apply(&Command::DeleteApiKey {
+            prefix: "abc123".into()
+        })
+        .0,
+        Err(StateError::ApiKeyNotFound("abc123".into()))
+    );
+}

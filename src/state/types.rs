@@ -48,6 +48,18 @@ pub struct PreAuthKey {
     pub tags: Vec<String>,
 }
 
+/// An admin API key; only its SHA-256 hash is stored, the key itself is shown once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: u64,
+    /// The key's public part (`hskey-api-<prefix>-...`), to name it in lists and commands.
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    pub expiration: Option<i64>,
+    pub created: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     pub id: u64,
@@ -133,6 +145,19 @@ pub enum Command {
         user: String,
         prefix: String,
         now: i64,
+    },
+    CreateApiKey {
+        prefix: String,
+        hash: String,
+        expiration: Option<i64>,
+        now: i64,
+    },
+    ExpireApiKey {
+        prefix: String,
+        now: i64,
+    },
+    DeleteApiKey {
+        prefix: String,
     },
     RegisterNode {
         machine_key: String,
@@ -221,6 +246,7 @@ pub enum Command {
 pub enum CommandOutput {
     User(User),
     PreAuthKey(PreAuthKey),
+    ApiKey(ApiKey),
     Node(Node),
     Done,
     Batch(Vec<Result<CommandOutput, crate::state::StateError>>),

@@ -553,7 +553,7 @@ async fn replace_a_replica_with_learner_promote_and_remove() {
 
     // Hand leadership to the new replica while a write arrives at the other follower:
     // the write waits for the handover and lands.
-    let (fb_admin, fb_id) = (replicas[fb].admin.clone(), replicas[fb].id);
+    let (fb_admin, fb_id) = (replicas[fb].admin_target(), replicas[fb].id);
     let during = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();

@@ -82,12 +82,17 @@ impl TestServer {
 
     /// Runs the real `hydrascale` CLI against this server's admin API.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli_at(&self.handle().admin_addr.to_string(), args)
+        cli_at(&self.admin_target(), args)
     }
 
     /// Like `cli` with `-o json`, asserting success and parsing the output.
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
-        cli_json_at(&self.handle().admin_addr.to_string(), args)
+        cli_json_at(&self.admin_target(), args)
+    }
+
+    /// The local admin socket, as `--admin-addr` takes it (no API key needed).
+    pub fn admin_target(&self) -> String {
+        format!("unix:{}", self.handle().admin_socket.display())
     }
 
     /// Stops the replica and starts it again on the same data directory and the same
@@ -118,7 +123,8 @@ impl TestServer {
     }
 }
 
-/// Runs the real `hydrascale` CLI against the admin API at `admin` (HOST:PORT).
+/// Runs the real `hydrascale` CLI against the admin API `admin` (an `--admin-addr`:
+/// `unix:PATH` for a replica's local socket, or `http://HOST:PORT` with an API key).
 pub fn cli_at(admin: &str, args: &[&str]) -> std::process::Output {
     cli_in(None, admin, args)
 }
@@ -139,7 +145,7 @@ fn command_in(netns: Option<&str>, program: &str) -> Command {
 pub fn cli_in(netns: Option<&str>, admin: &str, args: &[&str]) -> std::process::Output {
     command_in(netns, env!("CARGO_BIN_EXE_hydrascale"))
         .arg("--admin-addr")
-        .arg(format!("http://{admin}"))
+        .arg(admin)
         .args(args)
         .output()
         .expect("run hydrascale CLI")
@@ -410,15 +416,25 @@ isolation_timeout = "8s"
             &format!("replica {} admin API", self.id),
             Duration::from_secs(60),
             || {
-                let ok = std::net::TcpStream::connect(&self.admin).is_ok();
+                let ok = std::os::unix::net::UnixStream::connect(self.admin_socket()).is_ok();
                 async move { ok.then_some(()) }
             },
         )
         .await;
     }
 
+    /// The replica's local admin socket (no API key needed).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("data").join("admin.sock")
+    }
+
+    /// [`Self::admin_socket`] as `--admin-addr` takes it.
+    pub fn admin_target(&self) -> String {
+        format!("unix:{}", self.admin_socket().display())
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        cli_in(self.netns.as_deref(), &self.admin, args)
+        cli_in(self.netns.as_deref(), &self.admin_target(), args)
     }
 
     pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {

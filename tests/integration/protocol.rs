@@ -280,3 +280,102 @@ async fn concurrent_updates_share_log_entries() {
         "300 concurrent updates took {entries} log entries"
     );
 }
+
+/// The admin API over TCP takes only a current API key; the local socket needs none and
+/// is where the first key comes from. Keys are shown once and stored hashed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_tcp_needs_a_current_api_key() {
+    let server = TestServer::start().await;
+    let tcp = format!("http://{}", server.handle().admin_addr);
+    let run = |args: &[&str], key: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hydrascale"));
+        c.arg("--admin-addr").arg(&tcp);
+        if let Some(k) = key {
+            c.arg("--api-key").arg(k);
+        }
+        c.args(args).output().expect("run hydrascale CLI")
+    };
+    let refused = |out: &std::process::Output, why: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "expected a refusal mentioning {why:?}: {err}"
+        );
+    };
+    let users = || -> Vec<String> {
+        server
+            .cli_json(&["users", "list"])
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // Without a key, with a made-up one, with garbage: refused, nothing changes.
+    refused(&run(&["users", "create", "mallory"], None), "API key");
+    let made_up = format!("hskey-api-000000000000-{}", "0".repeat(48));
+    refused(
+        &run(&["users", "create", "mallory"], Some(&made_up)),
+        "not valid",
+    );
+    refused(
+        &run(&["users", "create", "mallory"], Some("nonsense")),
+        "not valid",
+    );
+    assert!(!users().contains(&"mallory".to_string()));
+
+    // The local socket needs no key and is owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&server.handle().admin_socket)
+        .expect("admin socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let created = server.cli_json(&["apikeys", "create", "--expiration", "1h"]);
+    let key = created["key"].as_str().expect("key").to_string();
+    let prefix = created["prefix"].as_str().expect("prefix").to_string();
+    assert!(key.starts_with(&format!("hskey-api-{prefix}-")), "{key}");
+    let listed = server.cli_json(&["apikeys", "list"]);
+    assert_eq!(listed[0]["prefix"].as_str(), Some(prefix.as_str()));
+    assert_eq!(listed[0]["key"].as_str(), Some(""), "the key is shown once");
+    // Only the hash is stored: the replicated state (as a backup has it) lacks the key.
+    let backup = server.dir.path().join("state.backup");
+    server.cli_json(&["cluster", "backup", "--out", backup.to_str().expect("path")]);
+    let text = std::fs::read_to_string(&backup).expect("backup");
+    assert!(text.contains(&prefix) && !text.contains(&key));
+
+    // With the key: works. With its prefix but another secret: refused.
+    let out = run(&["users", "create", "trent"], Some(&key));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(users().contains(&"trent".to_string()));
+    let tampered = format!(
+        "{}{}",
+        &key[..key.len() - 1],
+        if key.ends_with('0') { '1' } else { '0' }
+    );
+    refused(&run(&["users", "list"], Some(&tampered)), "not valid");
+
+    // Expired: refused. Deleted: gone.
+    let out = server.cli(&["apikeys", "expire", &prefix]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    refused(&run(&["users", "list"], Some(&key)), "expired");
+    let out = server.cli(&["apikeys", "delete", &prefix]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(server.cli_json(&["apikeys", "list"]), serde_json::json!([]));
+    refused(&run(&["users", "list"], Some(&key)), "not valid");
+}
