@@ -16,6 +16,8 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
@@ -34,3 +36,16 @@ if [ ! -x "$TOOLS_DIR/bin/tailscaled" ] || [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 "$TOOLS_DIR/bin/tailscale" version | head -1
+
+# A third-party headscale SDK from PyPI for the REST API test. headscale-api 0.2.0 pins
+# betterproto 2.0.0b5, with which its own response parsing cannot work (it calls
+# from_dict on the class, which betterproto supports from 2.0.0b7 on), so b7 replaces it.
+venv="$TOOLS_DIR/pyvenv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import headscale_api' 2>/dev/null \
+  || [ "$("$venv/bin/pip" show betterproto 2>/dev/null | sed -n 's/^Version: //p')" != 2.0.0b7 ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q headscale-api==0.2.0
+  "$venv/bin/pip" install -q betterproto==2.0.0b7 2>&1 | grep -v "dependency resolver\|requires betterproto" || true
+fi
+"$venv/bin/python" -c 'import headscale_api.headscale' >/dev/null
+[ "$("$venv/bin/pip" show betterproto | sed -n 's/^Version: //p')" = 2.0.0b7 ]

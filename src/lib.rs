@@ -4,6 +4,7 @@
 //! Tests call [`server::run_server`] to start real replicas in-process.
 
 pub mod admin;
+pub mod api;
 pub mod cli;
 pub mod cluster;
 pub mod config;

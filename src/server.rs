@@ -298,6 +298,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         extra_regions,
     );
     app = app.merge(control::router(state));
+    app = app.merge(crate::api::router(db.clone()));
     {
         let stop = shutdown_signal(&shutdown_rx);
         tasks.spawn(async move {

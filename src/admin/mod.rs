@@ -168,6 +168,15 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The admin service for in-process callers (the REST API); it cannot found a
+    /// cluster (`InitCluster` is for the local socket of a waiting replica).
+    pub fn new(db: Db) -> Admin {
+        Admin {
+            db,
+            may_init: false,
+        }
+    }
+
     async fn write(&self, cmd: Command) -> Result<CommandOutput, Status> {
         self.db.write(cmd).await.map_err(status)
     }

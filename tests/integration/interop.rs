@@ -110,6 +110,36 @@ async fn official_clients_register_see_each_other_and_ping() {
         assert!(v >= at_least, "{series} = {v}, want >= {at_least}");
     }
 
+    // The REST API shows the same nodes, as headscale's would.
+    let api_key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let control = server.handle().control_addr.to_string();
+    let (code, rest) = crate::fixtures::http_json(
+        &control,
+        "GET",
+        "/api/v1/node?user=alice",
+        Some(&api_key),
+        None,
+    );
+    assert_eq!(code, 200, "{rest}");
+    let rest_nodes = rest["nodes"].as_array().expect("nodes");
+    assert_eq!(rest_nodes.len(), 3, "{rest}");
+    for n in &nodes {
+        let entry = rest_nodes
+            .iter()
+            .find(|e| e["givenName"] == n.name.as_str())
+            .unwrap_or_else(|| panic!("{} not in {rest}", n.name));
+        assert_eq!(entry["ipAddresses"][0].as_str(), Some(n.ipv4().as_str()));
+        assert_eq!(entry["online"], true);
+        assert_eq!(entry["user"]["name"], "alice");
+        assert!(entry["nodeKey"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("nodekey:"));
+    }
+
     // tailscale ping between two real clients.
     let target = nodes[1].ipv4();
     let out = nodes[0].cli(&["ping", "--c", "10", "--timeout", "5s", &target]);

@@ -7,3 +7,4 @@ mod monitoring;
 mod packaging;
 mod partition;
 mod protocol;
+mod rest_api;

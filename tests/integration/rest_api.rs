@@ -1,0 +1,232 @@
+//! The headscale-compatible REST API on the control listener: shapes, status codes and
+//! API-key checks with our own requests, then a third-party headscale SDK from PyPI
+//! (`headscale-api`, run by `tests/sdk/headscale_api_client.py`) against it.
+
+use std::path::PathBuf;
+
+use crate::fixtures::{http_json, TestServer};
+
+/// The Python environment scripts/install-deps.sh prepares with the SDK.
+fn sdk_python() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var("HYDRASCALE_TOOLS_DIR")
+            .ok()
+            .map(|d| PathBuf::from(d).join("pyvenv/bin/python")),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/pyvenv/bin/python")),
+    ];
+    match candidates.into_iter().flatten().find(|p| p.is_file()) {
+        Some(p) => Some(p),
+        None if std::env::var("HYDRASCALE_INTEROP").is_ok() => {
+            panic!("the headscale SDK's Python environment is missing; run scripts/install-deps.sh")
+        }
+        None => {
+            eprintln!("SKIPPED: headscale SDK not installed (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_is_headscale_compatible_and_needs_a_key() {
+    let server = TestServer::start().await;
+    let addr = server.handle().control_addr.to_string();
+    let key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        http_json(&addr, method, path, Some(&key), body)
+    };
+
+    // No key, a wrong key: 401 in grpc-gateway's error shape, and nothing happens.
+    let (code, err) = http_json(
+        &addr,
+        "POST",
+        "/api/v1/user",
+        None,
+        Some(r#"{"name":"eve"}"#),
+    );
+    assert_eq!(code, 401, "{err}");
+    assert_eq!(err["code"], 16, "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("API key"));
+    let wrong = format!("hskey-api-000000000000-{}", "0".repeat(48));
+    let (code, _) = http_json(
+        &addr,
+        "POST",
+        "/api/v1/user",
+        Some(&wrong),
+        Some(r#"{"name":"eve"}"#),
+    );
+    assert_eq!(code, 401);
+    assert_eq!(
+        call("GET", "/api/v1/user", None).1["users"],
+        serde_json::json!([])
+    );
+
+    // Users: ids are strings, times RFC 3339.
+    let (code, created) = call(
+        "POST",
+        "/api/v1/user",
+        Some(r#"{"name":"alice","displayName":"Alice"}"#),
+    );
+    assert_eq!(code, 200, "{created}");
+    let uid = created["user"]["id"]
+        .as_str()
+        .expect("id as string")
+        .to_string();
+    assert_eq!(created["user"]["name"], "alice");
+    assert_eq!(created["user"]["displayName"], "Alice");
+    assert!(created["user"]["createdAt"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with('Z'));
+    let (code, dup) = call("POST", "/api/v1/user", Some(r#"{"name":"alice"}"#));
+    assert_eq!((code, dup["code"].as_i64()), (409, Some(6)), "{dup}");
+    let (code, renamed) = call("POST", &format!("/api/v1/user/{uid}/rename/bob"), None);
+    assert_eq!((code, renamed["user"]["name"].as_str()), (200, Some("bob")));
+    let listed = call("GET", "/api/v1/user?name=bob", None).1;
+    assert_eq!(listed["users"][0]["id"].as_str(), Some(uid.as_str()));
+
+    // Pre-auth keys: the key once, its prefix in lists; expire by the whole key.
+    let (code, pak) = call(
+        "POST",
+        "/api/v1/preauthkey",
+        Some(&format!(
+            r#"{{"user":"{uid}","reusable":true,"ephemeral":false,"expiration":"2099-01-01T00:00:00Z","aclTags":["tag:web"]}}"#
+        )),
+    );
+    assert_eq!(code, 200, "{pak}");
+    let full = pak["preAuthKey"]["key"].as_str().expect("key").to_string();
+    assert!(full.starts_with("hskey-auth-"), "{pak}");
+    assert_eq!(pak["preAuthKey"]["user"]["name"], "bob");
+    assert_eq!(pak["preAuthKey"]["aclTags"], serde_json::json!(["tag:web"]));
+    assert_eq!(pak["preAuthKey"]["expiration"], "2099-01-01T00:00:00Z");
+    let keys = call("GET", &format!("/api/v1/preauthkey?user={uid}"), None).1;
+    let listed_key = keys["preAuthKeys"][0]["key"].as_str().unwrap_or_default();
+    assert!(
+        full.starts_with(listed_key) && listed_key.len() < full.len(),
+        "{keys}"
+    );
+    let (code, _) = call(
+        "POST",
+        "/api/v1/preauthkey/expire",
+        Some(&format!(r#"{{"user":"{uid}","key":"{full}"}}"#)),
+    );
+    assert_eq!(code, 200);
+    let keys = call("GET", &format!("/api/v1/preauthkey?user={uid}"), None).1;
+    assert_ne!(keys["preAuthKeys"][0]["expiration"], "2099-01-01T00:00:00Z");
+    // A user with keys cannot be deleted: 400 with the reason.
+    let (code, err) = call("DELETE", &format!("/api/v1/user/{uid}"), None);
+    assert_eq!(code, 400, "{err}");
+    assert!(err["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("pre-auth key"));
+
+    // Nodes: none yet; unknown ids are 404; what is not built yet says so (501).
+    assert_eq!(
+        call("GET", "/api/v1/node", None).1["nodes"],
+        serde_json::json!([])
+    );
+    assert_eq!(call("GET", "/api/v1/node/42", None).0, 404);
+    assert_eq!(call("POST", "/api/v1/node/42/expire", None).0, 404);
+    let (code, err) = call(
+        "POST",
+        "/api/v1/node/1/approve_routes",
+        Some(r#"{"routes":[]}"#),
+    );
+    assert_eq!((code, err["code"].as_i64()), (501, Some(12)), "{err}");
+
+    // API keys: create over REST, use it, expire it, delete it.
+    let (code, made) = call(
+        "POST",
+        "/api/v1/apikey",
+        Some(r#"{"expiration":"2099-01-01T00:00:00Z"}"#),
+    );
+    assert_eq!(code, 200, "{made}");
+    let second = made["apiKey"].as_str().expect("apiKey").to_string();
+    let prefix = second.split('-').nth(2).expect("prefix").to_string();
+    assert_eq!(
+        http_json(&addr, "GET", "/api/v1/apikey", Some(&second), None).0,
+        200
+    );
+    let (code, _) = call(
+        "POST",
+        "/api/v1/apikey/expire",
+        Some(&format!(r#"{{"prefix":"{prefix}"}}"#)),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        http_json(&addr, "GET", "/api/v1/apikey", Some(&second), None).0,
+        401
+    );
+    assert_eq!(
+        call("DELETE", &format!("/api/v1/apikey/{prefix}"), None).0,
+        200
+    );
+    let listed = call("GET", "/api/v1/apikey", None).1;
+    assert_eq!(
+        listed["apiKeys"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+
+    // A third-party headscale SDK drives the same API.
+    let Some(python) = sdk_python() else {
+        return;
+    };
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/headscale_api_client.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(server.url())
+        .arg(&key)
+        .output()
+        .expect("run the SDK");
+    assert!(
+        out.status.success(),
+        "headscale SDK: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("SDK prints JSON");
+    assert_eq!(seen["health"], true, "{seen}");
+    assert_eq!(
+        (seen["key_ok"].as_bool(), seen["wrong_key_ok"].as_bool()),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        seen["users"],
+        serde_json::json!(["bob", "sdk-user"]),
+        "{seen}"
+    );
+    assert_eq!(seen["got_user"], "sdk-user");
+    assert_eq!(seen["new_api_key_works"], true);
+    assert_eq!(seen["expired_api_key_works"], false);
+    assert_eq!(
+        seen["users_after_rename"],
+        serde_json::json!(["bob", "sdk-renamed"])
+    );
+    assert_eq!(seen["delete_missing"], 404);
+    assert_eq!(seen["users_after_delete"], serde_json::json!(["bob"]));
+    // What the SDK did is in the replicated state, as the CLI sees it.
+    let names: Vec<String> = server
+        .cli_json(&["users", "list"])
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(names, vec!["bob".to_string()]);
+    let prefix = seen["new_api_key_prefix"].as_str().unwrap_or_default();
+    let keys = server.cli_json(&["apikeys", "list"]);
+    assert!(
+        keys.as_array()
+            .is_some_and(|a| a.iter().any(|k| k["prefix"] == prefix)),
+        "{keys}"
+    );
+}
