@@ -156,6 +156,22 @@ async fn set_online(st: &ControlState, node_id: u64, online: bool) {
     }
 }
 
+/// Counts an open map stream for as long as it lives, however its task ends.
+struct StreamGauge(std::sync::Arc<crate::metrics::Metrics>);
+
+impl StreamGauge {
+    fn open(m: &std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        m.map_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGauge(m.clone())
+    }
+}
+
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.map_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn open_session(st: &ControlState, id: u64) -> bool {
     let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
     let c = s.entry(id).or_insert(0);
@@ -191,7 +207,7 @@ async fn run_stream(
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     let mut serving = st.serving.clone();
     let metrics = st.db.store.metrics().clone();
-    metrics.map_streams.fetch_add(1, Ordering::Relaxed);
+    let _counted = StreamGauge::open(&metrics);
     loop {
         // When the oldest change this message carries was applied here.
         let mut oldest_change = None;
@@ -276,7 +292,6 @@ async fn run_stream(
             metrics.update_fanout.observe(at.elapsed());
         }
     }
-    metrics.map_streams.fetch_sub(1, Ordering::Relaxed);
     if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
         set_online(&st, id, false).await;
     }
