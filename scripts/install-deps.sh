@@ -37,6 +37,13 @@ if [ ! -x "$TOOLS_DIR/bin/tailscaled" ] || [ ! -f "$stamp" ]; then
 fi
 "$TOOLS_DIR/bin/tailscale" version | head -1
 
+# cargo-deb builds the .deb (the packaging test checks the package it makes).
+CARGO_DEB_VERSION=3.8.0
+if [ ! -x "$TOOLS_DIR/bin/cargo-deb" ] || ! "$TOOLS_DIR/bin/cargo-deb" --version | grep -q "$CARGO_DEB_VERSION"; then
+  cargo install --quiet --locked --root "$TOOLS_DIR" "cargo-deb@$CARGO_DEB_VERSION"
+fi
+command -v dpkg-deb >/dev/null || { echo "dpkg-deb is required (Debian's dpkg package)" >&2; exit 1; }
+
 # A third-party headscale SDK from PyPI for the REST API test. headscale-api 0.2.0 pins
 # betterproto 2.0.0b5, with which its own response parsing cannot work (it calls
 # from_dict on the class, which betterproto supports from 2.0.0b7 on), so b7 replaces it.

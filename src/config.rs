@@ -528,6 +528,22 @@ mod tests {
     }
 
     #[test]
+    fn packaged_config_uses_the_units_state_directory() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/debian/config.toml");
+        let c = Config::load_with_env(Some(&path), &[]).expect("packaged config loads");
+        // The systemd unit's StateDirectory, the only writable place in its sandbox.
+        assert_eq!(c.data_dir, Path::new("/var/lib/hydrascale"));
+        assert_eq!(
+            Config {
+                data_dir: Config::default().data_dir,
+                ..c
+            },
+            Config::default(),
+            "deploy/debian/config.toml differs from the defaults in more than data_dir"
+        );
+    }
+
+    #[test]
     fn prefixes_are_configurable_and_checked() {
         let mut c = Config::default();
         c.set("prefixes.v4", "100.70.0.0/16")
