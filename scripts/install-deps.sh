@@ -55,4 +55,14 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import headscale_api'
   "$venv/bin/pip" install -q betterproto==2.0.0b7 2>&1 | grep -v "dependency resolver\|requires betterproto" || true
 fi
 "$venv/bin/python" -c 'import headscale_api.headscale' >/dev/null
+# kubernetes-validate carries the Kubernetes API schemas: the deploy test validates the
+# manifests in deploy/kubernetes with it, offline.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [ "$("$venv/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p')" != "$KUBERNETES_VALIDATE_VERSION" ]; then
+  "$venv/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
 [ "$("$venv/bin/pip" show betterproto | sed -n 's/^Version: //p')" = 2.0.0b7 ]
+
+# deploycheck loads deploy/compose/compose.yaml with compose-go, as `docker compose` does
+# (no Docker engine runs on test machines), for the deploy test.
+(cd tests/tools/deploycheck && GOFLAGS=-mod=mod go build -o "$TOOLS_DIR/bin/deploycheck" .)

@@ -86,7 +86,7 @@ pub fn router(db: Db) -> Router {
         .route("/api/v1/node/{id}/tags", post(not_yet))
         .route("/api/v1/node/{id}/approve_routes", post(not_yet))
         .route("/api/v1/node/{id}/user", post(not_yet))
-        .route("/api/v1/node/register", post(not_yet))
+        .route("/api/v1/node/register", post(register_node))
         .route("/api/v1/node/backfillips", post(not_yet))
         .route(
             "/api/v1/preauthkey",
@@ -451,6 +451,33 @@ async fn rename_node(
     st.admin
         .rename_node(Request::new(proto::RenameNodeRequest { id, new_name }))
         .await?;
+    node_reply(&st, id)
+}
+
+/// headscale's `POST /api/v1/node/register?user=U&key=ID`: finishes an interactive login
+/// (`key` is the id at the end of the URL the machine shows).
+async fn register_node(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    let user = {
+        let t = st.db.store.read();
+        let id = resolve_user(&t, &body["user"])?;
+        user_name(&t, id)?
+    };
+    let key = body["key"].as_str().unwrap_or_default();
+    let auth_id = key.rsplit_once("/register/").map_or(key, |(_, id)| id);
+    let r = st
+        .admin
+        .complete_login(Request::new(proto::CompleteLoginRequest {
+            auth_id: auth_id.to_string(),
+            user,
+        }))
+        .await?
+        .into_inner();
+    let id = r.node.map(|n| n.id).unwrap_or_default();
     node_reply(&st, id)
 }
 

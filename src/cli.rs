@@ -67,6 +67,42 @@ enum Cmd {
     /// Manage the replicas of the cluster (membership changes go to the leader).
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Bring a tailnet over from another control server (offline).
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
+    /// Interactive logins (`tailscale up` without a key).
+    #[command(subcommand)]
+    Auth(AuthCmd),
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Let a machine that ran `tailscale up` without a key in, as a node of USER. The id
+    /// is the last part of the URL it printed (…/register/ID).
+    Register {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        auth_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateCmd {
+    /// Turn a headscale (0.23 or newer) SQLite database and Noise key into a backup file
+    /// for `cluster restore`: same users, nodes, keys and addresses, so clients need no
+    /// new login. Stop headscale first. Uses prefixes from --config.
+    Headscale {
+        /// headscale's database (`database.sqlite.path`, e.g. /var/lib/headscale/db.sqlite).
+        #[arg(long)]
+        db: PathBuf,
+        /// headscale's Noise private key (`noise.private_key_path`).
+        #[arg(long)]
+        noise_key: PathBuf,
+        /// Backup file to write (holds the control key: keep it secret).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -147,6 +183,18 @@ enum ClusterCmd {
         /// File to write (replaced atomically); it holds the control key: keep it secret.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Offline, on a stopped replica: write the state it knew to be committed as a backup
+    /// file, read straight from its data directory (found through --config). For a
+    /// cluster that lost its majority for good; restore the file into a new cluster with
+    /// `cluster restore`.
+    Recover {
+        /// File to write (replaced atomically); it holds the control key: keep it secret.
+        #[arg(long)]
+        out: PathBuf,
+        /// The replica's data_dir, if not the one in --config.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -325,6 +373,94 @@ fn make_certs(out: &std::path::Path, ids: &[u64]) -> Result<()> {
     Ok(())
 }
 
+/// `migrate headscale`: headscale's tailnet as a backup file.
+fn migrate_headscale(
+    db: &std::path::Path,
+    noise_key: &std::path::Path,
+    out: &std::path::Path,
+    cfg: &crate::config::Config,
+    json: bool,
+) -> Result<()> {
+    let (tailnet, report) = crate::migrate::from_headscale(db, noise_key, &cfg.prefixes)?;
+    let b = crate::cluster::encode_backup(&tailnet, 0)?;
+    write_private(out, &b.bytes)
+        .with_context(|| format!("writing the backup to {}", out.display()))?;
+    let summary = serde_json::json!({ "path": out.display().to_string(), "report": report });
+    emit(json, &summary, || {
+        println!(
+            "Migrated {} users, {} nodes and {} pre-auth keys into {}",
+            report.users,
+            report.nodes,
+            report.preauth_keys,
+            out.display()
+        );
+        for r in &report.renamed {
+            println!("Renamed: {r}");
+        }
+        if let Some(owner) = &report.tagged_owner {
+            println!("Tagged nodes now belong to user {owner}");
+        }
+        if report.preauth_keys_skipped > 0 {
+            println!(
+                "Left out {} pre-auth keys stored only as bcrypt hashes: create new ones",
+                report.preauth_keys_skipped
+            );
+        }
+        if report.api_keys_skipped > 0 {
+            println!(
+                "Left out {} API keys (bcrypt hashes): create new ones with `hydrascale apikeys create`",
+                report.api_keys_skipped
+            );
+        }
+        if !report.nodes_with_routes_skipped.is_empty() {
+            println!(
+                "Not taken over (no route support yet): approved routes of {}",
+                report.nodes_with_routes_skipped.join(", ")
+            );
+        }
+        if report.policy_skipped {
+            println!("Not taken over (no policy support yet): the ACL policy");
+        }
+        println!(
+            "Restore with `hydrascale cluster restore --from {}` on a new cluster, then point clients' login URL (or DNS) at it.",
+            out.display()
+        );
+    })
+}
+
+/// `cluster recover`: the committed state of the stopped replica in `data_dir`, as a backup.
+fn recover(data_dir: &std::path::Path, out: &std::path::Path, json: bool) -> Result<()> {
+    let (b, r) = crate::cluster::recover_backup(data_dir)?;
+    write_private(out, &b.bytes)
+        .with_context(|| format!("writing the backup to {}", out.display()))?;
+    let summary = serde_json::json!({
+        "path": out.display().to_string(),
+        "committed_index": r.committed_index,
+        "last_log_index": r.last_log_index,
+        "voters": r.voters,
+        "users": b.users,
+        "nodes": b.nodes,
+        "preauth_keys": b.preauth_keys,
+    });
+    emit(json, &summary, || {
+        println!(
+            "Recovered {} users, {} nodes, {} pre-auth keys, committed up to log index {} (voters then: {:?}), written to {}",
+            b.users, b.nodes, b.preauth_keys, r.committed_index, r.voters, out.display()
+        );
+        if r.last_log_index > r.committed_index {
+            println!(
+                "Left out: log entries {}..={} were never known to be committed here.",
+                r.committed_index + 1,
+                r.last_log_index
+            );
+        }
+        println!(
+            "Of several survivors, use the one with the highest committed index. Restore with `hydrascale cluster restore --from {}` on a new cluster.",
+            out.display()
+        );
+    })
+}
+
 /// Writes `bytes` to `path` readable by its owner only, via a temporary file and a
 /// rename so a crash never leaves half a backup under the final name.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -422,6 +558,17 @@ fn grpc_error(e: tonic::Status) -> anyhow::Error {
 async fn run(cli: Cli) -> Result<()> {
     if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
         return make_certs(out, ids);
+    }
+    if let Cmd::Migrate(MigrateCmd::Headscale { db, noise_key, out }) = &cli.command {
+        let cfg = crate::config::Config::load(cli.config.as_deref())?;
+        return migrate_headscale(db, noise_key, out, &cfg, cli.output == Output::Json);
+    }
+    if let Cmd::Cluster(ClusterCmd::Recover { out, data_dir }) = &cli.command {
+        let data_dir = match data_dir {
+            Some(d) => d.clone(),
+            None => crate::config::Config::load(cli.config.as_deref())?.data_dir,
+        };
+        return recover(&data_dir, out, cli.output == Output::Json);
     }
     if let Cmd::Serve { set } = &cli.command {
         let mut cfg = crate::config::Config::load(cli.config.as_deref())?;
@@ -676,6 +823,26 @@ async fn run(cli: Cli) -> Result<()> {
                 })?;
             }
         },
+        Cmd::Auth(AuthCmd::Register { user, auth_id }) => {
+            // Accept the whole URL too: it is what the user has in front of them.
+            let auth_id = auth_id
+                .rsplit_once("/register/")
+                .map(|(_, id)| id.to_string())
+                .unwrap_or(auth_id);
+            let r = c
+                .complete_login(proto::CompleteLoginRequest { auth_id, user })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            let n = r.node.context("no node in reply")?;
+            emit(json, &n, || {
+                println!(
+                    "Node {} ({}) registered, address {}",
+                    n.id, n.given_name, n.ipv4
+                );
+            })?;
+        }
+        Cmd::Migrate(_) => unreachable!("offline; handled before connecting"),
         Cmd::Cluster(cmd) => match cmd {
             ClusterCmd::Status => {
                 let r = c
@@ -748,6 +915,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("Snapshot taken");
             }
             ClusterCmd::Certs { out, ids } => make_certs(&out, &ids)?,
+            ClusterCmd::Recover { .. } => unreachable!("offline; handled before connecting"),
             ClusterCmd::Init { peers } => {
                 let r = c
                     .init_cluster(proto::InitClusterRequest {

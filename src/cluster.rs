@@ -27,6 +27,8 @@ pub enum ClusterError {
     Stopped,
     #[error("cluster.restore_from {path}: {message}")]
     Restore { path: String, message: String },
+    #[error("recovering the committed state: {0}")]
+    Recover(String),
 }
 
 /// Starts a new cluster when this replica is the one to do it (its founder): alone (no
@@ -145,6 +147,53 @@ pub struct Backup {
 
 pub const BACKUP_FORMAT: &str = "hydrascale-backup-v1";
 
+/// A backup file's bytes and what it holds.
+pub struct EncodedBackup {
+    pub bytes: Vec<u8>,
+    pub users: u64,
+    pub nodes: u64,
+    pub preauth_keys: u64,
+}
+
+/// Encodes `tailnet`, read at Raft index `applied_index`, as a backup file. Used by the
+/// online `cluster backup` and by the offline `cluster recover`, so both restore alike.
+pub fn encode_backup(
+    tailnet: &crate::state::Tailnet,
+    applied_index: u64,
+) -> Result<EncodedBackup, serde_json::Error> {
+    let backup = Backup {
+        format: BACKUP_FORMAT.into(),
+        applied_index,
+        taken_ms: crate::state::now_ms(),
+        tailnet: serde_json::to_value(tailnet)?,
+    };
+    Ok(EncodedBackup {
+        bytes: serde_json::to_vec_pretty(&backup)?,
+        users: tailnet.users.len() as u64,
+        nodes: tailnet.nodes.len() as u64,
+        preauth_keys: tailnet.preauth_keys.len() as u64,
+    })
+}
+
+/// The state a stopped replica had committed, read from `<data_dir>/raft` without Raft,
+/// as a backup: how a cluster that lost its majority is rebuilt (`cluster recover`).
+pub fn recover_backup(
+    data_dir: &std::path::Path,
+) -> Result<(EncodedBackup, hydrascale_raft::Recovered), ClusterError> {
+    let store = crate::state::StateStore::new();
+    let recovered = hydrascale_raft::recover_committed(&data_dir.join("raft"), &store)?;
+    let t = store.read();
+    if t.control_key.is_none() {
+        return Err(ClusterError::Recover(format!(
+            "the store in {} holds no tailnet state (the replica never joined a cluster, or it had not caught up); try another replica's data directory",
+            data_dir.display()
+        )));
+    }
+    let encoded = encode_backup(&t, recovered.committed_index)
+        .map_err(|e| ClusterError::Recover(format!("encoding the backup: {e}")))?;
+    Ok((encoded, recovered))
+}
+
 /// Reads and checks a backup before it is proposed, so a bad file fails at startup
 /// with its path rather than as a refused command.
 fn restore_command(path: &std::path::Path) -> Result<Command, ClusterError> {
@@ -187,15 +236,22 @@ pub fn mesh_key(control: &ControlKey) -> [u8; 32] {
 }
 
 /// Spawns the replica's cluster tasks into `tasks`; they end when `stop` turns true.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_tasks(
     tasks: &mut JoinSet<()>,
     db: Db,
     me: Replica,
     derp: Option<DerpServer>,
     isolation_timeout: Duration,
+    ephemeral_timeout: Duration,
     serving_tx: watch::Sender<bool>,
     stop: watch::Receiver<bool>,
 ) {
+    tasks.spawn(remove_idle_ephemeral_nodes(
+        db.clone(),
+        ephemeral_timeout,
+        stop.clone(),
+    ));
     tasks.spawn(announce(db.clone(), me.clone(), stop.clone()));
     tasks.spawn(watch_quorum(
         db.clone(),
@@ -339,6 +395,42 @@ async fn mark_dead_replicas_offline(
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// On the leader: removes ephemeral nodes offline for `timeout`. The command re-checks
+/// each node when applied, so one that reconnected in between stays.
+async fn remove_idle_ephemeral_nodes(db: Db, timeout: Duration, mut stop: watch::Receiver<bool>) {
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let every = (timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        if db.raft.is_leader() {
+            let cutoff = now_ms().saturating_sub(timeout_ms);
+            let idle: Vec<u64> = db
+                .store
+                .read()
+                .nodes
+                .values()
+                .filter(|n| n.ephemeral && !n.online && n.last_seen.is_none_or(|t| t <= cutoff))
+                .map(|n| n.id)
+                .collect();
+            if !idle.is_empty() {
+                tracing::info!(nodes = ?idle, "removing ephemeral nodes offline for {timeout:?}");
+                if let Err(e) = db
+                    .write(Command::RemoveIdleEphemeral {
+                        node_ids: idle,
+                        cutoff,
+                    })
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not remove idle ephemeral nodes");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

@@ -51,10 +51,146 @@ pub struct Config {
     pub base_domain: String,
     /// How long a node key stays valid after registration, e.g. "180d"; "0" = never expires.
     pub node_expiry: String,
+    /// An ephemeral node offline this long is removed, e.g. "30m".
+    pub ephemeral_inactivity_timeout: String,
     /// Where node addresses come from: subsets of 100.64.0.0/10 and fd7a:115c:a1e0::/48.
     pub prefixes: crate::state::Prefixes,
+    /// Taildrop (`tailscale file cp`) between nodes of the same user.
+    pub taildrop: bool,
+    /// DNS settings pushed to every client (keep them the same on every replica).
+    pub dns: DnsConfig,
     pub derp: DerpConfig,
     pub cluster: ClusterConfig,
+}
+
+/// DNS settings clients get in their map (Tailscale's `DNSConfig`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// MagicDNS: clients answer `<node>.<base_domain>` themselves (at 100.100.100.100).
+    pub magic_dns: bool,
+    /// Resolvers for every other name: IP addresses, `IP:port`, or DNS-over-HTTPS URLs.
+    pub nameservers: Vec<String>,
+    /// true: clients use `nameservers` instead of their own resolvers; false: only when
+    /// their own are unusable (Tailscale's fallback resolvers).
+    pub override_local_dns: bool,
+    /// Resolvers for names under a domain (split DNS), e.g. `"corp.example" = ["10.0.0.53"]`.
+    /// An empty list makes the domain answered only from `extra_records`.
+    pub split: std::collections::BTreeMap<String, Vec<String>>,
+    /// Search domains after the base domain.
+    pub search_domains: Vec<String>,
+    /// Extra names clients resolve themselves.
+    pub extra_records: Vec<DnsRecord>,
+}
+
+/// One extra DNS record, e.g. `{ name = "grafana.hydrascale.internal", type = "A", value = "100.64.0.9" }`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRecord {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub record_type: String,
+    pub value: String,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            magic_dns: true,
+            nameservers: Vec::new(),
+            override_local_dns: true,
+            split: std::collections::BTreeMap::new(),
+            search_domains: Vec::new(),
+            extra_records: Vec::new(),
+        }
+    }
+}
+
+/// A resolver address as Tailscale clients take it: an IP, `IP:port`, or an http(s) URL.
+fn valid_resolver(addr: &str) -> bool {
+    addr.parse::<std::net::IpAddr>().is_ok()
+        || addr.parse::<SocketAddr>().is_ok()
+        || addr.starts_with("https://")
+        || addr.starts_with("http://")
+}
+
+/// A DNS domain such as `corp.example.com` (a trailing dot is allowed).
+fn valid_domain(d: &str) -> bool {
+    let d = d.strip_suffix('.').unwrap_or(d);
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+impl DnsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("dns.{key}"),
+            message,
+        };
+        for ns in &self.nameservers {
+            if !valid_resolver(ns) {
+                return Err(invalid(
+                    "nameservers",
+                    format!("{ns:?} is not an IP address, IP:port or http(s):// URL"),
+                ));
+            }
+        }
+        for (domain, resolvers) in &self.split {
+            if !valid_domain(domain) {
+                return Err(invalid("split", format!("{domain:?} is not a DNS domain")));
+            }
+            if let Some(bad) = resolvers.iter().find(|r| !valid_resolver(r)) {
+                return Err(invalid(
+                    "split",
+                    format!("{domain}: {bad:?} is not an IP address, IP:port or http(s):// URL"),
+                ));
+            }
+        }
+        if let Some(bad) = self.search_domains.iter().find(|d| !valid_domain(d)) {
+            return Err(invalid(
+                "search_domains",
+                format!("{bad:?} is not a DNS domain"),
+            ));
+        }
+        for r in &self.extra_records {
+            if !valid_domain(&r.name) {
+                return Err(invalid(
+                    "extra_records",
+                    format!("{:?} is not a DNS name", r.name),
+                ));
+            }
+            let ok = match r.record_type.as_str() {
+                "A" => r.value.parse::<std::net::Ipv4Addr>().is_ok(),
+                "AAAA" => r.value.parse::<std::net::Ipv6Addr>().is_ok(),
+                other => {
+                    return Err(invalid(
+                        "extra_records",
+                        format!("{}: type {other:?} is not supported (A or AAAA)", r.name),
+                    ))
+                }
+            };
+            if !ok {
+                return Err(invalid(
+                    "extra_records",
+                    format!(
+                        "{}: {:?} is not an {} address",
+                        r.name,
+                        r.value,
+                        if r.record_type == "A" { "IPv4" } else { "IPv6" }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How this replica forms or joins a cluster.
@@ -215,7 +351,10 @@ impl Default for Config {
             node_id: 1,
             base_domain: "hydrascale.internal".into(),
             node_expiry: "0".into(),
+            ephemeral_inactivity_timeout: "30m".into(),
             prefixes: crate::state::Prefixes::default(),
+            taildrop: true,
+            dns: DnsConfig::default(),
             derp: DerpConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -386,13 +525,28 @@ impl Config {
                 })
             }
         }
-        if self.base_domain.is_empty() || self.base_domain.contains("..") {
+        match parse_duration_ms(&self.ephemeral_inactivity_timeout) {
+            Ok(ms) if ms >= 1_000 => {}
+            Ok(_) => {
+                return Err(ConfigError::Invalid {
+                    key: "ephemeral_inactivity_timeout".into(),
+                    message: "must be at least 1s, e.g. 30m".into(),
+                })
+            }
+            Err(message) => {
+                return Err(ConfigError::Invalid {
+                    key: "ephemeral_inactivity_timeout".into(),
+                    message,
+                })
+            }
+        }
+        if !valid_domain(&self.base_domain) {
             return Err(ConfigError::Invalid {
                 key: "base_domain".into(),
                 message: "must be a DNS domain such as tailnet.example.com".into(),
             });
         }
-        Ok(())
+        self.dns.validate()
     }
 
     /// `server_url` without trailing slashes, as the client normalises it.
@@ -425,6 +579,12 @@ impl Config {
     }
 
     /// Node key lifetime in milliseconds; `None` = keys do not expire.
+    /// `ephemeral_inactivity_timeout` as a duration (checked by `validate`).
+    pub fn ephemeral_inactivity_timeout(&self) -> std::time::Duration {
+        let ms = parse_duration_ms(&self.ephemeral_inactivity_timeout).unwrap_or(1_800_000);
+        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(1_800_000))
+    }
+
     pub fn node_expiry_ms(&self) -> Option<i64> {
         match parse_duration_ms(&self.node_expiry) {
             Ok(0) | Err(_) => None,
@@ -592,6 +752,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cluster.isolation_timeout"), "{err}");
+    }
+
+    #[test]
+    fn dns_settings_are_checked() {
+        let load = |toml: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, toml).expect("write");
+            Config::load_with_env(Some(&p), &[])
+        };
+        let c = load(
+            r#"
+[dns]
+nameservers = ["1.1.1.1", "[2606:4700::1111]:53", "https://dns.example/dns-query"]
+search_domains = ["corp.example."]
+extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "100.64.0.9" }]
+[dns.split]
+"corp.example" = ["10.0.0.53"]
+"local.test" = []
+"#,
+        )
+        .expect("valid dns section");
+        assert_eq!(c.dns.nameservers.len(), 3);
+        assert_eq!(c.dns.split["local.test"], Vec::<String>::new());
+        for (bad, key) in [
+            ("[dns]\nnameservers = [\"dns.google\"]", "dns.nameservers"),
+            ("[dns.split]\n\"bad domain\" = []", "dns.split"),
+            ("[dns]\nsearch_domains = [\"a..b\"]", "dns.search_domains"),
+            (
+                "[dns]\nextra_records = [{ name = \"x.test\", type = \"A\", value = \"fd7a::1\" }]",
+                "dns.extra_records",
+            ),
+            (
+                "[dns]\nextra_records = [{ name = \"x.test\", type = \"MX\", value = \"1\" }]",
+                "dns.extra_records",
+            ),
+        ] {
+            let err = load(bad).expect_err(bad).to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

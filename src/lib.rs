@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod derp;
 pub mod metrics;
+pub mod migrate;
 pub mod noise;
 pub mod server;
 pub mod state;

@@ -262,6 +262,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         me.clone(),
         derp_server.clone(),
         config.cluster.isolation_timeout(),
+        config.ephemeral_inactivity_timeout(),
         serving_tx,
         shutdown_rx.clone(),
     );

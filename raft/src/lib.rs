@@ -28,6 +28,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use error::RaftError;
+pub use store::recover::{recover_committed, Recovered};
 pub use tls::RaftTls;
 
 openraft::declare_raft_types!(

@@ -291,3 +291,48 @@ async fn mutual_tls_admits_only_the_cluster_ca() {
     n2.shutdown().await.expect("shutdown");
     n1.shutdown().await.expect("shutdown");
 }
+
+/// A stopped node's storage, read without Raft, gives the state it had committed:
+/// snapshot plus the log after it, each entry once; a running node's store is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_committed_reads_a_stopped_nodes_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(1, dir.path());
+    cfg.snapshot_every = 10;
+    let app = Arc::new(Recorder::default());
+    let node = RaftNode::start(cfg.clone(), app.clone())
+        .await
+        .expect("start");
+    node.initialize_single().await.expect("init");
+    for i in 0..25u32 {
+        node.write(i.to_be_bytes().to_vec()).await.expect("write");
+    }
+    wait_for("a snapshot", || node.status().snapshot_index.is_some()).await;
+    let refused = hydrascale_raft::recover_committed(&cfg.data_dir, &Recorder::default())
+        .expect_err("the running node holds the store");
+    assert!(
+        refused.to_string().contains("another hydrascale process"),
+        "{refused}"
+    );
+    let applied = node.status().last_applied.expect("applied");
+    node.shutdown().await.expect("shutdown");
+    drop(node);
+
+    let recovered_app = Recorder::default();
+    let recovered =
+        hydrascale_raft::recover_committed(&cfg.data_dir, &recovered_app).expect("recover");
+    assert_eq!(recovered_app.commands(), app.commands());
+    // The status read before the stop may trail the last applied entry by a moment.
+    assert!(recovered.committed_index >= applied, "{recovered:?}");
+    assert_eq!(recovered.last_log_index, recovered.committed_index);
+    assert_eq!(
+        recovered.voters.keys().copied().collect::<Vec<_>>(),
+        vec![1]
+    );
+
+    let missing =
+        hydrascale_raft::recover_committed(&dir.path().join("nothing"), &Recorder::default())
+            .expect_err("no store");
+    assert!(missing.to_string().contains("no Raft store"), "{missing}");
+    assert!(!dir.path().join("nothing").exists(), "nothing is created");
+}

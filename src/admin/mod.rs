@@ -36,7 +36,8 @@ fn status(e: DbError) -> Status {
                 | StateError::ApiKeyNotFound(_)
                 | StateError::PreAuthKeyNotFound { .. }
                 | StateError::NodeNotFound(_)
-                | StateError::NodeKeyNotFound => Status::not_found(msg),
+                | StateError::NodeKeyNotFound
+                | StateError::LoginNotFound(_) => Status::not_found(msg),
                 StateError::UserInUse { .. } | StateError::AddressesExhausted => {
                     Status::failed_precondition(msg)
                 }
@@ -428,6 +429,21 @@ impl AdminService for Admin {
         self.node_reply(out)
     }
 
+    async fn complete_login(
+        &self,
+        req: Request<proto::CompleteLoginRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .write(Command::CompleteLogin {
+                auth_id: r.auth_id,
+                user: r.user,
+                now: now_ms(),
+            })
+            .await?;
+        self.node_reply(out)
+    }
+
     async fn create_api_key(
         &self,
         req: Request<proto::CreateApiKeyRequest>,
@@ -687,26 +703,14 @@ impl AdminService for Admin {
         })
         .await?;
         let applied_index = self.db.raft.status().last_applied.unwrap_or(0);
-        let (tailnet, users, nodes, keys) = {
-            let t = self.db.store.read();
-            let v = serde_json::to_value(&*t)
-                .map_err(|e| Status::internal(format!("encoding the state: {e}")))?;
-            (v, t.users.len(), t.nodes.len(), t.preauth_keys.len())
-        };
-        let backup = crate::cluster::Backup {
-            format: crate::cluster::BACKUP_FORMAT.into(),
-            applied_index,
-            taken_ms: crate::state::now_ms(),
-            tailnet,
-        };
-        let bytes = serde_json::to_vec_pretty(&backup)
+        let b = crate::cluster::encode_backup(&self.db.store.read(), applied_index)
             .map_err(|e| Status::internal(format!("encoding the backup: {e}")))?;
         Ok(Response::new(proto::BackupReply {
-            backup: bytes,
+            backup: b.bytes,
             applied_index,
-            users: users as u64,
-            nodes: nodes as u64,
-            preauth_keys: keys as u64,
+            users: b.users,
+            nodes: b.nodes,
+            preauth_keys: b.preauth_keys,
         }))
     }
 }

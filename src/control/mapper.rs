@@ -146,7 +146,17 @@ pub fn derp_map(
 }
 
 /// `tailcfg.Node` for one node, as peers (and the node itself) see it.
-pub fn node_json(node: &Node, base_domain: &str, now: i64) -> Value {
+/// Node capabilities every node gets (self and peers alike, as the client looks at both).
+fn cap_map(config: &Config) -> Value {
+    let mut caps = serde_json::Map::new();
+    if config.taildrop {
+        caps.insert("https://tailscale.com/cap/file-sharing".into(), json!([]));
+    }
+    Value::Object(caps)
+}
+
+pub fn node_json(node: &Node, config: &Config, now: i64) -> Value {
+    let base_domain = &config.base_domain;
     let hostinfo: Value = serde_json::from_str(&node.hostinfo).unwrap_or_else(|_| json!({}));
     let addrs = vec![format!("{}/32", node.ipv4), format!("{}/128", node.ipv6)];
     let mut v = json!({
@@ -163,6 +173,7 @@ pub fn node_json(node: &Node, base_domain: &str, now: i64) -> Value {
         "Created": rfc3339(node.created),
         "MachineAuthorized": true,
         "Online": node.online,
+        "CapMap": cap_map(config),
     });
     let obj = match v.as_object_mut() {
         Some(o) => o,
@@ -208,8 +219,41 @@ fn user_profiles(t: &Tailnet) -> Vec<Value> {
         .collect()
 }
 
-fn dns_config(base_domain: &str) -> Value {
-    json!({ "Resolvers": [], "Domains": [base_domain], "Proxied": true })
+/// Tailscale's `DNSConfig` from the `[dns]` settings: the same for every node, so it
+/// travels only in full maps.
+fn dns_config(config: &Config) -> Value {
+    let d = &config.dns;
+    let resolvers =
+        |list: &[String]| -> Vec<Value> { list.iter().map(|a| json!({ "Addr": a })).collect() };
+    let trim = |s: &str| s.trim_end_matches('.').to_string();
+    let mut domains = Vec::new();
+    if d.magic_dns {
+        domains.push(trim(&config.base_domain));
+    }
+    domains.extend(d.search_domains.iter().map(|s| trim(s)));
+    let mut v = json!({ "Domains": domains, "Proxied": d.magic_dns });
+    let key = if d.override_local_dns {
+        "Resolvers"
+    } else {
+        "FallbackResolvers"
+    };
+    v[key] = json!(resolvers(&d.nameservers));
+    if !d.split.is_empty() {
+        let routes: serde_json::Map<String, Value> = d
+            .split
+            .iter()
+            .map(|(domain, list)| (trim(domain), json!(resolvers(list))))
+            .collect();
+        v["Routes"] = Value::Object(routes);
+    }
+    if !d.extra_records.is_empty() {
+        v["ExtraRecords"] = d
+            .extra_records
+            .iter()
+            .map(|r| json!({ "Name": trim(&r.name), "Type": r.record_type, "Value": r.value }))
+            .collect();
+    }
+    v
 }
 
 /// What one map stream has told its client so far.
@@ -250,12 +294,12 @@ impl StreamView {
     ) -> Option<MapResponse> {
         let me = t.nodes.get(&self.self_id)?;
         let base = &config.base_domain;
-        let self_json = node_json(me, base, now);
+        let self_json = node_json(me, config, now);
         let previously: Vec<u64> = self.peers_sent.keys().copied().collect();
         self.peers_sent.clear();
         let mut peers = Vec::new();
         for n in t.nodes.values().filter(|n| n.id != self.self_id) {
-            let j = node_json(n, base, now);
+            let j = node_json(n, config, now);
             self.peers_sent.insert(n.id, j.clone());
             peers.push(j);
         }
@@ -263,7 +307,7 @@ impl StreamView {
         let mut resp = MapResponse {
             node: Some(self_json),
             derp_map: Some(derp_map.clone()),
-            dns_config: Some(dns_config(base)),
+            dns_config: Some(dns_config(config)),
             domain: base.clone(),
             packet_filter: Some(filter_allow_all()),
             user_profiles: Some(user_profiles(t)),
@@ -292,7 +336,6 @@ impl StreamView {
         touched: &[u64],
         now: i64,
     ) -> Result<Option<MapResponse>, ()> {
-        let base = &config.base_domain;
         let mut resp = MapResponse::default();
         let mut changed = Vec::new();
         let mut removed = Vec::new();
@@ -302,7 +345,7 @@ impl StreamView {
             let current = t.nodes.get(&id);
             if id == self.self_id {
                 let me = current.ok_or(())?;
-                let j = node_json(me, base, now);
+                let j = node_json(me, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
                     resp.node = Some(j);
@@ -316,7 +359,7 @@ impl StreamView {
                     }
                 }
                 Some(n) => {
-                    let j = node_json(n, base, now);
+                    let j = node_json(n, config, now);
                     match self.peers_sent.get(&id) {
                         Some(old) if *old == j => {}
                         Some(old) => {
@@ -441,5 +484,52 @@ mod tests {
             let err = load_extra_regions(&write(dir.path(), bad), Some(900)).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn taildrop_capability_follows_the_setting() {
+        let mut config = Config::default();
+        assert!(cap_map(&config)
+            .get("https://tailscale.com/cap/file-sharing")
+            .is_some());
+        config.taildrop = false;
+        assert_eq!(cap_map(&config), serde_json::json!({}));
+    }
+
+    #[test]
+    fn dns_settings_become_the_clients_dns_config() {
+        let mut config = Config::default();
+        assert_eq!(
+            dns_config(&config),
+            serde_json::json!({ "Domains": ["hydrascale.internal"], "Proxied": true, "Resolvers": [] })
+        );
+        config.dns.nameservers = vec!["1.1.1.1".into()];
+        config.dns.override_local_dns = false;
+        config.dns.search_domains = vec!["corp.example.".into()];
+        config
+            .dns
+            .split
+            .insert("corp.example".into(), vec!["10.0.0.53".into()]);
+        config.dns.extra_records.push(crate::config::DnsRecord {
+            name: "grafana.hydrascale.internal.".into(),
+            record_type: "A".into(),
+            value: "100.64.0.9".into(),
+        });
+        assert_eq!(
+            dns_config(&config),
+            serde_json::json!({
+                "Domains": ["hydrascale.internal", "corp.example"],
+                "Proxied": true,
+                "FallbackResolvers": [{ "Addr": "1.1.1.1" }],
+                "Routes": { "corp.example": [{ "Addr": "10.0.0.53" }] },
+                "ExtraRecords": [{ "Name": "grafana.hydrascale.internal", "Type": "A", "Value": "100.64.0.9" }],
+            })
+        );
+        config.dns.magic_dns = false;
+        assert_eq!(
+            dns_config(&config)["Domains"],
+            serde_json::json!(["corp.example"])
+        );
+        assert_eq!(dns_config(&config)["Proxied"], false);
     }
 }

@@ -5,6 +5,7 @@
 //! Handlers read the replica's applied state and write through Raft via [`crate::state::Db`].
 
 pub mod batch;
+mod login_page;
 mod map;
 pub mod mapper;
 mod register;
@@ -138,6 +139,10 @@ pub fn router(state: Arc<ControlState>) -> Router {
         .route("/derpmap/default", get(derp_map_handler))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
+        .route(
+            "/register/{auth_id}",
+            get(login_page::show).post(login_page::approve),
+        )
         .with_state(state)
 }
 

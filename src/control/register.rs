@@ -1,4 +1,5 @@
-//! `/machine/register`: pre-auth key registration, re-login, node key rotation and logout.
+//! `/machine/register`: pre-auth key registration, interactive login, re-login, node key
+//! rotation and logout.
 //!
 //! The machine key comes from the Noise handshake, never from the request body, so a client
 //! can only act on the node bound to its own machine key.
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
 use super::ts2021::NoisePeer;
 use super::{mapper, ControlError, ControlState};
-use crate::state::{now_ms, Command, CommandOutput, DbError, Node, RegisterAuth};
+use crate::state::{now_ms, Command, CommandOutput, DbError, Node, PendingLogin, RegisterAuth};
 
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
@@ -155,19 +156,20 @@ async fn register(
             Err(e) => return Err(e.into()),
         }
     } else {
-        let Some(node) = existing else {
-            return Ok(user_error(
-                "this machine is not registered: create a key with `hydrascale preauthkeys create --user USER` and run `tailscale up --login-server=... --auth-key=KEY` (interactive login is not supported yet)",
-            ));
+        let known = existing.filter(|n| {
+            n.node_key == node_key || old_node_key.as_deref() == Some(n.node_key.as_str())
+        });
+        let Some(node) = known else {
+            // A new machine, or a known one with a key it never registered (a new login,
+            // `tailscale up --force-reauth`): an administrator approves it.
+            return interactive_login(st, peer, &req, &node_key, hostname, hostinfo, now).await;
         };
-        let key_matches = node.node_key == node_key;
-        let rotation = old_node_key.as_deref() == Some(node.node_key.as_str());
-        if !key_matches && !rotation {
-            return Ok(user_error(
-                "this node key is not known for this machine; log in again with a pre-auth key (`tailscale up --auth-key=KEY --force-reauth`)",
-            ));
-        }
+        let rotation = node.node_key != node_key;
         if node.expiry.is_some_and(|e| e <= now) {
+            if rotation {
+                // The client already made a new key for its expired one: it needs a login.
+                return interactive_login(st, peer, &req, &node_key, hostname, hostinfo, now).await;
+            }
             return Ok(RegisterResponse {
                 node_key_expired: true,
                 ..Default::default()
@@ -196,6 +198,11 @@ async fn register(
             node
         }
     };
+    Ok(authorized(st, &node))
+}
+
+/// The answer that tells the client it is logged in as `node`'s owner.
+fn authorized(st: &ControlState, node: &Node) -> RegisterResponse {
     let tailnet = st.db.store.read();
     let user = tailnet.users.get(&node.user_id);
     let (name, display, created) = user
@@ -212,7 +219,7 @@ async fn register(
     } else {
         display
     };
-    Ok(RegisterResponse {
+    RegisterResponse {
         user: RegisterUser {
             id: node.user_id,
             display_name: display.clone(),
@@ -228,5 +235,91 @@ async fn register(
         },
         machine_authorized: true,
         ..Default::default()
+    }
+}
+
+/// How long a follow-up request waits for the administrator before the client is told to
+/// ask again (with the same URL, so it keeps showing it).
+const FOLLOWUP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The auth id in an `AuthURL` this server handed out (`<server_url>/register/<id>`).
+fn auth_id_of(url: &str) -> Option<&str> {
+    let id = url.rsplit_once("/register/")?.1;
+    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then_some(id)
+}
+
+/// Interactive login: a first request gets an `AuthURL` (the login is recorded in
+/// replicated state, so an administrator can finish it on any replica); the client's
+/// follow-up request waits here until it is finished.
+async fn interactive_login(
+    st: &ControlState,
+    peer: &NoisePeer,
+    req: &RegisterRequest,
+    node_key: &str,
+    hostname: String,
+    hostinfo: String,
+    now: i64,
+) -> Result<RegisterResponse, ControlError> {
+    let url_of = |id: &str| format!("{}/register/{id}", st.config.server_url());
+    if let Some(auth_id) = auth_id_of(&req.followup) {
+        let mut changes = st.db.store.subscribe();
+        let deadline = tokio::time::Instant::now() + FOLLOWUP_WAIT;
+        loop {
+            {
+                let t = st.db.store.read();
+                if let Some(n) = t
+                    .node_by_machine_key(&peer.machine_key)
+                    .filter(|n| n.node_key == node_key)
+                {
+                    let n = n.clone();
+                    drop(t);
+                    return Ok(authorized(st, &n));
+                }
+                let waiting = t
+                    .pending_logins
+                    .get(auth_id)
+                    .is_some_and(|p| p.machine_key == peer.machine_key);
+                if !waiting {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(RegisterResponse {
+                    auth_url: url_of(auth_id),
+                    ..Default::default()
+                });
+            }
+            // Woken by any applied change; the timer covers a login replaced or expired.
+            tokio::select! {
+                _ = changes.recv() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    }
+    let auth_id = new_auth_id();
+    let login = PendingLogin {
+        auth_id: auth_id.clone(),
+        machine_key: peer.machine_key.clone(),
+        node_key: node_key.to_string(),
+        hostname,
+        hostinfo,
+        ephemeral: req.ephemeral,
+        created: now,
+        prefixes: st.config.prefixes,
+        key_lifetime: st.config.node_expiry_ms(),
+    };
+    st.db.write(Command::StartLogin { login }).await?;
+    tracing::info!(machine = %peer.machine_key, auth_id, "interactive login started");
+    Ok(RegisterResponse {
+        auth_url: url_of(&auth_id),
+        ..Default::default()
     })
+}
+
+fn new_auth_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
 }

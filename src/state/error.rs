@@ -54,4 +54,6 @@ pub enum StateError {
     RestoreNotFresh,
     #[error("the backup does not decode ({0}); use a file written by `hydrascale cluster backup`")]
     BadBackup(String),
+    #[error("no machine is waiting to log in with id {0:?} (it may have expired after an hour, or the machine gave up): run `tailscale up` on it again and use the id it shows")]
+    LoginNotFound(String),
 }

@@ -2,7 +2,7 @@
 //! `apply`, and the glue that runs commands through Raft (`Db`).
 
 mod error;
-mod ipam;
+pub mod ipam;
 mod store;
 mod tailnet;
 #[cfg(test)]
@@ -11,7 +11,8 @@ mod types;
 
 pub use error::StateError;
 pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
-pub use tailnet::{sanitize_hostname, Tailnet};
+pub use tailnet::{sanitize_hostname, valid_label, valid_user_name, Tailnet};
 pub use types::{
-    ApiKey, Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
+    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
+    Replica, User, LOGIN_TTL_MS,
 };

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    ApiKey, Change, Command, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth, Replica, User,
+    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
+    Replica, User, LOGIN_TTL_MS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub struct Tailnet {
     pub replicas: BTreeMap<u64, Replica>,
     #[serde(default)]
     pub api_keys: BTreeMap<u64, ApiKey>,
+    /// Interactive logins waiting for an administrator, by auth id.
+    #[serde(default)]
+    pub pending_logins: BTreeMap<String, PendingLogin>,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -36,14 +40,34 @@ pub struct Tailnet {
 
 type Applied = (Result<CommandOutput, StateError>, Vec<Change>);
 
-fn valid_user_name(n: &str) -> bool {
+/// What authorises a registration: a pre-auth key, or an administrator's interactive-login
+/// approval for a user (no key, no tags).
+struct Grant {
+    user_id: u64,
+    tags: Vec<String>,
+    ephemeral: bool,
+    key_id: Option<u64>,
+}
+
+impl From<&PreAuthKey> for Grant {
+    fn from(k: &PreAuthKey) -> Self {
+        Grant {
+            user_id: k.user_id,
+            tags: k.tags.clone(),
+            ephemeral: k.ephemeral,
+            key_id: Some(k.id),
+        }
+    }
+}
+
+pub fn valid_user_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
 }
 
-fn valid_label(n: &str) -> bool {
+pub fn valid_label(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && !n.starts_with('-')
@@ -114,6 +138,37 @@ impl Tailnet {
             .map(|i| format!("{base}-{i}"))
             .find(|c| !taken(c))
             .unwrap_or(base)
+    }
+
+    /// A tailnet made of records from elsewhere (a migration), keeping their ids; new
+    /// users, nodes and keys are numbered after the highest. Nodes start offline, and the
+    /// caller has made names, keys and addresses unique (a `Restore` of the result
+    /// applies it as it is).
+    pub fn from_records(
+        users: Vec<User>,
+        preauth_keys: Vec<PreAuthKey>,
+        nodes: Vec<Node>,
+        control_key: String,
+    ) -> Tailnet {
+        let max = |ids: &mut dyn Iterator<Item = u64>| ids.max().unwrap_or(0);
+        Tailnet {
+            next_user_id: max(&mut users.iter().map(|u| u.id)),
+            next_node_id: max(&mut nodes.iter().map(|n| n.id)),
+            next_key_id: max(&mut preauth_keys.iter().map(|k| k.id)),
+            users: users.into_iter().map(|u| (u.id, u)).collect(),
+            preauth_keys: preauth_keys.into_iter().map(|k| (k.id, k)).collect(),
+            nodes: nodes
+                .into_iter()
+                .map(|mut n| {
+                    n.stable_id = stable_id(n.id);
+                    n.online = false;
+                    n.online_via = None;
+                    (n.id, n)
+                })
+                .collect(),
+            control_key: Some(control_key),
+            ..Tailnet::default()
+        }
     }
 
     /// Applies one command; on error nothing has changed.
@@ -291,18 +346,63 @@ impl Tailnet {
                 ephemeral,
                 prefixes,
                 now,
-            } => self.register(
-                machine_key,
-                node_key,
-                old_node_key.as_deref(),
-                hostname,
-                hostinfo,
-                auth,
-                *expiry,
-                *ephemeral,
-                prefixes,
-                *now,
-            ),
+            } => {
+                let grant = match auth {
+                    RegisterAuth::PreAuthKey { hash } => {
+                        Some(self.key_grant(hash, machine_key, *now)?)
+                    }
+                    RegisterAuth::Existing => None,
+                };
+                self.register(
+                    machine_key,
+                    node_key,
+                    old_node_key.as_deref(),
+                    hostname,
+                    hostinfo,
+                    grant,
+                    *expiry,
+                    *ephemeral,
+                    prefixes,
+                    *now,
+                )
+            }
+            Command::StartLogin { login } => {
+                let cutoff = login.created.saturating_sub(LOGIN_TTL_MS);
+                self.pending_logins
+                    .retain(|_, p| p.created > cutoff && p.machine_key != login.machine_key);
+                self.pending_logins
+                    .insert(login.auth_id.clone(), login.clone());
+                Ok((CommandOutput::Done, Vec::new()))
+            }
+            Command::CompleteLogin { auth_id, user, now } => {
+                let p = self
+                    .pending_logins
+                    .get(auth_id)
+                    .filter(|p| p.created > now.saturating_sub(LOGIN_TTL_MS))
+                    .cloned()
+                    .ok_or_else(|| StateError::LoginNotFound(auth_id.clone()))?;
+                let user_id = self.user_id(user)?;
+                let grant = Grant {
+                    user_id,
+                    tags: Vec::new(),
+                    ephemeral: p.ephemeral,
+                    key_id: None,
+                };
+                let out = self.register(
+                    &p.machine_key,
+                    &p.node_key,
+                    None,
+                    &p.hostname,
+                    &p.hostinfo,
+                    Some(grant),
+                    p.key_lifetime.map(|l| now.saturating_add(l)),
+                    p.ephemeral,
+                    &p.prefixes,
+                    *now,
+                )?;
+                self.pending_logins.remove(auth_id);
+                Ok(out)
+            }
             Command::UpdateNode {
                 node_key,
                 disco_key,
@@ -439,6 +539,24 @@ impl Tailnet {
                 self.nodes.remove(id).ok_or(StateError::NodeNotFound(*id))?;
                 Ok((CommandOutput::Done, vec![Change::NodeRemoved(*id)]))
             }
+            Command::RemoveIdleEphemeral { node_ids, cutoff } => {
+                let idle: Vec<u64> = node_ids
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        self.nodes.get(id).is_some_and(|n| {
+                            n.ephemeral && !n.online && n.last_seen.is_none_or(|t| t <= *cutoff)
+                        })
+                    })
+                    .collect();
+                for id in &idle {
+                    self.nodes.remove(id);
+                }
+                Ok((
+                    CommandOutput::Done,
+                    idle.into_iter().map(Change::NodeRemoved).collect(),
+                ))
+            }
             Command::ExpireNode { id, now } => {
                 let n = self
                     .nodes
@@ -474,6 +592,26 @@ impl Tailnet {
         }
     }
 
+    /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register with it now.
+    fn key_grant(&self, hash: &str, machine_key: &str, now: i64) -> Result<Grant, StateError> {
+        let k = self
+            .preauth_keys
+            .values()
+            .find(|k| k.hash == hash)
+            .ok_or(StateError::AuthKeyUnknown)?;
+        if k.expiration.is_some_and(|e| e <= now) {
+            return Err(StateError::AuthKeyExpired);
+        }
+        // A single-use key may be presented again by the machine it registered.
+        let reuse_by_owner = self
+            .node_by_machine_key(machine_key)
+            .is_some_and(|n| n.auth_key_id == Some(k.id));
+        if k.used && !k.reusable && !reuse_by_owner {
+            return Err(StateError::AuthKeyUsed);
+        }
+        Ok(Grant::from(k))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -482,7 +620,7 @@ impl Tailnet {
         old_node_key: Option<&str>,
         hostname: &str,
         hostinfo: &str,
-        auth: &RegisterAuth,
+        key: Option<Grant>,
         expiry: Option<i64>,
         ephemeral: bool,
         prefixes: &Prefixes,
@@ -494,28 +632,6 @@ impl Tailnet {
                 return Err(StateError::NodeKeyInUse(other.id));
             }
         }
-        // Validate the key before touching anything.
-        let key = match auth {
-            RegisterAuth::PreAuthKey { hash } => {
-                let k = self
-                    .preauth_keys
-                    .values()
-                    .find(|k| k.hash == *hash)
-                    .ok_or(StateError::AuthKeyUnknown)?;
-                if k.expiration.is_some_and(|e| e <= now) {
-                    return Err(StateError::AuthKeyExpired);
-                }
-                // A single-use key may be presented again by the machine it registered.
-                let reuse_by_owner = existing
-                    .and_then(|id| self.nodes.get(&id))
-                    .is_some_and(|n| n.auth_key_id == Some(k.id));
-                if k.used && !k.reusable && !reuse_by_owner {
-                    return Err(StateError::AuthKeyUsed);
-                }
-                Some(k.clone())
-            }
-            RegisterAuth::Existing => None,
-        };
         match (existing, key) {
             (Some(id), key) => {
                 let n = self.nodes.get(&id).ok_or(StateError::NodeNotFound(id))?;
@@ -547,14 +663,15 @@ impl Tailnet {
                     n.user_id = k.user_id;
                     n.tags = k.tags.clone();
                     n.ephemeral = k.ephemeral || ephemeral;
-                    n.auth_key_id = Some(k.id);
+                    n.auth_key_id = k.key_id;
                     n.expiry = expiry;
                 }
                 let out = n.clone();
-                if let Some(k) = key {
-                    if let Some(stored) = self.preauth_keys.get_mut(&k.id) {
-                        stored.used = true;
-                    }
+                if let Some(stored) = key
+                    .and_then(|k| k.key_id)
+                    .and_then(|id| self.preauth_keys.get_mut(&id))
+                {
+                    stored.used = true;
                 }
                 Ok((CommandOutput::Node(out), vec![Change::NodeUpserted(id)]))
             }
@@ -586,12 +703,12 @@ impl Tailnet {
                     last_seen: Some(now),
                     expiry,
                     ephemeral: k.ephemeral || ephemeral,
-                    auth_key_id: Some(k.id),
+                    auth_key_id: k.key_id,
                     online: false,
                     online_via: None,
                 };
                 self.nodes.insert(id, n.clone());
-                if let Some(stored) = self.preauth_keys.get_mut(&k.id) {
+                if let Some(stored) = k.key_id.and_then(|id| self.preauth_keys.get_mut(&id)) {
                     stored.used = true;
                 }
                 Ok((CommandOutput::Node(n), vec![Change::NodeUpserted(id)]))

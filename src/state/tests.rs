@@ -513,3 +513,117 @@ fn api_keys_are_created_expired_and_deleted_by_prefix() {
         Err(StateError::ApiKeyNotFound("abc123".into()))
     );
 }
+
+#[test]
+fn idle_ephemeral_nodes_are_removed_only_if_still_idle() {
+    let mut t = setup();
+    let keep = node(ok(&mut t, reg(1, 1, "multi")));
+    let mut eph = reg(2, 2, "multi");
+    if let Command::RegisterNode { ephemeral, .. } = &mut eph {
+        *ephemeral = true;
+    }
+    let gone = node(ok(&mut t, eph));
+    let mut eph = reg(3, 3, "multi");
+    if let Command::RegisterNode { ephemeral, .. } = &mut eph {
+        *ephemeral = true;
+    }
+    let back = node(ok(&mut t, eph));
+    assert!(gone.ephemeral && back.ephemeral && !keep.ephemeral);
+    // `back` reconnected after the leader picked it: it stays.
+    ok(
+        &mut t,
+        Command::SetOnline {
+            node_id: back.id,
+            online: true,
+            replica: 1,
+            now: NOW + 10,
+        },
+    );
+    let (r, changes) = t.apply(&Command::RemoveIdleEphemeral {
+        node_ids: vec![keep.id, gone.id, back.id, 99],
+        cutoff: NOW + 5,
+    });
+    assert!(r.is_ok());
+    assert_eq!(changes, vec![Change::NodeRemoved(gone.id)]);
+    assert!(t.nodes.contains_key(&keep.id), "not ephemeral");
+    assert!(!t.nodes.contains_key(&gone.id));
+    assert!(t.nodes.contains_key(&back.id), "online again");
+    // Seen after the cutoff: stays too.
+    ok(
+        &mut t,
+        Command::SetOnline {
+            node_id: back.id,
+            online: false,
+            replica: 1,
+            now: NOW + 20,
+        },
+    );
+    let (_, changes) = t.apply(&Command::RemoveIdleEphemeral {
+        node_ids: vec![back.id],
+        cutoff: NOW + 15,
+    });
+    assert!(changes.is_empty());
+}
+
+fn pending(auth_id: &str, machine: u32, node: u32, created: i64) -> Command {
+    Command::StartLogin {
+        login: PendingLogin {
+            auth_id: auth_id.into(),
+            machine_key: format!("mkey:{machine:064x}"),
+            node_key: format!("nodekey:{node:064x}"),
+            hostname: format!("Laptop {machine}"),
+            hostinfo: "{}".into(),
+            ephemeral: false,
+            created,
+            prefixes: Prefixes::default(),
+            key_lifetime: None,
+        },
+    }
+}
+
+fn complete(auth_id: &str, user: &str, now: i64) -> Command {
+    Command::CompleteLogin {
+        auth_id: auth_id.into(),
+        user: user.into(),
+        now,
+    }
+}
+
+#[test]
+fn interactive_login_registers_the_waiting_machine_for_the_user() {
+    let mut t = setup();
+    ok(&mut t, pending("a1", 7, 7, NOW));
+    assert!(matches!(
+        refused(&mut t, complete("nope", "alice", NOW)),
+        StateError::LoginNotFound(_)
+    ));
+    assert!(matches!(
+        refused(&mut t, complete("a1", "mallory", NOW)),
+        StateError::UserNotFound(_)
+    ));
+    let n = node(ok(&mut t, complete("a1", "alice", NOW + 1)));
+    assert_eq!(n.user_id, t.user_by_name("alice").expect("alice").id);
+    assert_eq!(n.given_name, "laptop-7");
+    assert_eq!(n.auth_key_id, None);
+    assert!(t.pending_logins.is_empty(), "a login completes once");
+    assert!(matches!(
+        refused(&mut t, complete("a1", "alice", NOW + 2)),
+        StateError::LoginNotFound(_)
+    ));
+
+    // The same machine logs in again (new node key): same node, new key.
+    ok(&mut t, pending("a2", 7, 8, NOW + 10));
+    let again = node(ok(&mut t, complete("a2", "alice", NOW + 11)));
+    assert_eq!(again.id, n.id);
+    assert_eq!(again.node_key, format!("nodekey:{:064x}", 8));
+    assert_eq!(again.ipv4, n.ipv4);
+
+    // A newer login of a machine replaces its older one; old ones expire.
+    ok(&mut t, pending("b1", 9, 9, NOW));
+    ok(&mut t, pending("b2", 9, 10, NOW + 5));
+    assert!(!t.pending_logins.contains_key("b1"));
+    assert!(matches!(
+        refused(&mut t, complete("b2", "alice", NOW + 5 + LOGIN_TTL_MS)),
+        StateError::LoginNotFound(_)
+    ));
+}

@@ -94,6 +94,26 @@ pub struct Node {
     pub online_via: Option<u64>,
 }
 
+/// A machine waiting for an administrator to finish its interactive login
+/// (`tailscale up` without a key): it asked at `created` and was shown
+/// `<server_url>/register/<auth_id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingLogin {
+    pub auth_id: String,
+    pub machine_key: String,
+    pub node_key: String,
+    pub hostname: String,
+    pub hostinfo: String,
+    pub ephemeral: bool,
+    pub created: i64,
+    /// The address prefixes and node key lifetime of the replica the machine asked.
+    pub prefixes: Prefixes,
+    pub key_lifetime: Option<i64>,
+}
+
+/// How long an interactive login waits for an administrator (as Tailscale's own).
+pub const LOGIN_TTL_MS: i64 = 60 * 60 * 1000;
+
 /// A replica as the rest of the cluster needs to know it: its DERP node in the DERP map,
 /// the URL other relays mesh with, and where its admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +248,24 @@ pub enum Command {
     },
     DeleteNode {
         id: u64,
+    },
+    /// A machine starts an interactive login; replaces an earlier one of the same machine
+    /// and drops logins older than [`LOGIN_TTL_MS`].
+    StartLogin {
+        login: PendingLogin,
+    },
+    /// An administrator finishes the login `auth_id` for `user`: the machine is registered
+    /// (or re-registered with its new node key) as that user's node.
+    CompleteLogin {
+        auth_id: String,
+        user: String,
+        now: i64,
+    },
+    /// Removes those of `node_ids` that are ephemeral, offline and last seen at or before
+    /// `cutoff` (checked here, so a node that reconnected meanwhile stays).
+    RemoveIdleEphemeral {
+        node_ids: Vec<u64>,
+        cutoff: i64,
     },
     ExpireNode {
         id: u64,

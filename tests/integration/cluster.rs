@@ -695,3 +695,89 @@ async fn init_join_transfer_and_restore_from_the_cli() {
         );
     }
 }
+
+/// `hydrascale cluster recover` on the last replica of a cluster that lost two of three
+/// for good: refused while that replica runs, then, once it is stopped, its committed
+/// state becomes a backup that a new cluster restores with the same users, keys and
+/// control key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_a_cluster_that_lost_its_majority() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
+    let mut replicas = start_cluster(dir.path(), &url).await;
+    create_reusable_key(&replicas[0], "alice");
+    create_user_retrying(&replicas[1], "bob", Duration::from_secs(10)).await;
+    wait_for(
+        "replica 3 applied both users",
+        Duration::from_secs(20),
+        || {
+            let users = user_names(&replicas[2]);
+            let ok = users.contains(&"alice".to_string()) && users.contains(&"bob".to_string());
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let old_key = http_get(&replicas[2].control, "/key?v=100")
+        .expect("/key")
+        .1;
+    replicas[0].kill();
+    replicas[1].kill();
+
+    let config = replicas[2].dir.join("hydrascale.toml");
+    let backup = dir.path().join("survivor.backup");
+    let recover = || {
+        crate::fixtures::hydrascale_command()
+            .arg("--config")
+            .arg(&config)
+            .args(["-o", "json", "cluster", "recover", "--out"])
+            .arg(&backup)
+            .output()
+            .expect("hydrascale cluster recover")
+    };
+    let out = recover();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("another hydrascale process"),
+        "recover against a running replica: {err}"
+    );
+    assert!(!backup.exists());
+    replicas[2].stop();
+    let out = recover();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(summary["users"].as_u64(), Some(2), "{summary}");
+    assert_eq!(summary["preauth_keys"].as_u64(), Some(1), "{summary}");
+    assert_eq!(summary["voters"].as_object().map(|v| v.len()), Some(3));
+    assert!(summary["committed_index"].as_u64().unwrap_or(0) > 0);
+
+    let mut fresh = ReplicaProc::new(&dir.path().join("new"), 1);
+    fresh.write_config(&url, "", true);
+    fresh.start();
+    fresh.wait_admin().await;
+    let restored = fresh.cli_json(&[
+        "cluster",
+        "restore",
+        "--from",
+        backup.to_str().expect("path"),
+    ]);
+    assert_eq!(restored["users"].as_u64(), Some(2), "{restored}");
+    fresh.wait_ready().await;
+    let users = user_names(&fresh);
+    assert!(
+        users.contains(&"alice".to_string()) && users.contains(&"bob".to_string()),
+        "{users:?}"
+    );
+    let keys = fresh.cli_json(&["preauthkeys", "list", "--user", "alice"]);
+    assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
+    assert_eq!(
+        http_get(&fresh.control, "/key?v=100").expect("/key").1,
+        old_key,
+        "the new cluster serves the old control key"
+    );
+    // The new cluster takes writes.
+    fresh.cli_json(&["users", "create", "carol"]);
+}

@@ -50,6 +50,11 @@ pub struct TestServer {
 impl TestServer {
     /// A single replica on loopback with every port chosen by the OS.
     pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like `start`, with settings changed by `edit` first.
+    pub async fn start_with(edit: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let any_port: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let mut config = Config {
@@ -61,6 +66,7 @@ impl TestServer {
             ..Config::default()
         };
         config.derp.stun_listen_addr = "127.0.0.1:0".parse().expect("addr");
+        edit(&mut config);
         let handle = hydrascale::run_server(config.clone())
             .await
             .expect("server starts");
@@ -121,6 +127,16 @@ impl TestServer {
             h.shutdown().await;
         }
     }
+}
+
+/// The `hydrascale` binary for a command that reads its configuration itself (offline
+/// commands): without the test harness's own `HYDRASCALE_*` variables, which the config
+/// loader would take for settings.
+pub fn hydrascale_command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hydrascale"));
+    c.env_remove("HYDRASCALE_INTEROP")
+        .env_remove("HYDRASCALE_TOOLS_DIR");
+    c
 }
 
 /// Runs the real `hydrascale` CLI against the admin API `admin` (an `--admin-addr`:

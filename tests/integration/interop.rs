@@ -151,6 +151,34 @@ async fn official_clients_register_see_each_other_and_ping() {
     );
     eprintln!("n1 -> n2: {}", text.lines().last().unwrap_or_default());
 
+    // Taildrop between two nodes of the same user (on by default).
+    let sent = root.join("greeting.txt");
+    std::fs::write(&sent, b"hello over taildrop\n").expect("file");
+    let out = nodes[0].cli(&[
+        "file",
+        "cp",
+        sent.to_str().expect("path"),
+        &format!("{}:", nodes[1].ipv4()),
+    ]);
+    assert!(
+        out.status.success(),
+        "tailscale file cp: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inbox = root.join("n2-inbox");
+    std::fs::create_dir_all(&inbox).expect("inbox");
+    let out = nodes[1].cli(&["file", "get", "--wait", inbox.to_str().expect("path")]);
+    assert!(
+        out.status.success(),
+        "tailscale file get: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(inbox.join("greeting.txt")).expect("file received"),
+        "hello over taildrop\n"
+    );
+
     // A node deleted with the CLI disappears from its peers' maps.
     let n3_id = listed
         .iter()
@@ -245,4 +273,262 @@ async fn official_clients_register_see_each_other_and_ping() {
     drop(n4);
     drop(nodes);
     server.stop().await;
+}
+
+/// The `[dns]` settings reach the official client: its resolver answers MagicDNS names of
+/// peers and the extra records, and it shows the nameservers, split DNS routes and search
+/// domains it was given. (A userspace-networking client never touches the host's DNS.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_settings_reach_the_client_and_magic_dns_resolves_peers() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let server = TestServer::start_with(|c| {
+        c.dns.nameservers = vec!["127.0.0.1:5399".into()];
+        c.dns
+            .split
+            .insert("corp.test".into(), vec!["127.0.0.1:5398".into()]);
+        c.dns.search_domains = vec!["corp.test".into()];
+        c.dns.extra_records.push(hydrascale::config::DnsRecord {
+            name: "grafana.hydrascale.internal".into(),
+            record_type: "A".into(),
+            value: "100.64.0.99".into(),
+        });
+    })
+    .await;
+    let url = server.url();
+    server.cli_json(&["users", "create", "alice"]);
+    let key = create_key(&server, "alice", true);
+    let root = server.dir.path().join("clients");
+    let nodes: Vec<Tailscaled> = ["d1", "d2"]
+        .iter()
+        .map(|n| Tailscaled::start(&bin, &root, n))
+        .collect();
+    for n in &nodes {
+        n.up(&url, &key).await;
+    }
+    let out = nodes[0].cli(&["set", "--accept-dns=true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d2_ip = nodes[1].ipv4();
+
+    let query = |name: &str| {
+        let out = nodes[0].cli(&["dns", "query", name, "A"]);
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    wait_for(
+        "d1 resolves d2 through MagicDNS",
+        Duration::from_secs(30),
+        || {
+            let answer = query("d2.hydrascale.internal.");
+            let ok = answer.contains(&d2_ip);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let answer = query("grafana.hydrascale.internal.");
+    assert!(answer.contains("100.64.0.99"), "{answer}");
+
+    let out = nodes[0].cli(&["dns", "status", "--json"]);
+    let status = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{status}");
+    for want in [
+        "127.0.0.1:5399",
+        "127.0.0.1:5398",
+        "corp.test",
+        "hydrascale.internal",
+    ] {
+        assert!(status.contains(want), "dns status lacks {want}: {status}");
+    }
+}
+
+/// An ephemeral node whose client goes away (killed, no logout) is removed once it has
+/// been offline for `ephemeral_inactivity_timeout`; its peer's map drops it, and a normal
+/// node that goes offline stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_node_is_removed_after_inactivity() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let server = TestServer::start_with(|c| c.ephemeral_inactivity_timeout = "3s".into()).await;
+    let url = server.url();
+    server.cli_json(&["users", "create", "alice"]);
+    let key = create_key(&server, "alice", true);
+    let eph_key = server.cli_json(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "alice",
+        "--ephemeral",
+        "--expiration",
+        "1h",
+    ])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let root = server.dir.path().join("clients");
+    let stays = Tailscaled::start(&bin, &root, "stays");
+    stays.up(&url, &key).await;
+    let watcher = Tailscaled::start(&bin, &root, "watcher");
+    watcher.up(&url, &key).await;
+    let eph = Tailscaled::start(&bin, &root, "eph");
+    eph.up(&url, &eph_key).await;
+    wait_for("watcher sees both", Duration::from_secs(30), || {
+        let ok = watcher.peer_names() == ["eph", "stays"];
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let listed = server.cli_json(&["nodes", "list"]);
+    assert!(listed.to_string().contains("\"eph\""), "{listed}");
+    drop(eph);
+    drop(stays);
+    let started = std::time::Instant::now();
+    wait_for(
+        "the ephemeral node removed, the other kept",
+        Duration::from_secs(30),
+        || {
+            let ok = watcher.peer_names() == ["stays"];
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "removed before the inactivity timeout"
+    );
+    let listed = server.cli_json(&["nodes", "list"]).to_string();
+    assert!(
+        !listed.contains("\"eph\"") && listed.contains("\"stays\""),
+        "{listed}"
+    );
+}
+
+/// `tailscale up` without a key: the client shows `<server>/register/<id>`, the page
+/// there names the machine, and the login completes once an administrator approves it,
+/// with `hydrascale auth register` for one client and with the page's form (user and
+/// API key) for the other; wrong users, ids and keys change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_login_completes_from_the_cli_and_from_the_page() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let server = TestServer::start().await;
+    let url = server.url();
+    let control = server.handle().control_addr.to_string();
+    server.cli_json(&["users", "create", "alice"]);
+    let api_key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("api key")
+        .to_string();
+    let root = server.dir.path().join("clients");
+    let clients: Vec<Tailscaled> = ["i1", "i2"]
+        .iter()
+        .map(|n| Tailscaled::start(&bin, &root, n))
+        .collect();
+    let mut ups = Vec::new();
+    for c in &clients {
+        let sock = c.dir.join("ts.sock");
+        wait_for("tailscaled socket", Duration::from_secs(30), || {
+            let ok = sock.exists();
+            async move { ok.then_some(()) }
+        })
+        .await;
+        let child = std::process::Command::new(bin.join("tailscale"))
+            .arg(format!("--socket={}", sock.display()))
+            .args([
+                "up",
+                &format!("--login-server={url}"),
+                &format!("--hostname={}", c.name),
+                "--accept-dns=false",
+                "--timeout=120s",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tailscale up");
+        ups.push(child);
+    }
+    let auth_url = |c: &Tailscaled| {
+        let c = c.status();
+        async move {
+            c["AuthURL"]
+                .as_str()
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+        }
+    };
+    let first = wait_for("i1 shows a login URL", Duration::from_secs(30), || {
+        auth_url(&clients[0])
+    })
+    .await;
+    assert!(first.starts_with(&format!("{url}/register/")), "{first}");
+    let path = first.trim_start_matches(&url).to_string();
+    let (code, page) = crate::fixtures::http_get(&control, &path).expect("page");
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("i1") && page.contains("hydrascale auth register"),
+        "{page}"
+    );
+
+    let refused = server.cli(&["auth", "register", "--user", "mallory", "--auth-id", &first]);
+    assert!(!refused.status.success());
+    let refused = server.cli(&["auth", "register", "--user", "alice", "--auth-id", "0bad"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("no machine is waiting"),
+        "{err}"
+    );
+    let node = server.cli_json(&["auth", "register", "--user", "alice", "--auth-id", &first]);
+    assert_eq!(node["given_name"], "i1", "{node}");
+
+    let second = wait_for("i2 shows a login URL", Duration::from_secs(30), || {
+        auth_url(&clients[1])
+    })
+    .await;
+    let path = second.trim_start_matches(&url).to_string();
+    let post = |form: String| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&control).expect("connect");
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: {control}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        )
+        .expect("write");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read");
+        text
+    };
+    let wrong = post("user=alice&api_key=hskey-api-000000000000-0000".into());
+    assert!(
+        wrong.starts_with("HTTP/1.0 401") || wrong.starts_with("HTTP/1.1 401"),
+        "{wrong}"
+    );
+    let listed = server.cli_json(&["nodes", "list"]).to_string();
+    assert!(
+        !listed.contains("\"i2\""),
+        "a refused approval registered i2: {listed}"
+    );
+    let ok = post(format!("user=alice&api_key={api_key}"));
+    assert!(ok.contains("Machine registered"), "{ok}");
+
+    for (c, up) in clients.iter().zip(ups) {
+        let out = up.wait_with_output().expect("tailscale up");
+        assert!(
+            out.status.success(),
+            "tailscale up for {}: {}{}\n{}",
+            c.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            c.log_tail()
+        );
+    }
+    wait_for("i1 and i2 see each other", Duration::from_secs(30), || {
+        let ok = clients[0].peer_names() == ["i2"] && clients[1].peer_names() == ["i1"];
+        async move { ok.then_some(()) }
+    })
+    .await;
 }

@@ -1,8 +1,10 @@
 //! The one integration test binary: real replicas in-process, real clients as processes.
 
 mod cluster;
+mod deploy;
 mod fixtures;
 mod interop;
+mod migration;
 mod monitoring;
 mod packaging;
 mod partition;

@@ -6,6 +6,7 @@
 //! is rebuilt from the snapshot plus the committed log on start.
 
 pub mod log;
+pub mod recover;
 pub mod state_machine;
 
 use std::path::Path;

@@ -16,9 +16,9 @@ use super::{get_json, put_json, CF_SM};
 use crate::{Application, TypeConfig};
 
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<u64, BasicNode>,
-    data: Vec<u8>,
+pub(crate) struct StoredSnapshot {
+    pub(crate) meta: SnapshotMeta<u64, BasicNode>,
+    pub(crate) data: Vec<u8>,
 }
 
 pub struct StateMachineStore {
