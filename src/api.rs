@@ -5,8 +5,8 @@
 //! Every request needs `Authorization: Bearer <API key>`; without a current key it is
 //! answered 401 before anything else happens. Writes go through the admin gRPC service's
 //! own handlers (same validation, same Raft commands), reads come from this replica's
-//! applied state. What Hydrascale does not have yet (tags set by an admin, routes, the
-//! policy) answers 501 saying so.
+//! applied state. What Hydrascale does not have yet (routes, the policy) answers 501
+//! saying so.
 
 use std::sync::Arc;
 
@@ -83,7 +83,7 @@ pub fn router(db: Db) -> Router {
         .route("/api/v1/node/{id}", get(get_node).delete(delete_node))
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{new_name}", post(rename_node))
-        .route("/api/v1/node/{id}/tags", post(not_yet))
+        .route("/api/v1/node/{id}/tags", post(set_tags))
         .route("/api/v1/node/{id}/approve_routes", post(not_yet))
         .route("/api/v1/node/{id}/user", post(not_yet))
         .route("/api/v1/node/register", post(register_node))
@@ -126,7 +126,7 @@ async fn require_api_key(
 
 async fn not_yet() -> ApiError {
     ApiError(tonic::Status::unimplemented(
-        "Hydrascale does not support this yet (admin-set tags, routes and the ACL policy are planned); see docs/api.md",
+        "Hydrascale does not support this yet (routes and the ACL policy are planned); see docs/api.md",
     ))
 }
 
@@ -450,6 +450,22 @@ async fn rename_node(
     let id = path_id(&id, "node id")?;
     st.admin
         .rename_node(Request::new(proto::RenameNodeRequest { id, new_name }))
+        .await?;
+    node_reply(&st, id)
+}
+
+/// `POST /api/v1/node/{id}/tags` with `{"tags": [...]}`: replaces the node's tags.
+async fn set_tags(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    let body = input(q, &body)?;
+    let tags = strings(&body["tags"]);
+    st.admin
+        .set_tags(Request::new(proto::SetTagsRequest { id, tags }))
         .await?;
     node_reply(&st, id)
 }

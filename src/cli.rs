@@ -281,6 +281,13 @@ enum NodesCmd {
         identifier: u64,
         new_name: String,
     },
+    /// Replace a node's tags, e.g. --tags tag:server,tag:prod (no --tags removes them).
+    Tag {
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        #[arg(long, short = 't', value_delimiter = ',')]
+        tags: Vec<String>,
+    },
 }
 
 pub fn main_entry() -> Result<()> {
@@ -820,6 +827,20 @@ async fn run(cli: Cli) -> Result<()> {
                 let n = r.node.context("no node in reply")?;
                 emit(json, &n, || {
                     println!("Node {} renamed to {}", n.id, n.given_name);
+                })?;
+            }
+            NodesCmd::Tag { identifier, tags } => {
+                let r = c
+                    .set_tags(proto::SetTagsRequest {
+                        id: identifier,
+                        tags,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let n = r.node.context("no node in reply")?;
+                emit(json, &n, || {
+                    println!("Node {} tags: {}", n.id, n.tags.join(","));
                 })?;
             }
         },

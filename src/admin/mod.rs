@@ -429,6 +429,20 @@ impl AdminService for Admin {
         self.node_reply(out)
     }
 
+    async fn set_tags(
+        &self,
+        req: Request<proto::SetTagsRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .write(Command::SetTags {
+                id: r.id,
+                tags: r.tags,
+            })
+            .await?;
+        self.node_reply(out)
+    }
+
     async fn complete_login(
         &self,
         req: Request<proto::CompleteLoginRequest>,

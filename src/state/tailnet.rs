@@ -76,6 +76,16 @@ pub fn valid_label(n: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// `tag:name`, the name of letters, digits, '-' and '_'.
+pub fn valid_tag(t: &str) -> bool {
+    t.strip_prefix("tag:").is_some_and(|n| {
+        !n.is_empty()
+            && n.len() <= 63
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
 /// Lowercase DNS label from a client's host name: other characters become '-'.
 pub fn sanitize_hostname(h: &str) -> String {
     let mut out: String = h
@@ -250,14 +260,7 @@ impl Tailnet {
                 now,
             } => {
                 let user_id = self.user_id(user)?;
-                if let Some(bad) = tags.iter().find(|t| {
-                    t.strip_prefix("tag:").is_none_or(|n| {
-                        n.is_empty()
-                            || !n
-                                .chars()
-                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    })
-                }) {
+                if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
                     return Err(StateError::BadTag(bad.clone()));
                 }
                 self.next_key_id += 1;
@@ -538,6 +541,23 @@ impl Tailnet {
             Command::DeleteNode { id } => {
                 self.nodes.remove(id).ok_or(StateError::NodeNotFound(*id))?;
                 Ok((CommandOutput::Done, vec![Change::NodeRemoved(*id)]))
+            }
+            Command::SetTags { id, tags } => {
+                if let Some(bad) = tags.iter().find(|t| !valid_tag(t)) {
+                    return Err(StateError::BadTag(bad.clone()));
+                }
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?;
+                let mut tags = tags.clone();
+                tags.sort();
+                tags.dedup();
+                n.tags = tags;
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(*id)],
+                ))
             }
             Command::RemoveIdleEphemeral { node_ids, cutoff } => {
                 let idle: Vec<u64> = node_ids

@@ -627,3 +627,48 @@ fn interactive_login_registers_the_waiting_machine_for_the_user() {
         StateError::LoginNotFound(_)
     ));
 }
+
+#[test]
+fn admin_sets_and_clears_tags() {
+    let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "multi")));
+    let tagged = node(ok(
+        &mut t,
+        Command::SetTags {
+            id: n.id,
+            tags: vec!["tag:web".into(), "tag:db".into(), "tag:web".into()],
+        },
+    ));
+    assert_eq!(
+        tagged.tags,
+        vec!["tag:db".to_string(), "tag:web".to_string()]
+    );
+    assert_eq!(
+        refused(
+            &mut t,
+            Command::SetTags {
+                id: n.id,
+                tags: vec!["web".into()],
+            }
+        ),
+        StateError::BadTag("web".into())
+    );
+    assert_eq!(
+        refused(
+            &mut t,
+            Command::SetTags {
+                id: 99,
+                tags: vec![],
+            }
+        ),
+        StateError::NodeNotFound(99)
+    );
+    let cleared = node(ok(
+        &mut t,
+        Command::SetTags {
+            id: n.id,
+            tags: vec![],
+        },
+    ));
+    assert!(cleared.tags.is_empty());
+}

@@ -261,6 +261,11 @@ pub enum Command {
         user: String,
         now: i64,
     },
+    /// An administrator sets a node's tags (replacing them; empty removes them).
+    SetTags {
+        id: u64,
+        tags: Vec<String>,
+    },
     /// Removes those of `node_ids` that are ephemeral, offline and last seen at or before
     /// `cutoff` (checked here, so a node that reconnected meanwhile stays).
     RemoveIdleEphemeral {

@@ -277,9 +277,10 @@ async fn official_clients_register_see_each_other_and_ping() {
 
 /// The `[dns]` settings reach the official client: its resolver answers MagicDNS names of
 /// peers and the extra records, and it shows the nameservers, split DNS routes and search
-/// domains it was given. (A userspace-networking client never touches the host's DNS.)
+/// domains it was given (a userspace-networking client never touches the host's DNS).
+/// Tags an administrator sets, with the CLI or the REST API, reach the peer's map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dns_settings_reach_the_client_and_magic_dns_resolves_peers() {
+async fn dns_settings_and_admin_tags_reach_the_client() {
     let Some(bin) = require_tailscale() else {
         return;
     };
@@ -343,6 +344,68 @@ async fn dns_settings_reach_the_client_and_magic_dns_resolves_peers() {
     ] {
         assert!(status.contains(want), "dns status lacks {want}: {status}");
     }
+
+    // Tags set by an administrator (CLI, then REST) reach the peer's map.
+    let d2_id = server
+        .cli_json(&["nodes", "list"])
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["given_name"] == "d2"))
+        .and_then(|n| n["id"].as_u64())
+        .expect("d2 listed");
+    let tagged = server.cli_json(&[
+        "nodes",
+        "tag",
+        "-i",
+        &d2_id.to_string(),
+        "--tags",
+        "tag:web,tag:db",
+    ]);
+    assert_eq!(
+        tagged["tags"],
+        serde_json::json!(["tag:db", "tag:web"]),
+        "{tagged}"
+    );
+    let peer_tags = |c: &Tailscaled| {
+        let st = c.status();
+        st["Peer"]
+            .as_object()
+            .and_then(|m| m.values().find(|p| p["HostName"] == "d2"))
+            .map(|p| p["Tags"].clone())
+            .unwrap_or_default()
+    };
+    wait_for("d1 sees d2's tags", Duration::from_secs(30), || {
+        let ok = peer_tags(&nodes[0]) == serde_json::json!(["tag:db", "tag:web"]);
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let api_key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("api key")
+        .to_string();
+    let control = server.handle().control_addr.to_string();
+    let path = format!("/api/v1/node/{d2_id}/tags");
+    let (code, bad) = crate::fixtures::http_json(
+        &control,
+        "POST",
+        &path,
+        Some(&api_key),
+        Some(r#"{"tags":["web"]}"#),
+    );
+    assert_eq!(code, 400, "{bad}");
+    let (code, body) = crate::fixtures::http_json(
+        &control,
+        "POST",
+        &path,
+        Some(&api_key),
+        Some(r#"{"tags":["tag:web"]}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["node"]["tags"], serde_json::json!(["tag:web"]));
+    wait_for("d1 sees d2's new tags", Duration::from_secs(30), || {
+        let ok = peer_tags(&nodes[0]) == serde_json::json!(["tag:web"]);
+        async move { ok.then_some(()) }
+    })
+    .await;
 }
 
 /// An ephemeral node whose client goes away (killed, no logout) is removed once it has
