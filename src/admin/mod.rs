@@ -38,9 +38,9 @@ fn status(e: DbError) -> Status {
                 | StateError::NodeNotFound(_)
                 | StateError::NodeKeyNotFound
                 | StateError::LoginNotFound(_) => Status::not_found(msg),
-                StateError::UserInUse { .. } | StateError::AddressesExhausted => {
-                    Status::failed_precondition(msg)
-                }
+                StateError::UserInUse { .. }
+                | StateError::AddressesExhausted
+                | StateError::TooManyPendingLogins => Status::failed_precondition(msg),
                 _ => Status::invalid_argument(msg),
             }
         }

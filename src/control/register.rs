@@ -309,7 +309,11 @@ async fn interactive_login(
         prefixes: st.config.prefixes,
         key_lifetime: st.config.node_expiry_ms(),
     };
-    st.db.write(Command::StartLogin { login }).await?;
+    match st.db.write(Command::StartLogin { login }).await {
+        Ok(_) => {}
+        Err(DbError::State(e)) => return Ok(user_error(e.to_string())),
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!(machine = %peer.machine_key, auth_id, "interactive login started");
     Ok(RegisterResponse {
         auth_url: url_of(&auth_id),

@@ -56,4 +56,6 @@ pub enum StateError {
     BadBackup(String),
     #[error("no machine is waiting to log in with id {0:?} (it may have expired after an hour, or the machine gave up): run `tailscale up` on it again and use the id it shows")]
     LoginNotFound(String),
+    #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]
+    TooManyPendingLogins,
 }

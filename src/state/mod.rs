@@ -14,5 +14,5 @@ pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_user_name, Tailnet};
 pub use types::{
     ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
-    Replica, User, LOGIN_TTL_MS,
+    Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
 };

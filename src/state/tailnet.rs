@@ -13,7 +13,7 @@ use super::error::StateError;
 use super::ipam;
 use super::types::{
     ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
-    Replica, User, LOGIN_TTL_MS,
+    Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -371,8 +371,12 @@ impl Tailnet {
             }
             Command::StartLogin { login } => {
                 let cutoff = login.created.saturating_sub(LOGIN_TTL_MS);
-                self.pending_logins
-                    .retain(|_, p| p.created > cutoff && p.machine_key != login.machine_key);
+                let keep =
+                    |p: &PendingLogin| p.created > cutoff && p.machine_key != login.machine_key;
+                if self.pending_logins.values().filter(|p| keep(p)).count() >= MAX_PENDING_LOGINS {
+                    return Err(StateError::TooManyPendingLogins);
+                }
+                self.pending_logins.retain(|_, p| keep(p));
                 self.pending_logins
                     .insert(login.auth_id.clone(), login.clone());
                 Ok((CommandOutput::Done, Vec::new()))

@@ -672,3 +672,20 @@ fn admin_sets_and_clears_tags() {
     ));
     assert!(cleared.tags.is_empty());
 }
+
+#[test]
+fn pending_logins_are_bounded() {
+    let mut t = setup();
+    for i in 0..MAX_PENDING_LOGINS as u32 {
+        ok(&mut t, pending(&format!("p{i}"), 1000 + i, 1000 + i, NOW));
+    }
+    assert_eq!(
+        refused(&mut t, pending("one-too-many", 1, 1, NOW + 1)),
+        StateError::TooManyPendingLogins
+    );
+    // A machine asking again replaces its own login, so it is not refused.
+    ok(&mut t, pending("again", 1000, 5000, NOW + 1));
+    // Once the old ones expire there is room again.
+    ok(&mut t, pending("later", 1, 1, NOW + LOGIN_TTL_MS + 1));
+    assert_eq!(t.pending_logins.len(), 1);
+}

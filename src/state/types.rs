@@ -114,6 +114,10 @@ pub struct PendingLogin {
 /// How long an interactive login waits for an administrator (as Tailscale's own).
 pub const LOGIN_TTL_MS: i64 = 60 * 60 * 1000;
 
+/// At most this many interactive logins wait at once: anyone who can reach the login URL
+/// can start one, so their number (and the replicated state they take) has a bound.
+pub const MAX_PENDING_LOGINS: usize = 1000;
+
 /// A replica as the rest of the cluster needs to know it: its DERP node in the DERP map,
 /// the URL other relays mesh with, and where its admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
