@@ -483,8 +483,7 @@ async fn register_node(
         let id = resolve_user(&t, &body["user"])?;
         user_name(&t, id)?
     };
-    let key = body["key"].as_str().unwrap_or_default();
-    let auth_id = key.rsplit_once("/register/").map_or(key, |(_, id)| id);
+    let auth_id = crate::state::PendingLogin::id_from(body["key"].as_str().unwrap_or_default());
     let r = st
         .admin
         .complete_login(Request::new(proto::CompleteLoginRequest {

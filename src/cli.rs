@@ -846,10 +846,7 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Auth(AuthCmd::Register { user, auth_id }) => {
             // Accept the whole URL too: it is what the user has in front of them.
-            let auth_id = auth_id
-                .rsplit_once("/register/")
-                .map(|(_, id)| id.to_string())
-                .unwrap_or(auth_id);
+            let auth_id = crate::state::PendingLogin::id_from(&auth_id).to_string();
             let r = c
                 .complete_login(proto::CompleteLoginRequest { auth_id, user })
                 .await

@@ -413,7 +413,7 @@ async fn remove_idle_ephemeral_nodes(db: Db, timeout: Duration, mut stop: watch:
                 .read()
                 .nodes
                 .values()
-                .filter(|n| n.ephemeral && !n.online && n.last_seen.is_none_or(|t| t <= cutoff))
+                .filter(|n| n.idle_ephemeral(cutoff))
                 .map(|n| n.id)
                 .collect();
             if !idle.is_empty() {

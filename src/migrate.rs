@@ -67,8 +67,8 @@ fn columns(db: &Connection, table: &str) -> Result<BTreeSet<String>, MigrateErro
     Ok(cols)
 }
 
-/// `SELECT` of `wanted` from `table`, with NULL for columns this schema lacks; rows as
-/// maps from column name to value.
+/// `SELECT` of `wanted` from `table`, with NULL for columns this schema lacks, leaving
+/// out rows GORM soft-deleted; rows as maps from column name to value.
 fn rows(
     db: &Connection,
     table: &str,
@@ -88,8 +88,13 @@ fn rows(
             }
         })
         .collect();
+    let live = if have.contains("deleted_at") {
+        " WHERE deleted_at IS NULL"
+    } else {
+        ""
+    };
     let mut stmt = db.prepare(&format!(
-        "SELECT {} FROM {table} ORDER BY id",
+        "SELECT {} FROM {table}{live} ORDER BY id",
         select.join(", ")
     ))?;
     let out = stmt
@@ -234,18 +239,8 @@ pub fn from_headscale(
     for r in rows(
         &db,
         "users",
-        &[
-            "id",
-            "name",
-            "display_name",
-            "email",
-            "created_at",
-            "deleted_at",
-        ],
+        &["id", "name", "display_name", "email", "created_at"],
     )? {
-        if r["deleted_at"] != Value::Null {
-            continue;
-        }
         let id = r["id"]
             .id()
             .ok_or_else(|| MigrateError::Invalid("user without id".into()))?;
@@ -361,12 +356,8 @@ pub fn from_headscale(
             "expiry",
             "approved_routes",
             "created_at",
-            "deleted_at",
         ],
     )? {
-        if r["deleted_at"] != Value::Null {
-            continue;
-        }
         let id = r["id"]
             .id()
             .ok_or_else(|| MigrateError::Invalid("node without id".into()))?;
@@ -500,10 +491,16 @@ pub fn from_headscale(
     // free address of the other (its client picks it up with its next map).
     let mut done = Vec::new();
     for (id, v4, v6, mut node) in nodes {
-        let (free4, free6) = crate::state::ipam::allocate(prefixes, &seen_v4, &seen_v6)
-            .ok_or_else(|| MigrateError::Invalid(format!("node {id}: address space exhausted")))?;
-        node.ipv4 = v4.unwrap_or(free4);
-        node.ipv6 = v6.unwrap_or(free6);
+        (node.ipv4, node.ipv6) = match (v4, v6) {
+            (Some(a4), Some(a6)) => (a4, a6),
+            _ => {
+                let (free4, free6) = crate::state::ipam::allocate(prefixes, &seen_v4, &seen_v6)
+                    .ok_or_else(|| {
+                        MigrateError::Invalid(format!("node {id}: address space exhausted"))
+                    })?;
+                (v4.unwrap_or(free4), v6.unwrap_or(free6))
+            }
+        };
         seen_v4.insert(node.ipv4);
         seen_v6.insert(node.ipv6);
         done.push(node);

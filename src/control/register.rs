@@ -244,7 +244,7 @@ const FOLLOWUP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The auth id in an `AuthURL` this server handed out (`<server_url>/register/<id>`).
 fn auth_id_of(url: &str) -> Option<&str> {
-    let id = url.rsplit_once("/register/")?.1;
+    let id = PendingLogin::id_from(url.split_once("/register/")?.1);
     (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
         .then_some(id)
 }

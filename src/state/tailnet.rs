@@ -568,9 +568,9 @@ impl Tailnet {
                     .iter()
                     .copied()
                     .filter(|id| {
-                        self.nodes.get(id).is_some_and(|n| {
-                            n.ephemeral && !n.online && n.last_seen.is_none_or(|t| t <= *cutoff)
-                        })
+                        self.nodes
+                            .get(id)
+                            .is_some_and(|n| n.idle_ephemeral(*cutoff))
                     })
                     .collect();
                 for id in &idle {

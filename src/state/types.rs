@@ -111,12 +111,28 @@ pub struct PendingLogin {
     pub key_lifetime: Option<i64>,
 }
 
+impl PendingLogin {
+    /// The auth id in `text`: the part after `/register/` of the login URL the machine
+    /// shows, or `text` itself when it is only the id.
+    pub fn id_from(text: &str) -> &str {
+        text.rsplit_once("/register/").map_or(text, |(_, id)| id)
+    }
+}
+
 /// How long an interactive login waits for an administrator (as Tailscale's own).
 pub const LOGIN_TTL_MS: i64 = 60 * 60 * 1000;
 
 /// At most this many interactive logins wait at once: anyone who can reach the login URL
 /// can start one, so their number (and the replicated state they take) has a bound.
 pub const MAX_PENDING_LOGINS: usize = 1000;
+
+impl Node {
+    /// An ephemeral node that is offline and was last seen at or before `cutoff`: the
+    /// leader proposes its removal, and `RemoveIdleEphemeral` checks it again when applied.
+    pub fn idle_ephemeral(&self, cutoff: i64) -> bool {
+        self.ephemeral && !self.online && self.last_seen.is_none_or(|t| t <= cutoff)
+    }
+}
 
 /// A replica as the rest of the cluster needs to know it: its DERP node in the DERP map,
 /// the URL other relays mesh with, and where its admin API listens.
