@@ -5,8 +5,7 @@
 //! Every request needs `Authorization: Bearer <API key>`; without a current key it is
 //! answered 401 before anything else happens. Writes go through the admin gRPC service's
 //! own handlers (same validation, same Raft commands), reads come from this replica's
-//! applied state. What Hydrascale does not have yet (routes, the policy) answers 501
-//! saying so.
+//! applied state. What Hydrascale does not have yet (subnet routes) answers 501 saying so.
 
 use std::sync::Arc;
 
@@ -96,7 +95,7 @@ pub fn router(db: Db) -> Router {
         .route("/api/v1/apikey", get(list_api_keys).post(create_api_key))
         .route("/api/v1/apikey/expire", post(expire_api_key))
         .route("/api/v1/apikey/{prefix}", delete(delete_api_key))
-        .route("/api/v1/policy", get(not_yet).put(not_yet))
+        .route("/api/v1/policy", get(get_policy).put(set_policy))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -126,7 +125,7 @@ async fn require_api_key(
 
 async fn not_yet() -> ApiError {
     ApiError(tonic::Status::unimplemented(
-        "Hydrascale does not support this yet (routes and the ACL policy are planned); see docs/api.md",
+        "Hydrascale does not support this yet (subnet routes are planned); see docs/api.md",
     ))
 }
 
@@ -468,6 +467,31 @@ async fn set_tags(
         .set_tags(Request::new(proto::SetTagsRequest { id, tags }))
         .await?;
     node_reply(&st, id)
+}
+
+/// headscale's policy reply: `{"policy": TEXT, "updatedAt": TIME}`.
+fn policy_reply(r: &proto::PolicyReply) -> Json<Value> {
+    Json(json!({ "policy": r.policy, "updatedAt": opt_time(r.updated_ms) }))
+}
+
+async fn get_policy(State(st): State<Arc<ApiState>>) -> ApiResult {
+    let r = st.admin.get_policy(Request::new(proto::Empty {})).await?;
+    Ok(policy_reply(r.get_ref()))
+}
+
+/// `PUT /api/v1/policy` with `{"policy": TEXT}`.
+async fn set_policy(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    let policy = body["policy"].as_str().unwrap_or_default().to_string();
+    let r = st
+        .admin
+        .set_policy(Request::new(proto::SetPolicyRequest { policy }))
+        .await?;
+    Ok(policy_reply(r.get_ref()))
 }
 
 /// headscale's `POST /api/v1/node/register?user=U&key=ID`: finishes an interactive login

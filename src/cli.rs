@@ -1,7 +1,7 @@
 //! The `hydrascale` command line: `serve`, and admin commands that talk to a running
 //! server's admin API (never to its files).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -73,6 +73,26 @@ enum Cmd {
     /// Interactive logins (`tailscale up` without a key).
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// The tailnet policy (Tailscale's policy file format, HuJSON).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Print the policy in force, as it was written.
+    Get,
+    /// Replace the policy with FILE; refused (with line and column) if it does not
+    /// parse or its tests fail, and then the previous one stays. An empty file removes it.
+    Set {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
+    /// Check FILE as `set` would, without a server and without changing anything.
+    Check {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -425,8 +445,11 @@ fn migrate_headscale(
                 report.nodes_with_routes_skipped.join(", ")
             );
         }
-        if report.policy_skipped {
-            println!("Not taken over (no policy support yet): the ACL policy");
+        if report.policy_taken {
+            println!("Policy: taken over from headscale's database");
+        }
+        if let Some(why) = &report.policy_refused {
+            println!("Not taken over: headscale's policy, which Hydrascale refuses ({why}); fix it and set it with `hydrascale policy set -f FILE`");
         }
         println!(
             "Restore with `hydrascale cluster restore --from {}` on a new cluster, then point clients' login URL (or DNS) at it.",
@@ -562,6 +585,11 @@ fn grpc_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 
+fn read_policy(file: &Path) -> Result<String> {
+    std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the policy file {}", file.display()))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
         return make_certs(out, ids);
@@ -576,6 +604,12 @@ async fn run(cli: Cli) -> Result<()> {
             None => crate::config::Config::load(cli.config.as_deref())?.data_dir,
         };
         return recover(&data_dir, out, cli.output == Output::Json);
+    }
+    if let Cmd::Policy(PolicyCmd::Check { file }) = &cli.command {
+        let text = read_policy(file)?;
+        crate::policy::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        println!("{}: the policy is valid and its tests pass", file.display());
+        return Ok(());
     }
     if let Cmd::Serve { set } = &cli.command {
         let mut cfg = crate::config::Config::load(cli.config.as_deref())?;
@@ -844,6 +878,39 @@ async fn run(cli: Cli) -> Result<()> {
                 })?;
             }
         },
+        Cmd::Policy(PolicyCmd::Get) => {
+            let r = c
+                .get_policy(proto::Empty {})
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            emit(json, &r, || {
+                if r.policy.is_empty() {
+                    eprintln!("No policy is set: every node may reach every other.");
+                } else {
+                    print!("{}", r.policy);
+                    if !r.policy.ends_with('\n') {
+                        println!();
+                    }
+                }
+            })?;
+        }
+        Cmd::Policy(PolicyCmd::Set { file }) => {
+            let policy = read_policy(&file)?;
+            let r = c
+                .set_policy(proto::SetPolicyRequest { policy })
+                .await
+                .map_err(grpc_error)?
+                .into_inner();
+            emit(json, &r, || {
+                if r.policy.is_empty() {
+                    println!("Policy removed: every node may reach every other.");
+                } else {
+                    println!("Policy set from {}", file.display());
+                }
+            })?;
+        }
+        Cmd::Policy(PolicyCmd::Check { .. }) => {}
         Cmd::Auth(AuthCmd::Register { user, auth_id }) => {
             // Accept the whole URL too: it is what the user has in front of them.
             let auth_id = crate::state::PendingLogin::id_from(&auth_id).to_string();

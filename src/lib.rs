@@ -13,6 +13,7 @@ pub mod derp;
 pub mod metrics;
 pub mod migrate;
 pub mod noise;
+pub mod policy;
 pub mod server;
 pub mod state;
 

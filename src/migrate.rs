@@ -6,8 +6,8 @@
 //!
 //! What headscale keeps that Hydrascale cannot take over is left out and reported: API
 //! keys and new-style pre-auth keys are stored as bcrypt hashes (Hydrascale checks SHA-256
-//! hashes, so they cannot be verified; create new ones), approved routes and the policy
-//! (not supported yet).
+//! hashes, so they cannot be verified; create new ones), approved routes (not supported
+//! yet) and a policy this server's parser refuses (the reason is reported).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 
 use crate::noise::ControlKey;
 use crate::state::{
-    sanitize_hostname, valid_label, valid_user_name, Node, PreAuthKey, Prefixes, Tailnet, User,
+    sanitize_hostname, valid_label, valid_user_name, Node, PolicyRecord, PreAuthKey, Prefixes,
+    Tailnet, User,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +52,10 @@ pub struct Report {
     pub api_keys_skipped: usize,
     /// Nodes whose approved subnet routes or exit-node approval were not taken over.
     pub nodes_with_routes_skipped: Vec<String>,
-    pub policy_skipped: bool,
+    /// The policy headscale kept in its database was taken over.
+    pub policy_taken: bool,
+    /// Why headscale's policy was left out, when it was.
+    pub policy_refused: Option<String>,
     /// Users and nodes renamed to fit Hydrascale's naming rules, "old -> new".
     pub renamed: Vec<String>,
     /// Tagged nodes (owned by no user in headscale) were given to this user.
@@ -320,12 +324,24 @@ pub fn from_headscale(
         .query_row("SELECT count(*) FROM api_keys", [], |r| r.get::<_, i64>(0))
         .map(|n| usize::try_from(n).unwrap_or(0))
         .unwrap_or(0);
-    report.policy_skipped = !columns(&db, "policies")?.is_empty()
-        && db.query_row(
-            "SELECT count(*) FROM policies WHERE deleted_at IS NULL AND data IS NOT NULL AND data != ''",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? > 0;
+    // The policy, when headscale kept it in its database (policy.mode = "database"); a
+    // policy file on headscale's disk is set afterwards with `hydrascale policy set`.
+    let mut policy = None;
+    if !columns(&db, "policies")?.is_empty() {
+        if let Some(r) = rows(&db, "policies", &["id", "updated_at", "data"])?.pop() {
+            let text = r["data"].text().unwrap_or_default().to_string();
+            if !text.trim().is_empty() {
+                match crate::policy::parse(&text) {
+                    Ok(parsed) => {
+                        let updated = r["updated_at"].time_ms()?.unwrap_or(0);
+                        policy = Some(PolicyRecord::new(text, updated, parsed));
+                        report.policy_taken = true;
+                    }
+                    Err(e) => report.policy_refused = Some(e.to_string()),
+                }
+            }
+        }
+    }
 
     // Nodes.
     let mut nodes = Vec::new();
@@ -507,12 +523,13 @@ pub fn from_headscale(
     }
     report.users = users.len();
     report.nodes = done.len();
-    let tailnet = Tailnet::from_records(
+    let mut tailnet = Tailnet::from_records(
         users.into_values().collect(),
         keys.into_values().collect(),
         done,
         control.private_text(),
     );
+    tailnet.policy = policy;
     Ok((tailnet, report))
 }
 

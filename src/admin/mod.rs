@@ -103,6 +103,17 @@ pub fn node_msg(t: &Tailnet, n: &crate::state::Node) -> proto::Node {
     }
 }
 
+fn policy_msg(t: &Tailnet) -> proto::PolicyReply {
+    proto::PolicyReply {
+        policy: t
+            .policy
+            .as_ref()
+            .map(|p| p.text.clone())
+            .unwrap_or_default(),
+        updated_ms: t.policy.as_ref().map(|p| p.updated),
+    }
+}
+
 /// A new API key, `hskey-api-<12 hex prefix>-<48 hex secret>`, and its prefix.
 fn generate_api_key() -> (String, String) {
     let mut b = [0u8; 30];
@@ -441,6 +452,34 @@ impl AdminService for Admin {
             })
             .await?;
         self.node_reply(out)
+    }
+
+    async fn get_policy(
+        &self,
+        _req: Request<proto::Empty>,
+    ) -> Result<Response<proto::PolicyReply>, Status> {
+        Ok(Response::new(policy_msg(&self.db.store.read())))
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<proto::SetPolicyRequest>,
+    ) -> Result<Response<proto::PolicyReply>, Status> {
+        let text = req.into_inner().policy;
+        // Checked here first so a bad policy costs no log entry; `apply` checks it again.
+        if !text.trim().is_empty() {
+            crate::policy::parse(&text).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "the policy was refused, the previous one stays in force: {e}"
+                ))
+            })?;
+        }
+        self.write(Command::SetPolicy {
+            text,
+            now: now_ms(),
+        })
+        .await?;
+        Ok(Response::new(policy_msg(&self.db.store.read())))
     }
 
     async fn complete_login(

@@ -236,7 +236,7 @@ async fn run_stream(
                         Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
                         Ok(Change::UserChanged(_)) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
-                        Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
+                        Ok(Change::Reset) | Ok(Change::PolicyChanged) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
                     pending = match changes.try_recv() {

@@ -3,13 +3,14 @@
 //! A delta is computed against what this stream last sent, so a reconnecting or lagging
 //! stream converges on the committed state without any shared bookkeeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
 use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse};
 use crate::config::Config;
+use crate::policy::{compile, Policy, Principal};
 use crate::state::{Node, Replica, Tailnet};
 
 pub fn rfc3339(ms: i64) -> String {
@@ -145,17 +146,28 @@ pub fn derp_map(
     map
 }
 
-/// `tailcfg.Node` for one node, as peers (and the node itself) see it.
-/// Node capabilities every node gets (self and peers alike, as the client looks at both).
-fn cap_map(config: &Config) -> Value {
+/// Node capabilities (self and peers alike, as the client looks at both): Taildrop for
+/// every node when switched on, and what the policy's `nodeAttrs` give this node.
+fn cap_map(t: &Tailnet, node: &Node, config: &Config) -> Value {
     let mut caps = serde_json::Map::new();
     if config.taildrop {
         caps.insert("https://tailscale.com/cap/file-sharing".into(), json!([]));
     }
+    if let Some(p) = policy(t) {
+        for attr in p.attrs_for(&compile::principal(t, node)) {
+            caps.insert(attr.to_string(), json!([]));
+        }
+    }
     Value::Object(caps)
 }
 
-pub fn node_json(node: &Node, config: &Config, now: i64) -> Value {
+/// The tailnet policy in force, if any (none: every node reaches every other).
+fn policy(t: &Tailnet) -> Option<&Policy> {
+    t.policy.as_ref().map(|r| r.policy())
+}
+
+/// `tailcfg.Node` for one node, as peers (and the node itself) see it.
+pub fn node_json(t: &Tailnet, node: &Node, config: &Config, now: i64) -> Value {
     let base_domain = &config.base_domain;
     let hostinfo: Value = serde_json::from_str(&node.hostinfo).unwrap_or_else(|_| json!({}));
     let addrs = vec![format!("{}/32", node.ipv4), format!("{}/128", node.ipv6)];
@@ -173,7 +185,7 @@ pub fn node_json(node: &Node, config: &Config, now: i64) -> Value {
         "Created": rfc3339(node.created),
         "MachineAuthorized": true,
         "Online": node.online,
-        "CapMap": cap_map(config),
+        "CapMap": cap_map(t, node, config),
     });
     let obj = match v.as_object_mut() {
         Some(o) => o,
@@ -261,6 +273,26 @@ pub struct StreamView {
     pub self_id: u64,
     self_sent: Option<Value>,
     peers_sent: HashMap<u64, Value>,
+    /// Who the node is to the policy, when its filter and peers were last computed.
+    principal: Principal,
+    filter_sent: Option<Value>,
+    ssh_sent: Option<Value>,
+}
+
+/// The packet filter and SSH policy of `me` under the current policy.
+fn filters(t: &Tailnet, me: &Node) -> (Value, Option<Value>) {
+    match policy(t) {
+        None => (filter_allow_all(), None),
+        Some(p) => (
+            compile::packet_filter(p, t, me),
+            compile::ssh_policy(p, t, me),
+        ),
+    }
+}
+
+/// Whether `peer` belongs in the map of the node that is `me`.
+fn visible(t: &Tailnet, me: &Principal, peer: &Node) -> bool {
+    policy(t).is_none_or(|p| p.connected(me, &compile::principal(t, peer)))
 }
 
 /// Fields a `PeersChangedPatch` can carry; a change to anything else needs `PeersChanged`.
@@ -281,6 +313,9 @@ impl StreamView {
             self_id,
             self_sent: None,
             peers_sent: HashMap::new(),
+            principal: Principal::default(),
+            filter_sent: None,
+            ssh_sent: None,
         }
     }
 
@@ -294,22 +329,34 @@ impl StreamView {
     ) -> Option<MapResponse> {
         let me = t.nodes.get(&self.self_id)?;
         let base = &config.base_domain;
-        let self_json = node_json(me, config, now);
+        let self_json = node_json(t, me, config, now);
         let previously: Vec<u64> = self.peers_sent.keys().copied().collect();
         self.peers_sent.clear();
+        self.principal = compile::principal(t, me);
         let mut peers = Vec::new();
         for n in t.nodes.values().filter(|n| n.id != self.self_id) {
-            let j = node_json(n, config, now);
+            if !visible(t, &self.principal, n) {
+                continue;
+            }
+            let j = node_json(t, n, config, now);
             self.peers_sent.insert(n.id, j.clone());
             peers.push(j);
         }
+        let previously: Vec<u64> = previously
+            .into_iter()
+            .filter(|id| !self.peers_sent.contains_key(id))
+            .collect();
+        let (filter, ssh) = filters(t, me);
+        self.filter_sent = Some(filter.clone());
+        self.ssh_sent = ssh.clone();
         self.self_sent = Some(self_json.clone());
         let mut resp = MapResponse {
             node: Some(self_json),
             derp_map: Some(derp_map.clone()),
             dns_config: Some(dns_config(config)),
             domain: base.clone(),
-            packet_filter: Some(filter_allow_all()),
+            packet_filter: Some(filter),
+            ssh_policy: ssh,
             user_profiles: Some(user_profiles(t)),
             collect_services: Some(false),
             control_time: Some(rfc3339(now)),
@@ -341,11 +388,33 @@ impl StreamView {
         let mut removed = Vec::new();
         let mut patches = Vec::new();
         let mut new_user = false;
+        let me = t.nodes.get(&self.self_id).ok_or(())?;
+        let principal = compile::principal(t, me);
+        // When the node itself became someone else to the policy (tags, addresses), every
+        // peer's visibility may have changed, not only the touched ones'.
+        let everyone: Vec<u64>;
+        let touched = if principal != self.principal && policy(t).is_some() {
+            self.principal = principal;
+            everyone = t
+                .nodes
+                .keys()
+                .chain(self.peers_sent.keys())
+                .copied()
+                .collect::<BTreeSet<u64>>()
+                .into_iter()
+                .collect();
+            &everyone[..]
+        } else {
+            self.principal = principal;
+            touched
+        };
         for &id in touched {
-            let current = t.nodes.get(&id);
+            let current = t
+                .nodes
+                .get(&id)
+                .filter(|n| id == self.self_id || visible(t, &self.principal, n));
             if id == self.self_id {
-                let me = current.ok_or(())?;
-                let j = node_json(me, config, now);
+                let j = node_json(t, me, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
                     resp.node = Some(j);
@@ -359,7 +428,7 @@ impl StreamView {
                     }
                 }
                 Some(n) => {
-                    let j = node_json(n, config, now);
+                    let j = node_json(t, n, config, now);
                     match self.peers_sent.get(&id) {
                         Some(old) if *old == j => {}
                         Some(old) => {
@@ -390,10 +459,24 @@ impl StreamView {
         if new_user {
             resp.user_profiles = Some(user_profiles(t));
         }
+        // Who may reach this node changes only when a peer appears, goes or changes more
+        // than its endpoints; endpoint patches, the bulk of all updates, skip this.
+        if resp.node.is_some() || resp.peers_changed.is_some() || resp.peers_removed.is_some() {
+            let (filter, ssh) = filters(t, me);
+            if self.filter_sent.as_ref() != Some(&filter) {
+                self.filter_sent = Some(filter.clone());
+                resp.packet_filter = Some(filter);
+            }
+            if self.ssh_sent != ssh {
+                self.ssh_sent = ssh.clone();
+                resp.ssh_policy = Some(ssh.unwrap_or_else(|| json!({ "rules": [] })));
+            }
+        }
         let empty = resp.node.is_none()
             && resp.peers_changed.is_none()
             && resp.peers_removed.is_none()
-            && resp.peers_changed_patch.is_none();
+            && resp.peers_changed_patch.is_none()
+            && resp.packet_filter.is_none();
         Ok(if empty { None } else { Some(resp) })
     }
 }
@@ -489,11 +572,24 @@ mod tests {
     #[test]
     fn taildrop_capability_follows_the_setting() {
         let mut config = Config::default();
-        assert!(cap_map(&config)
+        let mut t = crate::policy::compile::sample_tailnet();
+        let node = t.nodes[&1].clone();
+        assert!(cap_map(&t, &node, &config)
             .get("https://tailscale.com/cap/file-sharing")
             .is_some());
         config.taildrop = false;
-        assert_eq!(cap_map(&config), serde_json::json!({}));
+        assert_eq!(cap_map(&t, &node, &config), serde_json::json!({}));
+        let policy = r#"{"nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}]}"#;
+        t.apply(&crate::state::Command::SetPolicy {
+            text: policy.into(),
+            now: 1,
+        })
+        .0
+        .unwrap();
+        assert_eq!(
+            cap_map(&t, &node, &config),
+            serde_json::json!({"funnel": []})
+        );
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub struct MapResponse {
     pub domain: String,
     #[serde(rename = "PacketFilter", skip_serializing_if = "Option::is_none")]
     pub packet_filter: Option<Value>,
+    #[serde(rename = "SSHPolicy", skip_serializing_if = "Option::is_none")]
+    pub ssh_policy: Option<Value>,
     #[serde(rename = "UserProfiles", skip_serializing_if = "Option::is_none")]
     pub user_profiles: Option<Vec<Value>>,
     #[serde(rename = "CollectServices", skip_serializing_if = "Option::is_none")]

@@ -56,6 +56,10 @@ pub enum StateError {
     BadBackup(String),
     #[error("no machine is waiting to log in with id {0:?} (it may have expired after an hour, or the machine gave up): run `tailscale up` on it again and use the id it shows")]
     LoginNotFound(String),
+    #[error("requested tags {tags:?} are invalid or not permitted: the policy's tagOwners do not let {user:?} own them; add them there (`hydrascale policy set`) or log in without --advertise-tags")]
+    TagsNotPermitted { tags: Vec<String>, user: String },
+    #[error("the policy was refused, the previous one stays in force: {0}")]
+    BadPolicy(String),
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]
     TooManyPendingLogins,
 }

@@ -11,8 +11,8 @@ mod types;
 
 pub use error::StateError;
 pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
-pub use tailnet::{sanitize_hostname, valid_label, valid_user_name, Tailnet};
+pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};
 pub use types::{
-    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
-    Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
+    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PolicyRecord, PreAuthKey, Prefixes,
+    RegisterAuth, Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
 };

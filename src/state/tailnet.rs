@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PreAuthKey, Prefixes, RegisterAuth,
-    Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
+    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PolicyRecord, PreAuthKey, Prefixes,
+    RegisterAuth, Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct Tailnet {
     /// Interactive logins waiting for an administrator, by auth id.
     #[serde(default)]
     pub pending_logins: BTreeMap<String, PendingLogin>,
+    /// The tailnet policy; none means every node may reach every other.
+    #[serde(default)]
+    pub policy: Option<PolicyRecord>,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -76,15 +79,7 @@ pub fn valid_label(n: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-/// `tag:name`, the name of letters, digits, '-' and '_'.
-pub fn valid_tag(t: &str) -> bool {
-    t.strip_prefix("tag:").is_some_and(|n| {
-        !n.is_empty()
-            && n.len() <= 63
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    })
-}
+pub use hydrascale_policy::valid_tag;
 
 /// Lowercase DNS label from a client's host name: other characters become '-'.
 pub fn sanitize_hostname(h: &str) -> String {
@@ -563,6 +558,16 @@ impl Tailnet {
                     vec![Change::NodeUpserted(*id)],
                 ))
             }
+            Command::SetPolicy { text, now } => {
+                self.policy = if text.trim().is_empty() {
+                    None
+                } else {
+                    let parsed = crate::policy::parse(text)
+                        .map_err(|e| StateError::BadPolicy(e.to_string()))?;
+                    Some(PolicyRecord::new(text.clone(), *now, parsed))
+                };
+                Ok((CommandOutput::Done, vec![Change::PolicyChanged]))
+            }
             Command::RemoveIdleEphemeral { node_ids, cutoff } => {
                 let idle: Vec<u64> = node_ids
                     .iter()
@@ -636,6 +641,51 @@ impl Tailnet {
         Ok(Grant::from(k))
     }
 
+    /// The tags a newly authorised machine gets: its key's, plus those it asked for with
+    /// `--advertise-tags` (`Hostinfo.RequestTags`), each of which the policy's `tagOwners`
+    /// must let the registering user (or the key's tags) own.
+    fn granted_tags(&self, grant: &Grant, hostinfo: &str) -> Result<Vec<String>, StateError> {
+        let requested: Vec<String> = serde_json::from_str::<serde_json::Value>(hostinfo)
+            .ok()
+            .and_then(|h| h.get("RequestTags").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let mut tags = grant.tags.clone();
+        if requested.is_empty() {
+            return Ok(tags);
+        }
+        let owners = [
+            hydrascale_policy::Principal {
+                user: self.users.get(&grant.user_id).map(|u| u.name.clone()),
+                ..Default::default()
+            },
+            hydrascale_policy::Principal {
+                tags: grant.tags.clone(),
+                ..Default::default()
+            },
+        ];
+        let policy = self.policy.as_ref().map(|p| p.policy());
+        let refused: Vec<String> = requested
+            .iter()
+            .filter(|t| {
+                !grant.tags.contains(t)
+                    && !policy.is_some_and(|p| owners.iter().any(|o| p.may_own_tag(o, t)))
+            })
+            .cloned()
+            .collect();
+        if !refused.is_empty() {
+            let user = owners[0].user.clone().unwrap_or_default();
+            return Err(StateError::TagsNotPermitted {
+                tags: refused,
+                user,
+            });
+        }
+        tags.extend(requested);
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn register(
         &mut self,
@@ -656,6 +706,10 @@ impl Tailnet {
                 return Err(StateError::NodeKeyInUse(other.id));
             }
         }
+        let tags = match &key {
+            Some(k) => self.granted_tags(k, hostinfo)?,
+            None => Vec::new(),
+        };
         match (existing, key) {
             (Some(id), key) => {
                 let n = self.nodes.get(&id).ok_or(StateError::NodeNotFound(id))?;
@@ -685,7 +739,7 @@ impl Tailnet {
                 n.last_seen = Some(now);
                 if let Some(k) = &key {
                     n.user_id = k.user_id;
-                    n.tags = k.tags.clone();
+                    n.tags = tags;
                     n.ephemeral = k.ephemeral || ephemeral;
                     n.auth_key_id = k.key_id;
                     n.expiry = expiry;
@@ -715,7 +769,7 @@ impl Tailnet {
                     node_key: node_key.to_string(),
                     disco_key: String::new(),
                     user_id: k.user_id,
-                    tags: k.tags.clone(),
+                    tags,
                     hostname: hostname.to_string(),
                     given_name,
                     ipv4,

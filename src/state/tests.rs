@@ -689,3 +689,82 @@ fn pending_logins_are_bounded() {
     ok(&mut t, pending("later", 1, 1, NOW + LOGIN_TTL_MS + 1));
     assert_eq!(t.pending_logins.len(), 1);
 }
+
+#[test]
+fn policy_is_checked_on_apply_and_a_bad_one_changes_nothing() {
+    let mut t = setup();
+    let good = r#"{"tagOwners": {"tag:web": ["alice@"]}, "acls": []}"#;
+    ok(
+        &mut t,
+        Command::SetPolicy {
+            text: good.into(),
+            now: NOW,
+        },
+    );
+    assert_eq!(t.policy.as_ref().map(|p| p.text.as_str()), Some(good));
+    let e = refused(
+        &mut t,
+        Command::SetPolicy {
+            text: "{\"acls\": [".into(),
+            now: NOW + 1,
+        },
+    );
+    assert!(
+        matches!(&e, StateError::BadPolicy(m) if m.contains("line 1, column 11")),
+        "{e}"
+    );
+    // Survives a snapshot: the text travels, the parsed form is rebuilt on use.
+    let copy: Tailnet = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+    assert_eq!(copy, t);
+    assert!(copy
+        .policy
+        .as_ref()
+        .unwrap()
+        .policy()
+        .tag_owners
+        .contains_key("tag:web"));
+    let (_, changes) = t.apply(&Command::SetPolicy {
+        text: "  ".into(),
+        now: NOW + 2,
+    });
+    assert_eq!(changes, vec![Change::PolicyChanged]);
+    assert!(t.policy.is_none());
+}
+
+#[test]
+fn advertised_tags_need_an_owner_in_the_policy() {
+    let mut t = setup();
+    let asking = |t: &mut Tailnet, m: u32, tags: &str| {
+        let mut c = reg(m, m, "multi");
+        if let Command::RegisterNode { hostinfo, .. } = &mut c {
+            *hostinfo = format!(r#"{{"RequestTags": {tags}}}"#);
+        }
+        t.apply(&c).0
+    };
+    // No policy: nobody owns any tag.
+    assert!(matches!(
+        asking(&mut t, 1, r#"["tag:web"]"#),
+        Err(StateError::TagsNotPermitted { .. })
+    ));
+    ok(
+        &mut t,
+        Command::SetPolicy {
+            text: r#"{"tagOwners": {"tag:web": ["alice@"], "tag:db": ["bob@"]}}"#.into(),
+            now: NOW,
+        },
+    );
+    let n = match asking(&mut t, 2, r#"["tag:web"]"#) {
+        Ok(CommandOutput::Node(n)) => n,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(n.tags, vec!["tag:web".to_string()]);
+    let e = asking(&mut t, 3, r#"["tag:web", "tag:db"]"#).unwrap_err();
+    assert_eq!(
+        e,
+        StateError::TagsNotPermitted {
+            tags: vec!["tag:db".into()],
+            user: "alice".into()
+        }
+    );
+    assert!(!t.nodes.values().any(|n| n.machine_key.ends_with("3")));
+}

@@ -300,6 +300,62 @@ pub enum Command {
         id: u64,
         new_name: String,
     },
+    /// Replaces the tailnet policy (checked again here; a policy that does not parse is
+    /// refused and the previous one stays). Blank text removes it: everyone reaches everyone.
+    SetPolicy {
+        text: String,
+        now: i64,
+    },
+}
+
+/// The tailnet policy as the administrator wrote it (comments included), and its parsed
+/// form, read once per replica and shared by every map stream.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub text: String,
+    pub updated: i64,
+    #[serde(skip)]
+    parsed: std::sync::Arc<
+        std::sync::OnceLock<Result<crate::policy::Policy, crate::policy::PolicyError>>,
+    >,
+}
+
+impl PolicyRecord {
+    pub fn new(text: String, updated: i64, parsed: crate::policy::Policy) -> Self {
+        Self {
+            text,
+            updated,
+            parsed: std::sync::Arc::new(std::sync::OnceLock::from(Ok(parsed))),
+        }
+    }
+
+    /// The parsed policy. A stored policy that no longer parses (a stricter later
+    /// version) denies everything rather than opening the tailnet; the error is logged.
+    pub fn policy(&self) -> &crate::policy::Policy {
+        static DENY_ALL: std::sync::OnceLock<crate::policy::Policy> = std::sync::OnceLock::new();
+        match self.parsed.get_or_init(|| crate::policy::parse(&self.text)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "the stored policy does not parse; denying all traffic until a new one is set");
+                DENY_ALL.get_or_init(crate::policy::Policy::default)
+            }
+        }
+    }
+}
+
+impl PartialEq for PolicyRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text && self.updated == other.updated
+    }
+}
+
+impl std::fmt::Debug for PolicyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyRecord")
+            .field("updated", &self.updated)
+            .field("bytes", &self.text.len())
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,4 +381,6 @@ pub enum Change {
     ReplicasChanged,
     /// The whole state was replaced (snapshot install): streams resend full maps.
     Reset,
+    /// The policy changed: every node's filter and peer list may differ.
+    PolicyChanged,
 }

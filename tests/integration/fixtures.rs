@@ -202,20 +202,52 @@ pub fn cli_json_at(admin: &str, args: &[&str]) -> serde_json::Value {
     })
 }
 
-/// A free loopback TCP port (the OS picks it; it is released for the caller to bind).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+/// Ports handed out to the processes a test starts. They come from below the kernel's
+/// ephemeral range: a port the OS picked with `bind(:0)` and then released can be taken
+/// again by any outgoing connection (a tailscaled, a replica dialling a peer) before the
+/// process it was meant for binds it, which made a replica fail to start now and then.
+/// Below that range only an explicit bind takes a port, and the counter gives each port
+/// once per test run.
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768)
 }
 
-/// A free loopback UDP port.
-pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+/// A loopback port free for both TCP and UDP, unique within this test run.
+pub fn free_port() -> u16 {
+    const FIRST: u32 = 20000;
+    // The migration fixture's fixed URL (127.0.0.1:18080) lies below FIRST.
+    let last = ephemeral_low().clamp(FIRST + 1000, 65535);
+    for _ in FIRST..last {
+        let n = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = u16::try_from(FIRST + n % (last - FIRST)).expect("port in range");
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if tcp && udp {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {last}")
+}
+
+/// A loopback TCP server that greets every connection with `greeting` and closes it;
+/// userspace-networking clients hand a peer's connection to their port P to
+/// 127.0.0.1:P, so it answers for every client on this host. Runs until the test ends.
+pub fn greeter(greeting: &'static str) -> u16 {
+    let port = free_port();
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind greeter");
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            use std::io::Write;
+            let _ = c.write_all(greeting.as_bytes());
+        }
+    });
+    port
 }
 
 /// `GET path` over plain HTTP/1.0; the status code and body, or `None` if unreachable.
@@ -309,7 +341,7 @@ impl ReplicaProc {
             control: format!("127.0.0.1:{}", free_port()),
             admin: format!("127.0.0.1:{}", free_port()),
             raft: format!("127.0.0.1:{}", free_port()),
-            stun: format!("127.0.0.1:{}", free_udp_port()),
+            stun: format!("127.0.0.1:{}", free_port()),
             metrics: format!("127.0.0.1:{}", free_port()),
             tls_dir: None,
             netns: None,
@@ -781,6 +813,38 @@ impl Tailscaled {
             .args(args)
             .output()
             .expect("run tailscale CLI")
+    }
+
+    /// `tailscale nc HOST PORT` through this node: what the other end sent before closing,
+    /// or `None` when nothing came within `within` (the packet filter dropped the SYN,
+    /// or the peer is unknown).
+    pub fn nc(&self, host: &str, port: u16, within: Duration) -> Option<String> {
+        use std::io::Read;
+        let mut child = Command::new(self.bin.join("tailscale"))
+            .arg(format!("--socket={}", self.dir.join("ts.sock").display()))
+            .args(["nc", host, &port.to_string()])
+            // Kept open: `nc` ends as soon as either direction does.
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run tailscale nc");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                let mut out = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    let _ = o.read_to_string(&mut out);
+                }
+                return (!out.is_empty()).then_some(out);
+            }
+            if start.elapsed() > within {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn log_tail(&self) -> String {

@@ -8,5 +8,6 @@ mod migration;
 mod monitoring;
 mod packaging;
 mod partition;
+mod policy;
 mod protocol;
 mod rest_api;
