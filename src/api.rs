@@ -5,7 +5,7 @@
 //! Every request needs `Authorization: Bearer <API key>`; without a current key it is
 //! answered 401 before anything else happens. Writes go through the admin gRPC service's
 //! own handlers (same validation, same Raft commands), reads come from this replica's
-//! applied state. What Hydrascale does not have yet (subnet routes) answers 501 saying so.
+//! applied state. What Hydrascale does not have yet answers 501 saying so.
 
 use std::sync::Arc;
 
@@ -83,7 +83,7 @@ pub fn router(db: Db) -> Router {
         .route("/api/v1/node/{id}/expire", post(expire_node))
         .route("/api/v1/node/{id}/rename/{new_name}", post(rename_node))
         .route("/api/v1/node/{id}/tags", post(set_tags))
-        .route("/api/v1/node/{id}/approve_routes", post(not_yet))
+        .route("/api/v1/node/{id}/approve_routes", post(approve_routes))
         .route("/api/v1/node/{id}/user", post(not_yet))
         .route("/api/v1/node/register", post(register_node))
         .route("/api/v1/node/backfillips", post(not_yet))
@@ -125,7 +125,7 @@ async fn require_api_key(
 
 async fn not_yet() -> ApiError {
     ApiError(tonic::Status::unimplemented(
-        "Hydrascale does not support this yet (subnet routes are planned); see docs/api.md",
+        "Hydrascale does not support this yet; see docs/api.md",
     ))
 }
 
@@ -173,9 +173,9 @@ fn node_json(t: &Tailnet, n: &crate::state::Node) -> Value {
         "forcedTags": n.tags,
         "validTags": n.tags,
         "invalidTags": [],
-        "approvedRoutes": [],
-        "availableRoutes": [],
-        "subnetRoutes": [],
+        "approvedRoutes": n.approved_routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "availableRoutes": n.advertised_routes.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        "subnetRoutes": crate::admin::carried_routes(t, n),
         "preAuthKey": Value::Null,
     })
 }
@@ -465,6 +465,22 @@ async fn set_tags(
     let tags = strings(&body["tags"]);
     st.admin
         .set_tags(Request::new(proto::SetTagsRequest { id, tags }))
+        .await?;
+    node_reply(&st, id)
+}
+
+/// `POST /api/v1/node/{id}/approve_routes` with `{"routes": [...]}` (replaces the list).
+async fn approve_routes(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    let body = input(q, &body)?;
+    let routes = strings(&body["routes"]);
+    st.admin
+        .approve_routes(Request::new(proto::ApproveRoutesRequest { id, routes }))
         .await?;
     node_reply(&st, id)
 }

@@ -308,6 +308,14 @@ enum NodesCmd {
         #[arg(long, short = 't', value_delimiter = ',')]
         tags: Vec<String>,
     },
+    /// Set the routes a node may serve, e.g. --routes 10.0.0.0/24 or 0.0.0.0/0,::/0 for an
+    /// exit node (no --routes removes them). The node must also advertise them.
+    ApproveRoutes {
+        #[arg(long, short = 'i')]
+        identifier: u64,
+        #[arg(long, short = 'r', value_delimiter = ',')]
+        routes: Vec<String>,
+    },
 }
 
 pub fn main_entry() -> Result<()> {
@@ -441,7 +449,7 @@ fn migrate_headscale(
         }
         if !report.nodes_with_routes_skipped.is_empty() {
             println!(
-                "Not taken over (no route support yet): approved routes of {}",
+                "Not taken over (not prefixes): approved routes of {}",
                 report.nodes_with_routes_skipped.join(", ")
             );
         }
@@ -875,6 +883,26 @@ async fn run(cli: Cli) -> Result<()> {
                 let n = r.node.context("no node in reply")?;
                 emit(json, &n, || {
                     println!("Node {} tags: {}", n.id, n.tags.join(","));
+                })?;
+            }
+            NodesCmd::ApproveRoutes { identifier, routes } => {
+                let r = c
+                    .approve_routes(proto::ApproveRoutesRequest {
+                        id: identifier,
+                        routes,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let n = r.node.context("no node in reply")?;
+                emit(json, &n, || {
+                    println!(
+                        "Node {} approved routes: {} (advertised: {}; carried now: {})",
+                        n.id,
+                        n.approved_routes.join(","),
+                        n.available_routes.join(","),
+                        n.subnet_routes.join(",")
+                    );
                 })?;
             }
         },

@@ -6,8 +6,8 @@
 //!
 //! What headscale keeps that Hydrascale cannot take over is left out and reported: API
 //! keys and new-style pre-auth keys are stored as bcrypt hashes (Hydrascale checks SHA-256
-//! hashes, so they cannot be verified; create new ones), approved routes (not supported
-//! yet) and a policy this server's parser refuses (the reason is reported).
+//! hashes, so they cannot be verified; create new ones), and a policy this server's
+//! parser refuses (the reason is reported).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -50,7 +50,7 @@ pub struct Report {
     /// New-style (bcrypt) pre-auth keys: not usable here.
     pub preauth_keys_skipped: usize,
     pub api_keys_skipped: usize,
-    /// Nodes whose approved subnet routes or exit-node approval were not taken over.
+    /// Approved routes that are not prefixes (node and route), left out.
     pub nodes_with_routes_skipped: Vec<String>,
     /// The policy headscale kept in its database was taken over.
     pub policy_taken: bool,
@@ -430,9 +430,20 @@ pub fn from_headscale(
                 )))
             }
         };
-        if !r["approved_routes"].string_list()?.is_empty() {
-            report.nodes_with_routes_skipped.push(field("hostname")?);
+        let mut approved_routes = Vec::new();
+        for route in r["approved_routes"].string_list()? {
+            match route.parse::<ipnet::IpNet>() {
+                Ok(net) => approved_routes.push(net.trunc()),
+                Err(_) => report
+                    .nodes_with_routes_skipped
+                    .push(format!("{} ({route})", field("hostname")?)),
+            }
         }
+        let hostinfo = r["host_info"]
+            .text()
+            .filter(|h| *h != "null")
+            .unwrap_or("{}")
+            .to_string();
         let hostname = r["hostname"].text().unwrap_or("node").to_string();
         let wanted = r["given_name"].text().unwrap_or(&hostname).to_string();
         let mut given = if valid_label(&wanted) {
@@ -472,11 +483,9 @@ pub fn from_headscale(
                 ipv6: Ipv6Addr::UNSPECIFIED,
                 endpoints: r["endpoints"].string_list()?,
                 home_derp: 0,
-                hostinfo: r["host_info"]
-                    .text()
-                    .filter(|h| *h != "null")
-                    .unwrap_or("{}")
-                    .to_string(),
+                advertised_routes: crate::state::routes_in_hostinfo(&hostinfo),
+                approved_routes,
+                hostinfo,
                 created: r["created_at"].time_ms()?.unwrap_or(0),
                 last_seen: r["last_seen"].time_ms()?,
                 expiry: r["expiry"].time_ms()?,

@@ -135,6 +135,9 @@ pub struct Principal {
     pub user: Option<String>,
     pub tags: Vec<String>,
     pub ips: Vec<IpAddr>,
+    /// Routes the node serves (approved subnet routes; 0.0.0.0/0 and ::/0 for an exit
+    /// node): a prefix naming part of them names the node as their router.
+    pub routes: Vec<IpNet>,
 }
 
 impl Policy {
@@ -149,10 +152,16 @@ impl Policy {
                 .as_ref()
                 .is_some_and(|u| self.groups.get(g).is_some_and(|m| m.contains(u))),
             Alias::Tag(t) => p.tags.iter().any(|x| x == t),
-            Alias::Prefix(net) => p.ips.iter().any(|ip| net.contains(ip)),
+            Alias::Prefix(net) => {
+                p.ips.iter().any(|ip| net.contains(ip))
+                    || p.routes
+                        .iter()
+                        .any(|r| r.prefix_len() > 0 && (net.contains(r) || r.contains(net)))
+            }
             Alias::Member => p.user.is_some(),
             Alias::Tagged => !p.tags.is_empty(),
-            Alias::OwnNodes | Alias::Internet | Alias::Role(_) => false,
+            Alias::Internet => p.routes.iter().any(|r| r.prefix_len() == 0),
+            Alias::OwnNodes | Alias::Role(_) => false,
         }
     }
 
@@ -197,6 +206,19 @@ impl Policy {
         self.tag_owners
             .get(tag)
             .is_some_and(|owners| owners.iter().any(|a| self.matches(a, owner)))
+    }
+
+    /// Whether `autoApprovers` approves `route` when `p` advertises it: an exit route
+    /// (0.0.0.0/0, ::/0) through `exitNode`, others through a `routes` entry containing it.
+    pub fn auto_approves(&self, p: &Principal, route: &IpNet) -> bool {
+        let aa = &self.auto_approvers;
+        if route.prefix_len() == 0 {
+            aa.exit_node.iter().any(|a| self.matches(a, p))
+        } else {
+            aa.routes.iter().any(|(net, owners)| {
+                net.contains(route) && owners.iter().any(|a| self.matches(a, p))
+            })
+        }
     }
 
     /// Node capabilities `nodeAttrs` gives `p`.

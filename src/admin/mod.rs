@@ -100,7 +100,23 @@ pub fn node_msg(t: &Tailnet, n: &crate::state::Node) -> proto::Node {
         ephemeral: n.ephemeral,
         tags: n.tags.clone(),
         created_ms: n.created,
+        available_routes: n.advertised_routes.iter().map(|r| r.to_string()).collect(),
+        approved_routes: n.approved_routes.iter().map(|r| r.to_string()).collect(),
+        subnet_routes: carried_routes(t, n),
     }
+}
+
+/// The routes `n` carries now: its primary subnet routes and the exit routes it serves.
+pub fn carried_routes(t: &Tailnet, n: &crate::state::Node) -> Vec<String> {
+    if n.approved_routes.is_empty() {
+        return Vec::new();
+    }
+    let primary = crate::control::mapper::primary_routes(t);
+    n.served_routes()
+        .iter()
+        .filter(|r| crate::state::is_exit_route(r) || primary.get(r) == Some(&n.id))
+        .map(|r| r.to_string())
+        .collect()
 }
 
 fn policy_msg(t: &Tailnet) -> proto::PolicyReply {
@@ -449,6 +465,20 @@ impl AdminService for Admin {
             .write(Command::SetTags {
                 id: r.id,
                 tags: r.tags,
+            })
+            .await?;
+        self.node_reply(out)
+    }
+
+    async fn approve_routes(
+        &self,
+        req: Request<proto::ApproveRoutesRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        let r = req.into_inner();
+        let out = self
+            .write(Command::ApproveRoutes {
+                id: r.id,
+                routes: r.routes,
             })
             .await?;
         self.node_reply(out)

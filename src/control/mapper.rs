@@ -166,11 +166,50 @@ fn policy(t: &Tailnet) -> Option<&Policy> {
     t.policy.as_ref().map(|r| r.policy())
 }
 
+/// Which node carries each subnet route: of the online nodes serving it, the one with
+/// the lowest id. When it goes offline the next one takes over at the next map update.
+pub type Primaries = BTreeMap<ipnet::IpNet, u64>;
+
+pub fn primary_routes(t: &Tailnet) -> Primaries {
+    let mut primary = Primaries::new();
+    for n in t
+        .nodes
+        .values()
+        .filter(|n| n.online && !n.approved_routes.is_empty())
+    {
+        for r in n.served_routes() {
+            if !crate::state::is_exit_route(&r) {
+                primary.entry(r).or_insert(n.id);
+            }
+        }
+    }
+    primary
+}
+
 /// `tailcfg.Node` for one node, as peers (and the node itself) see it.
-pub fn node_json(t: &Tailnet, node: &Node, config: &Config, now: i64) -> Value {
+pub fn node_json(
+    t: &Tailnet,
+    node: &Node,
+    primary: &Primaries,
+    config: &Config,
+    now: i64,
+) -> Value {
     let base_domain = &config.base_domain;
     let hostinfo: Value = serde_json::from_str(&node.hostinfo).unwrap_or_else(|_| json!({}));
     let addrs = vec![format!("{}/32", node.ipv4), format!("{}/128", node.ipv6)];
+    let primaries: Vec<String> = primary
+        .iter()
+        .filter(|(_, id)| **id == node.id)
+        .map(|(r, _)| r.to_string())
+        .collect();
+    let mut allowed = addrs.clone();
+    allowed.extend(primaries.iter().cloned());
+    allowed.extend(
+        node.served_routes()
+            .iter()
+            .filter(|r| crate::state::is_exit_route(r))
+            .map(|r| r.to_string()),
+    );
     let mut v = json!({
         "ID": node.id,
         "StableID": node.stable_id,
@@ -179,7 +218,8 @@ pub fn node_json(t: &Tailnet, node: &Node, config: &Config, now: i64) -> Value {
         "Key": node.node_key,
         "Machine": node.machine_key,
         "Addresses": addrs,
-        "AllowedIPs": addrs,
+        "AllowedIPs": allowed,
+        "PrimaryRoutes": primaries,
         "Endpoints": node.endpoints,
         "Hostinfo": hostinfo,
         "Created": rfc3339(node.created),
@@ -329,7 +369,8 @@ impl StreamView {
     ) -> Option<MapResponse> {
         let me = t.nodes.get(&self.self_id)?;
         let base = &config.base_domain;
-        let self_json = node_json(t, me, config, now);
+        let primary = primary_routes(t);
+        let self_json = node_json(t, me, &primary, config, now);
         let previously: Vec<u64> = self.peers_sent.keys().copied().collect();
         self.peers_sent.clear();
         self.principal = compile::principal(t, me);
@@ -338,7 +379,7 @@ impl StreamView {
             if !visible(t, &self.principal, n) {
                 continue;
             }
-            let j = node_json(t, n, config, now);
+            let j = node_json(t, n, &primary, config, now);
             self.peers_sent.insert(n.id, j.clone());
             peers.push(j);
         }
@@ -390,6 +431,30 @@ impl StreamView {
         let mut new_user = false;
         let me = t.nodes.get(&self.self_id).ok_or(())?;
         let principal = compile::principal(t, me);
+        let primary = primary_routes(t);
+        // A router coming or going moves routes between the others: touch them all.
+        let with_routers: Vec<u64>;
+        let touched = if touched.iter().any(|id| {
+            t.nodes
+                .get(id)
+                .is_none_or(|n| !n.approved_routes.is_empty())
+        }) {
+            with_routers = touched
+                .iter()
+                .copied()
+                .chain(
+                    t.nodes
+                        .values()
+                        .filter(|n| !n.approved_routes.is_empty())
+                        .map(|n| n.id),
+                )
+                .collect::<BTreeSet<u64>>()
+                .into_iter()
+                .collect();
+            &with_routers[..]
+        } else {
+            touched
+        };
         // When the node itself became someone else to the policy (tags, addresses), every
         // peer's visibility may have changed, not only the touched ones'.
         let everyone: Vec<u64>;
@@ -414,7 +479,7 @@ impl StreamView {
                 .get(&id)
                 .filter(|n| id == self.self_id || visible(t, &self.principal, n));
             if id == self.self_id {
-                let j = node_json(t, me, config, now);
+                let j = node_json(t, me, &primary, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
                     resp.node = Some(j);
@@ -428,7 +493,7 @@ impl StreamView {
                     }
                 }
                 Some(n) => {
-                    let j = node_json(t, n, config, now);
+                    let j = node_json(t, n, &primary, config, now);
                     match self.peers_sent.get(&id) {
                         Some(old) if *old == j => {}
                         Some(old) => {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use super::{Alias, Policy, Principal, Rule, SshUsers};
@@ -23,6 +24,54 @@ pub fn principal(t: &Tailnet, n: &Node) -> Principal {
         },
         tags: n.tags.clone(),
         ips: vec![n.ipv4.into(), n.ipv6.into()],
+        routes: n.served_routes(),
+    }
+}
+
+/// The public internet as prefixes: everything but private, shared (CGNAT, where
+/// Tailscale addresses live), loopback, link-local and multicast ranges. What
+/// `autogroup:internet` reaches through an exit node.
+pub fn internet() -> &'static [IpNet] {
+    static NETS: std::sync::OnceLock<Vec<IpNet>> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| {
+        let holes: Vec<IpNet> = [
+            "0.0.0.0/8",
+            "10.0.0.0/8",
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "224.0.0.0/3",
+            "fc00::/7",
+            "fe80::/10",
+            "ff00::/8",
+        ]
+        .iter()
+        .filter_map(|h| h.parse().ok())
+        .collect();
+        let mut out = Vec::new();
+        for all in ["0.0.0.0/0", "::/0"] {
+            if let Ok(net) = all.parse() {
+                subtract(net, &holes, &mut out);
+            }
+        }
+        out
+    })
+}
+
+fn subtract(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
+    if holes.iter().any(|h| h.contains(&net)) {
+        return;
+    }
+    if !holes.iter().any(|h| net.contains(h)) {
+        out.push(net);
+        return;
+    }
+    if let Ok(halves) = net.subnets(net.prefix_len() + 1) {
+        for half in halves {
+            subtract(half, holes, out);
+        }
     }
 }
 
@@ -63,6 +112,7 @@ fn dst_ports(dst: &[&(Alias, Vec<super::Ports>)], me: &Principal) -> Vec<Value> 
         let ips: Vec<String> = match alias {
             Alias::All => vec!["*".into()],
             Alias::Prefix(net) => vec![net.to_string()],
+            Alias::Internet => internet().iter().map(IpNet::to_string).collect(),
             _ => me.ips.iter().map(|ip| ip.to_string()).collect(),
         };
         for ip in ips {
@@ -270,6 +320,55 @@ mod tests {
         assert!(p.connected(&pb, &pw));
         assert!(!p.connected(&pa, &pb));
         assert!(!p.connected(&pa, &pw));
+    }
+
+    #[test]
+    fn a_router_is_named_by_the_subnets_it_serves() {
+        let mut t = tailnet();
+        let route: IpNet = "10.1.2.0/24".parse().unwrap();
+        if let Some(n) = t.nodes.get_mut(&2) {
+            n.advertised_routes = vec![route];
+            n.approved_routes = vec![route];
+        }
+        let p = super::super::parse(
+            r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["10.1.2.0/24:443"]}]}"#,
+        )
+        .unwrap();
+        let router = node(&t, 2);
+        let f = packet_filter(&p, &t, router);
+        assert_eq!(
+            f[0]["DstPorts"],
+            json!([{"IP": "10.1.2.0/24", "Ports": {"First": 443, "Last": 443}}])
+        );
+        // alice's laptop needs the router as a peer; only the router gets a filter entry.
+        assert!(p.connected(&principal(&t, node(&t, 1)), &principal(&t, router)));
+        assert!(packet_filter(&p, &t, node(&t, 1))
+            .as_array()
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn the_internet_leaves_out_private_and_tailscale_ranges() {
+        let nets = internet();
+        let inside = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            nets.iter().any(|n| n.contains(&ip))
+        };
+        for public in ["1.1.1.1", "8.8.8.8", "203.0.113.9", "2606:4700::1111"] {
+            assert!(inside(public), "{public}");
+        }
+        for private in [
+            "10.1.2.3",
+            "100.64.0.1",
+            "192.168.1.1",
+            "172.20.0.1",
+            "fd7a:115c:a1e0::1",
+            "224.0.0.1",
+        ] {
+            assert!(!inside(private), "{private}");
+        }
+        assert!(nets.len() < 64, "{}", nets.len());
     }
 
     #[test]

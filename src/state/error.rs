@@ -58,6 +58,8 @@ pub enum StateError {
     LoginNotFound(String),
     #[error("requested tags {tags:?} are invalid or not permitted: the policy's tagOwners do not let {user:?} own them; add them there (`hydrascale policy set`) or log in without --advertise-tags")]
     TagsNotPermitted { tags: Vec<String>, user: String },
+    #[error("route {0:?} is not a prefix like 10.0.0.0/24 (0.0.0.0/0 and ::/0 make an exit node)")]
+    BadRoute(String),
     #[error("the policy was refused, the previous one stays in force: {0}")]
     BadPolicy(String),
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]

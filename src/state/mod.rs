@@ -13,6 +13,7 @@ pub use error::StateError;
 pub use store::{now_ms, Db, DbError, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};
 pub use types::{
-    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PolicyRecord, PreAuthKey, Prefixes,
-    RegisterAuth, Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
+    is_exit_route, routes_in_hostinfo, ApiKey, Change, Command, CommandOutput, Node, PendingLogin,
+    PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, User, LOGIN_TTL_MS,
+    MAX_PENDING_LOGINS,
 };

@@ -424,6 +424,7 @@ impl Tailnet {
                 }
                 if let Some(h) = hostinfo {
                     n.hostinfo = h.clone();
+                    n.advertised_routes = super::types::routes_in_hostinfo(h);
                 }
                 if let Some(h) = hostname {
                     n.hostname = h.clone();
@@ -432,8 +433,11 @@ impl Tailnet {
                     n.home_derp = *d;
                 }
                 n.last_seen = Some(*now);
+                if hostinfo.is_some() {
+                    self.auto_approve(id);
+                }
                 Ok((
-                    CommandOutput::Node(n.clone()),
+                    CommandOutput::Node(self.node(id)?),
                     vec![Change::NodeUpserted(id)],
                 ))
             }
@@ -566,7 +570,35 @@ impl Tailnet {
                         .map_err(|e| StateError::BadPolicy(e.to_string()))?;
                     Some(PolicyRecord::new(text.clone(), *now, parsed))
                 };
-                Ok((CommandOutput::Done, vec![Change::PolicyChanged]))
+                // New autoApprovers approve what nodes already advertise.
+                let ids: Vec<u64> = self.nodes.keys().copied().collect();
+                let mut changes = vec![Change::PolicyChanged];
+                for id in ids {
+                    if self.auto_approve(id) {
+                        changes.push(Change::NodeUpserted(id));
+                    }
+                }
+                Ok((CommandOutput::Done, changes))
+            }
+            Command::ApproveRoutes { id, routes } => {
+                let mut nets = Vec::new();
+                for r in routes {
+                    let net = r
+                        .parse::<ipnet::IpNet>()
+                        .map_err(|_| StateError::BadRoute(r.clone()))?;
+                    nets.push(net.trunc());
+                }
+                nets.sort();
+                nets.dedup();
+                let n = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(StateError::NodeNotFound(*id))?;
+                n.approved_routes = nets;
+                Ok((
+                    CommandOutput::Node(n.clone()),
+                    vec![Change::NodeUpserted(*id)],
+                ))
             }
             Command::RemoveIdleEphemeral { node_ids, cutoff } => {
                 let idle: Vec<u64> = node_ids
@@ -639,6 +671,37 @@ impl Tailnet {
             return Err(StateError::AuthKeyUsed);
         }
         Ok(Grant::from(k))
+    }
+
+    fn node(&self, id: u64) -> Result<Node, StateError> {
+        self.nodes
+            .get(&id)
+            .cloned()
+            .ok_or(StateError::NodeNotFound(id))
+    }
+
+    /// Approves the routes node `id` advertises that the policy's autoApprovers allow it;
+    /// whether anything was added.
+    fn auto_approve(&mut self, id: u64) -> bool {
+        let (Some(record), Some(n)) = (self.policy.as_ref(), self.nodes.get(&id)) else {
+            return false;
+        };
+        let policy = record.policy();
+        let who = crate::policy::compile::principal(self, n);
+        let new: Vec<ipnet::IpNet> = n
+            .advertised_routes
+            .iter()
+            .filter(|r| !n.approved_routes.contains(r) && policy.auto_approves(&who, r))
+            .copied()
+            .collect();
+        match self.nodes.get_mut(&id) {
+            Some(n) if !new.is_empty() => {
+                n.approved_routes.extend(new);
+                n.approved_routes.sort();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The tags a newly authorised machine gets: its key's, plus those it asked for with
@@ -736,6 +799,7 @@ impl Tailnet {
                 n.hostname = hostname.to_string();
                 n.given_name = given;
                 n.hostinfo = hostinfo.to_string();
+                n.advertised_routes = super::types::routes_in_hostinfo(hostinfo);
                 n.last_seen = Some(now);
                 if let Some(k) = &key {
                     n.user_id = k.user_id;
@@ -744,13 +808,14 @@ impl Tailnet {
                     n.auth_key_id = k.key_id;
                     n.expiry = expiry;
                 }
-                let out = n.clone();
                 if let Some(stored) = key
                     .and_then(|k| k.key_id)
                     .and_then(|id| self.preauth_keys.get_mut(&id))
                 {
                     stored.used = true;
                 }
+                self.auto_approve(id);
+                let out = self.node(id)?;
                 Ok((CommandOutput::Node(out), vec![Change::NodeUpserted(id)]))
             }
             (None, None) => Err(StateError::NodeKeyNotFound),
@@ -784,12 +849,18 @@ impl Tailnet {
                     auth_key_id: k.key_id,
                     online: false,
                     online_via: None,
+                    advertised_routes: super::types::routes_in_hostinfo(hostinfo),
+                    approved_routes: Vec::new(),
                 };
-                self.nodes.insert(id, n.clone());
+                self.nodes.insert(id, n);
                 if let Some(stored) = k.key_id.and_then(|id| self.preauth_keys.get_mut(&id)) {
                     stored.used = true;
                 }
-                Ok((CommandOutput::Node(n), vec![Change::NodeUpserted(id)]))
+                self.auto_approve(id);
+                Ok((
+                    CommandOutput::Node(self.node(id)?),
+                    vec![Change::NodeUpserted(id)],
+                ))
             }
         }
     }

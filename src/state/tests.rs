@@ -768,3 +768,65 @@ fn advertised_tags_need_an_owner_in_the_policy() {
     );
     assert!(!t.nodes.values().any(|n| n.machine_key.ends_with("3")));
 }
+
+#[test]
+fn routes_are_served_when_advertised_and_approved() {
+    let mut t = setup();
+    let mut c = reg(1, 1, "multi");
+    if let Command::RegisterNode { hostinfo, .. } = &mut c {
+        *hostinfo = r#"{"RoutableIPs": ["10.1.2.0/24", "0.0.0.0/0", "::/0", "bogus"]}"#.into();
+    }
+    let n = node(ok(&mut t, c));
+    assert_eq!(n.advertised_routes.len(), 3);
+    assert!(n.served_routes().is_empty());
+    assert_eq!(
+        refused(
+            &mut t,
+            Command::ApproveRoutes {
+                id: n.id,
+                routes: vec!["10.1.2.0/33".into()],
+            }
+        ),
+        StateError::BadRoute("10.1.2.0/33".into())
+    );
+    let n = node(ok(
+        &mut t,
+        Command::ApproveRoutes {
+            id: n.id,
+            routes: vec!["10.1.2.7/24".into(), "192.168.0.0/16".into()],
+        },
+    ));
+    // Truncated to the prefix; approved but not advertised is kept, not served.
+    assert_eq!(n.approved_routes.len(), 2);
+    assert_eq!(n.served_routes(), vec!["10.1.2.0/24".parse().unwrap()]);
+
+    // autoApprovers approve what is advertised, now and on later updates.
+    ok(
+        &mut t,
+        Command::SetPolicy {
+            text:
+                r#"{"autoApprovers": {"exitNode": ["alice@"], "routes": {"10.0.0.0/8": ["bob@"]}}}"#
+                    .into(),
+            now: NOW,
+        },
+    );
+    let n = t.nodes[&n.id].clone();
+    assert!(n.served_routes().iter().any(is_exit_route));
+    assert_eq!(n.served_routes().len(), 3);
+    ok(
+        &mut t,
+        Command::UpdateNode {
+            node_key: n.node_key.clone(),
+            disco_key: None,
+            endpoints: None,
+            hostinfo: Some(r#"{"RoutableIPs": ["10.9.0.0/16"]}"#.into()),
+            hostname: None,
+            home_derp: None,
+            now: NOW,
+        },
+    );
+    // alice is no approver for 10.0.0.0/8 routes: advertised, not approved.
+    let n = &t.nodes[&n.id];
+    assert_eq!(n.advertised_routes, vec!["10.9.0.0/16".parse().unwrap()]);
+    assert!(n.served_routes().is_empty());
+}

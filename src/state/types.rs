@@ -92,6 +92,15 @@ pub struct Node {
     /// mark it offline when that replica dies.
     #[serde(default)]
     pub online_via: Option<u64>,
+    /// Routes the client advertises (`Hostinfo.RoutableIPs`: `--advertise-routes`, and
+    /// 0.0.0.0/0 with ::/0 for `--advertise-exit-node`), kept apart from the raw hostinfo
+    /// so map builders need not parse it.
+    #[serde(default)]
+    pub advertised_routes: Vec<ipnet::IpNet>,
+    /// Routes an administrator or the policy's autoApprovers approved; served only while
+    /// also advertised.
+    #[serde(default)]
+    pub approved_routes: Vec<ipnet::IpNet>,
 }
 
 /// A machine waiting for an administrator to finish its interactive login
@@ -126,7 +135,36 @@ pub const LOGIN_TTL_MS: i64 = 60 * 60 * 1000;
 /// can start one, so their number (and the replicated state they take) has a bound.
 pub const MAX_PENDING_LOGINS: usize = 1000;
 
+/// A default route: `--advertise-exit-node` advertises 0.0.0.0/0 and ::/0.
+pub fn is_exit_route(r: &ipnet::IpNet) -> bool {
+    r.prefix_len() == 0
+}
+
+/// The routes in a client's `Hostinfo` JSON (`RoutableIPs`), each truncated to its prefix.
+pub fn routes_in_hostinfo(hostinfo: &str) -> Vec<ipnet::IpNet> {
+    let mut routes: Vec<ipnet::IpNet> = serde_json::from_str::<serde_json::Value>(hostinfo)
+        .ok()
+        .and_then(|h| h.get("RoutableIPs").cloned())
+        .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r.parse::<ipnet::IpNet>().ok().map(|n| n.trunc()))
+        .collect();
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
 impl Node {
+    /// Approved and advertised: the routes this node may serve.
+    pub fn served_routes(&self) -> Vec<ipnet::IpNet> {
+        self.approved_routes
+            .iter()
+            .filter(|r| self.advertised_routes.contains(r))
+            .copied()
+            .collect()
+    }
+
     /// An ephemeral node that is offline and was last seen at or before `cutoff`: the
     /// leader proposes its removal, and `RemoveIdleEphemeral` checks it again when applied.
     pub fn idle_ephemeral(&self, cutoff: i64) -> bool {
@@ -299,6 +337,12 @@ pub enum Command {
     RenameNode {
         id: u64,
         new_name: String,
+    },
+    /// An administrator sets the routes a node may serve (replacing them; empty removes
+    /// them). Routes it does not advertise are kept but not served until it does.
+    ApproveRoutes {
+        id: u64,
+        routes: Vec<String>,
     },
     /// Replaces the tailnet policy (checked again here; a policy that does not parse is
     /// refused and the previous one stays). Blank text removes it: everyone reaches everyone.

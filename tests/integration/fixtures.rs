@@ -239,8 +239,13 @@ pub fn free_port() -> u16 {
 /// userspace-networking clients hand a peer's connection to their port P to
 /// 127.0.0.1:P, so it answers for every client on this host. Runs until the test ends.
 pub fn greeter(greeting: &'static str) -> u16 {
+    greeter_at("127.0.0.1", greeting)
+}
+
+/// Like [`greeter`], on another address of this host (a subnet behind a router).
+pub fn greeter_at(ip: &str, greeting: &'static str) -> u16 {
     let port = free_port();
-    let l = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind greeter");
+    let l = std::net::TcpListener::bind((ip, port)).expect("bind greeter");
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {
             use std::io::Write;
@@ -248,6 +253,41 @@ pub fn greeter(greeting: &'static str) -> u16 {
         }
     });
     port
+}
+
+/// An extra address on this host's loopback interface (e.g. 10.213.0.1/32): stands for a
+/// machine on a LAN that a userspace-networking subnet router or exit node reaches from
+/// this host. Removed when dropped.
+pub struct LanAddress {
+    cidr: String,
+}
+
+impl LanAddress {
+    pub fn new(cidr: &str) -> LanAddress {
+        let _ = Command::new("ip")
+            .args(["addr", "del", cidr, "dev", "lo"])
+            .output();
+        let out = Command::new("ip")
+            .args(["addr", "add", cidr, "dev", "lo"])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip addr add {cidr} dev lo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LanAddress {
+            cidr: cidr.to_string(),
+        }
+    }
+}
+
+impl Drop for LanAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &self.cidr, "dev", "lo"])
+            .output();
+    }
 }
 
 /// `GET path` over plain HTTP/1.0; the status code and body, or `None` if unreachable.
@@ -666,6 +706,11 @@ impl Lan {
         lan
     }
 
+    /// The host's own address on the LAN (its bridge): what hosts reach it at.
+    pub fn gateway(&self) -> String {
+        format!("{}.0.1", self.net)
+    }
+
     /// Address of host `i`.
     pub fn ip(&self, i: usize) -> String {
         format!("{}.0.{}", self.net, 11 + i)
@@ -768,6 +813,9 @@ pub struct Tailscaled {
     pub name: String,
     pub dir: PathBuf,
     bin: PathBuf,
+    /// The network namespace it runs in; its CLI runs there too, because for addresses
+    /// outside the tailnet the daemon tells the CLI to dial them itself.
+    netns: Option<String>,
     child: Child,
 }
 
@@ -778,11 +826,28 @@ impl Tailscaled {
 
     /// Like `start`, with extra environment (the client's debug switches).
     pub fn start_with_env(bin: &Path, root: &Path, name: &str, env: &[(&str, &str)]) -> Tailscaled {
+        Self::start_full(bin, root, name, env, None)
+    }
+
+    /// Like `start`, inside network namespace `netns` (a host of a [`Lan`]); its CLI still
+    /// talks to it through the socket in its state directory.
+    pub fn start_in(bin: &Path, root: &Path, name: &str, netns: &str) -> Tailscaled {
+        Self::start_full(bin, root, name, &[], Some(netns))
+    }
+
+    fn start_full(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> Tailscaled {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("state dir");
         let log = std::fs::File::create(dir.join("tailscaled.log")).expect("log file");
         let log2 = log.try_clone().expect("log clone");
-        let child = Command::new(bin.join("tailscaled"))
+        let daemon = bin.join("tailscaled");
+        let child = command_in(netns, &daemon.display().to_string())
             .arg("--tun=userspace-networking")
             .arg(format!("--statedir={}", dir.display()))
             .arg(format!("--socket={}", dir.join("ts.sock").display()))
@@ -803,13 +868,20 @@ impl Tailscaled {
             name: name.to_string(),
             dir,
             bin: bin.to_path_buf(),
+            netns: netns.map(str::to_string),
             child,
         }
     }
 
+    fn cli_command(&self) -> Command {
+        let program = self.bin.join("tailscale").display().to_string();
+        let mut c = command_in(self.netns.as_deref(), &program);
+        c.arg(format!("--socket={}", self.dir.join("ts.sock").display()));
+        c
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(self.bin.join("tailscale"))
-            .arg(format!("--socket={}", self.dir.join("ts.sock").display()))
+        self.cli_command()
             .args(args)
             .output()
             .expect("run tailscale CLI")
@@ -820,8 +892,8 @@ impl Tailscaled {
     /// or the peer is unknown).
     pub fn nc(&self, host: &str, port: u16, within: Duration) -> Option<String> {
         use std::io::Read;
-        let mut child = Command::new(self.bin.join("tailscale"))
-            .arg(format!("--socket={}", self.dir.join("ts.sock").display()))
+        let mut child = self
+            .cli_command()
             .args(["nc", host, &port.to_string()])
             // Kept open: `nc` ends as soon as either direction does.
             .stdin(Stdio::piped())

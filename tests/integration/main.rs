@@ -11,3 +11,4 @@ mod partition;
 mod policy;
 mod protocol;
 mod rest_api;
+mod routes;

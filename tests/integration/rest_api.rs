@@ -138,6 +138,8 @@ async fn rest_api_is_headscale_compatible_and_needs_a_key() {
         "/api/v1/node/1/approve_routes",
         Some(r#"{"routes":[]}"#),
     );
+    assert_eq!((code, err["code"].as_i64()), (404, Some(5)), "{err}");
+    let (code, err) = call("POST", "/api/v1/node/1/user", Some(r#"{"user":"x"}"#));
     assert_eq!((code, err["code"].as_i64()), (501, Some(12)), "{err}");
 
     // API keys: create over REST, use it, expire it, delete it.
