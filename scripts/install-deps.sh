@@ -63,6 +63,16 @@ if [ "$("$venv/bin/pip" show kubernetes-validate 2>/dev/null | sed -n 's/^Versio
 fi
 [ "$("$venv/bin/pip" show betterproto | sed -n 's/^Version: //p')" = 2.0.0b7 ]
 
+# nanoidp, a real OIDC provider (authorization code with PKCE, discovery, JWKS), for the
+# OIDC login test; in its own venv, away from the SDK's pinned packages.
+NANOIDP_VERSION=3.4.0
+oidcvenv="$TOOLS_DIR/oidcvenv"
+if [ "$("$oidcvenv/bin/pip" show nanoidp 2>/dev/null | sed -n 's/^Version: //p')" != "$NANOIDP_VERSION" ]; then
+  python3 -m venv "$oidcvenv"
+  "$oidcvenv/bin/pip" install -q "nanoidp==$NANOIDP_VERSION"
+fi
+"$oidcvenv/bin/nanoidp" --help >/dev/null
+
 # deploycheck loads deploy/compose/compose.yaml with compose-go, as `docker compose` does
 # (no Docker engine runs on test machines), for the deploy test.
 (cd tests/tools/deploycheck && GOFLAGS=-mod=mod go build -o "$TOOLS_DIR/bin/deploycheck" .)

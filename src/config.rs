@@ -59,8 +59,79 @@ pub struct Config {
     pub taildrop: bool,
     /// DNS settings pushed to every client (keep them the same on every replica).
     pub dns: DnsConfig,
+    pub oidc: OidcConfig,
     pub derp: DerpConfig,
     pub cluster: ClusterConfig,
+}
+
+/// OIDC login (`[oidc]`): an interactive login's URL leads to this identity provider.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL (discovery at `<issuer>/.well-known/openid-configuration`);
+    /// empty: OIDC login is off.
+    pub issuer: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// A file holding the client secret, instead of `client_secret`.
+    pub client_secret_file: Option<PathBuf>,
+    /// Scopes asked for; must include `openid`.
+    pub scopes: Vec<String>,
+    /// Only users whose verified e-mail address is in one of these domains (empty: any).
+    pub allowed_domains: Vec<String>,
+    /// Only these users, by e-mail address or `preferred_username` (empty: any).
+    pub allowed_users: Vec<String>,
+    /// Only members of one of these groups (the `groups` claim; empty: any).
+    pub allowed_groups: Vec<String>,
+}
+
+impl Default for OidcConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            client_secret_file: None,
+            scopes: vec!["openid".into(), "profile".into(), "email".into()],
+            allowed_domains: Vec::new(),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+        }
+    }
+}
+
+impl OidcConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.issuer.is_empty() {
+            return Ok(());
+        }
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            key: format!("oidc.{key}"),
+            message: message.into(),
+        };
+        if !(self.issuer.starts_with("https://") || self.issuer.starts_with("http://")) {
+            return Err(invalid(
+                "issuer",
+                "must be the provider's https:// issuer URL",
+            ));
+        }
+        if self.client_id.is_empty() {
+            return Err(invalid(
+                "client_id",
+                "is needed with oidc.issuer: the client id the provider gave you",
+            ));
+        }
+        if self.client_secret.is_empty() && self.client_secret_file.is_none() {
+            return Err(invalid(
+                "client_secret",
+                "is needed with oidc.issuer (or client_secret_file)",
+            ));
+        }
+        if !self.scopes.iter().any(|s| s == "openid") {
+            return Err(invalid("scopes", "must include \"openid\""));
+        }
+        Ok(())
+    }
 }
 
 /// DNS settings clients get in their map (Tailscale's `DNSConfig`).
@@ -355,6 +426,7 @@ impl Default for Config {
             prefixes: crate::state::Prefixes::default(),
             taildrop: true,
             dns: DnsConfig::default(),
+            oidc: OidcConfig::default(),
             derp: DerpConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -546,7 +618,8 @@ impl Config {
                 message: "must be a DNS domain such as tailnet.example.com".into(),
             });
         }
-        self.dns.validate()
+        self.dns.validate()?;
+        self.oidc.validate()
     }
 
     /// `server_url` without trailing slashes, as the client normalises it.
@@ -752,6 +825,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cluster.isolation_timeout"), "{err}");
+    }
+
+    #[test]
+    fn oidc_settings_are_checked() {
+        let load = |toml: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, toml).expect("write");
+            Config::load_with_env(Some(&p), &[])
+        };
+        let ok = load(
+            "[oidc]\nissuer = \"https://idp.example\"\nclient_id = \"h\"\nclient_secret = \"s\"\n",
+        )
+        .expect("valid");
+        assert_eq!(ok.oidc.scopes, vec!["openid", "profile", "email"]);
+        for (toml, key) in [
+            ("[oidc]\nissuer = \"idp.example\"", "oidc.issuer"),
+            ("[oidc]\nissuer = \"https://i\"\nclient_secret = \"s\"", "oidc.client_id"),
+            ("[oidc]\nissuer = \"https://i\"\nclient_id = \"h\"", "oidc.client_secret"),
+            (
+                "[oidc]\nissuer = \"https://i\"\nclient_id = \"h\"\nclient_secret = \"s\"\nscopes = [\"email\"]",
+                "oidc.scopes",
+            ),
+        ] {
+            let err = load(toml).expect_err(toml).to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum ServerError {
     Tls(#[from] hydrascale_raft::tls::TlsError),
     #[error("derp.extra_regions_file {path}: {message}")]
     ExtraRegions { path: String, message: String },
+    #[error("OIDC login: {0}")]
+    Oidc(String),
 }
 
 /// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -290,6 +292,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
             }
         });
     }
+    let oidc = control::oidc::Oidc::new(&config).map_err(ServerError::Oidc)?;
     let state = ControlState::new(
         config.clone(),
         control_key.clone(),
@@ -297,6 +300,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         me,
         serving_rx,
         extra_regions,
+        oidc,
     );
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));

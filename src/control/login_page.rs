@@ -1,10 +1,12 @@
 //! The page behind an interactive login's URL (`<server_url>/register/<auth_id>`): says
 //! which machine is waiting and how an administrator lets it in, with the CLI or with the
-//! form on the page (a user name and an API key, checked like the REST API's).
+//! form on the page (a user name and an API key, checked like the REST API's). With OIDC
+//! configured it sends the browser to the identity provider instead (`?admin` still shows
+//! the page), and `/oidc/callback` finishes the login for the user the provider names.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Form;
@@ -39,8 +41,17 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
     (status, Html(html)).into_response()
 }
 
+#[derive(Deserialize)]
+pub struct ShowQuery {
+    admin: Option<String>,
+}
+
 /// `GET /register/{auth_id}`.
-pub async fn show(State(st): State<Arc<ControlState>>, Path(auth_id): Path<String>) -> Response {
+pub async fn show(
+    State(st): State<Arc<ControlState>>,
+    Path(auth_id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Response {
     let waiting = st
         .db
         .store
@@ -58,6 +69,16 @@ pub async fn show(State(st): State<Arc<ControlState>>, Path(auth_id): Path<Strin
              open the link it prints.</p>",
         );
     };
+    if let (Some(oidc), None) = (&st.oidc, &q.admin) {
+        return match oidc.authorize_url(&auth_id, st.key.secret()).await {
+            Ok(url) => axum::response::Redirect::to(&url).into_response(),
+            Err(e) => page(
+                StatusCode::BAD_GATEWAY,
+                "Login unavailable",
+                &format!("<p>{}</p>", escape(&e.to_string())),
+            ),
+        };
+    }
     let id = escape(&auth_id);
     page(
         StatusCode::OK,
@@ -76,6 +97,67 @@ pub async fn show(State(st): State<Arc<ControlState>>, Path(auth_id): Path<Strin
             mkey = escape(&p.machine_key),
         ),
     )
+}
+
+#[derive(Deserialize)]
+pub struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// `GET /oidc/callback`: the identity provider sends the browser back here.
+pub async fn oidc_callback(
+    State(st): State<Arc<ControlState>>,
+    Query(cb): Query<Callback>,
+) -> Response {
+    let refused =
+        |status, why: String| page(status, "Not logged in", &format!("<p>{}</p>", escape(&why)));
+    let Some(oidc) = &st.oidc else {
+        return refused(
+            StatusCode::NOT_FOUND,
+            "OIDC login is not configured on this server".into(),
+        );
+    };
+    if let Some(e) = cb.error {
+        let why = cb.error_description.unwrap_or(e);
+        return refused(
+            StatusCode::FORBIDDEN,
+            format!("the identity provider said: {why}"),
+        );
+    }
+    let (Some(code), Some(state)) = (cb.code, cb.state) else {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "the callback lacks code or state; start again with `tailscale up`".into(),
+        );
+    };
+    let now = now_ms();
+    let (auth_id, who) = match oidc
+        .finish(&code, &state, st.key.secret(), now / 1000)
+        .await
+    {
+        Ok(v) => v,
+        Err(e @ super::oidc::OidcError::NotAllowed(_)) => {
+            return refused(StatusCode::FORBIDDEN, e.to_string())
+        }
+        Err(e @ super::oidc::OidcError::Provider(_)) => {
+            return refused(StatusCode::BAD_GATEWAY, e.to_string())
+        }
+        Err(e) => return refused(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    // First login of this person: their user is created.
+    let create = Command::CreateUser {
+        name: who.user.clone(),
+        display_name: who.display_name.clone(),
+        now,
+    };
+    match st.db.write(create).await {
+        Ok(_) | Err(DbError::State(crate::state::StateError::UserExists(_))) => {}
+        Err(e) => return refused(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    complete(&st, auth_id, who.user, now).await
 }
 
 #[derive(Deserialize)]
@@ -99,11 +181,12 @@ pub async fn approve(
             &format!("<p>{}</p>", escape(why)),
         );
     }
-    let cmd = Command::CompleteLogin {
-        auth_id,
-        user: form.user.trim().to_string(),
-        now,
-    };
+    complete(&st, auth_id, form.user.trim().to_string(), now).await
+}
+
+/// Registers the waiting machine `auth_id` for `user` and says how it went.
+async fn complete(st: &ControlState, auth_id: String, user: String, now: i64) -> Response {
+    let cmd = Command::CompleteLogin { auth_id, user, now };
     match st.db.write(cmd).await {
         Ok(CommandOutput::Node(n)) => page(
             StatusCode::OK,

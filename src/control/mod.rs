@@ -8,6 +8,7 @@ pub mod batch;
 mod login_page;
 mod map;
 pub mod mapper;
+pub mod oidc;
 mod register;
 pub mod tailcfg;
 mod ts2021;
@@ -91,6 +92,8 @@ pub struct ControlState {
     pub updates: batch::UpdateBatcher,
     /// Regions from `derp.extra_regions_file`, merged into every DERP map.
     pub extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
+    /// OIDC login, when `[oidc]` is configured.
+    pub oidc: Option<Arc<oidc::Oidc>>,
 }
 
 impl ControlState {
@@ -101,6 +104,7 @@ impl ControlState {
         me: Replica,
         serving: watch::Receiver<bool>,
         extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
+        oidc: Option<Arc<oidc::Oidc>>,
     ) -> Arc<Self> {
         let updates = batch::UpdateBatcher::spawn(db.clone());
         Arc::new(Self {
@@ -112,6 +116,7 @@ impl ControlState {
             sessions: Mutex::new(HashMap::new()),
             updates,
             extra_regions,
+            oidc,
         })
     }
 
@@ -143,6 +148,7 @@ pub fn router(state: Arc<ControlState>) -> Router {
             "/register/{auth_id}",
             get(login_page::show).post(login_page::approve),
         )
+        .route("/oidc/callback", get(login_page::oidc_callback))
         .with_state(state)
 }
 

@@ -6,6 +6,7 @@ mod fixtures;
 mod interop;
 mod migration;
 mod monitoring;
+mod oidc;
 mod packaging;
 mod partition;
 mod policy;

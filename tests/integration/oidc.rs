@@ -1,0 +1,217 @@
+//! OIDC login with a real identity provider (nanoidp, from PyPI) and an official client:
+//! `tailscale up` without a key shows the login URL, the person logs in at the provider
+//! and the machine joins as their user; someone outside `allowed_groups` is refused.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::fixtures::{free_port, http_get, require_tailscale, wait_for, Tailscaled, TestServer};
+
+/// nanoidp running on loopback with two users; killed when dropped.
+struct Provider {
+    child: Child,
+    issuer: String,
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tools() -> Option<PathBuf> {
+    std::env::var_os("HYDRASCALE_TOOLS_DIR").map(PathBuf::from)
+}
+
+async fn start_provider(dir: &std::path::Path, redirect: &str) -> Option<Provider> {
+    let bin = tools()?.join("oidcvenv/bin/nanoidp");
+    if !bin.exists() {
+        assert!(
+            std::env::var_os("HYDRASCALE_INTEROP").is_none(),
+            "nanoidp is missing at {}; run scripts/install-deps.sh",
+            bin.display()
+        );
+        return None;
+    }
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let conf = dir.join("idp");
+    std::fs::create_dir_all(conf.join("keys")).expect("idp dir");
+    std::fs::write(
+        conf.join("settings.yaml"),
+        format!(
+            "config_version: 1\nserver:\n  host: \"127.0.0.1\"\n  port: {port}\n\
+             oauth:\n  issuer: \"{issuer}\"\n  audience: \"hydrascale\"\n  token_expiry_minutes: 60\n  \
+             clients:\n    - client_id: \"hydrascale\"\n      client_secret: \"hydrascale-secret\"\n      \
+             redirect_uris:\n        - \"{redirect}\"\n      token_endpoint_auth_method: \"client_secret_basic\"\n\
+             jwt:\n  keys_dir: \"{keys}\"\nsession:\n  secret_key: \"test-session-secret\"\n",
+            keys = conf.join("keys").display()
+        ),
+    )
+    .expect("settings");
+    std::fs::write(
+        conf.join("users.yaml"),
+        "config_version: 1\nusers:\n  alice:\n    password: \"alice-pass\"\n    email: \"alice@example.com\"\n    \
+         groups:\n      - \"eng\"\n    attributes:\n      name: \"Alice Example\"\n  \
+         mallory:\n    password: \"mallory-pass\"\n    email: \"mallory@evil.test\"\n",
+    )
+    .expect("users");
+    let log = std::fs::File::create(dir.join("idp.log")).expect("log");
+    let child = Command::new(bin)
+        .args([
+            "--config",
+            &conf.display().to_string(),
+            "--host",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string()])
+        .current_dir(&conf)
+        .stdout(Stdio::from(log.try_clone().expect("log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start nanoidp");
+    let provider = Provider { child, issuer };
+    let addr = format!("127.0.0.1:{port}");
+    wait_for(
+        "nanoidp to serve discovery",
+        Duration::from_secs(60),
+        || {
+            let ok =
+                http_get(&addr, "/.well-known/openid-configuration").is_some_and(|(c, _)| c == 200);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    Some(provider)
+}
+
+/// The browser's part, as tests/tools/oidc_browser.py plays it: (status, page).
+fn browse(login_url: &str, user: &str, password: &str) -> (u64, String) {
+    let python = tools().expect("tools dir").join("oidcvenv/bin/python");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/oidc_browser.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([login_url, user, password])
+        .output()
+        .expect("run oidc_browser.py");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "oidc_browser.py: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(v["step"], "callback", "{v}");
+    (
+        v["status"].as_u64().unwrap_or(0),
+        v["body"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn up_without_key(c: &Tailscaled, bin: &std::path::Path, url: &str) -> Child {
+    Command::new(bin.join("tailscale"))
+        .arg(format!("--socket={}", c.dir.join("ts.sock").display()))
+        .args([
+            "up",
+            &format!("--login-server={url}"),
+            &format!("--hostname={}", c.name),
+        ])
+        .args(["--accept-dns=false", "--timeout=120s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tailscale up")
+}
+
+async fn login_url(c: &Tailscaled) -> String {
+    wait_for(
+        &format!("{} shows a login URL", c.name),
+        Duration::from_secs(30),
+        || {
+            let u = c.status()["AuthURL"]
+                .as_str()
+                .filter(|u| !u.is_empty())
+                .map(str::to_string);
+            async move { u }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oidc_login_with_a_real_provider() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let Some(idp) = start_provider(dir.path(), &format!("{url}/oidc/callback")).await else {
+        return;
+    };
+    let issuer = idp.issuer.clone();
+    let server_url = url.clone();
+    let server = TestServer::start_with(|c| {
+        c.server_url = server_url;
+        c.listen_addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        c.oidc.issuer = issuer;
+        c.oidc.client_id = "hydrascale".into();
+        c.oidc.client_secret = "hydrascale-secret".into();
+        c.oidc.allowed_groups = vec!["eng".into()];
+    })
+    .await;
+    assert_eq!(server.url(), url);
+    let root = server.dir.path().join("clients");
+    let o1 = Tailscaled::start(&bin, &root, "o1");
+    let o2 = Tailscaled::start(&bin, &root, "o2");
+    for c in [&o1, &o2] {
+        let sock = c.dir.join("ts.sock");
+        wait_for("tailscaled socket", Duration::from_secs(30), || {
+            let ok = sock.exists();
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    // Someone outside allowed_groups logs in at the provider: refused, nothing created.
+    let mut up2 = up_without_key(&o2, &bin, &url);
+    let link = login_url(&o2).await;
+    let (code, page) = browse(&link, "mallory", "mallory-pass");
+    assert_eq!(code, 403, "{page}");
+    assert!(page.contains("may not join this tailnet"), "{page}");
+    assert_eq!(server.cli_json(&["users", "list"]), serde_json::json!([]));
+    let _ = up2.kill();
+    let _ = up2.wait();
+
+    // alice (group eng) logs in: her user appears and the machine joins as hers.
+    let mut up1 = up_without_key(&o1, &bin, &url);
+    let link = login_url(&o1).await;
+    assert!(link.starts_with(&format!("{url}/register/")), "{link}");
+    let (code, page) = browse(&link, "alice", "alice-pass");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("Machine registered"), "{page}");
+    let done = wait_for("tailscale up to finish", Duration::from_secs(60), || {
+        let st = up1.try_wait().ok().flatten();
+        async move { st }
+    })
+    .await;
+    assert!(done.success(), "tailscale up failed after the OIDC login");
+    assert_eq!(o1.status()["BackendState"], "Running");
+    let users = server.cli_json(&["users", "list"]);
+    assert_eq!(users[0]["name"], "alice@example.com", "{users}");
+    assert_eq!(users[0]["display_name"], "Alice Example", "{users}");
+    let nodes = server.cli_json(&["nodes", "list"]);
+    assert_eq!(nodes[0]["user"], "alice@example.com", "{nodes}");
+    assert_eq!(nodes[0]["given_name"], "o1", "{nodes}");
+
+    // A login link replayed after use, or a forged state, changes nothing.
+    let (code, _) = http_get(
+        &format!("127.0.0.1:{port}"),
+        "/oidc/callback?code=x&state=zz.forged",
+    )
+    .expect("callback");
+    assert_eq!(code, 400);
+    drop(idp);
+}
