@@ -5,8 +5,8 @@ use super::{ControlKey, NoiseError};
 /// Initiation: 2-byte version, type 1, 2-byte length 96, then 96 bytes of Noise message.
 pub const INITIATION_LEN: usize = 101;
 const MSG_TYPE_INITIATION: u8 = 1;
-const MSG_TYPE_RESPONSE: u8 = 2;
-const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+pub(super) const MSG_TYPE_RESPONSE: u8 = 2;
+pub(super) const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 
 /// Result of a successful handshake.
 pub struct Accepted {

@@ -4,6 +4,7 @@
 //! HTTP/2 runs on. The handshake uses `snow`; transport records are done here because
 //! Tailscale's nonce is a big-endian counter where Noise (and `snow`) use little-endian.
 
+pub mod client;
 mod conn;
 mod handshake;
 mod key;

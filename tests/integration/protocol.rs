@@ -5,33 +5,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::fixtures::TestServer;
 
-type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+type H2 = hydrascale::noise::client::ControlClient;
 
 fn initiation(server_pub: &[u8; 32], client_secret: &[u8; 32]) -> (Vec<u8>, snow::HandshakeState) {
-    let version: u16 = 142;
-    let prologue = format!("Tailscale Control Protocol v{version}");
-    let mut hs = snow::Builder::new("Noise_IK_25519_ChaChaPoly_BLAKE2s".parse().expect("params"))
-        .local_private_key(client_secret)
-        .expect("key")
-        .remote_public_key(server_pub)
-        .expect("remote")
-        .prologue(prologue.as_bytes())
-        .expect("prologue")
-        .build_initiator()
-        .expect("initiator");
-    let mut buf = [0u8; 128];
-    let n = hs.write_message(&[], &mut buf).expect("write");
-    let mut init = version.to_be_bytes().to_vec();
-    init.push(1);
-    init.extend_from_slice(&96u16.to_be_bytes());
-    init.extend_from_slice(&buf[..n]);
-    (init, hs)
+    hydrascale::noise::client::initiation(
+        server_pub,
+        client_secret,
+        hydrascale::noise::client::CLIENT_VERSION,
+    )
+    .expect("initiation")
 }
 
 async fn upgrade_raw(addr: std::net::SocketAddr, handshake_b64: &str) -> (TcpStream, String) {
@@ -55,26 +42,11 @@ async fn upgrade_raw(addr: std::net::SocketAddr, handshake_b64: &str) -> (TcpStr
 
 /// A Noise session with HTTP/2 on top, as the official client makes one.
 async fn noise_session(server: &TestServer, machine_secret: [u8; 32]) -> H2 {
-    use base64::Engine;
     let server_pub = *server.handle().control_key.public();
-    let (init, mut hs) = initiation(&server_pub, &machine_secret);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(&init);
-    let (mut s, head) = upgrade_raw(server.handle().control_addr, &b64).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-    let mut resp = [0u8; 51];
-    s.read_exact(&mut resp).await.expect("handshake response");
-    let mut out = [0u8; 64];
-    hs.read_message(&resp[3..], &mut out)
-        .expect("client reads response");
-    let (k1, k2) = hs.dangerously_get_raw_split();
-    // The client receives with k2 and sends with k1: the mirror of the server.
-    let plain = hydrascale::noise::spawn_transport(s, k2, k1);
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(plain))
-            .await
-            .expect("http/2 over noise");
-    tokio::spawn(conn);
-    send
+    let addr = server.handle().control_addr.to_string();
+    hydrascale::noise::client::connect(&addr, &server_pub, &machine_secret)
+        .await
+        .expect("noise session")
 }
 
 async fn post(h2: &mut H2, path: &str, body: &[u8]) -> (u16, Vec<u8>) {

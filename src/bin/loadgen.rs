@@ -1,0 +1,406 @@
+//! `hydrascale-loadgen`: simulates many Tailscale nodes against a Hydrascale cluster with
+//! the real protocol (TS2021 Noise session per node, registration with a pre-auth key,
+//! streaming zstd map long-poll, endpoint updates) and reports what a user would feel:
+//! registrations per second, time to first map, time until all are online, and how long
+//! a change (one node joining) takes to reach every node.
+//!
+//! Load is open-loop: node i starts at `i / rate` seconds whatever happened to the nodes
+//! before it, and latencies count from that scheduled moment, so a slow server cannot
+//! hide its slowness by slowing the generator down.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::{Buf, Bytes, BytesMut};
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "hydrascale-loadgen",
+    about = "Simulate Tailscale nodes against Hydrascale"
+)]
+struct Args {
+    /// Control URL of a replica (http://HOST:PORT); repeat to spread nodes over replicas.
+    #[arg(long = "url", required = true)]
+    urls: Vec<String>,
+    /// A reusable pre-auth key.
+    #[arg(long)]
+    auth_key: String,
+    /// How many nodes to simulate.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Node starts per second (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Give up on a node that has no first map after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Seconds to let the tailnet sit idle after everyone is online, before the probe.
+    #[arg(long, default_value_t = 5)]
+    settle: u64,
+    /// Each node sends an endpoint update every this many seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    endpoint_interval: u64,
+    /// Metrics listeners (HOST:PORT) of the replicas, for memory and CPU figures.
+    #[arg(long = "metrics")]
+    metrics: Vec<String>,
+}
+
+fn hex32(b: &[u8; 32]) -> String {
+    hex::encode(b)
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    b
+}
+
+/// Latencies in milliseconds, summarised.
+#[derive(Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn summary(&mut self) -> Value {
+        if self.0.is_empty() {
+            return json!({ "count": 0 });
+        }
+        self.0.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+            (self.0[i] * 10.0).round() / 10.0
+        };
+        json!({ "count": self.0.len(), "p50_ms": q(0.5), "p90_ms": q(0.9), "p99_ms": q(0.99), "max_ms": q(1.0) })
+    }
+}
+
+struct Shared {
+    first_map: Mutex<Samples>,
+    register: Mutex<Samples>,
+    propagation: Mutex<Samples>,
+    online: AtomicUsize,
+    failed: AtomicUsize,
+    /// The probe node's key and when it asked to register (the change starts there).
+    probe: Mutex<Option<(String, Instant)>>,
+    saw_probe: AtomicUsize,
+    errors: Mutex<Vec<String>>,
+}
+
+async fn server_key(url: &str) -> Result<[u8; 32]> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let uri: hyper::Uri =
+        format!("{url}/key?v={}", hydrascale::noise::client::CLIENT_VERSION).parse()?;
+    let resp = client
+        .get(uri)
+        .await
+        .with_context(|| format!("GET {url}/key"))?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v: Value = serde_json::from_slice(&body).context("/key is not JSON")?;
+    let text = v["publicKey"].as_str().context("/key has no publicKey")?;
+    let raw = hex::decode(text.trim_start_matches("mkey:"))?;
+    raw.try_into()
+        .map_err(|_| anyhow::anyhow!("bad public key length"))
+}
+
+async fn post(
+    h2: &mut hydrascale::noise::client::ControlClient,
+    path: &str,
+    body: Value,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    h2.ready().await?;
+    let req = hyper::Request::post(format!("http://control{path}"))
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body)?)))?;
+    Ok(h2.send_request(req).await?)
+}
+
+/// Splits framed map messages (4-byte little-endian length, then zstd JSON) out of `buf`.
+fn next_frame(buf: &mut BytesMut) -> Result<Option<Value>> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let frame = buf.split_to(len);
+    let json = zstd::decode_all(&frame[..])?;
+    Ok(Some(serde_json::from_slice(&json)?))
+}
+
+fn mentions(msg: &Value, node_key: &str) -> bool {
+    ["Peers", "PeersChanged"].iter().any(|k| {
+        msg[*k]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["Key"] == node_key))
+    })
+}
+
+/// One simulated node: connect, register, stream its map until the run ends.
+async fn node(
+    i: usize,
+    url: String,
+    server_pub: [u8; 32],
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    scheduled: Instant,
+    probe: bool,
+) -> Result<()> {
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let machine = random32();
+    let node_key = format!("nodekey:{}", hex32(&random32()));
+    let disco = format!("discokey:{}", hex32(&random32()));
+    let mut h2 = hydrascale::noise::client::connect(&addr, &server_pub, &machine).await?;
+    let hostname = if probe {
+        "probe".to_string()
+    } else {
+        format!("load-{i}")
+    };
+    let hostinfo =
+        json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" });
+    if probe {
+        // Published before the request: streams may see the new node before its own
+        // registration is acknowledged, and the change starts when it is asked for.
+        *shared.probe.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((node_key.clone(), Instant::now()));
+    }
+    let resp = post(
+        &mut h2,
+        "/machine/register",
+        json!({
+            "Version": hydrascale::noise::client::CLIENT_VERSION,
+            "NodeKey": node_key,
+            "OldNodeKey": format!("nodekey:{}", "0".repeat(64)),
+            "Auth": { "AuthKey": args.auth_key },
+            "Hostinfo": hostinfo,
+        }),
+    )
+    .await?;
+    let body = resp.into_body().collect().await?.to_bytes();
+    let reg: Value = serde_json::from_slice(&body).context("register reply")?;
+    if reg["MachineAuthorized"] != true {
+        bail!("registration refused: {}", reg["Error"]);
+    }
+    if !probe {
+        shared
+            .register
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .push(scheduled.elapsed().as_secs_f64() * 1000.0);
+    }
+    let endpoint = format!("192.0.2.{}:{}", 1 + i % 250, 40000 + i % 20000);
+    let resp = post(
+        &mut h2,
+        "/machine/map",
+        json!({
+            "Version": hydrascale::noise::client::CLIENT_VERSION,
+            "NodeKey": node_key,
+            "DiscoKey": disco,
+            "Stream": true,
+            "Compress": "zstd",
+            "KeepAlive": true,
+            "Endpoints": [endpoint],
+            "Hostinfo": hostinfo,
+        }),
+    )
+    .await?;
+    if !resp.status().is_success() {
+        bail!("map request answered {}", resp.status());
+    }
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    let mut saw_probe = probe;
+    let mut updates = tokio::time::interval(Duration::from_secs(args.endpoint_interval.max(1)));
+    updates.tick().await;
+    let mut counter = 0u32;
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let Some(frame) = frame else { bail!("map stream ended") };
+                if let Ok(data) = frame?.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+                while let Some(msg) = next_frame(&mut buf)? {
+                    if first {
+                        first = false;
+                        if !probe {
+                            shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).0
+                                .push(scheduled.elapsed().as_secs_f64() * 1000.0);
+                            shared.online.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if !saw_probe {
+                        let probe_now = shared.probe.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        if let Some((key, at)) = probe_now {
+                            if mentions(&msg, &key) {
+                                saw_probe = true;
+                                shared.propagation.lock().unwrap_or_else(|p| p.into_inner()).0
+                                    .push(at.elapsed().as_secs_f64() * 1000.0);
+                                shared.saw_probe.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+            _ = updates.tick(), if args.endpoint_interval > 0 => {
+                counter += 1;
+                let ep = format!("192.0.2.{}:{}", 1 + i % 250, 40000 + (i + counter as usize) % 20000);
+                // A "lite" update, as clients send when their endpoints change.
+                let mut other = h2.clone();
+                let nk = node_key.clone();
+                let d = disco.clone();
+                tokio::spawn(async move {
+                    let _ = post(&mut other, "/machine/map", json!({
+                        "Version": hydrascale::noise::client::CLIENT_VERSION, "NodeKey": nk,
+                        "DiscoKey": d, "Stream": false, "OmitPeers": true, "Endpoints": [ep],
+                    })).await;
+                });
+            }
+        }
+    }
+}
+
+fn scrape(addr: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+fn replica_figures(metrics: &[String]) -> Vec<Value> {
+    metrics
+        .iter()
+        .map(|m| match scrape(m) {
+            Some(v) => json!({
+                "metrics": m,
+                "rss_mib": v.get("process_resident_memory_bytes").map(|b| (b / 1048576.0 * 10.0).round() / 10.0),
+                "cpu_seconds": v.get("process_cpu_seconds_total"),
+                "map_streams": v.get("hydrascale_map_streams"),
+            }),
+            None => json!({ "metrics": m, "error": "unreachable" }),
+        })
+        .collect()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Arc::new(Args::parse());
+    raise_fd_limit();
+    let mut keys = Vec::new();
+    for u in &args.urls {
+        keys.push(server_key(u).await?);
+    }
+    if keys.windows(2).any(|w| w[0] != w[1]) {
+        bail!("the replicas serve different control keys");
+    }
+    let server_pub = keys[0];
+    let shared = Arc::new(Shared {
+        first_map: Mutex::default(),
+        register: Mutex::default(),
+        propagation: Mutex::default(),
+        online: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        probe: Mutex::new(None),
+        saw_probe: AtomicUsize::new(0),
+        errors: Mutex::default(),
+    });
+    let before = replica_figures(&args.metrics);
+    let start = Instant::now();
+    let spawn_node = |i: usize, scheduled: Instant, probe: bool| {
+        let url = args.urls[i % args.urls.len()].clone();
+        let (args, shared) = (args.clone(), shared.clone());
+        tokio::spawn(async move {
+            if let Err(e) = node(i, url, server_pub, args, shared.clone(), scheduled, probe).await {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                let mut errs = shared.errors.lock().unwrap_or_else(|p| p.into_inner());
+                if errs.len() < 5 {
+                    errs.push(format!("node {i}: {e:#}"));
+                }
+            }
+        })
+    };
+    for i in 0..args.nodes {
+        let at = start + Duration::from_secs_f64(i as f64 / args.rate);
+        tokio::time::sleep_until(at.into()).await;
+        spawn_node(i, at, false);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    while shared.online.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < args.nodes
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all_online = start.elapsed();
+    let online = shared.online.load(Ordering::Relaxed);
+    let registered = shared
+        .register
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .len();
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let at_rest = replica_figures(&args.metrics);
+    // The probe: one node joins; every online node must see it in its map.
+    spawn_node(args.nodes, Instant::now(), true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.saw_probe.load(Ordering::Relaxed) < online && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = replica_figures(&args.metrics);
+    let report = json!({
+        "nodes": args.nodes,
+        "replicas": args.urls.len(),
+        "rate_per_s": args.rate,
+        "registered": registered,
+        "online": online,
+        "failed": shared.failed.load(Ordering::Relaxed),
+        "errors": *shared.errors.lock().unwrap_or_else(|p| p.into_inner()),
+        "all_online_s": (all_online.as_secs_f64() * 100.0).round() / 100.0,
+        "registrations_per_s": (registered as f64 / all_online.as_secs_f64() * 10.0).round() / 10.0,
+        "register_ms": shared.register.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "first_map_ms": shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "join_propagation_ms": shared.propagation.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "saw_join": shared.saw_probe.load(Ordering::Relaxed),
+        "replicas_before": before,
+        "replicas_at_rest": at_rest,
+        "replicas_after": after,
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    std::process::exit(0);
+}
+
+/// Thousands of sessions need thousands of descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
