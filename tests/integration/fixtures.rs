@@ -670,8 +670,12 @@ fn ip_cmd(args: &[&str]) {
 
 impl Lan {
     pub fn new(hosts: usize) -> Lan {
-        let tag = std::process::id() % 100_000;
-        let net = format!("10.{}", 200 + tag % 50);
+        // Tests run in parallel: every LAN of this run gets its own names and subnet
+        // (interface names stay within the kernel's 15 characters).
+        static LANS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = (std::process::id() % 1000) * 100 + n % 100;
+        let net = format!("10.{}", 200 + (std::process::id() + n) % 50);
         let bridge = format!("hsb{tag}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
         ip_cmd(&["link", "add", &bridge, "type", "bridge"]);
