@@ -176,7 +176,18 @@ impl Policy {
     /// Whether any rule lets `src` reach `dst` on `port` over one of `protos` (the
     /// client's defaults when empty).
     pub fn allows(&self, src: &Principal, dst: &Principal, port: u16, protos: &[u8]) -> bool {
-        self.rules.iter().any(|r| {
+        self.allowing_rule(src, dst, port, protos).is_some()
+    }
+
+    /// The first rule that lets `src` reach `dst` on `port` over `protos`.
+    pub fn allowing_rule(
+        &self,
+        src: &Principal,
+        dst: &Principal,
+        port: u16,
+        protos: &[u8],
+    ) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
             let proto_ok = protos.is_empty()
                 || r.protos.is_empty() && protos.iter().all(|p| DEFAULT_PROTOS.contains(p))
                 || protos.iter().all(|p| r.protos.contains(p));

@@ -598,26 +598,14 @@ fn run_tests(policy: &Policy) -> Result<(), PolicyError> {
         }
         for (dst, port, pos) in &t.deny {
             let d = principal(dst, *pos)?;
-            if policy.allows(&src, &d, *port, &t.protos) {
-                let by = policy
-                    .rules
-                    .iter()
-                    .find(|r| {
-                        Policy {
-                            rules: vec![(*r).clone()],
-                            groups: policy.groups.clone(),
-                            ..Default::default()
-                        }
-                        .allows(&src, &d, *port, &t.protos)
-                    })
-                    .map(|r| format!(" (allowed by the rule at {})", r.pos))
-                    .unwrap_or_default();
+            if let Some(rule) = policy.allowing_rule(&src, &d, *port, &t.protos) {
                 return fail(
                     *pos,
                     format!(
-                        "test failed: {} can reach {}:{port}, which should be denied{by}",
+                        "test failed: {} can reach {}:{port}, which should be denied (allowed by the rule at {})",
                         show(&t.src),
-                        show(dst)
+                        show(dst),
+                        rule.pos
                     ),
                 );
             }
