@@ -75,7 +75,7 @@ async fn map(
     let changes = st.db.store.subscribe();
     let first = {
         let t = st.db.store.read();
-        view.full(&t, &st.config, &st.derp_map(&t), now)
+        view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now)
     }
     .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
     let first = encode_frame(&first).map_err(|e| ControlError::Internal(e.to_string()))?;
@@ -250,12 +250,12 @@ async fn run_stream(
                 let t = st.db.store.read();
                 let now = now_ms();
                 if full {
-                    match view.full(&t, &st.config, &st.derp_map(&t), now) {
+                    match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
                         Some(r) => Some(r),
                         None => break,
                     }
                 } else {
-                    match view.delta(&t, &st.config, &touched, now) {
+                    match view.delta(&t, &st.peers, &st.config, &touched, now) {
                         Ok(r) if derp_changed => {
                             let mut r = r.unwrap_or_default();
                             r.derp_map = Some(st.derp_map(&t));

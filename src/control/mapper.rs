@@ -3,12 +3,14 @@
 //! A delta is computed against what this stream last sent, so a reconnecting or lagging
 //! stream converges on the committed state without any shared bookkeeping.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse};
+use super::peers::{Entry, PeerCache, Peers};
+use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse, Shared};
 use crate::config::Config;
 use crate::policy::{compile, Policy, Principal};
 use crate::state::{Node, Replica, Tailnet};
@@ -308,11 +310,14 @@ fn dns_config(config: &Config) -> Value {
     v
 }
 
-/// What one map stream has told its client so far.
+/// What one map stream has told its client so far: O(1), whatever the tailnet's size.
+/// Which peers the client holds, and in which version, follows from the sequence number
+/// it has caught up to and the shared [`PeerCache`]'s record of what changed when.
 pub struct StreamView {
     pub self_id: u64,
+    /// The peer cache's sequence number as of the last message sent.
+    synced: u64,
     self_sent: Option<Value>,
-    peers_sent: HashMap<u64, Value>,
     /// Who the node is to the policy, when its filter and peers were last computed.
     principal: Principal,
     filter_sent: Option<Value>,
@@ -330,13 +335,28 @@ fn filters(t: &Tailnet, me: &Node) -> (Value, Option<Value>) {
     }
 }
 
-/// Whether `peer` belongs in the map of the node that is `me`.
-fn visible(t: &Tailnet, me: &Principal, peer: &Node) -> bool {
-    policy(t).is_none_or(|p| p.connected(me, &compile::principal(t, peer)))
+/// Whether a peer that is `peer` to the policy belongs in the map of the node that is `me`.
+fn visible(t: &Tailnet, me: &Principal, peer: &Principal) -> bool {
+    policy(t).is_none_or(|p| p.connected(me, peer))
+}
+
+/// A peer's JSON as this reader sends it: the shared rendering, plus `Expired` once its
+/// key has expired by the reader's clock (which no applied change announces).
+fn peer_json(e: &Entry, n: &Node, now: i64) -> Shared {
+    match n.expiry {
+        Some(exp) if exp <= now => {
+            let mut v = (*e.json).clone();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("Expired".into(), json!(true));
+            }
+            Shared(Arc::new(v))
+        }
+        _ => Shared(e.json.clone()),
+    }
 }
 
 /// Fields a `PeersChangedPatch` can carry; a change to anything else needs `PeersChanged`.
-const PATCHABLE: &[&str] = &[
+pub(crate) const PATCHABLE: &[&str] = &[
     "Endpoints",
     "HomeDERP",
     "DERP",
@@ -347,46 +367,75 @@ const PATCHABLE: &[&str] = &[
     "KeyExpiry",
 ];
 
+/// A `tailcfg.PeerChange` with the patchable fields of `e` changed after `since`.
+fn patch_since(id: u64, e: &Entry, since: u64) -> Option<Value> {
+    let o = e.json.as_object()?;
+    let mut p = serde_json::Map::new();
+    for (field, at) in PATCHABLE.iter().zip(e.patched) {
+        if at <= since || *field == "DERP" {
+            continue;
+        }
+        match (*field, o.get(*field)) {
+            (_, None) => {}
+            ("HomeDERP", Some(v)) => {
+                p.insert("DERPRegion".into(), v.clone());
+            }
+            (f, Some(v)) => {
+                p.insert(f.to_string(), v.clone());
+            }
+        }
+    }
+    if p.is_empty() {
+        return None;
+    }
+    p.insert("NodeID".into(), json!(id));
+    Some(Value::Object(p))
+}
+
 impl StreamView {
     pub fn new(self_id: u64) -> Self {
         Self {
             self_id,
+            synced: 0,
             self_sent: None,
-            peers_sent: HashMap::new(),
             principal: Principal::default(),
             filter_sent: None,
             ssh_sent: None,
         }
     }
 
+    /// The node's own `tailcfg.Node`: rendered per stream (it is one node, and `Expired`
+    /// matters most here).
+    fn self_json(&self, t: &Tailnet, me: &Node, peers: &Peers, config: &Config, now: i64) -> Value {
+        node_json(t, me, &peers.primaries, config, now)
+    }
+
     /// A complete map; replaces everything the client had.
     pub fn full(
         &mut self,
         t: &Tailnet,
+        cache: &PeerCache,
         config: &Config,
         derp_map: &Value,
         now: i64,
     ) -> Option<MapResponse> {
         let me = t.nodes.get(&self.self_id)?;
+        let peers_now = cache.read();
         let base = &config.base_domain;
-        let primary = primary_routes(t);
-        let self_json = node_json(t, me, &primary, config, now);
-        let previously: Vec<u64> = self.peers_sent.keys().copied().collect();
-        self.peers_sent.clear();
+        let self_json = self.self_json(t, me, &peers_now, config, now);
         self.principal = compile::principal(t, me);
         let mut peers = Vec::new();
         for n in t.nodes.values().filter(|n| n.id != self.self_id) {
-            if !visible(t, &self.principal, n) {
+            let Some(e) = peers_now.nodes.get(&n.id) else {
                 continue;
+            };
+            if visible(t, &self.principal, &e.principal) {
+                peers.push(peer_json(e, n, now));
             }
-            let j = node_json(t, n, &primary, config, now);
-            self.peers_sent.insert(n.id, j.clone());
-            peers.push(j);
         }
-        let previously: Vec<u64> = previously
-            .into_iter()
-            .filter(|id| !self.peers_sent.contains_key(id))
-            .collect();
+        let had_peers = self.synced > 0;
+        self.synced = peers_now.seq;
+        drop(peers_now);
         let (filter, ssh) = filters(t, me);
         self.filter_sent = Some(filter.clone());
         self.ssh_sent = ssh.clone();
@@ -404,10 +453,15 @@ impl StreamView {
             ..Default::default()
         };
         if peers.is_empty() {
-            // An empty Peers list means "unchanged" to the client; removals need PeersRemoved.
-            let mut gone = previously;
-            gone.sort_unstable();
-            resp.peers_removed = if gone.is_empty() { None } else { Some(gone) };
+            // An empty Peers list means "unchanged" to the client; a full map that leaves
+            // no peers must remove them by id. Which ids the client holds is not kept, so
+            // name every id ever given out: removing an unknown id is a no-op for it.
+            if had_peers {
+                let gone: Vec<u64> = (1..=t.last_node_id())
+                    .filter(|id| *id != self.self_id)
+                    .collect();
+                resp.peers_removed = (!gone.is_empty()).then_some(gone);
+            }
         } else {
             resp.peers = Some(peers);
         }
@@ -420,6 +474,7 @@ impl StreamView {
     pub fn delta(
         &mut self,
         t: &Tailnet,
+        cache: &PeerCache,
         config: &Config,
         touched: &[u64],
         now: i64,
@@ -430,88 +485,67 @@ impl StreamView {
         let mut patches = Vec::new();
         let mut new_user = false;
         let me = t.nodes.get(&self.self_id).ok_or(())?;
-        let principal = compile::principal(t, me);
-        let primary = primary_routes(t);
-        // A router coming or going moves routes between the others: touch them all.
-        let with_routers: Vec<u64>;
-        let touched = if touched.iter().any(|id| {
-            t.nodes
-                .get(id)
-                .is_none_or(|n| !n.approved_routes.is_empty())
-        }) {
-            with_routers = touched
-                .iter()
-                .copied()
-                .chain(
-                    t.nodes
-                        .values()
-                        .filter(|n| !n.approved_routes.is_empty())
-                        .map(|n| n.id),
-                )
-                .collect::<BTreeSet<u64>>()
-                .into_iter()
-                .collect();
-            &with_routers[..]
-        } else {
-            touched
-        };
+        let peers = cache.read();
+        let since = self.synced;
+        let principal = peers
+            .nodes
+            .get(&self.self_id)
+            .map(|e| e.principal.clone())
+            .unwrap_or_else(|| compile::principal(t, me));
         // When the node itself became someone else to the policy (tags, addresses), every
         // peer's visibility may have changed, not only the touched ones'.
         let everyone: Vec<u64>;
         let touched = if principal != self.principal && policy(t).is_some() {
-            self.principal = principal;
-            everyone = t
-                .nodes
-                .keys()
-                .chain(self.peers_sent.keys())
-                .copied()
-                .collect::<BTreeSet<u64>>()
-                .into_iter()
-                .collect();
+            everyone = t.nodes.keys().copied().collect();
             &everyone[..]
         } else {
-            self.principal = principal;
             touched
         };
         for &id in touched {
-            let current = t
-                .nodes
-                .get(&id)
-                .filter(|n| id == self.self_id || visible(t, &self.principal, n));
             if id == self.self_id {
-                let j = node_json(t, me, &primary, config, now);
+                let j = self.self_json(t, me, &peers, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
                     resp.node = Some(j);
                 }
                 continue;
             }
-            match current {
-                None => {
-                    if self.peers_sent.remove(&id).is_some() {
-                        removed.push(id);
-                    }
+            let (Some(n), Some(e)) = (t.nodes.get(&id), peers.nodes.get(&id)) else {
+                // Gone. Removing an id the client never had is a no-op for it.
+                removed.push(id);
+                continue;
+            };
+            let now_visible = visible(t, &principal, &e.principal);
+            // Whether the client holds it: it existed at `since` and was visible then.
+            // `None` when the peer's principal changed twice since; resend or remove.
+            let was_visible = if e.created > since {
+                Some(false)
+            } else {
+                e.principal_at(since)
+                    .map(|p| visible(t, &self.principal, p))
+            };
+            match (was_visible, now_visible) {
+                (Some(false), false) => {}
+                (_, false) => removed.push(id),
+                (Some(false) | None, true) => {
+                    new_user = true;
+                    changed.push(peer_json(e, n, now));
                 }
-                Some(n) => {
-                    let j = node_json(t, n, &primary, config, now);
-                    match self.peers_sent.get(&id) {
-                        Some(old) if *old == j => {}
-                        Some(old) => {
-                            match patch_for(id, old, &j) {
-                                Some(p) => patches.push(p),
-                                None => changed.push(j.clone()),
-                            }
-                            self.peers_sent.insert(id, j);
-                        }
-                        None => {
-                            new_user = true;
-                            changed.push(j.clone());
-                            self.peers_sent.insert(id, j);
-                        }
+                (Some(true), true) => {
+                    if e.changed() <= since {
+                        continue;
+                    }
+                    if e.reshaped > since {
+                        changed.push(peer_json(e, n, now));
+                    } else if let Some(p) = patch_since(id, e, since) {
+                        patches.push(p);
                     }
                 }
             }
         }
+        self.synced = peers.seq;
+        self.principal = principal;
+        drop(peers);
         if !changed.is_empty() {
             resp.peers_changed = Some(changed);
         }
@@ -544,40 +578,6 @@ impl StreamView {
             && resp.packet_filter.is_none();
         Ok(if empty { None } else { Some(resp) })
     }
-}
-
-/// A `tailcfg.PeerChange` when only patchable fields differ.
-fn patch_for(id: u64, old: &Value, new: &Value) -> Option<Value> {
-    let (o, n) = (old.as_object()?, new.as_object()?);
-    let strip = |m: &serde_json::Map<String, Value>| {
-        m.iter()
-            .filter(|(k, _)| !PATCHABLE.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<BTreeMap<_, _>>()
-    };
-    if strip(o) != strip(n) {
-        return None;
-    }
-    let mut p = serde_json::Map::new();
-    p.insert("NodeID".into(), json!(id));
-    for field in PATCHABLE {
-        let (ov, nv) = (o.get(*field), n.get(*field));
-        if ov == nv || *field == "DERP" {
-            continue;
-        }
-        match (field, nv) {
-            // LastSeen disappears when a node comes online; Online=true says it all.
-            (&"LastSeen", None) => {}
-            (_, None) => return None,
-            (&"HomeDERP", Some(v)) => {
-                p.insert("DERPRegion".into(), v.clone());
-            }
-            (f, Some(v)) => {
-                p.insert((*f).to_string(), v.clone());
-            }
-        }
-    }
-    Some(Value::Object(p))
 }
 
 /// Encodes one map message: 4-byte little-endian length, then zstd(JSON).
@@ -632,6 +632,123 @@ mod tests {
             let err = load_extra_regions(&write(dir.path(), bad), Some(900)).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    /// A stream's deltas come from the shared cache alone: patches for endpoint-only
+    /// changes (several merged when the stream fell behind), whole nodes otherwise,
+    /// removals when a peer goes or the policy hides it, and nothing per peer kept.
+    #[test]
+    fn deltas_from_the_shared_peer_cache() {
+        use crate::state::{Command, Observer};
+        let config = Config::default();
+        let mut t = crate::policy::compile::sample_tailnet();
+        let cache = PeerCache::new(Arc::new(config.clone()));
+        cache.reset(&t);
+        let apply = |t: &mut Tailnet, cmd: Command| {
+            let (r, mut changes) = t.apply(&cmd);
+            r.unwrap();
+            cache.applied(t, &mut changes);
+            changes
+                .iter()
+                .filter_map(|c| match c {
+                    crate::state::Change::NodeUpserted(id)
+                    | crate::state::Change::NodeRemoved(id) => Some(*id),
+                    _ => None,
+                })
+                .collect::<Vec<u64>>()
+        };
+        let mut view = StreamView::new(1);
+        let full = view.full(&t, &cache, &config, &json!({}), 10).unwrap();
+        let ids: Vec<u64> = full
+            .peers
+            .unwrap()
+            .iter()
+            .map(|p| p.0["ID"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [2, 3]);
+
+        let update =
+            |id: u64, endpoints: Option<&str>, disco: Option<&str>, hostinfo: Option<&str>| {
+                Command::UpdateNode {
+                    node_key: format!("nodekey:{id:064x}"),
+                    disco_key: disco.map(str::to_string),
+                    endpoints: endpoints.map(|e| vec![e.to_string()]),
+                    hostinfo: hostinfo.map(str::to_string),
+                    hostname: None,
+                    home_derp: None,
+                    now: 11,
+                }
+            };
+        let touched = apply(&mut t, update(2, Some("192.0.2.2:1"), None, None));
+        let d = view
+            .delta(&t, &cache, &config, &touched, 12)
+            .unwrap()
+            .unwrap();
+        assert!(d.peers_changed.is_none());
+        let p = &d.peers_changed_patch.unwrap()[0];
+        assert_eq!(
+            (&p["NodeID"], &p["Endpoints"]),
+            (&json!(2), &json!(["192.0.2.2:1"]))
+        );
+        assert!(p.get("DiscoKey").is_none());
+
+        // Two changes before the stream catches up: one patch with both.
+        let mut touched = apply(&mut t, update(2, Some("192.0.2.2:2"), None, None));
+        touched.extend(apply(&mut t, update(2, None, Some("discokey:ab"), None)));
+        let d = view
+            .delta(&t, &cache, &config, &touched, 13)
+            .unwrap()
+            .unwrap();
+        let p = &d.peers_changed_patch.unwrap()[0];
+        assert_eq!(p["Endpoints"], json!(["192.0.2.2:2"]));
+        assert_eq!(p["DiscoKey"], "discokey:ab");
+        // Nothing new: nothing sent.
+        assert!(view.delta(&t, &cache, &config, &[2], 14).unwrap().is_none());
+
+        // Hostinfo is not patchable: the whole node.
+        let touched = apply(&mut t, update(3, None, None, Some(r#"{"OS":"linux"}"#)));
+        let d = view
+            .delta(&t, &cache, &config, &touched, 15)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
+
+        // A policy hiding node 3 (tag:web) from alice's node 1; then removing its tag
+        // (it becomes alice's again) brings it back, and deleting node 2 removes it.
+        let policy = r#"{"acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}]}"#;
+        apply(
+            &mut t,
+            Command::SetPolicy {
+                text: policy.into(),
+                now: 16,
+            },
+        );
+        let full = view.full(&t, &cache, &config, &json!({}), 16).unwrap();
+        let ids: Vec<u64> = full
+            .peers
+            .unwrap()
+            .iter()
+            .map(|p| p.0["ID"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [2]);
+        let touched = apply(
+            &mut t,
+            Command::SetTags {
+                id: 3,
+                tags: vec![],
+            },
+        );
+        let d = view
+            .delta(&t, &cache, &config, &touched, 17)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
+        let touched = apply(&mut t, Command::DeleteNode { id: 2 });
+        let d = view
+            .delta(&t, &cache, &config, &touched, 18)
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.peers_removed.unwrap(), [2]);
     }
 
     #[test]

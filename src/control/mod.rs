@@ -9,6 +9,7 @@ mod login_page;
 mod map;
 pub mod mapper;
 pub mod oidc;
+pub mod peers;
 mod register;
 pub mod tailcfg;
 mod ts2021;
@@ -94,6 +95,8 @@ pub struct ControlState {
     pub extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
     /// OIDC login, when `[oidc]` is configured.
     pub oidc: Option<Arc<oidc::Oidc>>,
+    /// Every node as peers see it, rendered once per change for all map streams.
+    pub peers: Arc<peers::PeerCache>,
 }
 
 impl ControlState {
@@ -107,6 +110,8 @@ impl ControlState {
         oidc: Option<Arc<oidc::Oidc>>,
     ) -> Arc<Self> {
         let updates = batch::UpdateBatcher::spawn(db.clone());
+        let peers = peers::PeerCache::new(config.clone());
+        db.store.observe(peers.clone());
         Arc::new(Self {
             config,
             key,
@@ -117,6 +122,7 @@ impl ControlState {
             updates,
             extra_regions,
             oidc,
+            peers,
         })
     }
 

@@ -126,9 +126,9 @@ pub struct MapResponse {
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<Value>,
     #[serde(rename = "Peers", skip_serializing_if = "Option::is_none")]
-    pub peers: Option<Vec<Value>>,
+    pub peers: Option<Vec<Shared>>,
     #[serde(rename = "PeersChanged", skip_serializing_if = "Option::is_none")]
-    pub peers_changed: Option<Vec<Value>>,
+    pub peers_changed: Option<Vec<Shared>>,
     #[serde(rename = "PeersRemoved", skip_serializing_if = "Option::is_none")]
     pub peers_removed: Option<Vec<u64>>,
     #[serde(rename = "PeersChangedPatch", skip_serializing_if = "Option::is_none")]
@@ -202,4 +202,14 @@ pub fn filter_allow_all() -> Value {
         "SrcIPs": ["*"],
         "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
     }])
+}
+
+/// A JSON value shared between many responses: a peer as every map stream sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared(pub std::sync::Arc<Value>);
+
+impl Serialize for Shared {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
 }

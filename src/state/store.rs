@@ -20,11 +20,23 @@ pub fn now_ms() -> i64 {
 /// A change and when it was applied here (for the update fan-out latency metric).
 pub type StampedChange = (std::time::Instant, Change);
 
+/// A view derived from the state and kept in step with it: told of every applied change
+/// while the state is still write-locked, so whoever takes the state's read lock and then
+/// the view's sees the two agree.
+pub trait Observer: Send + Sync {
+    /// After a command is applied, before its changes are published. May add changes (to
+    /// nodes whose derived form changed only as a side effect).
+    fn applied(&self, t: &Tailnet, changes: &mut Vec<Change>);
+    /// The whole state was replaced, or the observer has just been installed.
+    fn reset(&self, t: &Tailnet);
+}
+
 #[derive(Clone)]
 pub struct StateStore {
     tailnet: Arc<RwLock<Tailnet>>,
     changes: broadcast::Sender<StampedChange>,
     metrics: Arc<crate::metrics::Metrics>,
+    observer: Arc<RwLock<Option<Arc<dyn Observer>>>>,
 }
 
 impl Default for StateStore {
@@ -40,7 +52,23 @@ impl StateStore {
             tailnet: Arc::new(RwLock::new(Tailnet::default())),
             changes,
             metrics: crate::metrics::Metrics::new(),
+            observer: Arc::new(RwLock::new(None)),
         }
+    }
+
+    /// Installs the one derived view (the map plane's peer cache), built from the state as
+    /// it is now and updated with every change from here on.
+    pub fn observe(&self, observer: Arc<dyn Observer>) {
+        let t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
+        observer.reset(&t);
+        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = Some(observer);
+    }
+
+    fn observer(&self) -> Option<Arc<dyn Observer>> {
+        self.observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// This replica's metrics: the store is the one thing every plane already holds.
@@ -75,9 +103,14 @@ impl hydrascale_raft::Application for StateStore {
                 // Timed out here, around the pure `Tailnet::apply`: the duration only feeds
                 // the metric, never the state.
                 let started = std::time::Instant::now();
+                let observer = self.observer();
                 let (result, changes) = {
                     let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
-                    t.apply(&cmd)
+                    let (result, mut changes) = t.apply(&cmd);
+                    if let Some(o) = &observer {
+                        o.applied(&t, &mut changes);
+                    }
+                    (result, changes)
                 };
                 self.metrics.apply.observe(started.elapsed());
                 self.metrics
@@ -111,7 +144,13 @@ impl hydrascale_raft::Application for StateStore {
                 }
             }
         };
-        *self.tailnet.write().unwrap_or_else(|p| p.into_inner()) = restored;
+        {
+            let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
+            *t = restored;
+            if let Some(o) = self.observer() {
+                o.reset(&t);
+            }
+        }
         self.publish(vec![Change::Reset]);
     }
 }

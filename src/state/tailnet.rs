@@ -104,6 +104,11 @@ fn stable_id(id: u64) -> String {
 }
 
 impl Tailnet {
+    /// The highest node id ever given out (ids are never reused).
+    pub fn last_node_id(&self) -> u64 {
+        self.next_node_id
+    }
+
     pub fn node_by_node_key(&self, k: &str) -> Option<&Node> {
         self.nodes.values().find(|n| n.node_key == k)
     }

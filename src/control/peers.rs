@@ -1,0 +1,318 @@
+//! The map plane's shared picture of every node as its peers see it, kept in step with
+//! the applied state.
+//!
+//! Every map stream used to render each peer itself and keep a copy of everything it had
+//! sent, so one replica held N streams × N peers of JSON and one change cost every stream
+//! a scan of all nodes. Here each node is rendered once per change that touches it, with
+//! its policy principal and the sequence numbers of what changed; a stream keeps only the
+//! sequence number it has caught up to and works out from these which peers to add, drop,
+//! patch or resend. Memory is O(N) per replica plus O(1) per stream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use serde_json::Value;
+
+use super::mapper::{node_json, primary_routes, Primaries, PATCHABLE};
+use crate::config::Config;
+use crate::policy::{compile, Principal};
+use crate::state::{Change, Observer, Tailnet};
+
+/// One node as peers see it, and when each part of it last changed.
+pub struct Entry {
+    /// `tailcfg.Node` without `Expired` (which depends on the reader's clock).
+    pub json: Arc<Value>,
+    /// Who the node is to the policy now.
+    pub principal: Principal,
+    /// The principal before its last change, and the sequence number of that change.
+    previous: Option<(u64, Principal)>,
+    principal_since: u64,
+    /// When the node appeared.
+    pub created: u64,
+    /// Last change to a field a `PeersChangedPatch` cannot carry.
+    pub reshaped: u64,
+    /// Last change to each of [`PATCHABLE`], in its order.
+    pub patched: [u64; PATCHABLE.len()],
+}
+
+impl Entry {
+    /// The node's principal as of sequence number `seq`, if still known (`None` when it
+    /// changed twice since then; the caller then resends or removes to be safe).
+    pub fn principal_at(&self, seq: u64) -> Option<&Principal> {
+        if self.principal_since <= seq {
+            return Some(&self.principal);
+        }
+        match &self.previous {
+            Some((since, p)) if *since <= seq => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The latest change of any kind.
+    pub fn changed(&self) -> u64 {
+        self.patched
+            .iter()
+            .copied()
+            .chain([self.reshaped, self.created, self.principal_since])
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Default)]
+pub struct Peers {
+    /// Counts applied changes (not commands): the clock streams measure "since" with.
+    pub seq: u64,
+    pub nodes: HashMap<u64, Entry>,
+    pub primaries: Primaries,
+}
+
+/// Shared by all streams of one replica; updated by the state store under its lock.
+pub struct PeerCache {
+    config: Arc<Config>,
+    inner: RwLock<Peers>,
+}
+
+impl PeerCache {
+    pub fn new(config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            inner: RwLock::new(Peers::default()),
+        })
+    }
+
+    /// Take after the state's read guard (the store takes them in that order).
+    pub fn read(&self) -> RwLockReadGuard<'_, Peers> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn render(&self, t: &Tailnet, id: u64, primaries: &Primaries) -> Option<(Value, Principal)> {
+        let n = t.nodes.get(&id)?;
+        Some((
+            node_json(t, n, primaries, &self.config, i64::MIN),
+            compile::principal(t, n),
+        ))
+    }
+
+    /// Re-renders `ids` at sequence number `seq`; returns those whose rendering changed.
+    fn refresh(&self, peers: &mut Peers, t: &Tailnet, ids: &BTreeSet<u64>, seq: u64) -> Vec<u64> {
+        let mut moved = Vec::new();
+        for &id in ids {
+            let Some((json, principal)) = self.render(t, id, &peers.primaries) else {
+                if peers.nodes.remove(&id).is_some() {
+                    moved.push(id);
+                }
+                continue;
+            };
+            match peers.nodes.get_mut(&id) {
+                None => {
+                    peers.nodes.insert(
+                        id,
+                        Entry {
+                            json: Arc::new(json),
+                            principal,
+                            previous: None,
+                            principal_since: seq,
+                            created: seq,
+                            reshaped: seq,
+                            patched: [seq; PATCHABLE.len()],
+                        },
+                    );
+                    moved.push(id);
+                }
+                Some(e) => {
+                    if *e.json != json {
+                        stamp(e, &json, seq);
+                        e.json = Arc::new(json);
+                        moved.push(id);
+                    }
+                    if e.principal != principal {
+                        let old = std::mem::replace(&mut e.principal, principal);
+                        e.previous = Some((e.principal_since, old));
+                        e.principal_since = seq;
+                        moved.push(id);
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    fn rebuild(&self, peers: &mut Peers, t: &Tailnet) {
+        peers.seq += 1;
+        let seq = peers.seq;
+        peers.primaries = primary_routes(t);
+        let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
+        self.refresh(peers, t, &ids, seq);
+    }
+}
+
+/// Records in `e` which fields differ between what it holds and `new`.
+fn stamp(e: &mut Entry, new: &Value, seq: u64) {
+    let (Some(o), Some(n)) = (e.json.as_object(), new.as_object()) else {
+        e.reshaped = seq;
+        return;
+    };
+    let reshaped = o
+        .iter()
+        .filter(|(k, _)| !PATCHABLE.contains(&k.as_str()))
+        .any(|(k, v)| n.get(k) != Some(v))
+        || n.keys()
+            .any(|k| !PATCHABLE.contains(&k.as_str()) && !o.contains_key(k));
+    if reshaped {
+        e.reshaped = seq;
+    }
+    for (i, field) in PATCHABLE.iter().enumerate() {
+        let (ov, nv) = (o.get(*field), n.get(*field));
+        if ov == nv {
+            continue;
+        }
+        // A patch can set a field but not clear it; only LastSeen may vanish (when a node
+        // comes online, Online=true says it all).
+        if nv.is_none() && *field != "LastSeen" {
+            e.reshaped = seq;
+        }
+        e.patched[i] = seq;
+    }
+}
+
+impl Observer for PeerCache {
+    fn applied(&self, t: &Tailnet, changes: &mut Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut peers = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if changes
+            .iter()
+            .any(|c| matches!(c, Change::Reset | Change::PolicyChanged))
+        {
+            // Streams send full maps for these; every node's capabilities may differ.
+            self.rebuild(&mut peers, t);
+            return;
+        }
+        peers.seq += 1;
+        let seq = peers.seq;
+        let mut ids = BTreeSet::new();
+        for c in changes.iter() {
+            match c {
+                Change::NodeUpserted(id) | Change::NodeRemoved(id) => {
+                    ids.insert(*id);
+                }
+                // A renamed user is another principal to the policy.
+                Change::UserChanged(uid) => {
+                    ids.extend(t.nodes.values().filter(|n| n.user_id == *uid).map(|n| n.id))
+                }
+                Change::ReplicasChanged | Change::Reset | Change::PolicyChanged => {}
+            }
+        }
+        // Routers coming, going or going offline move subnet routes between the others.
+        let routers_touched = ids.iter().any(|id| {
+            t.nodes
+                .get(id)
+                .is_none_or(|n| !n.approved_routes.is_empty())
+                || peers.primaries.values().any(|p| p == id)
+        });
+        if routers_touched {
+            let primaries = primary_routes(t);
+            if primaries != peers.primaries {
+                ids.extend(primaries.values().chain(peers.primaries.values()).copied());
+                peers.primaries = primaries;
+            }
+        }
+        let given: BTreeSet<u64> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::NodeUpserted(id) | Change::NodeRemoved(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in self.refresh(&mut peers, t, &ids, seq) {
+            // Tell streams about nodes that changed only as a side effect.
+            if !given.contains(&id) && t.nodes.contains_key(&id) {
+                changes.push(Change::NodeUpserted(id));
+            }
+        }
+    }
+
+    fn reset(&self, t: &Tailnet) {
+        let mut peers = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        self.rebuild(&mut peers, t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command;
+
+    fn cache(t: &Tailnet) -> Arc<PeerCache> {
+        let c = PeerCache::new(Arc::new(Config::default()));
+        c.reset(t);
+        c
+    }
+
+    #[test]
+    fn endpoint_changes_are_patches_and_hostinfo_changes_are_not() {
+        let mut t = compile::sample_tailnet();
+        let c = cache(&t);
+        let before = c.read().seq;
+        let key = t.nodes[&1].node_key.clone();
+        let update =
+            |endpoints: Option<Vec<String>>, hostinfo: Option<String>| Command::UpdateNode {
+                node_key: key.clone(),
+                disco_key: None,
+                endpoints,
+                hostinfo,
+                hostname: None,
+                home_derp: None,
+                now: 5,
+            };
+        let (_, mut changes) = t.apply(&update(Some(vec!["192.0.2.1:41641".into()]), None));
+        c.applied(&t, &mut changes);
+        {
+            let p = c.read();
+            let e = &p.nodes[&1];
+            assert!(e.reshaped <= before, "an endpoint change is a patch");
+            let i = PATCHABLE.iter().position(|f| *f == "Endpoints").unwrap();
+            assert_eq!(e.patched[i], p.seq);
+            assert_eq!(e.json["Endpoints"][0], "192.0.2.1:41641");
+        }
+        let (_, mut changes) = t.apply(&update(None, Some(r#"{"OS":"linux"}"#.into())));
+        c.applied(&t, &mut changes);
+        let p = c.read();
+        assert_eq!(p.nodes[&1].reshaped, p.seq);
+        assert_eq!(
+            p.nodes[&1].principal_at(p.seq - 1),
+            Some(&p.nodes[&1].principal)
+        );
+    }
+
+    #[test]
+    fn a_router_going_offline_touches_its_standby() {
+        let mut t = compile::sample_tailnet();
+        let route: ipnet::IpNet = "10.9.0.0/24".parse().unwrap();
+        for id in [1, 2] {
+            let n = t.nodes.get_mut(&id).unwrap();
+            n.advertised_routes = vec![route];
+            n.approved_routes = vec![route];
+            n.online = true;
+        }
+        let c = cache(&t);
+        assert_eq!(c.read().primaries[&route], 1);
+        let (_, mut changes) = t.apply(&Command::SetOnline {
+            node_id: 1,
+            online: false,
+            replica: 1,
+            now: 9,
+        });
+        c.applied(&t, &mut changes);
+        assert!(
+            changes.contains(&Change::NodeUpserted(2)),
+            "the standby's routes changed: {changes:?}"
+        );
+        let p = c.read();
+        assert_eq!(p.primaries[&route], 2);
+        assert_eq!(p.nodes[&2].json["PrimaryRoutes"][0], "10.9.0.0/24");
+        assert_eq!(p.nodes[&2].reshaped, p.seq);
+    }
+}
