@@ -17,6 +17,8 @@ command -v haproxy >/dev/null || need_apt+=(haproxy)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v python3 >/dev/null || need_apt+=(python3)
+# `tailscale ssh` runs the system's ssh client.
+command -v ssh >/dev/null || need_apt+=(openssh-client)
 python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

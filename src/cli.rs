@@ -105,6 +105,15 @@ enum AuthCmd {
         #[arg(long)]
         auth_id: String,
     },
+    /// Let a Tailscale SSH connection held by a `check` rule go on (or refuse it with
+    /// --reject). The id is the last part of the link the ssh user was shown
+    /// (…/ssh/check/ID); the whole link works too.
+    ApproveSsh {
+        #[arg(long)]
+        auth_id: String,
+        #[arg(long)]
+        reject: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -954,6 +963,28 @@ async fn run(cli: Cli) -> Result<()> {
                     n.id, n.given_name, n.ipv4
                 );
             })?;
+        }
+        Cmd::Auth(AuthCmd::ApproveSsh { auth_id, reject }) => {
+            let auth_id = auth_id
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(&auth_id)
+                .to_string();
+            c.decide_ssh_check(proto::DecideSshCheckRequest {
+                auth_id: auth_id.clone(),
+                approve: !reject,
+            })
+            .await
+            .map_err(grpc_error)?;
+            let verdict = if reject { "refused" } else { "approved" };
+            emit(
+                json,
+                &serde_json::json!({ "auth_id": auth_id, "decision": verdict }),
+                || {
+                    println!("SSH check {auth_id} {verdict}");
+                },
+            )?;
         }
         Cmd::Migrate(_) => unreachable!("offline; handled before connecting"),
         Cmd::Cluster(cmd) => match cmd {

@@ -90,7 +90,22 @@ pub struct SshRule {
     pub src: Vec<Alias>,
     pub dst: Vec<Alias>,
     pub users: Vec<SshUsers>,
+    pub action: SshAction,
 }
+
+/// What an SSH rule does with a connection it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshAction {
+    Accept,
+    /// Accept only after the connecting user has re-authenticated within the last
+    /// `period_ms` milliseconds (0: on every connection, `checkPeriod: "always"`).
+    Check {
+        period_ms: u64,
+    },
+}
+
+/// Tailscale's default `checkPeriod`.
+pub const DEFAULT_CHECK_PERIOD_MS: u64 = 12 * 3600 * 1000;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeAttr {

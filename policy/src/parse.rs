@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::hujson::{self, Spanned, Val};
 use super::{
     Alias, AutoApprovers, NodeAttr, Policy, PolicyError, PolicyTest, Ports, Pos, Principal, Rule,
-    SshRule, SshUsers, ALL_PORTS,
+    SshAction, SshRule, SshUsers, ALL_PORTS, DEFAULT_CHECK_PERIOD_MS,
 };
 
 type Members<'a> = &'a [(String, Pos, Spanned)];
@@ -283,6 +283,47 @@ fn need<'a>(
     })
 }
 
+/// An SSH `checkPeriod`: `"always"` (0) or a duration such as `"12h"`, `"1h30m"` or
+/// `"90m"`, between one minute and a week.
+fn check_period(text: &str) -> Result<u64, String> {
+    const MIN: u64 = 60_000;
+    const MAX: u64 = 168 * 3600 * 1000;
+    if text == "always" {
+        return Ok(0);
+    }
+    let bad =
+        || format!("checkPeriod {text:?} is not a duration like \"12h\", \"1h30m\" or \"always\"");
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3_600_000,
+            'm' => 60_000,
+            's' => 1_000,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    if !(MIN..=MAX).contains(&total) {
+        return Err(format!(
+            "checkPeriod {text:?} must be between 1m and 168h (or \"always\")"
+        ));
+    }
+    Ok(total)
+}
+
 /// Reads and checks a policy file.
 pub fn parse(text: &str) -> Result<Policy, PolicyError> {
     let root = hujson::parse(text).map_err(|e| PolicyError {
@@ -438,11 +479,30 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                 &["action", "src", "dst", "users", "checkPeriod", "acceptEnv"],
             )?;
             let action_v = need(&f, "action", entry.pos, &what)?;
-            match string(action_v, "\"action\"")? {
-                "accept" => {}
-                "check" => return fail(action_v.pos, "SSH \"check\" needs the user to re-authenticate in a browser, which Hydrascale does not offer yet; use \"accept\""),
-                a => return fail(action_v.pos, format!("SSH action must be \"accept\", not {a:?}")),
-            }
+            let action = match string(action_v, "\"action\"")? {
+                "accept" => {
+                    if let Some(p) = f.get("checkPeriod") {
+                        return fail(
+                            p.pos,
+                            "\"checkPeriod\" applies only to rules with \"action\": \"check\"",
+                        );
+                    }
+                    SshAction::Accept
+                }
+                "check" => SshAction::Check {
+                    period_ms: match f.get("checkPeriod") {
+                        None => DEFAULT_CHECK_PERIOD_MS,
+                        Some(p) => check_period(string(p, "\"checkPeriod\"")?)
+                            .map_err(|msg| PolicyError { pos: p.pos, msg })?,
+                    },
+                },
+                a => {
+                    return fail(
+                        action_v.pos,
+                        format!("SSH action must be \"accept\" or \"check\", not {a:?}"),
+                    )
+                }
+            };
             let src = aliases(
                 need(&f, "src", entry.pos, &what)?,
                 "\"src\"",
@@ -476,6 +536,7 @@ pub fn parse(text: &str) -> Result<Policy, PolicyError> {
                 src,
                 dst,
                 users,
+                action,
             });
         }
     }

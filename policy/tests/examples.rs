@@ -190,6 +190,9 @@ const EXAMPLES: &[(&str, &str)] = &[
   ],
   "ssh": [
     { "action": "accept", "src": ["group:sre"], "dst": ["tag:prod"], "users": ["ubuntu", "root"] },
+    { "action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["autogroup:nonroot", "root"] },
+    { "action": "check", "src": ["group:sre"], "dst": ["tag:prod"], "users": ["admin"], "checkPeriod": "always" },
+    { "action": "check", "src": ["group:sre"], "dst": ["tag:prod"], "users": ["backup"], "checkPeriod": "1h30m" },
   ],
 }"#,
     ),
@@ -320,10 +323,10 @@ fn mistakes_are_refused_with_their_place() {
             "cannot contain groups",
         ),
         (
-            r#"{"ssh": [{"action": "check", "src": ["*"], "dst": ["autogroup:self"], "users": ["root"]}]}"#,
+            r#"{"ssh": [{"action": "check", "src": ["*"], "dst": ["autogroup:self"], "users": ["root"], "checkPeriod": "30s"}]}"#,
             1,
-            21,
-            "check",
+            105,
+            "between 1m and 168h",
         ),
         (
             r#"{"grants": [{"src": ["*"], "dst": ["*"], "app": {}}]}"#,

@@ -527,6 +527,21 @@ impl AdminService for Admin {
         self.node_reply(out)
     }
 
+    async fn decide_ssh_check(
+        &self,
+        req: Request<proto::DecideSshCheckRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let r = req.into_inner();
+        self.write(Command::DecideSshCheck {
+            auth_id: r.auth_id,
+            approve: r.approve,
+            by: "administrator".into(),
+            now: now_ms(),
+        })
+        .await?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn create_api_key(
         &self,
         req: Request<proto::CreateApiKeyRequest>,

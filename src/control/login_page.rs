@@ -3,6 +3,10 @@
 //! form on the page (a user name and an API key, checked like the REST API's). With OIDC
 //! configured it sends the browser to the identity provider instead (`?admin` still shows
 //! the page), and `/oidc/callback` finishes the login for the user the provider names.
+//!
+//! The same goes for Tailscale SSH checks (`<server_url>/ssh/check/<auth_id>`): with OIDC
+//! the connecting user logs in at the provider and must be the owner of the connecting
+//! node; without it an administrator approves (CLI, or the form with an API key).
 
 use std::sync::Arc;
 
@@ -13,7 +17,9 @@ use axum::Form;
 use serde::Deserialize;
 
 use super::ControlState;
-use crate::state::{now_ms, Command, CommandOutput, DbError, LOGIN_TTL_MS};
+use crate::state::{
+    now_ms, Command, CommandOutput, DbError, SshCheck, LOGIN_TTL_MS, SSH_CHECK_TTL_MS,
+};
 
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -147,6 +153,9 @@ pub async fn oidc_callback(
         }
         Err(e) => return refused(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Some(check) = waiting_check(&st, &auth_id) {
+        return ssh_check_passed(&st, check, &who.user, now).await;
+    }
     // First login of this person: their user is created.
     let create = Command::CreateUser {
         name: who.user.clone(),
@@ -212,6 +221,168 @@ async fn complete(st: &ControlState, auth_id: String, user: String, now: i64) ->
         Err(e) => page(
             StatusCode::SERVICE_UNAVAILABLE,
             "Not registered",
+            &format!("<p>{}</p>", escape(&e.to_string())),
+        ),
+    }
+}
+
+/// The SSH check `auth_id` if a connection still waits for it.
+fn waiting_check(st: &ControlState, auth_id: &str) -> Option<SshCheck> {
+    st.db
+        .store
+        .read()
+        .ssh_checks
+        .get(auth_id)
+        .filter(|c| c.decision.is_none())
+        .filter(|c| c.created > now_ms().saturating_sub(SSH_CHECK_TTL_MS))
+        .cloned()
+}
+
+/// `GET /ssh/check/{auth_id}`: the link a held SSH connection shows its user.
+pub async fn show_ssh_check(
+    State(st): State<Arc<ControlState>>,
+    Path(auth_id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> Response {
+    let Some(check) = waiting_check(&st, &auth_id) else {
+        return page(
+            StatusCode::NOT_FOUND,
+            "SSH check not found",
+            "<p>No SSH connection is waiting for this check. It may have been decided, or \
+             expired (after 30 minutes). Connect again with <code>tailscale ssh</code>.</p>",
+        );
+    };
+    if let (Some(oidc), None) = (&st.oidc, &q.admin) {
+        return match oidc.authorize_url(&auth_id, st.key.secret()).await {
+            Ok(url) => axum::response::Redirect::to(&url).into_response(),
+            Err(e) => page(
+                StatusCode::BAD_GATEWAY,
+                "Check unavailable",
+                &format!("<p>{}</p>", escape(&e.to_string())),
+            ),
+        };
+    }
+    let (src, dst) = {
+        let t = st.db.store.read();
+        let name = |id: u64| {
+            t.nodes
+                .get(&id)
+                .map(|n| n.given_name.clone())
+                .unwrap_or_else(|| format!("node {id}"))
+        };
+        (name(check.src), name(check.dst))
+    };
+    let id = escape(&auth_id);
+    page(
+        StatusCode::OK,
+        "SSH connection waiting for a check",
+        &format!(
+            "<p><b>{src}</b> is connecting to <b>{dst}</b> as <code>{user}</code>, and the \
+             tailnet policy asks for a check first.</p>\
+             <p>An administrator lets it in on a replica with:</p>\
+             <pre><code>hydrascale auth approve-ssh --auth-id {id}</code></pre>\
+             <p>or here, with an API key (<code>hydrascale apikeys create</code>):</p>\
+             <form method=\"post\">\
+             <label>API key<br><input name=\"api_key\" type=\"password\" required size=\"60\"></label><br>\
+             <button type=\"submit\" name=\"decision\" value=\"approve\">Approve</button> \
+             <button type=\"submit\" name=\"decision\" value=\"reject\">Refuse</button></form>",
+            src = escape(&src),
+            dst = escape(&dst),
+            user = escape(&check.ssh_user),
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+pub struct SshDecision {
+    api_key: String,
+    decision: String,
+}
+
+/// `POST /ssh/check/{auth_id}`: the form above.
+pub async fn decide_ssh_check(
+    State(st): State<Arc<ControlState>>,
+    Path(auth_id): Path<String>,
+    Form(form): Form<SshDecision>,
+) -> Response {
+    let now = now_ms();
+    let checked = crate::admin::check_api_key(&st.db.store.read(), form.api_key.trim(), now);
+    if let Err(why) = checked {
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Not decided",
+            &format!("<p>{}</p>", escape(why)),
+        );
+    }
+    let approve = form.decision == "approve";
+    decide(&st, auth_id, approve, "administrator".into(), now).await
+}
+
+/// The connecting user proved to be `user` at the identity provider: the check passes if
+/// they own the connecting node.
+async fn ssh_check_passed(st: &ControlState, check: SshCheck, user: &str, now: i64) -> Response {
+    let owner = {
+        let t = st.db.store.read();
+        t.nodes
+            .get(&check.src)
+            .filter(|n| n.tags.is_empty())
+            .and_then(|n| t.users.get(&n.user_id))
+            .map(|u| u.name.clone())
+    };
+    match owner {
+        Some(o) if o.eq_ignore_ascii_case(user) => {
+            decide(st, check.auth_id, true, user.to_string(), now).await
+        }
+        Some(_) => page(
+            StatusCode::FORBIDDEN,
+            "Not approved",
+            &format!(
+                "<p>You logged in as {}, but the connecting device belongs to someone else. \
+                 Log in as its owner, or ask an administrator.</p>",
+                escape(user)
+            ),
+        ),
+        None => page(
+            StatusCode::FORBIDDEN,
+            "Not approved",
+            "<p>The connecting device is tagged (it belongs to no person), so no login can \
+             vouch for it; an administrator decides with <code>hydrascale auth approve-ssh</code>.</p>",
+        ),
+    }
+}
+
+async fn decide(
+    st: &ControlState,
+    auth_id: String,
+    approve: bool,
+    by: String,
+    now: i64,
+) -> Response {
+    let cmd = Command::DecideSshCheck {
+        auth_id,
+        approve,
+        by,
+        now,
+    };
+    match st.db.write(cmd).await {
+        Ok(_) if approve => page(
+            StatusCode::OK,
+            "SSH connection approved",
+            "<p>The connection goes on by itself; you can close this page.</p>",
+        ),
+        Ok(_) => page(
+            StatusCode::OK,
+            "SSH connection refused",
+            "<p>The connection was refused.</p>",
+        ),
+        Err(DbError::State(e)) => page(
+            StatusCode::BAD_REQUEST,
+            "Not decided",
+            &format!("<p>{}</p>", escape(&e.to_string())),
+        ),
+        Err(e) => page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Not decided",
             &format!("<p>{}</p>", escape(&e.to_string())),
         ),
     }

@@ -234,7 +234,7 @@ async fn run_stream(
                     });
                     match item {
                         Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
-                        Ok(Change::UserChanged(_)) => {}
+                        Ok(Change::UserChanged(_)) | Ok(Change::SshCheckDecided(_)) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
                         Ok(Change::Reset) | Ok(Change::PolicyChanged) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,

@@ -148,10 +148,13 @@ pub fn derp_map(
     map
 }
 
-/// Node capabilities (self and peers alike, as the client looks at both): Taildrop for
-/// every node when switched on, and what the policy's `nodeAttrs` give this node.
+/// Node capabilities (self and peers alike, as the client looks at both): Tailscale SSH
+/// (the client runs its SSH server, `--ssh`, only with it; what it lets in is still
+/// the policy's `ssh` rules, none without a policy), Taildrop for every node when switched
+/// on, and what the policy's `nodeAttrs` give this node.
 fn cap_map(t: &Tailnet, node: &Node, config: &Config) -> Value {
     let mut caps = serde_json::Map::new();
+    caps.insert("https://tailscale.com/cap/ssh".into(), json!([]));
     if config.taildrop {
         caps.insert("https://tailscale.com/cap/file-sharing".into(), json!([]));
     }
@@ -325,12 +328,12 @@ pub struct StreamView {
 }
 
 /// The packet filter and SSH policy of `me` under the current policy.
-fn filters(t: &Tailnet, me: &Node) -> (Value, Option<Value>) {
+fn filters(t: &Tailnet, me: &Node, config: &Config) -> (Value, Option<Value>) {
     match policy(t) {
         None => (filter_allow_all(), None),
         Some(p) => (
             compile::packet_filter(p, t, me),
-            compile::ssh_policy(p, t, me),
+            compile::ssh_policy(p, t, me, &super::ssh_check::delegate_url(config)),
         ),
     }
 }
@@ -436,7 +439,7 @@ impl StreamView {
         let had_peers = self.synced > 0;
         self.synced = peers_now.seq;
         drop(peers_now);
-        let (filter, ssh) = filters(t, me);
+        let (filter, ssh) = filters(t, me, config);
         self.filter_sent = Some(filter.clone());
         self.ssh_sent = ssh.clone();
         self.self_sent = Some(self_json.clone());
@@ -561,7 +564,7 @@ impl StreamView {
         // Who may reach this node changes only when a peer appears, goes or changes more
         // than its endpoints; endpoint patches, the bulk of all updates, skip this.
         if resp.node.is_some() || resp.peers_changed.is_some() || resp.peers_removed.is_some() {
-            let (filter, ssh) = filters(t, me);
+            let (filter, ssh) = filters(t, me, config);
             if self.filter_sent.as_ref() != Some(&filter) {
                 self.filter_sent = Some(filter.clone());
                 resp.packet_filter = Some(filter);
@@ -760,7 +763,8 @@ mod tests {
             .get("https://tailscale.com/cap/file-sharing")
             .is_some());
         config.taildrop = false;
-        assert_eq!(cap_map(&t, &node, &config), serde_json::json!({}));
+        let ssh_only = serde_json::json!({"https://tailscale.com/cap/ssh": []});
+        assert_eq!(cap_map(&t, &node, &config), ssh_only);
         let policy = r#"{"nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}]}"#;
         t.apply(&crate::state::Command::SetPolicy {
             text: policy.into(),
@@ -770,7 +774,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             cap_map(&t, &node, &config),
-            serde_json::json!({"funnel": []})
+            serde_json::json!({"https://tailscale.com/cap/ssh": [], "funnel": []})
         );
     }
 

@@ -11,6 +11,7 @@ pub mod mapper;
 pub mod oidc;
 pub mod peers;
 mod register;
+mod ssh_check;
 pub mod tailcfg;
 mod ts2021;
 
@@ -155,6 +156,10 @@ pub fn router(state: Arc<ControlState>) -> Router {
             get(login_page::show).post(login_page::approve),
         )
         .route("/oidc/callback", get(login_page::oidc_callback))
+        .route(
+            "/ssh/check/{auth_id}",
+            get(login_page::show_ssh_check).post(login_page::decide_ssh_check),
+        )
         .with_state(state)
 }
 

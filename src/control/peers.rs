@@ -202,7 +202,10 @@ impl Observer for PeerCache {
                 Change::UserChanged(uid) => {
                     ids.extend(t.nodes.values().filter(|n| n.user_id == *uid).map(|n| n.id))
                 }
-                Change::ReplicasChanged | Change::Reset | Change::PolicyChanged => {}
+                Change::ReplicasChanged
+                | Change::Reset
+                | Change::PolicyChanged
+                | Change::SshCheckDecided(_) => {}
             }
         }
         // Routers coming, going or going offline move subnet routes between the others.

@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
-use super::{map, register, ControlState};
+use super::{map, register, ssh_check, ControlState};
 use crate::noise::{accept_initiation, spawn_transport};
 
 const UPGRADE_PROTO: &str = "tailscale-control-protocol";
@@ -116,6 +116,10 @@ fn noise_router(st: Arc<ControlState>, peer: NoisePeer) -> Router {
     Router::new()
         .route("/machine/register", post(register::handle))
         .route("/machine/map", post(map::handle))
+        .route(
+            "/machine/ssh/action/{src}/to/{dst}",
+            axum::routing::get(ssh_check::action),
+        )
         .fallback(|| async {
             (
                 StatusCode::NOT_IMPLEMENTED,

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
-use super::{Alias, Policy, Principal, Rule, SshUsers};
+use super::{Alias, Policy, Principal, Rule, SshAction, SshUsers};
 use crate::state::{Node, Tailnet};
 
 /// What the policy knows about `n`: its user (unless tagged), tags and addresses.
@@ -168,7 +168,7 @@ pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node) -> Value {
 }
 
 /// `me`'s SSH policy: who may open a session to it, as which local users.
-pub fn ssh_policy(policy: &Policy, t: &Tailnet, me: &Node) -> Option<Value> {
+pub fn ssh_policy(policy: &Policy, t: &Tailnet, me: &Node, check_url: &str) -> Option<Value> {
     if policy.ssh.is_empty() {
         return None;
     }
@@ -202,18 +202,55 @@ pub fn ssh_policy(policy: &Policy, t: &Tailnet, me: &Node) -> Option<Value> {
             }
         }
         let principals: Vec<Value> = src.iter().map(|ip| json!({ "nodeIP": ip })).collect();
+        let action = match r.action {
+            SshAction::Accept => accept_action(),
+            // The node holds the connection and asks the control server (over its Noise
+            // session) what to do; see `control::ssh_check`.
+            SshAction::Check { .. } => json!({ "holdAndDelegate": check_url }),
+        };
         rules.push(json!({
             "principals": principals,
             "sshUsers": users,
-            "action": {
-                "accept": true,
-                "allowAgentForwarding": true,
-                "allowLocalPortForwarding": true,
-                "allowRemotePortForwarding": true,
-            },
+            "action": action,
         }));
     }
     Some(json!({ "rules": rules }))
+}
+
+/// `tailcfg.SSHAction` letting a connection in.
+pub fn accept_action() -> Value {
+    json!({
+        "accept": true,
+        "allowAgentForwarding": true,
+        "allowLocalPortForwarding": true,
+        "allowRemotePortForwarding": true,
+    })
+}
+
+/// What the policy's SSH rules say about `ssh_user` on `dst` connecting from `src`: the
+/// action of the first rule naming all three, in the order the rules are written (the
+/// order the client tries them in), or `None` when no rule lets the connection in.
+pub fn ssh_action_for(
+    policy: &Policy,
+    t: &Tailnet,
+    src: &Node,
+    dst: &Node,
+    ssh_user: &str,
+) -> Option<SshAction> {
+    let (ps, pd) = (principal(t, src), principal(t, dst));
+    policy.ssh.iter().find_map(|r| {
+        let direct = r
+            .dst
+            .iter()
+            .any(|a| *a != Alias::OwnNodes && policy.matches(a, &pd));
+        let own = pd.user.is_some() && r.dst.contains(&Alias::OwnNodes) && ps.user == pd.user;
+        let user_ok = r.users.iter().any(|u| match u {
+            SshUsers::Named(n) => n == ssh_user,
+            SshUsers::NonRoot => ssh_user != "root",
+        });
+        let src_ok = r.src.iter().any(|a| policy.matches(a, &ps));
+        ((direct || own) && user_ok && src_ok).then_some(r.action)
+    })
 }
 
 #[cfg(test)]
@@ -380,7 +417,7 @@ mod tests {
         )
         .unwrap();
         let alice = node(&t, 1);
-        let s = ssh_policy(&p, &t, node(&t, 3)).unwrap();
+        let s = ssh_policy(&p, &t, node(&t, 3), "https://c/x").unwrap();
         assert_eq!(
             s["rules"][0]["principals"][0]["nodeIP"],
             json!(alice.ipv4.to_string())
@@ -389,6 +426,45 @@ mod tests {
             s["rules"][0]["sshUsers"],
             json!({"*": "=", "root": "", "deploy": "deploy"})
         );
-        assert_eq!(ssh_policy(&p, &t, alice).unwrap(), json!({"rules": []}));
+        assert_eq!(
+            ssh_policy(&p, &t, alice, "https://c/x").unwrap(),
+            json!({"rules": []})
+        );
+    }
+
+    #[test]
+    fn check_rules_hold_and_the_server_finds_the_rule() {
+        let t = tailnet();
+        let p = super::super::parse(
+            r#"{"tagOwners": {"tag:web": ["alice@"]},
+                "ssh": [
+                  {"action": "check", "src": ["alice@"], "dst": ["tag:web"], "users": ["root"], "checkPeriod": "2h"},
+                  {"action": "accept", "src": ["alice@"], "dst": ["tag:web"], "users": ["autogroup:nonroot"]},
+                  {"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"], "checkPeriod": "always"}]}"#,
+        )
+        .unwrap();
+        let (alice, bob, web) = (node(&t, 1), node(&t, 2), node(&t, 3));
+        let s = ssh_policy(&p, &t, web, "https://c/x?u=$SSH_USER").unwrap();
+        assert_eq!(
+            s["rules"][0]["action"],
+            json!({"holdAndDelegate": "https://c/x?u=$SSH_USER"})
+        );
+        assert_eq!(s["rules"][1]["action"]["accept"], true);
+        assert_eq!(
+            ssh_action_for(&p, &t, alice, web, "root"),
+            Some(SshAction::Check {
+                period_ms: 2 * 3600 * 1000
+            })
+        );
+        assert_eq!(
+            ssh_action_for(&p, &t, alice, web, "deploy"),
+            Some(SshAction::Accept)
+        );
+        assert_eq!(ssh_action_for(&p, &t, bob, web, "deploy"), None);
+        assert_eq!(ssh_action_for(&p, &t, bob, alice, "root"), None);
+        assert_eq!(
+            ssh_action_for(&p, &t, alice, alice, "root"),
+            Some(SshAction::Check { period_ms: 0 })
+        );
     }
 }

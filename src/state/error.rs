@@ -58,6 +58,12 @@ pub enum StateError {
     LoginNotFound(String),
     #[error("requested tags {tags:?} are invalid or not permitted: the policy's tagOwners do not let {user:?} own them; add them there (`hydrascale policy set`) or log in without --advertise-tags")]
     TagsNotPermitted { tags: Vec<String>, user: String },
+    #[error("no SSH connection is waiting for the check {0:?} (it may have expired after 30 minutes or been decided); connect again with `tailscale ssh` and use the link it prints")]
+    SshCheckNotFound(String),
+    #[error(
+        "too many SSH connections are waiting for their check; let them expire and connect again"
+    )]
+    TooManySshChecks,
     #[error("route {0:?} is not a prefix like 10.0.0.0/24 (0.0.0.0/0 and ::/0 make an exit node)")]
     BadRoute(String),
     #[error("the policy was refused, the previous one stays in force: {0}")]

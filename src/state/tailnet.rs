@@ -13,7 +13,8 @@ use super::error::StateError;
 use super::ipam;
 use super::types::{
     ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PolicyRecord, PreAuthKey, Prefixes,
-    RegisterAuth, Replica, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS,
+    RegisterAuth, Replica, SshCheck, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS, MAX_SSH_CHECKS,
+    SSH_CHECK_TTL_MS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,13 @@ pub struct Tailnet {
     /// The tailnet policy; none means every node may reach every other.
     #[serde(default)]
     pub policy: Option<PolicyRecord>,
+    /// Held SSH connections waiting for their check, by auth id.
+    #[serde(default)]
+    pub ssh_checks: BTreeMap<String, SshCheck>,
+    /// When each source node last passed an SSH check into each destination node
+    /// (source id → destination id → time); cleared when the policy changes.
+    #[serde(default)]
+    pub ssh_approvals: BTreeMap<u64, BTreeMap<u64, i64>>,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -548,6 +556,10 @@ impl Tailnet {
             }
             Command::DeleteNode { id } => {
                 self.nodes.remove(id).ok_or(StateError::NodeNotFound(*id))?;
+                self.ssh_approvals.remove(id);
+                for to in self.ssh_approvals.values_mut() {
+                    to.remove(id);
+                }
                 Ok((CommandOutput::Done, vec![Change::NodeRemoved(*id)]))
             }
             Command::SetTags { id, tags } => {
@@ -575,6 +587,8 @@ impl Tailnet {
                         .map_err(|e| StateError::BadPolicy(e.to_string()))?;
                     Some(PolicyRecord::new(text.clone(), *now, parsed))
                 };
+                // A new policy may have new check periods: check again.
+                self.ssh_approvals.clear();
                 // New autoApprovers approve what nodes already advertise.
                 let ids: Vec<u64> = self.nodes.keys().copied().collect();
                 let mut changes = vec![Change::PolicyChanged];
@@ -584,6 +598,61 @@ impl Tailnet {
                     }
                 }
                 Ok((CommandOutput::Done, changes))
+            }
+            Command::StartSshCheck {
+                auth_id,
+                src,
+                dst,
+                ssh_user,
+                now,
+            } => {
+                for id in [src, dst] {
+                    if !self.nodes.contains_key(id) {
+                        return Err(StateError::NodeNotFound(*id));
+                    }
+                }
+                let cutoff = now.saturating_sub(SSH_CHECK_TTL_MS);
+                let live = self.ssh_checks.values().filter(|c| c.created > cutoff);
+                if live.count() >= MAX_SSH_CHECKS {
+                    return Err(StateError::TooManySshChecks);
+                }
+                self.ssh_checks.retain(|_, c| c.created > cutoff);
+                self.ssh_checks.insert(
+                    auth_id.clone(),
+                    SshCheck {
+                        auth_id: auth_id.clone(),
+                        src: *src,
+                        dst: *dst,
+                        ssh_user: ssh_user.clone(),
+                        created: *now,
+                        decision: None,
+                    },
+                );
+                Ok((CommandOutput::Done, Vec::new()))
+            }
+            Command::DecideSshCheck {
+                auth_id,
+                approve,
+                by: _,
+                now,
+            } => {
+                let c = self
+                    .ssh_checks
+                    .get_mut(auth_id)
+                    .filter(|c| c.created > now.saturating_sub(SSH_CHECK_TTL_MS))
+                    .filter(|c| c.decision.is_none())
+                    .ok_or_else(|| StateError::SshCheckNotFound(auth_id.clone()))?;
+                c.decision = Some(*approve);
+                if *approve {
+                    self.ssh_approvals
+                        .entry(c.src)
+                        .or_default()
+                        .insert(c.dst, *now);
+                }
+                Ok((
+                    CommandOutput::Done,
+                    vec![Change::SshCheckDecided(auth_id.clone())],
+                ))
             }
             Command::ApproveRoutes { id, routes } => {
                 let mut nets = Vec::new();

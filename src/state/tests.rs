@@ -830,3 +830,66 @@ fn routes_are_served_when_advertised_and_approved() {
     assert_eq!(n.advertised_routes, vec!["10.9.0.0/16".parse().unwrap()]);
     assert!(n.served_routes().is_empty());
 }
+
+#[test]
+fn ssh_checks_are_decided_once_expire_and_approvals_end_with_the_policy() {
+    let mut t = setup();
+    node(ok(&mut t, reg(1, 1, "multi")));
+    node(ok(&mut t, reg(2, 2, "multi")));
+    let start = |id: &str, now: i64| Command::StartSshCheck {
+        auth_id: id.into(),
+        src: 1,
+        dst: 2,
+        ssh_user: "root".into(),
+        now,
+    };
+    let decide = |id: &str, approve: bool, now: i64| Command::DecideSshCheck {
+        auth_id: id.into(),
+        approve,
+        by: "alice".into(),
+        now,
+    };
+    ok(&mut t, start("a", NOW));
+    let (r, changes) = t.apply(&decide("a", true, NOW + 5));
+    assert!(r.is_ok());
+    assert_eq!(changes, vec![Change::SshCheckDecided("a".into())]);
+    assert_eq!(t.ssh_approvals[&1][&2], NOW + 5);
+    assert_eq!(t.ssh_checks["a"].decision, Some(true));
+    // Decided already: refused, nothing changes.
+    assert!(matches!(
+        refused(&mut t, decide("a", false, NOW + 6)),
+        StateError::SshCheckNotFound(_)
+    ));
+    // Expired: refused, and swept by the next start.
+    ok(&mut t, start("b", NOW));
+    assert!(matches!(
+        refused(&mut t, decide("b", true, NOW + SSH_CHECK_TTL_MS)),
+        StateError::SshCheckNotFound(_)
+    ));
+    ok(&mut t, start("c", NOW + SSH_CHECK_TTL_MS + 1));
+    assert!(!t.ssh_checks.contains_key("b") && !t.ssh_checks.contains_key("a"));
+    // Unknown nodes cannot be checked.
+    let bad = Command::StartSshCheck {
+        auth_id: "d".into(),
+        src: 99,
+        dst: 2,
+        ssh_user: "root".into(),
+        now: NOW,
+    };
+    assert!(matches!(refused(&mut t, bad), StateError::NodeNotFound(99)));
+    // Snapshots carry checks and approvals.
+    let copy: Tailnet = serde_json::from_slice(&serde_json::to_vec(&t).unwrap()).unwrap();
+    assert_eq!(copy, t);
+    // A new policy forgets approvals; deleting a node forgets its own.
+    ok(
+        &mut t,
+        Command::SetPolicy {
+            text: "{}".into(),
+            now: NOW,
+        },
+    );
+    assert!(t.ssh_approvals.is_empty());
+    t.ssh_approvals.entry(1).or_default().insert(2, NOW);
+    ok(&mut t, Command::DeleteNode { id: 2 });
+    assert!(t.ssh_approvals[&1].is_empty());
+}

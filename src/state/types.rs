@@ -350,6 +350,24 @@ pub enum Command {
         text: String,
         now: i64,
     },
+    /// A node holds an SSH connection from `src` until the check `auth_id` is decided;
+    /// drops checks older than [`SSH_CHECK_TTL_MS`].
+    StartSshCheck {
+        auth_id: String,
+        src: u64,
+        dst: u64,
+        ssh_user: String,
+        now: i64,
+    },
+    /// The connecting user re-authenticated (`by` is who they proved to be), or an
+    /// administrator decided. An approval lets `src` into `dst` for the rule's
+    /// `checkPeriod`.
+    DecideSshCheck {
+        auth_id: String,
+        approve: bool,
+        by: String,
+        now: i64,
+    },
 }
 
 /// The tailnet policy as the administrator wrote it (comments included), and its parsed
@@ -415,6 +433,25 @@ pub enum CommandOutput {
     Batch(Vec<Result<CommandOutput, crate::state::StateError>>),
 }
 
+/// A Tailscale SSH connection held by the destination node until the connecting user
+/// re-authenticates (an SSH rule with `"action": "check"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SshCheck {
+    pub auth_id: String,
+    /// Node ids of the connecting node and of the node holding the connection.
+    pub src: u64,
+    pub dst: u64,
+    pub ssh_user: String,
+    pub created: i64,
+    /// `Some(true)` once approved, `Some(false)` once refused.
+    pub decision: Option<bool>,
+}
+
+/// How long a held SSH connection waits for its check (the client gives up after 30 min).
+pub const SSH_CHECK_TTL_MS: i64 = 30 * 60 * 1000;
+/// Most SSH checks waiting at once.
+pub const MAX_SSH_CHECKS: usize = 1000;
+
 /// What an applied command touched, for the map streams.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
@@ -427,4 +464,6 @@ pub enum Change {
     Reset,
     /// The policy changed: every node's filter and peer list may differ.
     PolicyChanged,
+    /// An SSH check was approved or refused: the held connection may go on.
+    SshCheckDecided(String),
 }

@@ -877,7 +877,8 @@ impl Tailscaled {
         }
     }
 
-    fn cli_command(&self) -> Command {
+    /// The CLI talking to this daemon, to be given arguments and run.
+    pub fn cli_command(&self) -> Command {
         let program = self.bin.join("tailscale").display().to_string();
         let mut c = command_in(self.netns.as_deref(), &program);
         c.arg(format!("--socket={}", self.dir.join("ts.sock").display()));

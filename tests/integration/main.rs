@@ -13,3 +13,4 @@ mod policy;
 mod protocol;
 mod rest_api;
 mod routes;
+mod ssh;

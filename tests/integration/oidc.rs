@@ -1,6 +1,8 @@
 //! OIDC login with a real identity provider (nanoidp, from PyPI) and an official client:
 //! `tailscale up` without a key shows the login URL, the person logs in at the provider
 //! and the machine joins as their user; someone outside `allowed_groups` is refused.
+//! Then a Tailscale SSH `check` rule: the held connection goes on once its owner logs in
+//! at the provider.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -213,5 +215,38 @@ async fn oidc_login_with_a_real_provider() {
     )
     .expect("callback");
     assert_eq!(code, 400);
+
+    // SSH check through the provider: o2 joins as alice too and runs Tailscale SSH; a
+    // `check` rule holds o1's connection until alice logs in at the provider.
+    let key = server.cli_json(&["preauthkeys", "create", "--user", "alice@example.com"]);
+    o2.up(&url, key["key"].as_str().expect("key")).await;
+    crate::ssh::set_policy(
+        &server,
+        "check.hujson",
+        r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+            "ssh": [{"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self"], "users": ["root"]}]}"#,
+    );
+    let out = o2.cli(&["set", "--ssh"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    crate::ssh::wait_ssh_action(&o2, "holdAndDelegate").await;
+    let mut held = crate::ssh::Session::start(&o1, "root@o2", "echo vouched");
+    let line = held.wait_line("/ssh/check/", Duration::from_secs(60));
+    let link = line
+        .split_whitespace()
+        .find(|w| w.contains("/ssh/check/"))
+        .expect("link")
+        .to_string();
+    let (code, page) = browse(&link, "alice", "alice-pass");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("SSH connection approved"), "{page}");
+    let (ok, out, said) = held.finish(Duration::from_secs(60));
+    assert!(
+        ok && out.trim() == "vouched",
+        "after the OIDC check: {out:?} {said}"
+    );
     drop(idp);
 }
