@@ -302,6 +302,10 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         extra_regions,
         oidc,
     );
+    {
+        let (state, stop) = (state.clone(), shutdown_rx.clone());
+        tasks.spawn(control::reconcile_online(state, stop));
+    }
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));
     {

@@ -193,6 +193,66 @@ fn close_session(st: &ControlState, id: u64) -> bool {
     }
 }
 
+/// How often a replica compares the online state with the streams it holds.
+const RECONCILE: Duration = Duration::from_secs(2);
+
+/// Keeps each node's online state true to the streams this replica holds. Opening and
+/// closing a stream write it once, but that write can fail (an election is under way, the
+/// quorum is out of reach), and the leader marks a silent replica's nodes offline even
+/// when the replica was only paused and its streams live on. So, while in contact with
+/// the quorum, nodes streaming here but recorded offline (or online elsewhere) are marked
+/// online here, and nodes recorded online here without a stream are marked offline.
+pub async fn reconcile_online(st: Arc<ControlState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !*st.serving.borrow() {
+            continue;
+        }
+        let streaming: std::collections::HashSet<u64> = st
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let fixes: Vec<(u64, bool)> = {
+            let t = st.db.store.read();
+            let me = st.me.id;
+            let mut v: Vec<(u64, bool)> = streaming
+                .iter()
+                .filter(|id| {
+                    t.nodes
+                        .get(id)
+                        .is_some_and(|n| !n.online || n.online_via != Some(me))
+                })
+                .map(|id| (*id, true))
+                .collect();
+            v.extend(
+                t.nodes
+                    .values()
+                    .filter(|n| n.online && n.online_via == Some(me) && !streaming.contains(&n.id))
+                    .map(|n| (n.id, false)),
+            );
+            v
+        };
+        for (id, online) in fixes {
+            // Still so? A stream may have opened or closed meanwhile.
+            let streams = st
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id);
+            if streams == online {
+                tracing::info!(node = id, online, "correcting the recorded online state");
+                set_online(&st, id, online).await;
+            }
+        }
+    }
+}
+
 async fn run_stream(
     st: Arc<ControlState>,
     mut view: StreamView,

@@ -30,6 +30,7 @@ use crate::noise::ControlKey;
 use crate::state::{Db, Replica, Tailnet};
 use tokio::sync::watch;
 
+pub use map::reconcile_online;
 pub use mapper::{derp_map, local_replica};
 
 /// RFC 3339 text of a unix-millisecond time, as the CLI and `tailcfg` show times.

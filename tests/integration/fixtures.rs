@@ -516,6 +516,25 @@ isolation_timeout = "8s"
         self.child.is_some()
     }
 
+    /// The server's process id while it runs (for SIGSTOP/SIGCONT).
+    #[allow(dead_code)] // used by the chaos suite (chaos/), which shares these fixtures
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process ended by itself (it is then forgotten, so `start` works again).
+    #[allow(dead_code)] // used by the chaos suite (chaos/), which shares these fixtures
+    pub fn exited(&mut self) -> bool {
+        let gone = self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if gone {
+            self.child = None;
+        }
+        gone
+    }
+
     pub fn ready(&self) -> bool {
         http_get(&self.control, "/ready").is_some_and(|(code, _)| code == 200)
     }

@@ -1,0 +1,365 @@
+//! The cluster under test and the faults done to it: each injected, held while the
+//! workload runs, then healed, after which every replica must be serving again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::fixtures::{leader_of, make_certs, wait_for, Lan, ReplicaProc};
+use crate::history::{Committed, History, Kind, NodeRow, Op, Outcome};
+use crate::workload::{cli_with_timeout, Target};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// SIGKILL of the leader; it is started again when the fault heals.
+    KillLeader,
+    /// SIGKILL of a replica chosen by the seed (leader or not).
+    KillRandom,
+    /// SIGSTOP of a replica (a long GC pause, a frozen VM), SIGCONT when healed.
+    Pause,
+    /// The leader's host loses its link: the others must elect a new leader, and the old
+    /// one must not acknowledge writes.
+    LeaderInMinority,
+    /// A follower's host loses its link: writes go on through the leader.
+    LeaderInMajority,
+    /// Every replica in turn stopped (SIGTERM) and started again, as an upgrade does.
+    RollingRestart,
+    /// A replica's data disk fills up; space comes back when healed.
+    DiskFull,
+}
+
+pub const ALL: [Fault; 7] = [
+    Fault::KillLeader,
+    Fault::KillRandom,
+    Fault::Pause,
+    Fault::LeaderInMinority,
+    Fault::LeaderInMajority,
+    Fault::RollingRestart,
+    Fault::DiskFull,
+];
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillLeader => "kill-leader",
+            Fault::KillRandom => "kill-random",
+            Fault::Pause => "pause",
+            Fault::LeaderInMinority => "leader-in-minority",
+            Fault::LeaderInMajority => "leader-in-majority",
+            Fault::RollingRestart => "rolling-restart",
+            Fault::DiskFull => "disk-full",
+        }
+    }
+}
+
+/// What must be undone.
+pub enum Injected {
+    Nothing,
+    Killed(usize),
+    Paused(usize),
+    Cut(usize),
+    Filled(usize, PathBuf),
+}
+
+/// Small tmpfs data disks, so one can be filled; unmounted when dropped (after the
+/// replicas, which are declared later and so dropped first).
+struct Disks(Vec<PathBuf>);
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("umount").arg("-l").arg(d).output();
+        }
+    }
+}
+
+pub struct Cluster {
+    _disks: Disks,
+    pub replicas: Vec<ReplicaProc>,
+    lan: Lan,
+    /// Probe writes made so far (their names must differ).
+    probes: u64,
+}
+
+/// Data disk size: a run writes a few MiB; RocksDB needs room for compactions.
+const DISK: &str = "size=256m";
+
+impl Cluster {
+    /// Three replicas with mutual-TLS Raft, clients logging in at `server_url`.
+    pub async fn start(dir: &Path, server_url: &str) -> Cluster {
+        let lan = Lan::new(3);
+        let certs = dir.join("certs");
+        make_certs(&certs, &[1, 2, 3]);
+        let mut disks = Disks(Vec::new());
+        let mut replicas: Vec<ReplicaProc> = (0..3)
+            .map(|i| {
+                let mut r = ReplicaProc::on_lan(dir, i as u64 + 1, &lan, i);
+                r.tls_dir = Some(certs.clone());
+                r
+            })
+            .collect();
+        for r in &replicas {
+            let data = r.dir.join("data");
+            std::fs::create_dir_all(&data).expect("data dir");
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", DISK, "tmpfs"])
+                .arg(&data)
+                .output()
+                .expect("run mount");
+            assert!(
+                out.status.success(),
+                "mount tmpfs on {}: {}",
+                data.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            disks.0.push(data);
+        }
+        let peers = replicas
+            .iter()
+            .map(|r| format!("{}={}", r.id, r.raft))
+            .collect::<Vec<_>>()
+            .join(",");
+        for r in &mut replicas {
+            r.write_config(server_url, &peers, false);
+            r.start();
+        }
+        for r in &replicas {
+            r.wait_ready().await;
+        }
+        Cluster {
+            _disks: disks,
+            replicas,
+            lan,
+            probes: 0,
+        }
+    }
+
+    pub fn targets(&self) -> Vec<Target> {
+        self.replicas.iter().map(target_of).collect()
+    }
+
+    async fn leader_index(&self) -> usize {
+        let id = wait_for("a leader", Duration::from_secs(60), || {
+            let l = leader_of(&self.replicas);
+            async move { l }
+        })
+        .await;
+        (id - 1) as usize
+    }
+
+    pub async fn inject(
+        &mut self,
+        fault: Fault,
+        target: usize,
+        hold: Duration,
+        history: &History,
+    ) -> Injected {
+        let injected = match fault {
+            Fault::KillLeader => {
+                let i = self.leader_index().await;
+                self.replicas[i].kill();
+                Injected::Killed(i)
+            }
+            Fault::KillRandom => {
+                self.replicas[target].kill();
+                Injected::Killed(target)
+            }
+            Fault::Pause => {
+                signal(&self.replicas[target], libc::SIGSTOP);
+                Injected::Paused(target)
+            }
+            Fault::LeaderInMinority | Fault::LeaderInMajority => {
+                let leader = self.leader_index().await;
+                let i = if fault == Fault::LeaderInMinority {
+                    leader
+                } else {
+                    (leader + 1 + target % 2) % 3
+                };
+                self.lan.cut(i);
+                let cut = Instant::now();
+                // Once it knows it is alone (two leader leases without a leader, 6 s),
+                // the cut-off replica must refuse writes; before that it cannot tell.
+                tokio::time::sleep(hold.max(Duration::from_millis(6500))).await;
+                minority_write(&self.replicas[i], history, cut).await;
+                return Injected::Cut(i);
+            }
+            Fault::RollingRestart => {
+                for i in 0..self.replicas.len() {
+                    self.replicas[i].stop();
+                    self.replicas[i].start();
+                    self.replicas[i].wait_ready().await;
+                }
+                return Injected::Nothing;
+            }
+            Fault::DiskFull => {
+                let file = self.replicas[target].dir.join("data").join("chaos-fill");
+                fill(&file);
+                // A running replica writes into space RocksDB already allocated (its WAL is
+                // preallocated), so a full disk bites when files must be made: restart it
+                // on the full disk, as after a reboot. It must not start half-way, and must
+                // start and catch up once there is space again.
+                let r = &mut self.replicas[target];
+                r.stop();
+                r.start();
+                Injected::Filled(target, file)
+            }
+        };
+        tokio::time::sleep(hold).await;
+        injected
+    }
+
+    /// Undoes `injected` and waits until every replica is ready again.
+    pub async fn heal(&mut self, injected: &Injected) {
+        match injected {
+            Injected::Nothing => {}
+            Injected::Killed(i) => self.replicas[*i].start(),
+            Injected::Paused(i) => signal(&self.replicas[*i], libc::SIGCONT),
+            Injected::Cut(i) => self.lan.heal(*i),
+            Injected::Filled(i, file) => {
+                let log = std::fs::read_to_string(self.replicas[*i].dir.join("hydrascale.log"))
+                    .unwrap_or_default();
+                let complaint = log
+                    .lines()
+                    .rfind(|l| l.contains("No space left") || l.contains("no space"))
+                    .map(|l| l.chars().take(300).collect::<String>());
+                let exited = self.replicas[*i].exited();
+                eprintln!(
+                    "chaos: replica {} on the full disk: {}; last complaint: {complaint:?}",
+                    self.replicas[*i].id,
+                    if exited { "stopped" } else { "still running" },
+                );
+                let _ = std::fs::remove_file(file);
+                // It must start again on the same disk and catch up.
+                if exited || !self.replicas[*i].is_running() {
+                    self.replicas[*i].start();
+                }
+            }
+        }
+        // Serving again means every replica takes (or forwards) a write: `/ready` alone
+        // can still say yes while a replica has not yet heard from a new leader.
+        for r in &self.replicas {
+            let t = target_of(r);
+            let name = format!("probe-{}-{}", r.id, self.probes);
+            self.probes += 1;
+            wait_for(
+                &format!("a write through replica {} after healing", r.id),
+                Duration::from_secs(60),
+                || {
+                    let t = t.clone();
+                    let name = name.clone();
+                    async move {
+                        let out = cli_with_timeout(
+                            &t,
+                            &["users", "create", &name],
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                        match out {
+                            Ok(_) => Some(()),
+                            Err(e) if e.contains("already exists") => Some(()),
+                            Err(_) => None,
+                        }
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Waits until every replica reports the same users and nodes, and returns them.
+    pub async fn converged_state(&self) -> Committed {
+        wait_for(
+            "every replica on the same state",
+            Duration::from_secs(60),
+            || {
+                let states: Vec<Committed> = self.replicas.iter().map(state_of).collect();
+                let same = states.windows(2).all(|w| w[0] == w[1]) && !states.is_empty();
+                let first = states.into_iter().next();
+                async move { first.filter(|_| same) }
+            },
+        )
+        .await
+    }
+}
+
+fn target_of(r: &ReplicaProc) -> Target {
+    Target {
+        id: r.id,
+        admin: r.admin_target(),
+        control: r.control.clone(),
+    }
+}
+
+fn state_of(r: &ReplicaProc) -> Committed {
+    let users = r.cli_json(&["users", "list"]);
+    let nodes = r.cli_json(&["nodes", "list"]);
+    let mut c = Committed::default();
+    for u in users.as_array().into_iter().flatten() {
+        if let Some(n) = u["name"].as_str() {
+            c.users.insert(n.to_string());
+        }
+    }
+    for n in nodes.as_array().into_iter().flatten() {
+        c.nodes.push(NodeRow {
+            id: n["id"].as_u64().unwrap_or(0),
+            node_key: n["node_key"].as_str().unwrap_or_default().to_string(),
+            ipv4: n["ipv4"].as_str().unwrap_or_default().to_string(),
+            ipv6: n["ipv6"].as_str().unwrap_or_default().to_string(),
+        });
+    }
+    c.nodes.sort();
+    c
+}
+
+fn signal(r: &ReplicaProc, sig: libc::c_int) {
+    if let Some(pid) = r.pid().and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: signals our own child, which has not been reaped.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Writes until the disk refuses more (down to the last 4 KiB block).
+fn fill(file: &Path) {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(file) else {
+        return;
+    };
+    let mut written = 0u64;
+    for size in [1 << 20, 4096] {
+        let chunk = vec![0u8; size];
+        while f.write_all(&chunk).is_ok() {
+            written += size as u64;
+        }
+    }
+    let _ = f.sync_all();
+    eprintln!(
+        "chaos: filled {} with {} MiB",
+        file.display(),
+        written >> 20
+    );
+}
+
+/// A write sent to the replica cut off from the quorum: it must not be acknowledged.
+async fn minority_write(r: &ReplicaProc, history: &History, cut: Instant) {
+    let name = format!("minority-{}-{}", r.id, cut.elapsed().as_millis());
+    let target = target_of(r);
+    let started_ms = history.now_ms();
+    let during = history.fault();
+    let result = cli_with_timeout(
+        &target,
+        &["users", "create", &name],
+        Duration::from_secs(15),
+    )
+    .await;
+    history.record(Op {
+        kind: Kind::MinorityWrite { name },
+        via: r.id,
+        started_ms,
+        ended_ms: history.now_ms(),
+        outcome: match result {
+            Ok(_) => Outcome::Ok,
+            Err(e) => Outcome::NotAcknowledged(e),
+        },
+        during,
+    });
+}
