@@ -48,6 +48,12 @@ struct Args {
     /// Metrics listeners (HOST:PORT) of the replicas, for memory and CPU figures.
     #[arg(long = "metrics")]
     metrics: Vec<String>,
+    /// REST API of a replica (its control URL, http://HOST:PORT) and an API key:
+    /// after the join probe, a policy change is made there and its propagation measured.
+    #[arg(long, requires = "api_key")]
+    api_url: Option<String>,
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 fn hex32(b: &[u8; 32]) -> String {
@@ -81,12 +87,12 @@ impl Samples {
 struct Shared {
     first_map: Mutex<Samples>,
     register: Mutex<Samples>,
-    propagation: Mutex<Samples>,
     online: AtomicUsize,
     failed: AtomicUsize,
-    /// The probe node's key and when it asked to register (the change starts there).
-    probe: Mutex<Option<(String, Instant)>>,
-    saw_probe: AtomicUsize,
+    /// One node joins: its key, from when it asks to register.
+    join: Probe,
+    /// A policy change: a capability name it gives every node, from when it is asked for.
+    policy: Probe,
     errors: Mutex<Vec<String>>,
 }
 
@@ -118,27 +124,64 @@ async fn post(
     Ok(h2.send_request(req).await?)
 }
 
-/// Splits framed map messages (4-byte little-endian length, then zstd JSON) out of `buf`.
-fn next_frame(buf: &mut BytesMut) -> Result<Option<Value>> {
+/// Splits framed map messages (4-byte little-endian length, then zstd JSON) out of `buf`,
+/// still compressed: a simulated node only looks inside while it waits for a change, so
+/// the generator's own cost stays far below the server's.
+fn next_frame(buf: &mut BytesMut) -> Option<BytesMut> {
     if buf.len() < 4 {
-        return Ok(None);
+        return None;
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if buf.len() < 4 + len {
-        return Ok(None);
+        return None;
     }
     buf.advance(4);
-    let frame = buf.split_to(len);
-    let json = zstd::decode_all(&frame[..])?;
-    Ok(Some(serde_json::from_slice(&json)?))
+    Some(buf.split_to(len))
 }
 
-fn mentions(msg: &Value, node_key: &str) -> bool {
-    ["Peers", "PeersChanged"].iter().any(|k| {
-        msg[*k]
-            .as_array()
-            .is_some_and(|ps| ps.iter().any(|p| p["Key"] == node_key))
-    })
+/// Whether the map message `frame` carries `needle` (a node key, a policy marker).
+fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
+    let json = zstd::decode_all(frame)?;
+    Ok(String::from_utf8_lossy(&json).contains(needle))
+}
+
+/// A change every node must see, and what each one saw of it.
+#[derive(Default)]
+struct Probe {
+    /// What to look for in map messages, and when the change was asked for.
+    wanted: Mutex<Option<(String, Instant)>>,
+    seen: AtomicUsize,
+    latency: Mutex<Samples>,
+}
+
+impl Probe {
+    fn start(&self, needle: String) {
+        *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = Some((needle, Instant::now()));
+    }
+
+    /// Checks `frame` unless this node already saw the change.
+    fn check(&self, frame: &[u8], saw: &mut bool) -> Result<()> {
+        if *saw {
+            return Ok(());
+        }
+        let wanted = self
+            .wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((needle, at)) = wanted {
+            if mentions(frame, &needle)? {
+                *saw = true;
+                self.latency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+                    .push(at.elapsed().as_secs_f64() * 1000.0);
+                self.seen.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One simulated node: connect, register, stream its map until the run ends.
@@ -169,8 +212,7 @@ async fn node(
     if probe {
         // Published before the request: streams may see the new node before its own
         // registration is acknowledged, and the change starts when it is asked for.
-        *shared.probe.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((node_key.clone(), Instant::now()));
+        shared.join.start(node_key.clone());
     }
     let resp = post(
         &mut h2,
@@ -219,7 +261,8 @@ async fn node(
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     let mut first = true;
-    let mut saw_probe = probe;
+    let mut saw_join = probe;
+    let mut saw_policy = false;
     let mut updates = tokio::time::interval(Duration::from_secs(args.endpoint_interval.max(1)));
     updates.tick().await;
     let mut counter = 0u32;
@@ -230,7 +273,7 @@ async fn node(
                 if let Ok(data) = frame?.into_data() {
                     buf.extend_from_slice(&data);
                 }
-                while let Some(msg) = next_frame(&mut buf)? {
+                while let Some(msg) = next_frame(&mut buf) {
                     if first {
                         first = false;
                         if !probe {
@@ -239,17 +282,8 @@ async fn node(
                             shared.online.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    if !saw_probe {
-                        let probe_now = shared.probe.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        if let Some((key, at)) = probe_now {
-                            if mentions(&msg, &key) {
-                                saw_probe = true;
-                                shared.propagation.lock().unwrap_or_else(|p| p.into_inner()).0
-                                    .push(at.elapsed().as_secs_f64() * 1000.0);
-                                shared.saw_probe.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
+                    shared.join.check(&msg, &mut saw_join)?;
+                    shared.policy.check(&msg, &mut saw_policy)?;
                 }
             }
             _ = updates.tick(), if args.endpoint_interval > 0 => {
@@ -318,11 +352,10 @@ async fn main() -> Result<()> {
     let shared = Arc::new(Shared {
         first_map: Mutex::default(),
         register: Mutex::default(),
-        propagation: Mutex::default(),
         online: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
-        probe: Mutex::new(None),
-        saw_probe: AtomicUsize::new(0),
+        join: Probe::default(),
+        policy: Probe::default(),
         errors: Mutex::default(),
     });
     let before = replica_figures(&args.metrics);
@@ -364,10 +397,28 @@ async fn main() -> Result<()> {
     // The probe: one node joins; every online node must see it in its map.
     spawn_node(args.nodes, Instant::now(), true);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while shared.saw_probe.load(Ordering::Relaxed) < online && Instant::now() < deadline {
+    while shared.join.seen.load(Ordering::Relaxed) < online && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after = replica_figures(&args.metrics);
+    // The policy change: every node must receive the capability it grants everyone.
+    let mut policy_set_ms = None;
+    if let (Some(url), Some(key)) = (&args.api_url, &args.api_key) {
+        let marker = format!("bench-{}", hex::encode(&random32()[..6]));
+        let policy = json!({
+            "acls": [{ "action": "accept", "src": ["*"], "dst": ["*:*"] }],
+            "nodeAttrs": [{ "target": ["*"], "attr": [marker] }],
+        });
+        shared.policy.start(marker);
+        let took = Instant::now();
+        set_policy(url, key, &policy.to_string()).await?;
+        policy_set_ms = Some((took.elapsed().as_secs_f64() * 10000.0).round() / 10.0);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while shared.policy.seen.load(Ordering::Relaxed) < online + 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let after_policy = replica_figures(&args.metrics);
     let report = json!({
         "nodes": args.nodes,
         "replicas": args.urls.len(),
@@ -380,14 +431,40 @@ async fn main() -> Result<()> {
         "registrations_per_s": (registered as f64 / all_online.as_secs_f64() * 10.0).round() / 10.0,
         "register_ms": shared.register.lock().unwrap_or_else(|p| p.into_inner()).summary(),
         "first_map_ms": shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "join_propagation_ms": shared.propagation.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "saw_join": shared.saw_probe.load(Ordering::Relaxed),
+        "join_propagation_ms": shared.join.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "saw_join": shared.join.seen.load(Ordering::Relaxed),
+        "policy_set_ms": policy_set_ms,
+        "policy_propagation_ms": shared.policy.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "saw_policy": shared.policy.seen.load(Ordering::Relaxed),
         "replicas_before": before,
         "replicas_at_rest": at_rest,
         "replicas_after": after,
+        "replicas_after_policy": after_policy,
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     std::process::exit(0);
+}
+
+/// `PUT /api/v1/policy` on the REST API.
+async fn set_policy(url: &str, key: &str, policy: &str) -> Result<()> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = hyper::Request::put(format!("{}/api/v1/policy", url.trim_end_matches('/')))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            json!({ "policy": policy }).to_string(),
+        )))?;
+    let resp = client.request(req).await.context("PUT /api/v1/policy")?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.into_body().collect().await?.to_bytes();
+        bail!(
+            "policy change refused ({status}): {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(())
 }
 
 /// Thousands of sessions need thousands of descriptors.
