@@ -352,9 +352,9 @@ fn peer_json(e: &Entry, n: &Node, now: i64) -> Shared {
             if let Some(o) = v.as_object_mut() {
                 o.insert("Expired".into(), json!(true));
             }
-            Shared(Arc::new(v))
+            Shared::new(v)
         }
-        _ => Shared(e.json.clone()),
+        _ => Shared(e.json.clone(), e.text.clone()),
     }
 }
 
@@ -585,7 +585,7 @@ impl StreamView {
 
 /// Encodes one map message: 4-byte little-endian length, then zstd(JSON).
 pub fn encode_frame(resp: &MapResponse) -> Result<bytes::Bytes, std::io::Error> {
-    let json = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    let json = super::tailcfg::encode(resp).map_err(std::io::Error::other)?;
     let compressed = zstd::bulk::compress(&json, 3)?;
     let len = u32::try_from(compressed.len()).map_err(std::io::Error::other)?;
     let mut out = Vec::with_capacity(4 + compressed.len());

@@ -22,6 +22,8 @@ use crate::state::{Change, Observer, Tailnet};
 pub struct Entry {
     /// `tailcfg.Node` without `Expired` (which depends on the reader's clock).
     pub json: Arc<Value>,
+    /// `json` as text, serialized once for every stream that sends it.
+    pub text: Arc<str>,
     /// Who the node is to the policy now.
     pub principal: Principal,
     /// The principal before its last change, and the sequence number of that change.
@@ -109,6 +111,7 @@ impl PeerCache {
                     peers.nodes.insert(
                         id,
                         Entry {
+                            text: text_of(&json),
                             json: Arc::new(json),
                             principal,
                             previous: None,
@@ -123,6 +126,7 @@ impl PeerCache {
                 Some(e) => {
                     if *e.json != json {
                         stamp(e, &json, seq);
+                        e.text = text_of(&json);
                         e.json = Arc::new(json);
                         moved.push(id);
                     }
@@ -145,6 +149,12 @@ impl PeerCache {
         let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
         self.refresh(peers, t, &ids, seq);
     }
+}
+
+fn text_of(v: &Value) -> Arc<str> {
+    serde_json::to_string(v)
+        .unwrap_or_else(|_| "{}".into())
+        .into()
 }
 
 /// Records in `e` which fields differ between what it holds and `new`.

@@ -125,9 +125,11 @@ pub struct MapResponse {
     pub node: Option<Value>,
     #[serde(rename = "DERPMap", skip_serializing_if = "Option::is_none")]
     pub derp_map: Option<Value>,
-    #[serde(rename = "Peers", skip_serializing_if = "Option::is_none")]
+    /// `Peers`: written by [`encode`] from each peer's text, not by serde.
+    #[serde(skip)]
     pub peers: Option<Vec<Shared>>,
-    #[serde(rename = "PeersChanged", skip_serializing_if = "Option::is_none")]
+    /// `PeersChanged`, likewise.
+    #[serde(skip)]
     pub peers_changed: Option<Vec<Shared>>,
     #[serde(rename = "PeersRemoved", skip_serializing_if = "Option::is_none")]
     pub peers_removed: Option<Vec<u64>>,
@@ -204,12 +206,76 @@ pub fn filter_allow_all() -> Value {
     }])
 }
 
-/// A JSON value shared between many responses: a peer as every map stream sends it.
+/// A peer as every map stream sends it: its `tailcfg.Node` and that value's JSON text,
+/// both made once and shared, so a full map of N peers is N copies of text, not N
+/// serializations.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Shared(pub std::sync::Arc<Value>);
+pub struct Shared(pub std::sync::Arc<Value>, pub std::sync::Arc<str>);
 
-impl Serialize for Shared {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
+impl Shared {
+    pub fn new(v: Value) -> Self {
+        let text = serde_json::to_string(&v).unwrap_or_else(|_| "{}".into());
+        Shared(std::sync::Arc::new(v), text.into())
+    }
+}
+
+/// The JSON of `resp`: serde for the fields, then `Peers` and `PeersChanged` spliced in
+/// from the peers' shared text.
+pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
+    let mut json = serde_json::to_vec(resp)?;
+    for (key, list) in [
+        ("Peers", &resp.peers),
+        ("PeersChanged", &resp.peers_changed),
+    ] {
+        let Some(list) = list else { continue };
+        // `json` is an object: drop its closing brace, append the member, close again.
+        json.pop();
+        if json.len() > 1 {
+            json.push(b',');
+        }
+        json.extend_from_slice(format!("\"{key}\":[").as_bytes());
+        for (i, p) in list.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            json.extend_from_slice(p.1.as_bytes());
+        }
+        json.extend_from_slice(b"]}");
+    }
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn peers_are_spliced_in_from_their_text() {
+        let peer = |id: u64| Shared::new(json!({ "ID": id, "Name": format!("n{id}.") }));
+        let full = MapResponse {
+            node: Some(json!({ "ID": 1 })),
+            peers: Some(vec![peer(2), peer(3)]),
+            peers_changed: Some(vec![peer(4)]),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(&encode(&full).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "Node": { "ID": 1 },
+                "Peers": [{ "ID": 2, "Name": "n2." }, { "ID": 3, "Name": "n3." }],
+                "PeersChanged": [{ "ID": 4, "Name": "n4." }],
+            })
+        );
+        // Nothing else in the message: the spliced member is the only one.
+        let only = MapResponse {
+            peers_changed: Some(vec![peer(5)]),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(&encode(&only).unwrap()).unwrap();
+        assert_eq!(v, json!({ "PeersChanged": [{ "ID": 5, "Name": "n5." }] }));
+        let none = MapResponse::default();
+        assert_eq!(encode(&none).unwrap(), b"{}");
     }
 }
