@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -597,6 +596,7 @@ pub fn encode_frame(resp: &MapResponse) -> Result<bytes::Bytes, std::io::Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
         let p = dir.join("regions.json");
