@@ -91,7 +91,8 @@ struct Shared {
     failed: AtomicUsize,
     /// One node joins: its key, from when it asks to register.
     join: Probe,
-    /// A policy change: a capability name it gives every node, from when it is asked for.
+    /// A policy change: the port it opens, as every node's packet filter shows it, from
+    /// when the change is asked for.
     policy: Probe,
     errors: Mutex<Vec<String>>,
 }
@@ -404,12 +405,18 @@ async fn main() -> Result<()> {
     // The policy change: every node must receive the capability it grants everyone.
     let mut policy_set_ms = None;
     if let (Some(url), Some(key)) = (&args.api_url, &args.api_key) {
-        let marker = format!("bench-{}", hex::encode(&random32()[..6]));
+        // An ACL edit, as administrators make them: a rule opening one more port. Every
+        // node's packet filter changes; who sees whom does not.
+        let port = 20000 + u16::from_le_bytes([random32()[0], random32()[1]]) % 40000;
         let policy = json!({
-            "acls": [{ "action": "accept", "src": ["*"], "dst": ["*:*"] }],
-            "nodeAttrs": [{ "target": ["*"], "attr": [marker] }],
+            "acls": [
+                { "action": "accept", "src": ["*"], "dst": ["*:*"] },
+                { "action": "accept", "src": ["*"], "dst": [format!("*:{port}")] },
+            ],
         });
-        shared.policy.start(marker);
+        shared
+            .policy
+            .start(format!("\"First\":{port},\"Last\":{port}"));
         let took = Instant::now();
         set_policy(url, key, &policy.to_string()).await?;
         policy_set_ms = Some((took.elapsed().as_secs_f64() * 10000.0).round() / 10.0);

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
-use super::mapper::{encode_frame, StreamView};
+use super::mapper::{encode_frame, Resync, StreamView};
 use super::register::parse_node_key;
 use super::tailcfg::{MapRequest, MapResponse};
 use super::ts2021::NoisePeer;
@@ -284,6 +284,7 @@ async fn run_stream(
             first = changes.recv() => {
                 let mut touched = Vec::new();
                 let mut full = false;
+                let mut policy_changed = false;
                 let mut derp_changed = false;
                 let mut pending = Some(first);
                 // Drain the burst so many changes become one message.
@@ -296,7 +297,8 @@ async fn run_stream(
                         Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
                         Ok(Change::UserChanged(_)) | Ok(Change::SshCheckDecided(_)) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
-                        Ok(Change::Reset) | Ok(Change::PolicyChanged) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
+                        Ok(Change::PolicyChanged) => policy_changed = true,
+                        Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
                     pending = match changes.try_recv() {
@@ -309,21 +311,23 @@ async fn run_stream(
                 touched.dedup();
                 let t = st.db.store.read();
                 let now = now_ms();
-                if full {
-                    match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
+                let delta = if full {
+                    Err(Resync::Full)
+                } else {
+                    view.delta(&t, &st.peers, &st.config, &touched, policy_changed, now)
+                };
+                match delta {
+                    Ok(r) if derp_changed => {
+                        let mut r = r.unwrap_or_default();
+                        r.derp_map = Some(st.derp_map(&t));
+                        Some(r)
+                    }
+                    Ok(r) => r,
+                    Err(Resync::Gone) => break,
+                    Err(Resync::Full) => match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
                         Some(r) => Some(r),
                         None => break,
-                    }
-                } else {
-                    match view.delta(&t, &st.peers, &st.config, &touched, now) {
-                        Ok(r) if derp_changed => {
-                            let mut r = r.unwrap_or_default();
-                            r.derp_map = Some(st.derp_map(&t));
-                            Some(r)
-                        }
-                        Ok(r) => r,
-                        Err(()) => break,
-                    }
+                    },
                 }
             }
         };

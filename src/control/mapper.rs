@@ -337,9 +337,18 @@ fn filters(t: &Tailnet, me: &Node, config: &Config) -> (Value, Option<Value>) {
     }
 }
 
-/// Whether a peer that is `peer` to the policy belongs in the map of the node that is `me`.
-fn visible(t: &Tailnet, me: &Principal, peer: &Principal) -> bool {
-    policy(t).is_none_or(|p| p.connected(me, peer))
+/// Whether a peer that is `peer` to `policy` belongs in the map of the node that is `me`.
+fn visible(policy: Option<&Policy>, me: &Principal, peer: &Principal) -> bool {
+    policy.is_none_or(|p| p.connected(me, peer))
+}
+
+/// Why a stream cannot go on with a delta.
+#[derive(Debug, PartialEq)]
+pub enum Resync {
+    /// The stream's own node is gone: end the stream.
+    Gone,
+    /// Too much changed to tell what the client holds: send a full map.
+    Full,
 }
 
 /// A peer's JSON as this reader sends it: the shared rendering, plus `Expired` once its
@@ -431,7 +440,7 @@ impl StreamView {
             let Some(e) = peers_now.nodes.get(&n.id) else {
                 continue;
             };
-            if visible(t, &self.principal, &e.principal) {
+            if visible(policy(t), &self.principal, &e.principal) {
                 peers.push(peer_json(e, n, now));
             }
         }
@@ -470,25 +479,28 @@ impl StreamView {
         Some(resp)
     }
 
-    /// A delta for the nodes in `touched`; `None` when nothing visible changed.
-    /// Returns `Err(())` when this stream's own node is gone and the stream must end.
-    #[allow(clippy::result_unit_err)]
+    /// A delta for the nodes in `touched` (every node when the policy changed); `None`
+    /// when nothing visible changed.
     pub fn delta(
         &mut self,
         t: &Tailnet,
         cache: &PeerCache,
         config: &Config,
         touched: &[u64],
+        policy_changed: bool,
         now: i64,
-    ) -> Result<Option<MapResponse>, ()> {
+    ) -> Result<Option<MapResponse>, Resync> {
         let mut resp = MapResponse::default();
         let mut changed = Vec::new();
         let mut removed = Vec::new();
         let mut patches = Vec::new();
         let mut new_user = false;
-        let me = t.nodes.get(&self.self_id).ok_or(())?;
+        let me = t.nodes.get(&self.self_id).ok_or(Resync::Gone)?;
         let peers = cache.read();
         let since = self.synced;
+        // Which peers the client holds follows from the policy it was last sent under.
+        let before = peers.policy_at(since).ok_or(Resync::Full)?;
+        let current = policy(t);
         let principal = peers
             .nodes
             .get(&self.self_id)
@@ -497,7 +509,7 @@ impl StreamView {
         // When the node itself became someone else to the policy (tags, addresses), every
         // peer's visibility may have changed, not only the touched ones'.
         let everyone: Vec<u64>;
-        let touched = if principal != self.principal && policy(t).is_some() {
+        let touched = if policy_changed || (principal != self.principal && current.is_some()) {
             everyone = t.nodes.keys().copied().collect();
             &everyone[..]
         } else {
@@ -517,14 +529,14 @@ impl StreamView {
                 removed.push(id);
                 continue;
             };
-            let now_visible = visible(t, &principal, &e.principal);
+            let now_visible = visible(current, &principal, &e.principal);
             // Whether the client holds it: it existed at `since` and was visible then.
             // `None` when the peer's principal changed twice since; resend or remove.
             let was_visible = if e.created > since {
                 Some(false)
             } else {
                 e.principal_at(since)
-                    .map(|p| visible(t, &self.principal, p))
+                    .map(|p| visible(before, &self.principal, p))
             };
             match (was_visible, now_visible) {
                 (Some(false), false) => {}
@@ -562,7 +574,11 @@ impl StreamView {
         }
         // Who may reach this node changes only when a peer appears, goes or changes more
         // than its endpoints; endpoint patches, the bulk of all updates, skip this.
-        if resp.node.is_some() || resp.peers_changed.is_some() || resp.peers_removed.is_some() {
+        if policy_changed
+            || resp.node.is_some()
+            || resp.peers_changed.is_some()
+            || resp.peers_removed.is_some()
+        {
             let (filter, ssh) = filters(t, me, config);
             if self.filter_sent.as_ref() != Some(&filter) {
                 self.filter_sent = Some(filter.clone());
@@ -577,7 +593,8 @@ impl StreamView {
             && resp.peers_changed.is_none()
             && resp.peers_removed.is_none()
             && resp.peers_changed_patch.is_none()
-            && resp.packet_filter.is_none();
+            && resp.packet_filter.is_none()
+            && resp.ssh_policy.is_none();
         Ok(if empty { None } else { Some(resp) })
     }
 }
@@ -684,7 +701,7 @@ mod tests {
             };
         let touched = apply(&mut t, update(2, Some("192.0.2.2:1"), None, None));
         let d = view
-            .delta(&t, &cache, &config, &touched, 12)
+            .delta(&t, &cache, &config, &touched, false, 12)
             .unwrap()
             .unwrap();
         assert!(d.peers_changed.is_none());
@@ -699,19 +716,22 @@ mod tests {
         let mut touched = apply(&mut t, update(2, Some("192.0.2.2:2"), None, None));
         touched.extend(apply(&mut t, update(2, None, Some("discokey:ab"), None)));
         let d = view
-            .delta(&t, &cache, &config, &touched, 13)
+            .delta(&t, &cache, &config, &touched, false, 13)
             .unwrap()
             .unwrap();
         let p = &d.peers_changed_patch.unwrap()[0];
         assert_eq!(p["Endpoints"], json!(["192.0.2.2:2"]));
         assert_eq!(p["DiscoKey"], "discokey:ab");
         // Nothing new: nothing sent.
-        assert!(view.delta(&t, &cache, &config, &[2], 14).unwrap().is_none());
+        assert!(view
+            .delta(&t, &cache, &config, &[2], false, 14)
+            .unwrap()
+            .is_none());
 
         // Hostinfo is not patchable: the whole node.
         let touched = apply(&mut t, update(3, None, None, Some(r#"{"OS":"linux"}"#)));
         let d = view
-            .delta(&t, &cache, &config, &touched, 15)
+            .delta(&t, &cache, &config, &touched, false, 15)
             .unwrap()
             .unwrap();
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
@@ -726,14 +746,18 @@ mod tests {
                 now: 16,
             },
         );
-        let full = view.full(&t, &cache, &config, &json!({}), 16).unwrap();
-        let ids: Vec<u64> = full
-            .peers
+        // A policy change is a delta on the open stream: the peer it now hides is removed,
+        // and the node's packet filter replaced.
+        let d = view
+            .delta(&t, &cache, &config, &[], true, 16)
             .unwrap()
-            .iter()
-            .map(|p| p.0["ID"].as_u64().unwrap())
-            .collect();
-        assert_eq!(ids, [2]);
+            .unwrap();
+        assert_eq!(d.peers_removed.unwrap(), [3]);
+        assert!(d.peers_changed.is_none() && d.packet_filter.is_some());
+        assert!(view
+            .delta(&t, &cache, &config, &[], false, 16)
+            .unwrap()
+            .is_none());
         let touched = apply(
             &mut t,
             Command::SetTags {
@@ -742,13 +766,13 @@ mod tests {
             },
         );
         let d = view
-            .delta(&t, &cache, &config, &touched, 17)
+            .delta(&t, &cache, &config, &touched, false, 17)
             .unwrap()
             .unwrap();
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
         let touched = apply(&mut t, Command::DeleteNode { id: 2 });
         let d = view
-            .delta(&t, &cache, &config, &touched, 18)
+            .delta(&t, &cache, &config, &touched, false, 18)
             .unwrap()
             .unwrap();
         assert_eq!(d.peers_removed.unwrap(), [2]);

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::mapper::{node_json, primary_routes, Primaries, PATCHABLE};
 use crate::config::Config;
-use crate::policy::{compile, Principal};
+use crate::policy::{compile, Policy, Principal};
 use crate::state::{Change, Observer, Tailnet};
 
 /// One node as peers see it, and when each part of it last changed.
@@ -67,6 +67,24 @@ pub struct Peers {
     pub seq: u64,
     pub nodes: HashMap<u64, Entry>,
     pub primaries: Primaries,
+    /// The policy in force (`None`: everyone reaches everyone) and since when; the one
+    /// before it, so a stream can tell which peers the previous policy let it see.
+    policy: (u64, Option<Arc<Policy>>),
+    previous_policy: Option<(u64, Option<Arc<Policy>>)>,
+}
+
+impl Peers {
+    /// The policy in force at sequence number `seq`, if still known (`None` when it
+    /// changed twice since: the stream then needs a full map).
+    pub fn policy_at(&self, seq: u64) -> Option<Option<&Policy>> {
+        if self.policy.0 <= seq {
+            return Some(self.policy.1.as_deref());
+        }
+        match &self.previous_policy {
+            Some((since, p)) if *since <= seq => Some(p.as_deref()),
+            _ => None,
+        }
+    }
 }
 
 /// Shared by all streams of one replica; updated by the state store under its lock.
@@ -145,6 +163,11 @@ impl PeerCache {
     fn rebuild(&self, peers: &mut Peers, t: &Tailnet) {
         peers.seq += 1;
         let seq = peers.seq;
+        let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
+        if peers.policy.1 != now || peers.seq == 1 {
+            let before = std::mem::replace(&mut peers.policy, (seq, now));
+            peers.previous_policy = Some(before);
+        }
         peers.primaries = primary_routes(t);
         let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
         self.refresh(peers, t, &ids, seq);
