@@ -47,6 +47,47 @@ pub enum ServerError {
     ExtraRegions { path: String, message: String },
     #[error("OIDC login: {0}")]
     Oidc(String),
+    #[error("cannot start Raft's own threads: {0}")]
+    RaftThreads(String),
+}
+
+/// Raft runs on a runtime and OS threads of its own. Thousands of map streams keep the
+/// main runtime's queue long while a tailnet churns; heartbeats and appends waiting in
+/// that queue would time out, and replicas would start elections they do not need. On
+/// their own threads they get the CPU the kernel shares fairly, however busy the rest is.
+struct RaftThreads {
+    handle: tokio::runtime::Handle,
+    /// Ends the threads (after Raft has shut down). Dropped without a send, they live on:
+    /// dropping a [`ServerHandle`] does not stop the replica.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RaftThreads {
+    fn start() -> Result<Self, ServerError> {
+        let err = |e: std::io::Error| ServerError::RaftThreads(e.to_string());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("raft")
+            .enable_all()
+            .build()
+            .map_err(err)?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("raft-runtime".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    if stopped.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            })
+            .map_err(err)?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+        })
+    }
 }
 
 /// A running replica. Dropping it does not stop it; call [`ServerHandle::shutdown`].
@@ -64,6 +105,7 @@ pub struct ServerHandle {
     pub control_key: ControlKey,
     shutdown_tx: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    raft_threads: RaftThreads,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
@@ -119,7 +161,15 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tls,
         ..Default::default()
     };
-    let raft = hydrascale_raft::RaftNode::start(raft_config, Arc::new(store.clone())).await?;
+    let raft_threads = RaftThreads::start()?;
+    let raft = raft_threads
+        .handle
+        .spawn(hydrascale_raft::RaftNode::start(
+            raft_config,
+            Arc::new(store.clone()),
+        ))
+        .await
+        .map_err(|e| ServerError::RaftThreads(e.to_string()))??;
     let raft_addr = raft.listen_addr();
     let db = Db {
         raft: raft.clone(),
@@ -348,6 +398,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         control_key,
         shutdown_tx,
         tasks,
+        raft_threads,
     })
 }
 
@@ -366,6 +417,9 @@ impl ServerHandle {
         }
         if let Err(e) = self.db.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Some(stop) = self.raft_threads.stop.take() {
+            let _ = stop.send(());
         }
     }
 

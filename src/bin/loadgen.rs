@@ -393,8 +393,23 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .0
         .len();
+    // CPU at rest: what the replicas spend over the settle period, everyone connected
+    // and nothing changing.
+    let settling = replica_figures(&args.metrics);
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let at_rest = replica_figures(&args.metrics);
+    let rest_cpu: Vec<Value> = settling
+        .iter()
+        .zip(&at_rest)
+        .map(
+            |(a, b)| match (a["cpu_seconds"].as_f64(), b["cpu_seconds"].as_f64()) {
+                (Some(x), Some(y)) => {
+                    json!(((y - x) / args.settle.max(1) as f64 * 1000.0).round() / 10.0)
+                }
+                _ => Value::Null,
+            },
+        )
+        .collect();
     // The probe: one node joins; every online node must see it in its map.
     spawn_node(args.nodes, Instant::now(), true);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -445,6 +460,7 @@ async fn main() -> Result<()> {
         "saw_policy": shared.policy.seen.load(Ordering::Relaxed),
         "replicas_before": before,
         "replicas_at_rest": at_rest,
+        "cpu_percent_at_rest": rest_cpu,
         "replicas_after": after,
         "replicas_after_policy": after_policy,
     });

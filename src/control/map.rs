@@ -25,6 +25,12 @@ use crate::state::{now_ms, Change, Command, Node};
 
 const KEEPALIVE: Duration = Duration::from_secs(50);
 
+/// Least time between two updates on one stream. A change after a quiet spell goes out at
+/// once; changes arriving while the stream waits are merged into its next message, so
+/// a join storm costs each stream a few messages a second, not one per change (which, on
+/// thousands of streams, would starve the replica's Raft traffic).
+const MIN_UPDATE_INTERVAL: Duration = Duration::from_millis(200);
+
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
     Extension(peer): Extension<NoisePeer>,
@@ -268,7 +274,16 @@ async fn run_stream(
     let mut serving = st.serving.clone();
     let metrics = st.db.store.metrics().clone();
     let _counted = StreamGauge::open(&metrics);
+    let mut last_update = tokio::time::Instant::now();
     loop {
+        // Let changes gather while the last update is recent (see MIN_UPDATE_INTERVAL).
+        let ready_at = last_update + MIN_UPDATE_INTERVAL;
+        if tokio::time::Instant::now() < ready_at {
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = tokio::time::sleep_until(ready_at) => {}
+            }
+        }
         // When the oldest change this message carries was applied here.
         let mut oldest_change = None;
         let resp: Option<MapResponse> = tokio::select! {
@@ -349,6 +364,9 @@ async fn run_stream(
         let len = frame.len() as u64;
         if tx.send(frame).await.is_err() {
             break;
+        }
+        if !resp.keep_alive {
+            last_update = tokio::time::Instant::now();
         }
         kind.fetch_add(1, Ordering::Relaxed);
         metrics.map_bytes.fetch_add(len, Ordering::Relaxed);
