@@ -223,6 +223,11 @@ impl Policy {
     }
 
     fn rule_links(&self, r: &Rule, src: &Principal, dst: &Principal) -> bool {
+        // `*` to `*` links every pair: the common allow-all rule costs no matching (map
+        // streams ask this for every peer when a policy changes).
+        if r.src.contains(&Alias::All) && r.dst.iter().any(|(a, _)| *a == Alias::All) {
+            return true;
+        }
         r.src.iter().any(|a| self.matches(a, src))
             && r.dst.iter().any(|(a, _)| self.dst_matches(a, dst, src))
     }

@@ -227,8 +227,15 @@ async fn node(
         }),
     )
     .await?;
+    let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    let reg: Value = serde_json::from_slice(&body).context("register reply")?;
+    let reg: Value = serde_json::from_slice(&body).with_context(|| {
+        let text = String::from_utf8_lossy(&body);
+        format!(
+            "register reply ({status}): {}",
+            text.chars().take(200).collect::<String>()
+        )
+    })?;
     if reg["MachineAuthorized"] != true {
         bail!("registration refused: {}", reg["Error"]);
     }
