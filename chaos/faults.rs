@@ -61,8 +61,8 @@ pub enum Injected {
     Filled(usize, PathBuf),
 }
 
-/// Small tmpfs data disks, so one can be filled; unmounted when dropped (after the
-/// replicas, which are declared later and so dropped first).
+/// Small tmpfs data disks, so one can be filled; unmounted when dropped, after the
+/// replicas (struct fields drop in declaration order, so it is declared last).
 struct Disks(Vec<PathBuf>);
 
 impl Drop for Disks {
@@ -74,11 +74,11 @@ impl Drop for Disks {
 }
 
 pub struct Cluster {
-    _disks: Disks,
     pub replicas: Vec<ReplicaProc>,
     lan: Lan,
     /// Probe writes made so far (their names must differ).
     probes: u64,
+    _disks: Disks,
 }
 
 /// Data disk size: a run writes a few MiB; RocksDB needs room for compactions.
@@ -127,10 +127,10 @@ impl Cluster {
             r.wait_ready().await;
         }
         Cluster {
-            _disks: disks,
             replicas,
             lan,
             probes: 0,
+            _disks: disks,
         }
     }
 
