@@ -3,7 +3,7 @@
 //! A delta is computed against what this stream last sent, so a reconnecting or lagging
 //! stream converges on the committed state without any shared bookkeeping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
@@ -501,6 +501,23 @@ impl StreamView {
         // Which peers the client holds follows from the policy it was last sent under.
         let before = peers.policy_at(since).ok_or(Resync::Full)?;
         let current = policy(t);
+        // Everything the cache applied since this stream's last message, announced to it
+        // yet or not (it reads the cache as it is now).
+        let missed = peers.since(since).ok_or(Resync::Full)?;
+        let policy_changed = policy_changed || missed.everything;
+        let announced: Vec<u64>;
+        let touched = if missed.ids.is_empty() {
+            touched
+        } else {
+            announced = touched
+                .iter()
+                .copied()
+                .chain(missed.ids.iter().copied())
+                .collect::<BTreeSet<u64>>()
+                .into_iter()
+                .collect();
+            &announced[..]
+        };
         let principal = peers
             .nodes
             .get(&self.self_id)
@@ -722,6 +739,21 @@ mod tests {
         let p = &d.peers_changed_patch.unwrap()[0];
         assert_eq!(p["Endpoints"], json!(["192.0.2.2:2"]));
         assert_eq!(p["DiscoKey"], "discokey:ab");
+        // A change the stream has not been told of yet (applied between an announcement
+        // and the stream reading the cache) still goes out with the next message.
+        let told = apply(&mut t, update(2, Some("192.0.2.2:3"), None, None));
+        apply(&mut t, update(3, Some("192.0.2.3:3"), None, None));
+        let d = view
+            .delta(&t, &cache, &config, &told, false, 13)
+            .unwrap()
+            .unwrap();
+        let ids: Vec<u64> = d
+            .peers_changed_patch
+            .unwrap()
+            .iter()
+            .map(|p| p["NodeID"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [2, 3]);
         // Nothing new: nothing sent.
         assert!(view
             .delta(&t, &cache, &config, &[2], false, 14)

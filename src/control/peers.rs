@@ -8,7 +8,7 @@
 //! sequence number it has caught up to and works out from these which peers to add, drop,
 //! patch or resend. Memory is O(N) per replica plus O(1) per stream.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use serde_json::Value;
@@ -71,9 +71,58 @@ pub struct Peers {
     /// before it, so a stream can tell which peers the previous policy let it see.
     policy: (u64, Option<Arc<Policy>>),
     previous_policy: Option<(u64, Option<Arc<Policy>>)>,
+    /// The nodes each recent sequence number touched (`None`: all of them, after a policy
+    /// change or a restore), oldest first, at most [`LOG`] entries.
+    log: VecDeque<(u64, Option<Vec<u64>>)>,
+}
+
+/// Sequence numbers of history kept for streams that fall behind; one further back gets a
+/// full map.
+const LOG: usize = 8192;
+
+/// What changed after a stream's sequence number.
+pub struct Since {
+    pub ids: BTreeSet<u64>,
+    /// Every node may have changed (a policy change or a restore).
+    pub everything: bool,
 }
 
 impl Peers {
+    /// The nodes touched after sequence number `seq`, from the history; `None` when it
+    /// does not reach back that far. A stream must look at these, not only at the changes
+    /// it was told of: the cache may have moved on between a change's announcement and
+    /// the stream reading it.
+    pub fn since(&self, seq: u64) -> Option<Since> {
+        if seq >= self.seq {
+            return Some(Since {
+                ids: BTreeSet::new(),
+                everything: false,
+            });
+        }
+        let oldest = self.log.front().map(|(s, _)| *s)?;
+        if oldest > seq + 1 {
+            return None;
+        }
+        let mut out = Since {
+            ids: BTreeSet::new(),
+            everything: false,
+        };
+        for (_, ids) in self.log.iter().filter(|(s, _)| *s > seq) {
+            match ids {
+                Some(ids) => out.ids.extend(ids.iter().copied()),
+                None => out.everything = true,
+            }
+        }
+        Some(out)
+    }
+
+    fn remember(&mut self, seq: u64, ids: Option<Vec<u64>>) {
+        if self.log.len() >= LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back((seq, ids));
+    }
+
     /// The policy in force at sequence number `seq`, if still known (`None` when it
     /// changed twice since: the stream then needs a full map).
     pub fn policy_at(&self, seq: u64) -> Option<Option<&Policy>> {
@@ -171,6 +220,7 @@ impl PeerCache {
         peers.primaries = primary_routes(t);
         let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
         self.refresh(peers, t, &ids, seq);
+        peers.remember(seq, None);
     }
 }
 
@@ -268,6 +318,7 @@ impl Observer for PeerCache {
                 changes.push(Change::NodeUpserted(id));
             }
         }
+        peers.remember(seq, Some(ids.into_iter().collect()));
     }
 
     fn reset(&self, t: &Tailnet) {
