@@ -233,6 +233,7 @@ async fn oidc_login_with_a_real_provider() {
         String::from_utf8_lossy(&out.stderr)
     );
     crate::ssh::wait_ssh_action(&o2, "holdAndDelegate").await;
+    crate::ssh::wait_host_keys(&o1, "o2").await;
     let mut held = crate::ssh::Session::start(&o1, "root@o2", "echo vouched");
     let line = held.wait_line("/ssh/check/", Duration::from_secs(60));
     let link = line

@@ -118,6 +118,26 @@ pub async fn wait_ssh_action(node: &Tailscaled, action: &str) {
     .await;
 }
 
+/// Waits until `from` knows `to`'s SSH host keys (they travel in `to`'s Hostinfo once
+/// it runs the SSH server): `tailscale ssh` checks the host key strictly against them.
+pub async fn wait_host_keys(from: &Tailscaled, to: &str) {
+    wait_for(
+        &format!("{} to know {to}'s SSH host keys", from.name),
+        Duration::from_secs(30),
+        || {
+            let st = from.status();
+            let ok = st["Peer"].as_object().is_some_and(|m| {
+                m.values().any(|p| {
+                    p["HostName"] == to
+                        && p["sshHostKeys"].as_array().is_some_and(|k| !k.is_empty())
+                })
+            });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}
+
 const ACLS: &str = r#""acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]"#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,6 +171,7 @@ async fn tailscale_ssh_accept_and_check_rules_with_official_clients() {
         ),
     );
     wait_ssh_action(&box1, "accept").await;
+    wait_host_keys(&laptop, "box1").await;
     let (ok, out, said) =
         Session::start(&laptop, "root@box1", "echo accepted").finish(Duration::from_secs(60));
     assert!(
