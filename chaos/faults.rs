@@ -114,18 +114,7 @@ impl Cluster {
             );
             disks.0.push(data);
         }
-        let peers = replicas
-            .iter()
-            .map(|r| format!("{}={}", r.id, r.raft))
-            .collect::<Vec<_>>()
-            .join(",");
-        for r in &mut replicas {
-            r.write_config(server_url, &peers, false);
-            r.start();
-        }
-        for r in &replicas {
-            r.wait_ready().await;
-        }
+        crate::fixtures::start_as_cluster(&mut replicas, server_url).await;
         Cluster {
             replicas,
             lan,

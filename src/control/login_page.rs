@@ -169,6 +169,19 @@ pub async fn oidc_callback(
     complete(&st, auth_id, who.user, now).await
 }
 
+/// The page refusing an administrator's form whose API key is not valid, titled `title`;
+/// `None` when the key is good.
+fn bad_api_key(st: &ControlState, api_key: &str, now: i64, title: &str) -> Option<Response> {
+    let checked = crate::admin::check_api_key(&st.db.store.read(), api_key.trim(), now);
+    checked.err().map(|why| {
+        page(
+            StatusCode::UNAUTHORIZED,
+            title,
+            &format!("<p>{}</p>", escape(why)),
+        )
+    })
+}
+
 #[derive(Deserialize)]
 pub struct Approval {
     user: String,
@@ -182,13 +195,8 @@ pub async fn approve(
     Form(form): Form<Approval>,
 ) -> Response {
     let now = now_ms();
-    let checked = crate::admin::check_api_key(&st.db.store.read(), form.api_key.trim(), now);
-    if let Err(why) = checked {
-        return page(
-            StatusCode::UNAUTHORIZED,
-            "Not registered",
-            &format!("<p>{}</p>", escape(why)),
-        );
+    if let Some(refused) = bad_api_key(&st, &form.api_key, now, "Not registered") {
+        return refused;
     }
     complete(&st, auth_id, form.user.trim().to_string(), now).await
 }
@@ -306,13 +314,8 @@ pub async fn decide_ssh_check(
     Form(form): Form<SshDecision>,
 ) -> Response {
     let now = now_ms();
-    let checked = crate::admin::check_api_key(&st.db.store.read(), form.api_key.trim(), now);
-    if let Err(why) = checked {
-        return page(
-            StatusCode::UNAUTHORIZED,
-            "Not decided",
-            &format!("<p>{}</p>", escape(why)),
-        );
+    if let Some(refused) = bad_api_key(&st, &form.api_key, now, "Not decided") {
+        return refused;
     }
     let approve = form.decision == "approve";
     decide(&st, auth_id, approve, "administrator".into(), now).await

@@ -22,18 +22,7 @@ pub async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<Repl
             r
         })
         .collect();
-    let peers = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.id, r.raft))
-        .collect::<Vec<_>>()
-        .join(",");
-    for r in &mut replicas {
-        r.write_config(server_url, &peers, false);
-        r.start();
-    }
-    for r in &replicas {
-        r.wait_ready().await;
-    }
+    crate::fixtures::start_as_cluster(&mut replicas, server_url).await;
     replicas
 }
 

@@ -620,6 +620,23 @@ impl Drop for ReplicaProc {
     }
 }
 
+/// Starts `replicas` as one new cluster, every one a voter, whose clients log in at
+/// `server_url`; returns once every replica is ready.
+pub async fn start_as_cluster(replicas: &mut [ReplicaProc], server_url: &str) {
+    let peers = replicas
+        .iter()
+        .map(|r| format!("{}={}", r.id, r.raft))
+        .collect::<Vec<_>>()
+        .join(",");
+    for r in replicas.iter_mut() {
+        r.write_config(server_url, &peers, false);
+        r.start();
+    }
+    for r in replicas.iter() {
+        r.wait_ready().await;
+    }
+}
+
 /// The leader as the first running replica of `replicas` that answers `cluster status`.
 pub fn leader_of<'a>(replicas: impl IntoIterator<Item = &'a ReplicaProc>) -> Option<u64> {
     replicas

@@ -235,12 +235,7 @@ async fn oidc_login_with_a_real_provider() {
     crate::ssh::wait_ssh_action(&o2, "holdAndDelegate").await;
     crate::ssh::wait_host_keys(&o1, "o2").await;
     let mut held = crate::ssh::Session::start(&o1, "root@o2", "echo vouched");
-    let line = held.wait_line("/ssh/check/", Duration::from_secs(60));
-    let link = line
-        .split_whitespace()
-        .find(|w| w.contains("/ssh/check/"))
-        .expect("link")
-        .to_string();
+    let link = held.check_link();
     let (code, page) = browse(&link, "alice", "alice-pass");
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("SSH connection approved"), "{page}");

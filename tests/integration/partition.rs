@@ -30,18 +30,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
             r
         })
         .collect();
-    let peers = replicas
-        .iter()
-        .map(|r| format!("{}={}", r.id, r.raft))
-        .collect::<Vec<_>>()
-        .join(",");
-    for r in &mut replicas {
-        r.write_config(&lb_url, &peers, false);
-        r.start();
-    }
-    for r in &replicas {
-        r.wait_ready().await;
-    }
+    crate::fixtures::start_as_cluster(&mut replicas, &lb_url).await;
     let lb = Haproxy::start(dir.path(), &lb_addr, &replicas.iter().collect::<Vec<_>>());
     wait_for("load balancer up", Duration::from_secs(30), || {
         let ok = http_get(&lb.addr, "/ready").is_some_and(|(c, _)| c == 200);

@@ -44,7 +44,7 @@ impl Session {
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
-    pub fn wait_line(&mut self, needle: &str, within: Duration) -> String {
+    fn wait_line(&mut self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
@@ -62,6 +62,15 @@ impl Session {
             "no line with {needle:?} within {within:?}; ssh said:\n{}",
             self.seen
         );
+    }
+
+    /// Waits for the SSH check link the server sends a held connection; returns it.
+    pub fn check_link(&mut self) -> String {
+        let line = self.wait_line("/ssh/check/", Duration::from_secs(60));
+        line.split_whitespace()
+            .find(|w| w.contains("/ssh/check/"))
+            .expect("link")
+            .to_string()
     }
 
     /// Exit success and stdout, within `within`.
@@ -194,12 +203,7 @@ async fn tailscale_ssh_accept_and_check_rules_with_official_clients() {
     );
     wait_ssh_action(&box1, "holdAndDelegate").await;
     let mut held = Session::start(&laptop, "root@box1", "echo checked");
-    let line = held.wait_line("/ssh/check/", Duration::from_secs(60));
-    let link = line
-        .split_whitespace()
-        .find(|w| w.contains("/ssh/check/"))
-        .expect("link")
-        .to_string();
+    let link = held.check_link();
     assert!(link.starts_with(&url), "{link} is not on {url}");
     // The page behind the link names the connection and how to approve it.
     let rest = link.strip_prefix("http://").expect("http link");
@@ -254,13 +258,8 @@ async fn tailscale_ssh_accept_and_check_rules_with_official_clients() {
         ),
     );
     let mut held = Session::start(&laptop, "root@box1", "echo never");
-    let line = held.wait_line("/ssh/check/", Duration::from_secs(60));
-    let id = line
-        .rsplit("/ssh/check/")
-        .next()
-        .expect("id")
-        .trim()
-        .to_string();
+    let link = held.check_link();
+    let id = link.rsplit('/').next().expect("id").to_string();
     let out = server.cli(&["auth", "approve-ssh", "--auth-id", &id, "--reject"]);
     assert!(
         out.status.success(),
