@@ -297,9 +297,9 @@ async fn run_stream(
             }
             _ = keepalive.tick() => Some(MapResponse { keep_alive: true, ..Default::default() }),
             first = changes.recv() => {
-                let mut touched = Vec::new();
+                // Which nodes changed, the stream reads from the peer cache's history; the
+                // announcements only wake it, and say when a full map or DERP map is due.
                 let mut full = false;
-                let mut policy_changed = false;
                 let mut derp_changed = false;
                 let mut pending = Some(first);
                 // Drain the burst so many changes become one message.
@@ -309,10 +309,12 @@ async fn run_stream(
                         c
                     });
                     match item {
-                        Ok(Change::NodeUpserted(n)) | Ok(Change::NodeRemoved(n)) => touched.push(n),
-                        Ok(Change::UserChanged(_)) | Ok(Change::SshCheckDecided(_)) => {}
+                        Ok(Change::NodeUpserted(_))
+                        | Ok(Change::NodeRemoved(_))
+                        | Ok(Change::UserChanged(_))
+                        | Ok(Change::PolicyChanged)
+                        | Ok(Change::SshCheckDecided(_)) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
-                        Ok(Change::PolicyChanged) => policy_changed = true,
                         Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
@@ -322,14 +324,12 @@ async fn run_stream(
                         Err(_) => None,
                     };
                 }
-                touched.sort_unstable();
-                touched.dedup();
                 let t = st.db.store.read();
                 let now = now_ms();
                 let delta = if full {
                     Err(Resync::Full)
                 } else {
-                    view.delta(&t, &st.peers, &st.config, &touched, policy_changed, now)
+                    view.delta(&t, &st.peers, &st.config, now)
                 };
                 match delta {
                     Ok(r) if derp_changed => {

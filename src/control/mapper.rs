@@ -3,12 +3,12 @@
 //! A delta is computed against what this stream last sent, so a reconnecting or lagging
 //! stream converges on the committed state without any shared bookkeeping.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
-use super::peers::{Entry, PeerCache, Peers};
+use super::peers::{Entry, PeerCache};
 use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse, Shared};
 use crate::config::Config;
 use crate::policy::{compile, Policy, Principal};
@@ -415,12 +415,6 @@ impl StreamView {
         }
     }
 
-    /// The node's own `tailcfg.Node`: rendered per stream (it is one node, and `Expired`
-    /// matters most here).
-    fn self_json(&self, t: &Tailnet, me: &Node, peers: &Peers, config: &Config, now: i64) -> Value {
-        node_json(t, me, &peers.primaries, config, now)
-    }
-
     /// A complete map; replaces everything the client had.
     pub fn full(
         &mut self,
@@ -433,7 +427,9 @@ impl StreamView {
         let me = t.nodes.get(&self.self_id)?;
         let peers_now = cache.read();
         let base = &config.base_domain;
-        let self_json = self.self_json(t, me, &peers_now, config, now);
+        // The node's own entry is rendered here, not taken from the cache: it is one node,
+        // and `Expired` (by this replica's clock) matters most to the node itself.
+        let self_json = node_json(t, me, &peers_now.primaries, config, now);
         self.principal = compile::principal(t, me);
         let mut peers = Vec::new();
         for n in t.nodes.values().filter(|n| n.id != self.self_id) {
@@ -479,15 +475,13 @@ impl StreamView {
         Some(resp)
     }
 
-    /// A delta for the nodes in `touched` (every node when the policy changed); `None`
-    /// when nothing visible changed.
+    /// A delta for every node the cache changed since this stream's last message (all of
+    /// them after a policy change); `None` when nothing visible changed.
     pub fn delta(
         &mut self,
         t: &Tailnet,
         cache: &PeerCache,
         config: &Config,
-        touched: &[u64],
-        policy_changed: bool,
         now: i64,
     ) -> Result<Option<MapResponse>, Resync> {
         let mut resp = MapResponse::default();
@@ -501,40 +495,26 @@ impl StreamView {
         // Which peers the client holds follows from the policy it was last sent under.
         let before = peers.policy_at(since).ok_or(Resync::Full)?;
         let current = policy(t);
-        // Everything the cache applied since this stream's last message, announced to it
-        // yet or not (it reads the cache as it is now).
+        // What changed comes from the cache's history, not from the announcements the
+        // stream was woken by: the cache may have moved on before the stream read it.
         let missed = peers.since(since).ok_or(Resync::Full)?;
-        let policy_changed = policy_changed || missed.everything;
-        let announced: Vec<u64>;
-        let touched = if missed.ids.is_empty() {
-            touched
-        } else {
-            announced = touched
-                .iter()
-                .copied()
-                .chain(missed.ids.iter().copied())
-                .collect::<BTreeSet<u64>>()
-                .into_iter()
-                .collect();
-            &announced[..]
-        };
+        let policy_changed = missed.everything;
         let principal = peers
             .nodes
             .get(&self.self_id)
             .map(|e| e.principal.clone())
             .unwrap_or_else(|| compile::principal(t, me));
-        // When the node itself became someone else to the policy (tags, addresses), every
-        // peer's visibility may have changed, not only the touched ones'.
-        let everyone: Vec<u64>;
-        let touched = if policy_changed || (principal != self.principal && current.is_some()) {
-            everyone = t.nodes.keys().copied().collect();
-            &everyone[..]
-        } else {
-            touched
-        };
-        for &id in touched {
+        // A policy change, or the node itself becoming someone else to the policy (tags,
+        // addresses), may change every peer's visibility, not only the touched ones'.
+        let touched: Vec<u64> =
+            if policy_changed || (principal != self.principal && current.is_some()) {
+                t.nodes.keys().copied().collect()
+            } else {
+                missed.ids.into_iter().collect()
+            };
+        for &id in &touched {
             if id == self.self_id {
-                let j = self.self_json(t, me, &peers, config, now);
+                let j = node_json(t, me, &peers.primaries, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
                     resp.node = Some(j);
@@ -682,17 +662,9 @@ mod tests {
         let cache = PeerCache::new(Arc::new(config.clone()));
         cache.reset(&t);
         let apply = |t: &mut Tailnet, cmd: Command| {
-            let (r, mut changes) = t.apply(&cmd);
+            let (r, changes) = t.apply(&cmd);
             r.unwrap();
-            cache.applied(t, &mut changes);
-            changes
-                .iter()
-                .filter_map(|c| match c {
-                    crate::state::Change::NodeUpserted(id)
-                    | crate::state::Change::NodeRemoved(id) => Some(*id),
-                    _ => None,
-                })
-                .collect::<Vec<u64>>()
+            cache.applied(t, &changes);
         };
         let mut view = StreamView::new(1);
         let full = view.full(&t, &cache, &config, &json!({}), 10).unwrap();
@@ -716,11 +688,8 @@ mod tests {
                     now: 11,
                 }
             };
-        let touched = apply(&mut t, update(2, Some("192.0.2.2:1"), None, None));
-        let d = view
-            .delta(&t, &cache, &config, &touched, false, 12)
-            .unwrap()
-            .unwrap();
+        apply(&mut t, update(2, Some("192.0.2.2:1"), None, None));
+        let d = view.delta(&t, &cache, &config, 12).unwrap().unwrap();
         assert!(d.peers_changed.is_none());
         let p = &d.peers_changed_patch.unwrap()[0];
         assert_eq!(
@@ -730,23 +699,18 @@ mod tests {
         assert!(p.get("DiscoKey").is_none());
 
         // Two changes before the stream catches up: one patch with both.
-        let mut touched = apply(&mut t, update(2, Some("192.0.2.2:2"), None, None));
-        touched.extend(apply(&mut t, update(2, None, Some("discokey:ab"), None)));
-        let d = view
-            .delta(&t, &cache, &config, &touched, false, 13)
-            .unwrap()
-            .unwrap();
+        apply(&mut t, update(2, Some("192.0.2.2:2"), None, None));
+        apply(&mut t, update(2, None, Some("discokey:ab"), None));
+        let d = view.delta(&t, &cache, &config, 13).unwrap().unwrap();
         let p = &d.peers_changed_patch.unwrap()[0];
         assert_eq!(p["Endpoints"], json!(["192.0.2.2:2"]));
         assert_eq!(p["DiscoKey"], "discokey:ab");
-        // A change the stream has not been told of yet (applied between an announcement
-        // and the stream reading the cache) still goes out with the next message.
-        let told = apply(&mut t, update(2, Some("192.0.2.2:3"), None, None));
+        // Changes to several peers before the stream reads the cache all go out in its
+        // next message: it reads the cache's history, not the announcements that woke it
+        // (the cache may have moved on between the two).
+        apply(&mut t, update(2, Some("192.0.2.2:3"), None, None));
         apply(&mut t, update(3, Some("192.0.2.3:3"), None, None));
-        let d = view
-            .delta(&t, &cache, &config, &told, false, 13)
-            .unwrap()
-            .unwrap();
+        let d = view.delta(&t, &cache, &config, 13).unwrap().unwrap();
         let ids: Vec<u64> = d
             .peers_changed_patch
             .unwrap()
@@ -755,17 +719,11 @@ mod tests {
             .collect();
         assert_eq!(ids, [2, 3]);
         // Nothing new: nothing sent.
-        assert!(view
-            .delta(&t, &cache, &config, &[2], false, 14)
-            .unwrap()
-            .is_none());
+        assert!(view.delta(&t, &cache, &config, 14).unwrap().is_none());
 
         // Hostinfo is not patchable: the whole node.
-        let touched = apply(&mut t, update(3, None, None, Some(r#"{"OS":"linux"}"#)));
-        let d = view
-            .delta(&t, &cache, &config, &touched, false, 15)
-            .unwrap()
-            .unwrap();
+        apply(&mut t, update(3, None, None, Some(r#"{"OS":"linux"}"#)));
+        let d = view.delta(&t, &cache, &config, 15).unwrap().unwrap();
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
 
         // A policy hiding node 3 (tag:web) from alice's node 1; then removing its tag
@@ -780,33 +738,21 @@ mod tests {
         );
         // A policy change is a delta on the open stream: the peer it now hides is removed,
         // and the node's packet filter replaced.
-        let d = view
-            .delta(&t, &cache, &config, &[], true, 16)
-            .unwrap()
-            .unwrap();
+        let d = view.delta(&t, &cache, &config, 16).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [3]);
         assert!(d.peers_changed.is_none() && d.packet_filter.is_some());
-        assert!(view
-            .delta(&t, &cache, &config, &[], false, 16)
-            .unwrap()
-            .is_none());
-        let touched = apply(
+        assert!(view.delta(&t, &cache, &config, 16).unwrap().is_none());
+        apply(
             &mut t,
             Command::SetTags {
                 id: 3,
                 tags: vec![],
             },
         );
-        let d = view
-            .delta(&t, &cache, &config, &touched, false, 17)
-            .unwrap()
-            .unwrap();
+        let d = view.delta(&t, &cache, &config, 17).unwrap().unwrap();
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
-        let touched = apply(&mut t, Command::DeleteNode { id: 2 });
-        let d = view
-            .delta(&t, &cache, &config, &touched, false, 18)
-            .unwrap()
-            .unwrap();
+        apply(&mut t, Command::DeleteNode { id: 2 });
+        let d = view.delta(&t, &cache, &config, 18).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [2]);
     }
 

@@ -107,7 +107,10 @@ impl Peers {
             ids: BTreeSet::new(),
             everything: false,
         };
-        for (_, ids) in self.log.iter().filter(|(s, _)| *s > seq) {
+        // Sequence numbers rise along the history: start at the first one after `seq`
+        // instead of walking the whole history on every update of every stream.
+        let first = self.log.partition_point(|(s, _)| *s <= seq);
+        for (_, ids) in self.log.range(first..) {
             match ids {
                 Some(ids) => out.ids.extend(ids.iter().copied()),
                 None => out.everything = true,
@@ -163,14 +166,11 @@ impl PeerCache {
         ))
     }
 
-    /// Re-renders `ids` at sequence number `seq`; returns those whose rendering changed.
-    fn refresh(&self, peers: &mut Peers, t: &Tailnet, ids: &BTreeSet<u64>, seq: u64) -> Vec<u64> {
-        let mut moved = Vec::new();
+    /// Re-renders `ids` at sequence number `seq`, stamping what changed.
+    fn refresh(&self, peers: &mut Peers, t: &Tailnet, ids: &BTreeSet<u64>, seq: u64) {
         for &id in ids {
             let Some((json, principal)) = self.render(t, id, &peers.primaries) else {
-                if peers.nodes.remove(&id).is_some() {
-                    moved.push(id);
-                }
+                peers.nodes.remove(&id);
                 continue;
             };
             match peers.nodes.get_mut(&id) {
@@ -188,25 +188,21 @@ impl PeerCache {
                             patched: [seq; PATCHABLE.len()],
                         },
                     );
-                    moved.push(id);
                 }
                 Some(e) => {
                     if *e.json != json {
                         stamp(e, &json, seq);
                         e.text = text_of(&json);
                         e.json = Arc::new(json);
-                        moved.push(id);
                     }
                     if e.principal != principal {
                         let old = std::mem::replace(&mut e.principal, principal);
                         e.previous = Some((e.principal_since, old));
                         e.principal_since = seq;
-                        moved.push(id);
                     }
                 }
             }
         }
-        moved
     }
 
     fn rebuild(&self, peers: &mut Peers, t: &Tailnet) {
@@ -260,7 +256,7 @@ fn stamp(e: &mut Entry, new: &Value, seq: u64) {
 }
 
 impl Observer for PeerCache {
-    fn applied(&self, t: &Tailnet, changes: &mut Vec<Change>) {
+    fn applied(&self, t: &Tailnet, changes: &[Change]) {
         if changes.is_empty() {
             return;
         }
@@ -269,14 +265,14 @@ impl Observer for PeerCache {
             .iter()
             .any(|c| matches!(c, Change::Reset | Change::PolicyChanged))
         {
-            // Streams send full maps for these; every node's capabilities may differ.
+            // Every node's capabilities and visibility may differ: re-render them all.
             self.rebuild(&mut peers, t);
             return;
         }
         peers.seq += 1;
         let seq = peers.seq;
         let mut ids = BTreeSet::new();
-        for c in changes.iter() {
+        for c in changes {
             match c {
                 Change::NodeUpserted(id) | Change::NodeRemoved(id) => {
                     ids.insert(*id);
@@ -305,19 +301,8 @@ impl Observer for PeerCache {
                 peers.primaries = primaries;
             }
         }
-        let given: BTreeSet<u64> = changes
-            .iter()
-            .filter_map(|c| match c {
-                Change::NodeUpserted(id) | Change::NodeRemoved(id) => Some(*id),
-                _ => None,
-            })
-            .collect();
-        for id in self.refresh(&mut peers, t, &ids, seq) {
-            // Tell streams about nodes that changed only as a side effect.
-            if !given.contains(&id) && t.nodes.contains_key(&id) {
-                changes.push(Change::NodeUpserted(id));
-            }
-        }
+        // Streams find every node touched here, side effects included, in the history.
+        self.refresh(&mut peers, t, &ids, seq);
         peers.remember(seq, Some(ids.into_iter().collect()));
     }
 
@@ -354,8 +339,8 @@ mod tests {
                 home_derp: None,
                 now: 5,
             };
-        let (_, mut changes) = t.apply(&update(Some(vec!["192.0.2.1:41641".into()]), None));
-        c.applied(&t, &mut changes);
+        let (_, changes) = t.apply(&update(Some(vec!["192.0.2.1:41641".into()]), None));
+        c.applied(&t, &changes);
         {
             let p = c.read();
             let e = &p.nodes[&1];
@@ -364,8 +349,8 @@ mod tests {
             assert_eq!(e.patched[i], p.seq);
             assert_eq!(e.json["Endpoints"][0], "192.0.2.1:41641");
         }
-        let (_, mut changes) = t.apply(&update(None, Some(r#"{"OS":"linux"}"#.into())));
-        c.applied(&t, &mut changes);
+        let (_, changes) = t.apply(&update(None, Some(r#"{"OS":"linux"}"#.into())));
+        c.applied(&t, &changes);
         let p = c.read();
         assert_eq!(p.nodes[&1].reshaped, p.seq);
         assert_eq!(
@@ -386,18 +371,19 @@ mod tests {
         }
         let c = cache(&t);
         assert_eq!(c.read().primaries[&route], 1);
-        let (_, mut changes) = t.apply(&Command::SetOnline {
+        let (_, changes) = t.apply(&Command::SetOnline {
             node_id: 1,
             online: false,
             replica: 1,
             now: 9,
         });
-        c.applied(&t, &mut changes);
-        assert!(
-            changes.contains(&Change::NodeUpserted(2)),
-            "the standby's routes changed: {changes:?}"
-        );
+        c.applied(&t, &changes);
         let p = c.read();
+        let touched = p.since(p.seq - 1).unwrap().ids;
+        assert!(
+            touched.contains(&2),
+            "the standby's routes changed: {touched:?}"
+        );
         assert_eq!(p.primaries[&route], 2);
         assert_eq!(p.nodes[&2].json["PrimaryRoutes"][0], "10.9.0.0/24");
         assert_eq!(p.nodes[&2].reshaped, p.seq);

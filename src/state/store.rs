@@ -24,9 +24,8 @@ pub type StampedChange = (std::time::Instant, Change);
 /// while the state is still write-locked, so whoever takes the state's read lock and then
 /// the view's sees the two agree.
 pub trait Observer: Send + Sync {
-    /// After a command is applied, before its changes are published. May add changes (to
-    /// nodes whose derived form changed only as a side effect).
-    fn applied(&self, t: &Tailnet, changes: &mut Vec<Change>);
+    /// After a command is applied, before its changes are published.
+    fn applied(&self, t: &Tailnet, changes: &[Change]);
     /// The whole state was replaced, or the observer has just been installed.
     fn reset(&self, t: &Tailnet);
 }
@@ -106,9 +105,9 @@ impl hydrascale_raft::Application for StateStore {
                 let observer = self.observer();
                 let (result, changes) = {
                     let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
-                    let (result, mut changes) = t.apply(&cmd);
+                    let (result, changes) = t.apply(&cmd);
                     if let Some(o) = &observer {
-                        o.applied(&t, &mut changes);
+                        o.applied(&t, &changes);
                     }
                     (result, changes)
                 };
