@@ -221,17 +221,18 @@ async fn complete(st: &ControlState, auth_id: String, user: String, now: i64) ->
             "Not registered",
             "<p>The server returned no node; try again.</p>",
         ),
-        Err(DbError::State(e)) => page(
-            StatusCode::BAD_REQUEST,
-            "Not registered",
-            &format!("<p>{}</p>", escape(&e.to_string())),
-        ),
-        Err(e) => page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Not registered",
-            &format!("<p>{}</p>", escape(&e.to_string())),
-        ),
+        Err(e) => write_failed("Not registered", e),
     }
+}
+
+/// The page for a write the cluster refused (400: the request was wrong) or could not
+/// make (503: try again), titled `title`.
+fn write_failed(title: &str, e: DbError) -> Response {
+    let status = match e {
+        DbError::State(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    page(status, title, &format!("<p>{}</p>", escape(&e.to_string())))
 }
 
 /// The SSH check `auth_id` if a connection still waits for it.
@@ -378,15 +379,6 @@ async fn decide(
             "SSH connection refused",
             "<p>The connection was refused.</p>",
         ),
-        Err(DbError::State(e)) => page(
-            StatusCode::BAD_REQUEST,
-            "Not decided",
-            &format!("<p>{}</p>", escape(&e.to_string())),
-        ),
-        Err(e) => page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Not decided",
-            &format!("<p>{}</p>", escape(&e.to_string())),
-        ),
+        Err(e) => write_failed("Not decided", e),
     }
 }

@@ -321,7 +321,8 @@ async fn interactive_login(
     })
 }
 
-fn new_auth_id() -> String {
+/// A random id for a login or an SSH check: the last part of the link a user opens.
+pub(super) fn new_auth_id() -> String {
     use rand::RngCore;
     let mut b = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut b);

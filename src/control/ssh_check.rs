@@ -95,7 +95,7 @@ async fn decide(
     // Subscribe before reading, so a decision between the two is not missed.
     let mut changes = st.db.store.subscribe();
     let now = now_ms();
-    let period = {
+    let passed = {
         let t = st.db.store.read();
         let dst_node = t
             .nodes
@@ -123,15 +123,13 @@ async fn decide(
             }
             // The policy changed from check to accept while the connection was held.
             Some(SshAction::Accept) => return Ok(compile::accept_action()),
-            Some(SshAction::Check { period_ms }) => period_ms,
+            // Passed a check within the rule's period (0: "always", never).
+            Some(SshAction::Check { period_ms }) => t
+                .ssh_approvals
+                .get(&src)
+                .and_then(|to| to.get(&dst))
+                .is_some_and(|at| period_ms > 0 && at.saturating_add(period_ms as i64) > now),
         }
-    };
-    let passed = {
-        let t = st.db.store.read();
-        t.ssh_approvals
-            .get(&src)
-            .and_then(|to| to.get(&dst))
-            .is_some_and(|at| period > 0 && at.saturating_add(period as i64) > now)
     };
     if passed {
         return Ok(compile::accept_action());
@@ -190,12 +188,7 @@ async fn start(
     q: &ActionQuery,
     now: i64,
 ) -> Result<Value, ControlError> {
-    let auth_id = {
-        use rand::RngCore;
-        let mut b = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut b);
-        hex::encode(b)
-    };
+    let auth_id = super::register::new_auth_id();
     st.db
         .write(Command::StartSshCheck {
             auth_id: auth_id.clone(),
