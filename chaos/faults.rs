@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::fixtures::{leader_of, make_certs, wait_for, Lan, ReplicaProc};
 use crate::history::{Committed, History, Kind, NodeRow, Op, Outcome};
+use crate::netem;
 use crate::workload::{cli_with_timeout, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,9 +27,14 @@ pub enum Fault {
     RollingRestart,
     /// A replica's data disk fills up; space comes back when healed.
     DiskFull,
+    /// Every replica's packets held 120 ms ± 40 ms on their way out (`netem delay`), so
+    /// every round trip between replicas, and to clients, takes about a quarter second.
+    Delay,
+    /// The leader's link drops 20 % of its packets each way (`netem loss`).
+    Loss,
 }
 
-pub const ALL: [Fault; 7] = [
+pub const ALL: [Fault; 9] = [
     Fault::KillLeader,
     Fault::KillRandom,
     Fault::Pause,
@@ -36,6 +42,8 @@ pub const ALL: [Fault; 7] = [
     Fault::LeaderInMajority,
     Fault::RollingRestart,
     Fault::DiskFull,
+    Fault::Delay,
+    Fault::Loss,
 ];
 
 impl Fault {
@@ -48,6 +56,8 @@ impl Fault {
             Fault::LeaderInMajority => "leader-in-majority",
             Fault::RollingRestart => "rolling-restart",
             Fault::DiskFull => "disk-full",
+            Fault::Delay => "delay",
+            Fault::Loss => "loss",
         }
     }
 }
@@ -59,6 +69,8 @@ pub enum Injected {
     Paused(usize),
     Cut(usize),
     Filled(usize, PathBuf),
+    Delayed(netem::Delay),
+    Lossy(netem::Loss),
 }
 
 /// Small tmpfs data disks, so one can be filled; unmounted when dropped, after the
@@ -81,8 +93,10 @@ pub struct Cluster {
     _disks: Disks,
 }
 
-/// Data disk size: a run writes a few MiB; RocksDB needs room for compactions.
-const DISK: &str = "size=256m";
+/// Data disk size: a run writes a few MiB; RocksDB needs room for compactions. Below
+/// RocksDB's log preallocation (1.1 × its 64 MiB write buffer), so its log takes space as
+/// it grows: a bigger disk gives a running replica up to 64 MiB of writes after it fills.
+const DISK: &str = "size=48m";
 
 impl Cluster {
     /// Three replicas with mutual-TLS Raft, clients logging in at `server_url`.
@@ -183,14 +197,23 @@ impl Cluster {
             Fault::DiskFull => {
                 let file = self.replicas[target].dir.join("data").join("chaos-fill");
                 fill(&file);
-                // A running replica writes into space RocksDB already allocated (its WAL is
-                // preallocated), so a full disk bites when files must be made: restart it
-                // on the full disk, as after a reboot. It must not start half-way, and must
-                // start and catch up once there is space again.
-                let r = &mut self.replicas[target];
-                r.stop();
-                r.start();
+                self.stop_on_full_disk(target).await;
                 Injected::Filled(target, file)
+            }
+            Fault::Delay => {
+                let hosts: Vec<&str> = (0..self.replicas.len())
+                    .map(|i| self.lan.netns(i))
+                    .collect();
+                Injected::Delayed(netem::Delay::start(
+                    &hosts,
+                    Duration::from_millis(120),
+                    Duration::from_millis(40),
+                    hold.as_millis() as u64,
+                ))
+            }
+            Fault::Loss => {
+                let i = self.leader_index().await;
+                Injected::Lossy(netem::Loss::start(self.lan.netns(i), 20))
             }
         };
         tokio::time::sleep(hold).await;
@@ -198,30 +221,21 @@ impl Cluster {
     }
 
     /// Undoes `injected` and waits until every replica is ready again.
-    pub async fn heal(&mut self, injected: &Injected) {
+    pub async fn heal(&mut self, injected: Injected) {
         match injected {
             Injected::Nothing => {}
-            Injected::Killed(i) => self.replicas[*i].start(),
-            Injected::Paused(i) => signal(&self.replicas[*i], libc::SIGCONT),
-            Injected::Cut(i) => self.lan.heal(*i),
+            Injected::Killed(i) => self.replicas[i].start(),
+            Injected::Paused(i) => signal(&self.replicas[i], libc::SIGCONT),
+            Injected::Cut(i) => self.lan.heal(i),
+            Injected::Delayed(delay) => {
+                let packets = delay.stop();
+                eprintln!("chaos: {packets} packets delayed");
+            }
+            Injected::Lossy(loss) => drop(loss),
             Injected::Filled(i, file) => {
-                let log = std::fs::read_to_string(self.replicas[*i].dir.join("hydrascale.log"))
-                    .unwrap_or_default();
-                let complaint = log
-                    .lines()
-                    .rfind(|l| l.contains("No space left") || l.contains("no space"))
-                    .map(|l| l.chars().take(300).collect::<String>());
-                let exited = self.replicas[*i].exited();
-                eprintln!(
-                    "chaos: replica {} on the full disk: {}; last complaint: {complaint:?}",
-                    self.replicas[*i].id,
-                    if exited { "stopped" } else { "still running" },
-                );
-                let _ = std::fs::remove_file(file);
+                let _ = std::fs::remove_file(&file);
                 // It must start again on the same disk and catch up.
-                if exited || !self.replicas[*i].is_running() {
-                    self.replicas[*i].start();
-                }
+                self.replicas[i].start();
             }
         }
         // Serving again means every replica takes (or forwards) a write: `/ready` alone
@@ -253,6 +267,40 @@ impl Cluster {
             )
             .await;
         }
+    }
+
+    /// Drives writes through another replica until the one on the full disk must append
+    /// and cannot: it must then exit, naming the cause, rather than linger refusing every
+    /// client. (Started again on the still-full disk it may start, RocksDB having space
+    /// left in its files, or refuse, naming the full disk: `RaftError::Open`'s hint.)
+    async fn stop_on_full_disk(&mut self, i: usize) {
+        let other = target_of(&self.replicas[(i + 1) % self.replicas.len()]);
+        let id = self.replicas[i].id;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut writes = 0;
+        let status = loop {
+            if let Some(status) = self.replicas[i].exit_status() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {id} kept running for 60 s of writes on a full disk\n{}",
+                self.replicas[i].log_tail()
+            );
+            let name = format!("fill-{id}-{}", self.probes);
+            self.probes += 1;
+            writes += 1;
+            let _ =
+                cli_with_timeout(&other, &["users", "create", &name], Duration::from_secs(5)).await;
+        };
+        let log = self.replicas[i].log_tail();
+        eprintln!("chaos: replica {id} on the full disk exited ({status}) after {writes} write(s)");
+        assert!(
+            !status.success()
+                && log.contains("Raft stopped on this replica")
+                && log.contains("No space left"),
+            "replica {id} on the full disk ended with {status} without naming the full disk\n{log}"
+        );
     }
 
     /// Waits until every replica reports the same users and nodes, and returns them.

@@ -2,7 +2,7 @@
 //! namespaces on a private bridge), HAProxy and official clients on the router, a workload
 //! writing through every replica, and a seeded schedule of faults: kill -9 of the leader
 //! and of a random replica, SIGSTOP pauses, partitions with the leader in the minority and
-//! in the majority, rolling restarts, a full disk. After each fault heals the cluster must
+//! in the majority, network delay and loss, rolling restarts, a full disk. After each fault heals the cluster must
 //! serve again; at the end the history is checked (`history::check`): no acknowledged
 //! write lost, no address or node key given twice, no write acknowledged by a replica cut
 //! off from the quorum, every replica on the same state and every client's map matching it.
@@ -18,6 +18,7 @@ mod faults;
 #[path = "../tests/integration/fixtures.rs"]
 mod fixtures;
 mod history;
+mod netem;
 mod workload;
 
 use std::path::PathBuf;
@@ -107,7 +108,7 @@ async fn faults_lose_nothing_and_everyone_converges() {
             let injected = cluster.inject(fault, target, hold, &history).await;
             history.set_fault("");
             let healed = Instant::now();
-            cluster.heal(&injected).await;
+            cluster.heal(injected).await;
             let took = healed.elapsed();
             eprintln!("chaos: {name}: serving again {took:?} after healing");
             recoveries.push((name.to_string(), took));

@@ -19,6 +19,8 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v python3 >/dev/null || need_apt+=(python3)
 # `tailscale ssh` runs the system's ssh client.
 command -v ssh >/dev/null || need_apt+=(openssh-client)
+# The chaos suite's network delay and loss (iptables' NFQUEUE and statistic match).
+command -v iptables >/dev/null || need_apt+=(iptables)
 python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -641,7 +641,7 @@ async fn run(cli: Cli) -> Result<()> {
             "Hydrascale is running. Log in with: tailscale up --login-server={}",
             handle.server_url
         );
-        handle.wait_for_shutdown_signal().await;
+        handle.wait_for_shutdown_signal().await?;
         return Ok(());
     }
     let mut c = connect(&cli).await?;

@@ -49,6 +49,8 @@ pub enum ServerError {
     Oidc(String),
     #[error("cannot start Raft's own threads: {0}")]
     RaftThreads(String),
+    #[error("Raft stopped on this replica ({0}); it cannot take part in the cluster until it is restarted. If the data directory's disk is full, free space before starting it again; the other replicas go on without it")]
+    RaftStopped(String),
 }
 
 /// Raft runs on a runtime and OS threads of its own. Thousands of map streams keep the
@@ -423,29 +425,40 @@ impl ServerHandle {
         }
     }
 
-    /// Runs until SIGINT or SIGTERM, then shuts down in order.
-    pub async fn wait_for_shutdown_signal(self) {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot watch SIGTERM");
-                        let _ = ctrl_c.await;
-                        self.shutdown().await;
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
+    /// Runs until SIGINT or SIGTERM, then shuts down in order. Returns an error if Raft
+    /// stopped by itself first (a storage error such as a full disk): a replica whose
+    /// Raft is gone only refuses clients, so it exits, and its supervisor (systemd's
+    /// `Restart=on-failure`, Kubernetes) starts it again once it can.
+    pub async fn wait_for_shutdown_signal(self) -> Result<(), ServerError> {
+        let signal = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    let _ = ctrl_c.await;
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+        };
+        let raft = self.db.raft.clone();
+        tokio::select! {
+            _ = signal => {
+                tracing::info!("shutting down");
+                self.shutdown().await;
+                Ok(())
+            }
+            why = raft.stopped() => {
+                let e = ServerError::RaftStopped(why);
+                tracing::error!("{e}");
+                self.shutdown().await;
+                Err(e)
             }
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("shutting down");
-        self.shutdown().await;
     }
 }

@@ -10,7 +10,7 @@ pub enum RaftError {
     LeaderLost { leader: u64 },
     #[error("storage error: {0}; check the data directory's disk and permissions")]
     Storage(String),
-    #[error("cannot open the Raft store in {path}: {message}; is another hydrascale process using this data directory?")]
+    #[error("cannot open the Raft store in {path}: {message}{}", open_hint(.message))]
     Open { path: String, message: String },
     #[error("network error talking to replica {target}: {message}; check that it is running and reachable, and that both replicas have certificates from the same cluster CA (cluster.tls_*) or neither has")]
     Network { target: u64, message: String },
@@ -40,4 +40,41 @@ impl From<RaftError> for tonic::Status {
 
 pub(crate) fn storage<E: std::fmt::Display>(e: E) -> RaftError {
     RaftError::Storage(e.to_string())
+}
+
+/// What to do about a store that would not open, from what RocksDB said.
+fn open_hint(message: &str) -> &'static str {
+    if message.contains("No space left") {
+        "; the disk is full: free space on it (RocksDB replays its log into a new file when it opens) and start again"
+    } else if message.contains("lock") {
+        "; is another hydrascale process using this data directory?"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RaftError;
+
+    #[test]
+    fn an_unopenable_store_says_what_to_do_about_the_actual_cause() {
+        let open = |message: &str| {
+            RaftError::Open {
+                path: "/var/lib/hydrascale/raft".into(),
+                message: message.into(),
+            }
+            .to_string()
+        };
+        let full = open("IO error: No space left on device: While appending to file: /var/lib/hydrascale/raft/000008.sst: No space left on device");
+        assert!(full.ends_with("the disk is full: free space on it (RocksDB replays its log into a new file when it opens) and start again"), "{full}");
+        assert!(!full.contains("another hydrascale process"), "{full}");
+        let locked = open("IO error: While lock file: /var/lib/hydrascale/raft/LOCK: Resource temporarily unavailable");
+        assert!(
+            locked.ends_with("is another hydrascale process using this data directory?"),
+            "{locked}"
+        );
+        let other = open("Corruption: bad block");
+        assert!(other.ends_with("Corruption: bad block"), "{other}");
+    }
 }

@@ -402,6 +402,22 @@ impl RaftNode {
         }
     }
 
+    /// Resolves once Raft has stopped by itself, with why: a storage error, such as a full
+    /// disk, ends openraft's core for good, and the replica can take no further part until
+    /// it is restarted. (A [`RaftNode::shutdown`] ends it too; callers stop waiting first.)
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let state = metrics.borrow().running_state.clone();
+            if let Err(fatal) = state {
+                return fatal.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "Raft's core has exited".to_string();
+            }
+        }
+    }
+
     /// How long ago this replica last had evidence that it is part of a working quorum:
     /// as leader, when a majority of voters (itself included) last answered; otherwise,
     /// the last append accepted from a leader. `None` if it never had any, e.g. a replica

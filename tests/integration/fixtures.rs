@@ -525,14 +525,21 @@ isolation_timeout = "8s"
     /// Whether the process ended by itself (it is then forgotten, so `start` works again).
     #[allow(dead_code)] // used by the chaos suite (chaos/), which shares these fixtures
     pub fn exited(&mut self) -> bool {
-        let gone = self
+        self.exit_status().is_some()
+    }
+
+    /// How the process ended, if it ended by itself (it is then forgotten, so `start`
+    /// works again).
+    #[allow(dead_code)] // used by the chaos suite (chaos/), which shares these fixtures
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self
             .child
             .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
-        if gone {
+            .and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
             self.child = None;
         }
-        gone
+        status
     }
 
     pub fn ready(&self) -> bool {
