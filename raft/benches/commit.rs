@@ -180,6 +180,11 @@ async fn closed_loop(
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` must not run it.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("commit: run with `cargo bench -p hydrascale-raft --bench commit`");
+        return;
+    }
     let secs: u64 = env_or("RAFT_BENCH_SECS", 5);
     let size: usize = env_or("RAFT_BENCH_SIZE", 256);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -46,7 +46,7 @@ pub(crate) fn storage<E: std::fmt::Display>(e: E) -> RaftError {
 fn open_hint(message: &str) -> &'static str {
     if message.contains("No space left") {
         "; the disk is full: free space on it (RocksDB replays its log into a new file when it opens) and start again"
-    } else if message.contains("lock") {
+    } else if message.contains("lock file") || message.contains("/LOCK") {
         "; is another hydrascale process using this data directory?"
     } else {
         ""

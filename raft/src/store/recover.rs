@@ -11,7 +11,7 @@ use rocksdb::{Direction, IteratorMode};
 use super::state_machine::StoredSnapshot;
 use super::{cf, get_json, CF_LOGS, CF_META, CF_SM};
 use crate::error::{storage, RaftError};
-use crate::{Application, TypeConfig};
+use crate::Application;
 
 /// What [`recover_committed`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub fn recover_committed(path: &Path, app: &dyn Application) -> Result<Recovered
     let start = start.to_be_bytes();
     for item in db.iterator_cf(logs, IteratorMode::From(&start, Direction::Forward)) {
         let (_, value) = item.map_err(storage)?;
-        let entry: openraft::Entry<TypeConfig> = serde_json::from_slice(&value).map_err(storage)?;
+        let entry = super::log::decode_entry(&value).map_err(storage)?;
         last_log_index = entry.log_id.index;
         if entry.log_id.index > committed {
             continue;
