@@ -1,12 +1,14 @@
 //! DERP relay benchmark against real `hydrascale serve` processes.
 //!
-//! Starts a two-replica cluster (so the replicas' DERP servers mesh), then
+//! Starts a three-replica cluster (so the replicas' DERP servers mesh), then
 //! measures with the DERP wire protocol the official client speaks:
 //!
 //! * throughput: sender/receiver pairs pushing 1,400-byte packets flat out
-//!   through one replica, and across the mesh (sender on replica 1, receiver on
-//!   replica 2); delivered packets/s, bytes/s and the share dropped by the
-//!   bounded per-client queues;
+//!   through one replica, across the mesh (sender on replica 1, receiver on
+//!   replica 2), and around all three (1 to 2, 2 to 3, 3 to 1); delivered
+//!   packets/s, bytes/s, the share dropped by the bounded per-client queues,
+//!   and packets per CPU-second the replicas spent (per core: the generator
+//!   shares the machine, so wall-clock rates alone would undercount);
 //! * latency: one-way latency of 1,400-byte packets sent on a fixed schedule
 //!   (measured from the scheduled send time, so a stalled relay cannot hide
 //!   its stall by slowing the sender down), through one replica and across;
@@ -63,6 +65,24 @@ impl Drop for Replica {
     }
 }
 
+/// CPU seconds (user + system) the replicas have used so far.
+fn cpu_secs(replicas: &[Replica]) -> f64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    replicas
+        .iter()
+        .map(|r| {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", r.child.id())).unwrap_or_default();
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (field(11) + field(12)) / ticks
+        })
+        .sum()
+}
+
 impl Replica {
     fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -77,7 +97,7 @@ impl Replica {
 }
 
 fn start_cluster(dir: &Path) -> Vec<Replica> {
-    let ids = [1u64, 2];
+    let ids = [1u64, 2, 3];
     let ports: Vec<(u16, u16, u16, u16)> = ids
         .iter()
         .map(|_| (free_port(), free_port(), free_port(), free_udp_port()))
@@ -192,11 +212,20 @@ struct Throughput {
     sent: u64,
     delivered: u64,
     secs: f64,
+    /// CPU seconds the replicas used during the run.
+    cpu: f64,
 }
 
-async fn throughput(src_addr: &str, dst_addr: &str, pairs: usize, secs: u64) -> Throughput {
+/// Pair `i` sends from `routes[i % routes.len()].0` to `.1`.
+async fn throughput(
+    replicas: &[Replica],
+    routes: &[(&str, &str)],
+    pairs: usize,
+    secs: u64,
+) -> Throughput {
     let mut clients = Vec::new();
-    for _ in 0..pairs {
+    for i in 0..pairs {
+        let (src_addr, dst_addr) = routes[i % routes.len()];
         let a = connect(src_addr).await;
         let mut b = connect(dst_addr).await;
         wait_path(&a, &mut b).await;
@@ -235,9 +264,11 @@ async fn throughput(src_addr: &str, dst_addr: &str, pairs: usize, secs: u64) -> 
             }
         }));
     }
+    let cpu_before = cpu_secs(replicas);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let elapsed = start.elapsed().as_secs_f64();
     let sent_n = sent.load(Ordering::Relaxed);
+    let cpu = cpu_secs(replicas) - cpu_before;
     // Let packets already in flight land before counting.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -249,6 +280,7 @@ async fn throughput(src_addr: &str, dst_addr: &str, pairs: usize, secs: u64) -> 
         sent: sent_n,
         delivered: delivered_n,
         secs: elapsed,
+        cpu,
     }
 }
 
@@ -366,9 +398,11 @@ fn report_throughput(name: &str, t: &Throughput) {
         0.0
     };
     println!(
-        "{name:<28} delivered {pps:>10.0} pkt/s  {:>8.1} MB/s  (offered {:.0} pkt/s, {drop_pct:.1}% dropped by full queues)",
+        "{name:<28} delivered {pps:>10.0} pkt/s  {:>8.1} MB/s  (offered {:.0} pkt/s, {drop_pct:.1}% dropped by full queues); replicas used {:.2} cores: {:.0} pkt/s per core",
         pps * PACKET as f64 / 1e6,
         t.sent as f64 / t.secs,
+        t.cpu / t.secs,
+        t.delivered as f64 / t.cpu.max(1e-9),
     );
 }
 
@@ -421,19 +455,26 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (r1, r2) = (replicas[0].control.clone(), replicas[1].control.clone());
+    let (r1, r2, r3) = (
+        replicas[0].control.as_str(),
+        replicas[1].control.as_str(),
+        replicas[2].control.as_str(),
+    );
     println!(
         "hydrascale DERP relay benchmark: {} CPUs, {PACKET}-byte packets, {pairs} sender/receiver pairs, {secs} s per throughput run",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     rt.block_on(async {
-        let t = throughput(&r1, &r1, pairs, secs).await;
+        let t = throughput(&replicas, &[(r1, r1)], pairs, secs).await;
         report_throughput("throughput, one replica", &t);
-        let t = throughput(&r1, &r2, pairs, secs).await;
+        let t = throughput(&replicas, &[(r1, r2)], pairs, secs).await;
         report_throughput("throughput, across mesh", &t);
-        let l = latency(&r1, &r1, rate, secs).await;
+        let around = [(r1, r2), (r2, r3), (r3, r1)];
+        let t = throughput(&replicas, &around, pairs.div_ceil(3) * 3, secs).await;
+        report_throughput("throughput, all three", &t);
+        let l = latency(r1, r1, rate, secs).await;
         report_latency("latency, one replica", rate, &l);
-        let l = latency(&r1, &r2, rate, secs).await;
+        let l = latency(r1, r2, rate, secs).await;
         report_latency("latency, across mesh", rate, &l);
         let want = idle.min(fd_limit.saturating_sub(200) as usize);
         let (opened, before, after) = idle_memory(&replicas[0], want).await;
