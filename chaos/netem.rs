@@ -21,17 +21,9 @@ const NOT_LOOPBACK_IN: [&str; 3] = ["!", "-i", "lo"];
 const QUEUE: u16 = 1;
 
 fn iptables(netns: &str, args: &[&str]) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "iptables"])
-        .args(args)
-        .output()
-        .expect("run iptables (apt install iptables)");
-    assert!(
-        out.status.success(),
-        "iptables {} in {netns}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut full = vec!["netns", "exec", netns, "iptables"];
+    full.extend_from_slice(args);
+    crate::fixtures::ip_cmd(&full);
 }
 
 /// iptables rules added to namespaces; removed (`-D`) when dropped.

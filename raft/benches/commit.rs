@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hydrascale_raft::{Application, RaftConfig, RaftNode, RaftTls};
+use hydrascale_raft::{Application, RaftConfig, RaftNode};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -45,15 +48,6 @@ impl Application for Counter {
             .map(u64::from_be_bytes)
             .unwrap_or_default();
         self.0.store(n, Ordering::SeqCst);
-    }
-}
-
-fn tls_for(ca: &hydrascale_raft::tls::CaPem, id: u64) -> RaftTls {
-    let (cert_pem, key_pem) = hydrascale_raft::tls::issue_replica(ca, id).expect("issue");
-    RaftTls {
-        ca_pem: ca.cert_pem.clone(),
-        cert_pem,
-        key_pem,
     }
 }
 
@@ -204,7 +198,7 @@ fn main() {
             let cfg = RaftConfig {
                 node_id: id,
                 data_dir: root.path().join(format!("n{id}")),
-                tls: Some(tls_for(&ca, id)),
+                tls: Some(support::tls_for(&ca, id)),
                 ..Default::default()
             };
             nodes.push(
@@ -214,16 +208,7 @@ fn main() {
             );
         }
         nodes[0].initialize_single().await.expect("init");
-        for n in &nodes[1..] {
-            nodes[0]
-                .add_learner(n.node_id(), n.listen_addr().to_string())
-                .await
-                .expect("learner");
-        }
-        nodes[0]
-            .change_membership(vec![1, 2, 3])
-            .await
-            .expect("membership");
+        support::add_voters(&nodes[0], &nodes[1..]).await;
         let leader = &nodes[0];
         let follower = &nodes[1];
         let seq = Arc::new(AtomicU64::new(0));

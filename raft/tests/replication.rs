@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use hydrascale_raft::{Application, RaftConfig, RaftNode};
 
+mod support;
+
 /// A log of every applied command: apply returns the number of commands so far.
 #[derive(Default)]
 struct Recorder {
@@ -125,16 +127,7 @@ async fn three_nodes_forward_and_fail_over() {
     nodes[0].initialize_single().await.expect("init");
     // Never heard from a leader: not caught up.
     assert!(!nodes[1].caught_up(1000));
-    for n in &nodes[1..] {
-        nodes[0]
-            .add_learner(n.node_id(), n.listen_addr().to_string())
-            .await
-            .expect("learner");
-    }
-    nodes[0]
-        .change_membership(vec![1, 2, 3])
-        .await
-        .expect("membership");
+    support::add_voters(&nodes[0], &nodes[1..]).await;
     // A write through a follower is forwarded and visible there when it returns.
     let r = nodes[2]
         .write(b"via-follower".to_vec())
@@ -229,15 +222,6 @@ async fn three_nodes_forward_and_fail_over() {
     }
 }
 
-fn tls_for(ca: &hydrascale_raft::tls::CaPem, id: u64) -> hydrascale_raft::RaftTls {
-    let (cert_pem, key_pem) = hydrascale_raft::tls::issue_replica(ca, id).expect("issue");
-    hydrascale_raft::RaftTls {
-        ca_pem: ca.cert_pem.clone(),
-        cert_pem,
-        key_pem,
-    }
-}
-
 /// With mutual TLS, replicas certified by the cluster CA replicate and forward; a node
 /// with a certificate from another CA, or with none, cannot join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,8 +241,8 @@ async fn mutual_tls_admits_only_the_cluster_ca() {
             (n, app)
         }
     };
-    let (n1, _a1) = start(1, Some(tls_for(&ca, 1))).await;
-    let (n2, a2) = start(2, Some(tls_for(&ca, 2))).await;
+    let (n1, _a1) = start(1, Some(support::tls_for(&ca, 1))).await;
+    let (n2, a2) = start(2, Some(support::tls_for(&ca, 2))).await;
     n1.initialize_single().await.expect("init");
     n1.add_learner(2, n2.listen_addr().to_string())
         .await
@@ -270,7 +254,7 @@ async fn mutual_tls_admits_only_the_cluster_ca() {
     assert!(a2.commands().contains(&b"forwarded over tls".to_vec()));
 
     // Certificate from another CA: the leader cannot reach it as a learner.
-    let (stranger, _) = start(3, Some(tls_for(&other_ca, 3))).await;
+    let (stranger, _) = start(3, Some(support::tls_for(&other_ca, 3))).await;
     let r = tokio::time::timeout(
         Duration::from_secs(5),
         n1.add_learner(3, stranger.listen_addr().to_string()),

@@ -698,7 +698,8 @@ pub struct Lan {
     hosts: Vec<(String, String)>,
 }
 
-fn ip_cmd(args: &[&str]) {
+/// Runs `ip` with `args` and fails the test with its stderr if it fails.
+pub fn ip_cmd(args: &[&str]) {
     let out = Command::new("ip")
         .args(args)
         .output()
