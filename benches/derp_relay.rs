@@ -67,19 +67,9 @@ impl Drop for Replica {
 
 /// CPU seconds (user + system) the replicas have used so far.
 fn cpu_secs(replicas: &[Replica]) -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     replicas
         .iter()
-        .map(|r| {
-            let stat =
-                std::fs::read_to_string(format!("/proc/{}/stat", r.child.id())).unwrap_or_default();
-            // Fields after the command name (which may hold spaces) in parentheses.
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            (field(11) + field(12)) / ticks
-        })
+        .filter_map(|r| hydrascale::metrics::process_cpu_seconds(r.child.id()))
         .sum()
 }
 

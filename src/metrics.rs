@@ -406,30 +406,52 @@ pub fn render(src: &Sources) -> String {
     out
 }
 
+/// The fields of a `/proc/<pid>/stat` after the command name, which may hold spaces, so
+/// they are counted from its closing parenthesis: the state is index 0, so field N
+/// (1-based, man proc) is index N - 3.
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().collect())
+}
+
+fn field(fields: &[&str], i: usize) -> Option<f64> {
+    fields.get(i).and_then(|v| v.parse::<f64>().ok())
+}
+
+/// User and system CPU seconds from fields 14 and 15 (utime, stime, in clock ticks).
+fn cpu_seconds(fields: &[&str]) -> Option<f64> {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((field(fields, 11)? + field(fields, 12)?) / ticks)
+}
+
+/// CPU seconds (user + system) process `pid` has used so far; the benchmarks measure
+/// the replicas they start with it.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_seconds(&stat_fields(&stat)?)
+}
+
 /// `process_*` families as the Go and Python clients name them, from /proc.
 fn process_metrics(out: &mut String) {
     let mut f = Family { out };
-    // Field 14/15 utime/stime (ticks), 22 starttime (ticks since boot); the comm field
-    // may hold spaces, so count from the closing parenthesis.
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return;
     };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
+    let Some(fields) = stat_fields(&stat) else {
         return;
     };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    let num = |i: usize| field(&fields, i);
     // SAFETY: sysconf only reads a system constant.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
-    // After ')': state is index 0, so field N (1-based, man proc) is index N - 3.
-    if let (Some(u), Some(s)) = (num(11), num(12)) {
+    if let Some(cpu) = cpu_seconds(&fields) {
         f.one(
             "process_cpu_seconds_total",
             "counter",
             "User and system CPU time spent, in seconds.",
-            (u + s) / ticks,
+            cpu,
         );
     }
     if let Some(rss) = num(21) {
@@ -506,6 +528,21 @@ pub fn router(src: Sources) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        // utime 250 and stime 150 ticks are fields 14 and 15.
+        let stat =
+            "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 8 0 5000 1000 200";
+        let fields = stat_fields(stat).expect("fields");
+        assert_eq!(fields[0], "S");
+        // SAFETY: sysconf only reads a system constant.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert_eq!(cpu_seconds(&fields), Some(400.0 / ticks));
+        assert_eq!(stat_fields("no command name"), None);
+        assert!(process_cpu_seconds(std::process::id()).is_some_and(|c| c >= 0.0));
+        assert_eq!(process_cpu_seconds(u32::MAX), None);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_sum_is_seconds() {
