@@ -77,6 +77,10 @@ pub struct Metrics {
     pub map_keepalives: AtomicU64,
     /// Compressed bytes of map responses handed to clients' connections.
     pub map_bytes: AtomicU64,
+    /// Runs of peers in map messages whose compressed frame was reused from another
+    /// stream's message, and those compressed anew (`control::frames`).
+    pub map_runs_shared: AtomicU64,
+    pub map_runs_compressed: AtomicU64,
     /// From a change being applied here to the update that carries it being queued on a
     /// client's stream.
     pub update_fanout: Histogram,
@@ -309,6 +313,19 @@ pub fn render(src: &Sources) -> String {
             "counter",
             "Bytes of map responses (compressed, framed) sent by this replica.",
             load(&m.map_bytes),
+        );
+        f.labelled(
+            "hydrascale_map_peer_runs_total",
+            "counter",
+            "Runs of peers in map responses, by whether their compressed frame was shared \
+             with another stream's response or compressed anew.",
+            [
+                ("frame=\"shared\"".to_string(), load(&m.map_runs_shared)),
+                (
+                    "frame=\"compressed\"".to_string(),
+                    load(&m.map_runs_compressed),
+                ),
+            ],
         );
         f.labelled(
             "hydrascale_registrations_total",

@@ -16,7 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
-use super::mapper::{encode_frame, Resync, StreamView};
+use super::frames::encode_frame;
+use super::mapper::{Resync, StreamView};
 use super::register::parse_node_key;
 use super::tailcfg::{MapRequest, MapResponse};
 use super::ts2021::NoisePeer;
@@ -84,7 +85,8 @@ async fn map(
         view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now)
     }
     .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
-    let first = encode_frame(&first).map_err(|e| ControlError::Internal(e.to_string()))?;
+    let first =
+        encode_frame(&first, &st.frames).map_err(|e| ControlError::Internal(e.to_string()))?;
     let metrics = st.db.store.metrics();
     metrics.map_responses_full.fetch_add(1, Ordering::Relaxed);
     metrics
@@ -354,7 +356,7 @@ async fn run_stream(
         } else {
             &metrics.map_responses_delta
         };
-        let frame = match encode_frame(&resp) {
+        let frame = match encode_frame(&resp, &st.frames) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e, "encoding map response failed");

@@ -596,17 +596,6 @@ impl StreamView {
     }
 }
 
-/// Encodes one map message: 4-byte little-endian length, then zstd(JSON).
-pub fn encode_frame(resp: &MapResponse) -> Result<bytes::Bytes, std::io::Error> {
-    let json = super::tailcfg::encode(resp).map_err(std::io::Error::other)?;
-    let compressed = zstd::bulk::compress(&json, 3)?;
-    let len = u32::try_from(compressed.len()).map_err(std::io::Error::other)?;
-    let mut out = Vec::with_capacity(4 + compressed.len());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&compressed);
-    Ok(out.into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 //! Handlers read the replica's applied state and write through Raft via [`crate::state::Db`].
 
 pub mod batch;
+pub mod frames;
 mod login_page;
 mod map;
 pub mod mapper;
@@ -99,6 +100,8 @@ pub struct ControlState {
     pub oidc: Option<Arc<oidc::Oidc>>,
     /// Every node as peers see it, rendered once per change for all map streams.
     pub peers: Arc<peers::PeerCache>,
+    /// Compressed runs of peers, shared by the map streams that send the same ones.
+    pub frames: frames::FrameCache,
 }
 
 impl ControlState {
@@ -114,6 +117,7 @@ impl ControlState {
         let updates = batch::UpdateBatcher::spawn(db.clone());
         let peers = peers::PeerCache::new(config.clone());
         db.store.observe(peers.clone());
+        let frames = frames::FrameCache::new(db.store.metrics().clone());
         Arc::new(Self {
             config,
             key,
@@ -125,6 +129,7 @@ impl ControlState {
             extra_regions,
             oidc,
             peers,
+            frames,
         })
     }
 

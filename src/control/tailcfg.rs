@@ -219,10 +219,26 @@ impl Shared {
     }
 }
 
+/// Node ids per run of peers (see [`encode_runs`]). Runs are cut by id, not by position,
+/// so that one peer more or less (a newcomer leaves itself out of its own map) changes
+/// only the run it falls in.
+pub const RUN_IDS: u64 = 64;
+
 /// The JSON of `resp`: serde for the fields, then `Peers` and `PeersChanged` spliced in
 /// from the peers' shared text.
 pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
+    encode_runs(resp).map(|(json, _)| json)
+}
+
+/// [`encode`], and where in its text each run of peers lies: the peers of one block of
+/// [`RUN_IDS`] ids, with the comma after them when more peers follow. Those bytes are the
+/// same in every message that sends the same peers in the same versions, whoever it is
+/// for, which is what lets them be compressed once for many streams.
+pub fn encode_runs(
+    resp: &MapResponse,
+) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>), serde_json::Error> {
     let mut json = serde_json::to_vec(resp)?;
+    let mut runs = Vec::new();
     for (key, list) in [
         ("Peers", &resp.peers),
         ("PeersChanged", &resp.peers_changed),
@@ -234,15 +250,29 @@ pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
             json.push(b',');
         }
         json.extend_from_slice(format!("\"{key}\":[").as_bytes());
+        let mut run: Option<(u64, usize)> = None;
         for (i, p) in list.iter().enumerate() {
             if i > 0 {
                 json.push(b',');
             }
+            let block = p.0.get("ID").and_then(Value::as_u64).unwrap_or(u64::MAX) / RUN_IDS;
+            match run {
+                Some((b, _)) if b == block => {}
+                _ => {
+                    if let Some((_, start)) = run {
+                        runs.push(start..json.len());
+                    }
+                    run = Some((block, json.len()));
+                }
+            }
             json.extend_from_slice(p.1.as_bytes());
+        }
+        if let Some((_, start)) = run {
+            runs.push(start..json.len());
         }
         json.extend_from_slice(b"]}");
     }
-    Ok(json)
+    Ok((json, runs))
 }
 
 #[cfg(test)]
@@ -277,5 +307,34 @@ mod tests {
         assert_eq!(v, json!({ "PeersChanged": [{ "ID": 5, "Name": "n5." }] }));
         let none = MapResponse::default();
         assert_eq!(encode(&none).unwrap(), b"{}");
+    }
+
+    /// Runs follow blocks of ids, take the comma after them when more peers follow, and
+    /// together with the text between them make up exactly the message.
+    #[test]
+    fn peer_runs_are_cut_by_id_block() {
+        let peer = |id: u64| Shared::new(json!({ "ID": id }));
+        let ids = [1, 2, RUN_IDS, RUN_IDS + 5, 3 * RUN_IDS];
+        let resp = MapResponse {
+            node: Some(json!({ "ID": 9 })),
+            peers: Some(ids.iter().map(|i| peer(*i)).collect()),
+            peers_changed: Some(vec![peer(7)]),
+            ..Default::default()
+        };
+        let (json, runs) = encode_runs(&resp).unwrap();
+        let text: Vec<&str> = runs
+            .iter()
+            .map(|r| std::str::from_utf8(&json[r.clone()]).unwrap())
+            .collect();
+        assert_eq!(
+            text,
+            [
+                r#"{"ID":1},{"ID":2},"#,
+                &format!(r#"{{"ID":{}}},{{"ID":{}}},"#, RUN_IDS, RUN_IDS + 5),
+                &format!(r#"{{"ID":{}}}"#, 3 * RUN_IDS),
+                r#"{"ID":7}"#,
+            ]
+        );
+        assert_eq!(json, encode(&resp).unwrap());
     }
 }

@@ -23,6 +23,17 @@ pub fn allocate(
     used4: &BTreeSet<Ipv4Addr>,
     used6: &BTreeSet<Ipv6Addr>,
 ) -> Option<(Ipv4Addr, Ipv6Addr)> {
+    allocate_from(prefixes, used4, used6, 1).map(|(a, b, _)| (a, b))
+}
+
+/// [`allocate`] for a caller that knows every offset below `from` is taken, so the search
+/// starts there; also returns the offset found.
+pub fn allocate_from(
+    prefixes: &Prefixes,
+    used4: &BTreeSet<Ipv4Addr>,
+    used6: &BTreeSet<Ipv6Addr>,
+    from: u64,
+) -> Option<(Ipv4Addr, Ipv6Addr, u64)> {
     let base4 = u32::from(prefixes.v4.network());
     let base6 = u128::from(prefixes.v6.network());
     // Offset 0 is the network address and the last IPv4 offset the broadcast address.
@@ -34,10 +45,11 @@ pub fn allocate(
         (1u64 << bits6) - 1
     };
     let last = last4.min(last6);
-    (1..=last).find_map(|off| {
+    (from.max(1)..=last).find_map(|off| {
         let a = Ipv4Addr::from(base4.wrapping_add(u32::try_from(off).ok()?));
         let b = Ipv6Addr::from(base6.wrapping_add(u128::from(off)));
-        (!RESERVED.contains(&a) && !used4.contains(&a) && !used6.contains(&b)).then_some((a, b))
+        (!RESERVED.contains(&a) && !used4.contains(&a) && !used6.contains(&b))
+            .then_some((a, b, off))
     })
 }
 

@@ -2,6 +2,7 @@
 //! `apply`, and the glue that runs commands through Raft (`Db`).
 
 mod error;
+mod index;
 pub mod ipam;
 mod store;
 mod tailnet;

@@ -3,8 +3,7 @@
 //! `apply` validates a command completely before mutating anything, so a refused command
 //! leaves the state exactly as it was, on every replica.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -47,6 +46,8 @@ pub struct Tailnet {
     next_user_id: u64,
     next_node_id: u64,
     next_key_id: u64,
+    #[serde(skip)]
+    index: super::index::Index,
 }
 
 type Applied = (Result<CommandOutput, StateError>, Vec<Change>);
@@ -118,18 +119,19 @@ impl Tailnet {
     }
 
     pub fn node_by_node_key(&self, k: &str) -> Option<&Node> {
-        self.nodes.values().find(|n| n.node_key == k)
+        let id = self.index.get(&self.nodes).by_node_key(k)?;
+        self.nodes.get(&id)
     }
 
     fn node_mut_by_node_key(&mut self, k: &str) -> Result<&mut Node, StateError> {
-        self.nodes
-            .values_mut()
-            .find(|n| n.node_key == k)
+        let id = self.index.get(&self.nodes).by_node_key(k);
+        id.and_then(|id| self.nodes.get_mut(&id))
             .ok_or(StateError::NodeKeyNotFound)
     }
 
     pub fn node_by_machine_key(&self, k: &str) -> Option<&Node> {
-        self.nodes.values().find(|n| n.machine_key == k)
+        let id = self.index.get(&self.nodes).by_machine_key(k)?;
+        self.nodes.get(&id)
     }
 
     pub fn user_by_name(&self, name: &str) -> Option<&User> {
@@ -143,11 +145,8 @@ impl Tailnet {
     }
 
     fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
-        let taken = |n: &str| {
-            self.nodes
-                .values()
-                .any(|o| Some(o.id) != except && o.given_name == n)
-        };
+        let index = self.index.get(&self.nodes);
+        let taken = |n: &str| index.name_taken(n, except);
         let base = sanitize_hostname(wanted);
         if !taken(&base) {
             return base;
@@ -191,6 +190,18 @@ impl Tailnet {
 
     /// Applies one command; on error nothing has changed.
     pub fn apply(&mut self, cmd: &Command) -> Applied {
+        // Commands that may change a node's keys, name or address, or drop a node, make
+        // the index rebuild itself; those that come by the thousand keep it up to date.
+        let keeps_index = matches!(
+            cmd,
+            Command::UpdateNode { .. }
+                | Command::SetOnline { .. }
+                | Command::Batch { .. }
+                | Command::RegisterNode { .. }
+        );
+        if !keeps_index {
+            self.index.clear();
+        }
         match self.apply_inner(cmd) {
             Ok((out, changes)) => (Ok(out), changes),
             Err(e) => (Err(e), Vec::new()),
@@ -865,6 +876,8 @@ impl Tailnet {
                 } else {
                     self.unique_name(hostname, Some(id))
                 };
+                // Its keys and name may change here; rare enough to rebuild for.
+                self.index.clear();
                 let n = self
                     .nodes
                     .get_mut(&id)
@@ -894,10 +907,14 @@ impl Tailnet {
             }
             (None, None) => Err(StateError::NodeKeyNotFound),
             (None, Some(k)) => {
-                let used4: BTreeSet<Ipv4Addr> = self.nodes.values().map(|n| n.ipv4).collect();
-                let used6: BTreeSet<Ipv6Addr> = self.nodes.values().map(|n| n.ipv6).collect();
-                let (ipv4, ipv6) = ipam::allocate(prefixes, &used4, &used6)
-                    .ok_or(StateError::AddressesExhausted)?;
+                let index = self.index.get(&self.nodes);
+                let (ipv4, ipv6, offset) = ipam::allocate_from(
+                    prefixes,
+                    &index.used4,
+                    &index.used6,
+                    index.free_from(prefixes),
+                )
+                .ok_or(StateError::AddressesExhausted)?;
                 let given_name = self.unique_name(hostname, None);
                 self.next_node_id += 1;
                 let id = self.next_node_id;
@@ -926,6 +943,7 @@ impl Tailnet {
                     advertised_routes: super::types::routes_in_hostinfo(hostinfo),
                     approved_routes: Vec::new(),
                 };
+                self.index.added(&n, prefixes, offset);
                 self.nodes.insert(id, n);
                 if let Some(stored) = k.key_id.and_then(|id| self.preauth_keys.get_mut(&id)) {
                     stored.used = true;

@@ -893,3 +893,67 @@ fn ssh_checks_are_decided_once_expire_and_approvals_end_with_the_policy() {
     ok(&mut t, Command::DeleteNode { id: 2 });
     assert!(t.ssh_approvals[&1].is_empty());
 }
+
+/// The node index (keys, names, free addresses) answers what a scan of the nodes would,
+/// through registrations, key rotation, renames, deletions, address reuse and a restore.
+#[test]
+fn node_index_answers_what_a_scan_would() {
+    fn check(t: &Tailnet) {
+        for n in t.nodes.values() {
+            let first = |f: &dyn Fn(&Node) -> bool| t.nodes.values().find(|o| f(o)).map(|o| o.id);
+            assert_eq!(
+                t.node_by_node_key(&n.node_key).map(|o| o.id),
+                first(&|o| o.node_key == n.node_key)
+            );
+            assert_eq!(
+                t.node_by_machine_key(&n.machine_key).map(|o| o.id),
+                first(&|o| o.machine_key == n.machine_key)
+            );
+        }
+        assert!(t.node_by_node_key("nodekey:none").is_none());
+    }
+    let mut t = setup();
+    let mut ids = Vec::new();
+    for i in 1..=20 {
+        ids.push(node(ok(&mut t, reg(i, i, "multi"))).id);
+        check(&t);
+    }
+    // Node 3 frees its addresses; the next node gets them, as the lowest free ones.
+    let third = t.nodes[&ids[2]].clone();
+    ok(&mut t, Command::DeleteNode { id: ids[2] });
+    check(&t);
+    let n = node(ok(&mut t, reg(21, 21, "multi")));
+    assert_eq!((n.ipv4, n.ipv6), (third.ipv4, third.ipv6));
+    let n = node(ok(&mut t, reg(22, 22, "multi")));
+    assert_eq!(u32::from(n.ipv4), u32::from(t.nodes[&ids[19]].ipv4) + 1);
+    // A machine registering again with a new node key: the old key finds nothing.
+    let mut again = reg(5, 500, "multi");
+    if let Command::RegisterNode { hostname, .. } = &mut again {
+        *hostname = "Host 6".into();
+    }
+    let moved = node(ok(&mut t, again));
+    assert_eq!(moved.id, ids[4]);
+    assert_eq!(moved.given_name, "host-6-1");
+    assert!(t.node_by_node_key(&format!("nodekey:{:064x}", 5)).is_none());
+    check(&t);
+    // Its old name is free again; the name it took is not.
+    ok(
+        &mut t,
+        Command::RenameNode {
+            id: ids[0],
+            new_name: "host-5".into(),
+        },
+    );
+    let n = node(ok(&mut t, reg(23, 23, "multi")));
+    assert_eq!(n.given_name, "host-23");
+    let mut named = reg(24, 24, "multi");
+    if let Command::RegisterNode { hostname, .. } = &mut named {
+        *hostname = "Host 6".into();
+    }
+    assert_eq!(node(ok(&mut t, named)).given_name, "host-6-2");
+    check(&t);
+    // A copy (as a snapshot or a restore makes) builds its own index from the nodes.
+    let copy: Tailnet = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+    assert_eq!(copy, t);
+    check(&copy);
+}

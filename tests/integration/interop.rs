@@ -105,6 +105,9 @@ async fn official_clients_register_see_each_other_and_ping() {
         ("hydrascale_update_fanout_seconds_count", 1.0),
         ("hydrascale_derp_clients", 3.0),
         ("hydrascale_raft_is_leader", 1.0),
+        // Peers went out as runs in zstd frames of their own, after the stream's own
+        // frame: the clients above decoded those multi-frame messages into their peers.
+        ("hydrascale_map_peer_runs_total{frame=\"compressed\"}", 1.0),
     ] {
         let v = metrics.get(series).copied().unwrap_or(-1.0);
         assert!(v >= at_least, "{series} = {v}, want >= {at_least}");

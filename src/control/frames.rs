@@ -1,0 +1,246 @@
+//! Compressing map messages, with the bulk of the work shared between streams.
+//!
+//! Compression was most of a replica's CPU in a join storm: every newcomer's first map
+//! holds every peer, and every open stream gets the same few new peers, each compressed
+//! once per stream. But a zstd decoder decodes a run of concatenated frames as the
+//! concatenation of their contents (the official client's decoder, klauspost's
+//! `DecodeAll`, loops over frames; so do ours). So a message is cut into the stream's own
+//! text and runs of peers (see [`tailcfg::encode_runs`]); each run is compressed once per
+//! content, and its frame reused by every stream that sends the same bytes.
+//!
+//! Runs are keyed by the SHA-256 of their text, so a reused frame always decodes to
+//! exactly the bytes the stream would have compressed itself: a peer seen `Expired` by
+//! one reader, or a stream behind the others, simply has different runs.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::tailcfg::{self, MapResponse};
+use crate::metrics::Metrics;
+
+/// zstd level: compressed once and sent many times, a run is worth the better ratio.
+const LEVEL: i32 = 3;
+/// Runs shorter than this go into the stream's own frames: a frame's own header and the
+/// hash cost about what compressing a few hundred bytes does.
+const MIN_SHARED: usize = 512;
+/// Compressed bytes of runs kept. A full map of 10,000 peers is about 1 MB compressed,
+/// so this keeps several versions of every run through a join storm.
+const BUDGET: usize = 32 << 20;
+
+/// Compressed runs of peers, by content; one per replica, shared by its streams.
+pub struct FrameCache {
+    slots: Mutex<Slots>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Slots {
+    map: HashMap<[u8; 32], Slot>,
+    bytes: usize,
+    clock: u64,
+}
+
+struct Slot {
+    frame: Bytes,
+    used: u64,
+}
+
+impl FrameCache {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            slots: Mutex::new(Slots::default()),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The compressed frame of `text`, from the cache or compressed now and kept.
+    fn run(&self, text: &[u8]) -> Result<Bytes, std::io::Error> {
+        let key: [u8; 32] = Sha256::digest(text).into();
+        {
+            let mut s = self.lock();
+            s.clock += 1;
+            let now = s.clock;
+            if let Some(slot) = s.map.get_mut(&key) {
+                slot.used = now;
+                self.metrics.map_runs_shared.fetch_add(1, Ordering::Relaxed);
+                return Ok(slot.frame.clone());
+            }
+        }
+        // Compressed outside the lock: two streams may both compress a new run, which
+        // costs one compression more but never makes one stream wait for another.
+        let frame = Bytes::from(compress(text)?);
+        self.metrics
+            .map_runs_compressed
+            .fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        let used = s.clock;
+        s.bytes += frame.len();
+        if let Some(old) = s.map.insert(
+            key,
+            Slot {
+                frame: frame.clone(),
+                used,
+            },
+        ) {
+            s.bytes -= old.frame.len();
+        }
+        if s.bytes > BUDGET {
+            s.evict();
+        }
+        Ok(frame)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
+
+impl Slots {
+    /// Drops the least recently used runs down to three quarters of the budget, so
+    /// eviction (a sort of the slots) happens once per many insertions.
+    fn evict(&mut self) {
+        let mut by_age: Vec<([u8; 32], u64, usize)> = self
+            .map
+            .iter()
+            .map(|(k, s)| (*k, s.used, s.frame.len()))
+            .collect();
+        by_age.sort_unstable_by_key(|(_, used, _)| *used);
+        for (key, _, len) in by_age {
+            if self.bytes <= BUDGET / 4 * 3 {
+                break;
+            }
+            self.map.remove(&key);
+            self.bytes -= len;
+        }
+    }
+}
+
+thread_local! {
+    /// One compression context per thread, reused: making one per message cost an
+    /// allocation and the clearing of its tables every time.
+    static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+    ZSTD.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let c = match &mut *cell {
+            Some(c) => c,
+            None => cell.insert(zstd::bulk::Compressor::new(LEVEL)?),
+        };
+        c.compress(data)
+    })
+}
+
+/// Encodes one map message: 4-byte little-endian length, then zstd frames that decode,
+/// in order, to the message's JSON. Runs of peers come from (and go into) `cache`.
+pub fn encode_frame(resp: &MapResponse, cache: &FrameCache) -> Result<Bytes, std::io::Error> {
+    let (json, runs) = tailcfg::encode_runs(resp).map_err(std::io::Error::other)?;
+    let mut out = vec![0u8; 4];
+    let own = |range: std::ops::Range<usize>, out: &mut Vec<u8>| {
+        if !range.is_empty() {
+            out.extend_from_slice(&compress(&json[range])?);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let mut at = 0;
+    for run in runs.into_iter().filter(|r| r.len() >= MIN_SHARED) {
+        own(at..run.start, &mut out)?;
+        out.extend_from_slice(&cache.run(&json[run.clone()])?);
+        at = run.end;
+    }
+    own(at..json.len(), &mut out)?;
+    let len = u32::try_from(out.len() - 4).map_err(std::io::Error::other)?;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::tailcfg::Shared;
+    use serde_json::{json, Value};
+
+    fn peer(id: u64) -> Shared {
+        // Big enough that each run of peers is shared.
+        Shared::new(
+            json!({ "ID": id, "Hostinfo": { "Hostname": format!("host-{id}-{}", "x".repeat(200)) } }),
+        )
+    }
+
+    fn decode(frame: &[u8]) -> Value {
+        let len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, frame.len() - 4);
+        serde_json::from_slice(&zstd::decode_all(&frame[4..]).unwrap()).unwrap()
+    }
+
+    /// Two newcomers' full maps leave out different nodes (themselves) but share every
+    /// other run, and each still decodes to exactly its own message.
+    #[test]
+    fn full_maps_share_runs_and_decode_to_their_own_json() {
+        let cache = FrameCache::new(Metrics::new());
+        let map_for = |me: u64| MapResponse {
+            node: Some(json!({ "ID": me })),
+            peers: Some((1..=300).filter(|i| *i != me).map(peer).collect()),
+            ..Default::default()
+        };
+        for me in [5, 290] {
+            let resp = map_for(me);
+            let frame = encode_frame(&resp, &cache).unwrap();
+            let want: Value = serde_json::from_slice(&tailcfg::encode(&resp).unwrap()).unwrap();
+            assert_eq!(decode(&frame), want);
+        }
+        // Ids 1..=300 make 5 blocks of 64; the two maps differ in the first and last.
+        let m = &cache.metrics;
+        assert_eq!(m.map_runs_compressed.load(Ordering::Relaxed), 5 + 2);
+        assert_eq!(m.map_runs_shared.load(Ordering::Relaxed), 3);
+        assert_eq!(cache.len(), 7);
+    }
+
+    /// A peer whose text differs for one reader (here `Expired`) gets its own run.
+    #[test]
+    fn runs_are_keyed_by_content() {
+        let cache = FrameCache::new(Metrics::new());
+        let mut expired = (*peer(2).0).clone();
+        expired["Expired"] = json!(true);
+        for p in [peer(2), Shared::new(expired)] {
+            let resp = MapResponse {
+                peers_changed: Some(vec![peer(1), p, peer(3)]),
+                ..Default::default()
+            };
+            let want: Value = serde_json::from_slice(&tailcfg::encode(&resp).unwrap()).unwrap();
+            assert_eq!(decode(&encode_frame(&resp, &cache).unwrap()), want);
+        }
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.metrics.map_runs_shared.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_budget_evicts_the_least_recently_used() {
+        let mut s = Slots::default();
+        for i in 0..10u8 {
+            s.map.insert(
+                [i; 32],
+                Slot {
+                    frame: Bytes::from(vec![0u8; BUDGET / 8]),
+                    used: u64::from(i),
+                },
+            );
+            s.bytes += BUDGET / 8;
+        }
+        s.evict();
+        assert!(s.bytes <= BUDGET / 4 * 3);
+        assert_eq!(s.map.len(), 6);
+        assert!(s.map.contains_key(&[9; 32]) && !s.map.contains_key(&[3; 32]));
+    }
+}
