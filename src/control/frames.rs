@@ -4,23 +4,25 @@
 //! holds every peer, and every open stream gets the same few new peers, each compressed
 //! once per stream. But a zstd decoder decodes a run of concatenated frames as the
 //! concatenation of their contents (the official client's decoder, klauspost's
-//! `DecodeAll`, loops over frames; so do ours). So a message is cut into the stream's own
-//! text and runs of peers (see [`tailcfg::encode_runs`]); each run is compressed once per
-//! content, and its frame reused by every stream that sends the same bytes.
+//! `DecodeAll`, loops over frames; so do ours). So a message is cut into its own text and
+//! runs of peers (see [`Piece`]); each run is compressed once, and its frame reused by
+//! every stream that sends the same run.
 //!
-//! Runs are keyed by the SHA-256 of their text, so a reused frame always decodes to
-//! exactly the bytes the stream would have compressed itself: a peer seen `Expired` by
-//! one reader, or a stream behind the others, simply has different runs.
+//! A run is known by the peers' shared texts themselves (the `Arc<str>` each peer is
+//! rendered into once per change, see `peers`): the same allocations in the same order are
+//! the same bytes, since the texts never change, and the cache holds the `Arc`s of what
+//! it keeps, so no other text can take their place. A peer rendered for one reader alone
+//! (`Expired` by that reader's clock) has a text of its own, hence a run of its own.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
-use super::tailcfg::{self, MapResponse};
+use super::tailcfg::{self, MapResponse, Piece};
 use crate::metrics::Metrics;
 
 /// zstd level: compressed once and sent many times, a run is worth the better ratio.
@@ -29,8 +31,44 @@ const LEVEL: i32 = 3;
 /// hash cost about what compressing a few hundred bytes does.
 const MIN_SHARED: usize = 512;
 /// Compressed bytes of runs kept. A full map of 10,000 peers is about 1 MB compressed,
-/// so this keeps several versions of every run through a join storm.
-const BUDGET: usize = 32 << 20;
+/// so this keeps many versions of every run through a join storm.
+const BUDGET: usize = 16 << 20;
+
+/// A run of peers, by the identity of their texts.
+struct RunKey {
+    peers: Vec<Arc<str>>,
+    comma: bool,
+}
+
+impl PartialEq for RunKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.comma == other.comma
+            && self.peers.len() == other.peers.len()
+            && self
+                .peers
+                .iter()
+                .zip(&other.peers)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl Eq for RunKey {}
+
+impl Hash for RunKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.comma.hash(state);
+        for p in &self.peers {
+            std::ptr::hash(Arc::as_ptr(p), state);
+        }
+    }
+}
+
+impl RunKey {
+    fn len(&self) -> usize {
+        (self.peers.iter().map(|p| p.len() + 1).sum::<usize>())
+            .saturating_sub(usize::from(!self.comma))
+    }
+}
 
 /// Compressed runs of peers, by content; one per replica, shared by its streams.
 pub struct FrameCache {
@@ -40,7 +78,7 @@ pub struct FrameCache {
 
 #[derive(Default)]
 struct Slots {
-    map: HashMap<[u8; 32], Slot>,
+    map: HashMap<Arc<RunKey>, Slot>,
     bytes: usize,
     clock: u64,
 }
@@ -62,14 +100,13 @@ impl FrameCache {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The compressed frame of `text`, from the cache or compressed now and kept.
-    fn run(&self, text: &[u8]) -> Result<Bytes, std::io::Error> {
-        let key: [u8; 32] = Sha256::digest(text).into();
+    /// The compressed frame of `run`, from the cache or compressed now and kept.
+    fn run(&self, run: RunKey) -> Result<Bytes, std::io::Error> {
         {
             let mut s = self.lock();
             s.clock += 1;
             let now = s.clock;
-            if let Some(slot) = s.map.get_mut(&key) {
+            if let Some(slot) = s.map.get_mut(&run) {
                 slot.used = now;
                 self.metrics.map_runs_shared.fetch_add(1, Ordering::Relaxed);
                 return Ok(slot.frame.clone());
@@ -77,7 +114,13 @@ impl FrameCache {
         }
         // Compressed outside the lock: two streams may both compress a new run, which
         // costs one compression more but never makes one stream wait for another.
-        let frame = Bytes::from(compress(text)?);
+        let mut text = Vec::with_capacity(run.len());
+        Piece::Run {
+            peers: run.peers.clone(),
+            comma: run.comma,
+        }
+        .write(&mut text);
+        let frame = Bytes::from(compress(&text)?);
         self.metrics
             .map_runs_compressed
             .fetch_add(1, Ordering::Relaxed);
@@ -85,7 +128,7 @@ impl FrameCache {
         let used = s.clock;
         s.bytes += frame.len();
         if let Some(old) = s.map.insert(
-            key,
+            Arc::new(run),
             Slot {
                 frame: frame.clone(),
                 used,
@@ -109,10 +152,10 @@ impl Slots {
     /// Drops the least recently used runs down to three quarters of the budget, so
     /// eviction (a sort of the slots) happens once per many insertions.
     fn evict(&mut self) {
-        let mut by_age: Vec<([u8; 32], u64, usize)> = self
+        let mut by_age: Vec<(Arc<RunKey>, u64, usize)> = self
             .map
             .iter()
-            .map(|(k, s)| (*k, s.used, s.frame.len()))
+            .map(|(k, s)| (k.clone(), s.used, s.frame.len()))
             .collect();
         by_age.sort_unstable_by_key(|(_, used, _)| *used);
         for (key, _, len) in by_age {
@@ -145,21 +188,33 @@ fn compress(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
 /// Encodes one map message: 4-byte little-endian length, then zstd frames that decode,
 /// in order, to the message's JSON. Runs of peers come from (and go into) `cache`.
 pub fn encode_frame(resp: &MapResponse, cache: &FrameCache) -> Result<Bytes, std::io::Error> {
-    let (json, runs) = tailcfg::encode_runs(resp).map_err(std::io::Error::other)?;
+    let pieces = tailcfg::encode_pieces(resp).map_err(std::io::Error::other)?;
     let mut out = vec![0u8; 4];
-    let own = |range: std::ops::Range<usize>, out: &mut Vec<u8>| {
-        if !range.is_empty() {
-            out.extend_from_slice(&compress(&json[range])?);
+    let mut own = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Run { peers, comma } => {
+                let run = RunKey { peers, comma };
+                if run.len() < MIN_SHARED {
+                    Piece::Run {
+                        peers: run.peers,
+                        comma: run.comma,
+                    }
+                    .write(&mut own);
+                    continue;
+                }
+                if !own.is_empty() {
+                    out.extend_from_slice(&compress(&own)?);
+                    own.clear();
+                }
+                out.extend_from_slice(&cache.run(run)?);
+            }
+            own_text => own_text.write(&mut own),
         }
-        Ok::<_, std::io::Error>(())
-    };
-    let mut at = 0;
-    for run in runs.into_iter().filter(|r| r.len() >= MIN_SHARED) {
-        own(at..run.start, &mut out)?;
-        out.extend_from_slice(&cache.run(&json[run.clone()])?);
-        at = run.end;
     }
-    own(at..json.len(), &mut out)?;
+    if !own.is_empty() {
+        out.extend_from_slice(&compress(&own)?);
+    }
     let len = u32::try_from(out.len() - 4).map_err(std::io::Error::other)?;
     out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out.into())
@@ -189,9 +244,11 @@ mod tests {
     #[test]
     fn full_maps_share_runs_and_decode_to_their_own_json() {
         let cache = FrameCache::new(Metrics::new());
+        // Rendered once, as the peer cache does, and sent by every stream.
+        let peers: Vec<Shared> = (1..=300).map(peer).collect();
         let map_for = |me: u64| MapResponse {
             node: Some(json!({ "ID": me })),
-            peers: Some((1..=300).filter(|i| *i != me).map(peer).collect()),
+            peers: Some(peers.iter().filter(|p| p.0["ID"] != me).cloned().collect()),
             ..Default::default()
         };
         for me in [5, 290] {
@@ -207,33 +264,50 @@ mod tests {
         assert_eq!(cache.len(), 7);
     }
 
-    /// A peer whose text differs for one reader (here `Expired`) gets its own run.
+    /// A peer rendered anew (here `Expired` for one reader) makes a run of its own, and a
+    /// run shorter than [`MIN_SHARED`] stays in the message's own frame.
     #[test]
-    fn runs_are_keyed_by_content() {
+    fn runs_are_known_by_their_peers_texts() {
         let cache = FrameCache::new(Metrics::new());
-        let mut expired = (*peer(2).0).clone();
+        let (one, two, three) = (peer(1), peer(2), peer(3));
+        let mut expired = (*two.0).clone();
         expired["Expired"] = json!(true);
-        for p in [peer(2), Shared::new(expired)] {
+        for p in [two.clone(), two, Shared::new(expired)] {
             let resp = MapResponse {
-                peers_changed: Some(vec![peer(1), p, peer(3)]),
+                peers_changed: Some(vec![one.clone(), p, three.clone()]),
                 ..Default::default()
             };
             let want: Value = serde_json::from_slice(&tailcfg::encode(&resp).unwrap()).unwrap();
             assert_eq!(decode(&encode_frame(&resp, &cache).unwrap()), want);
         }
         assert_eq!(cache.len(), 2);
-        assert_eq!(cache.metrics.map_runs_shared.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.metrics.map_runs_shared.load(Ordering::Relaxed), 1);
+        let small = MapResponse {
+            peers_changed: Some(vec![Shared::new(json!({ "ID": 4 }))]),
+            ..Default::default()
+        };
+        let want: Value = serde_json::from_slice(&tailcfg::encode(&small).unwrap()).unwrap();
+        assert_eq!(decode(&encode_frame(&small, &cache).unwrap()), want);
+        assert_eq!(cache.len(), 2);
     }
 
     #[test]
     fn the_budget_evicts_the_least_recently_used() {
         let mut s = Slots::default();
-        for i in 0..10u8 {
+        let keys: Vec<Arc<RunKey>> = (0..10u64)
+            .map(|i| {
+                Arc::new(RunKey {
+                    peers: vec![peer(i).1],
+                    comma: false,
+                })
+            })
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
             s.map.insert(
-                [i; 32],
+                k.clone(),
                 Slot {
                     frame: Bytes::from(vec![0u8; BUDGET / 8]),
-                    used: u64::from(i),
+                    used: i as u64,
                 },
             );
             s.bytes += BUDGET / 8;
@@ -241,6 +315,6 @@ mod tests {
         s.evict();
         assert!(s.bytes <= BUDGET / 4 * 3);
         assert_eq!(s.map.len(), 6);
-        assert!(s.map.contains_key(&[9; 32]) && !s.map.contains_key(&[3; 32]));
+        assert!(s.map.contains_key(&keys[9]) && !s.map.contains_key(&keys[3]));
     }
 }

@@ -26,11 +26,30 @@ use crate::state::{now_ms, Change, Command, Node};
 
 const KEEPALIVE: Duration = Duration::from_secs(50);
 
-/// Least time between two updates on one stream. A change after a quiet spell goes out at
-/// once; changes arriving while the stream waits are merged into its next message, so
-/// a join storm costs each stream a few messages a second, not one per change (which, on
-/// thousands of streams, would starve the replica's Raft traffic).
+/// One stream sends at most one update per slot of this length (see [`next_update_at`]).
+/// A change after a quiet spell goes out at once; changes arriving while the stream waits
+/// are merged into its next message, so a join storm costs each stream a few messages a
+/// second, not one per change (which, on thousands of streams, would starve the
+/// replica's Raft traffic).
 const MIN_UPDATE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// When a stream that last sent an update at `last` may send the next: at the start of the
+/// next slot of [`MIN_UPDATE_INTERVAL`] counted from `epoch` (one for all streams of the
+/// process), so at most one update per slot. In a burst of changes every stream then
+/// wakes at the same instants and reads the same changes, so most send the same peers and
+/// share their compressed runs (`frames`); with streams free-running, each woke at its
+/// own phase and sent its own mix.
+fn next_update_at(epoch: tokio::time::Instant, last: tokio::time::Instant) -> tokio::time::Instant {
+    let step = MIN_UPDATE_INTERVAL.as_nanos();
+    let slot = last.saturating_duration_since(epoch).as_nanos() / step;
+    let at = u64::try_from((slot + 1) * step).unwrap_or(u64::MAX);
+    epoch + Duration::from_nanos(at)
+}
+
+fn update_epoch() -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
+}
 
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
@@ -277,9 +296,10 @@ async fn run_stream(
     let metrics = st.db.store.metrics().clone();
     let _counted = StreamGauge::open(&metrics);
     let mut last_update = tokio::time::Instant::now();
+    let epoch = update_epoch();
     loop {
         // Let changes gather while the last update is recent (see MIN_UPDATE_INTERVAL).
-        let ready_at = last_update + MIN_UPDATE_INTERVAL;
+        let ready_at = next_update_at(epoch, last_update);
         if tokio::time::Instant::now() < ready_at {
             tokio::select! {
                 _ = tx.closed() => break,
@@ -378,5 +398,22 @@ async fn run_stream(
     }
     if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
         set_online(&st, id, false).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_wait_for_the_shared_grid() {
+        let epoch = tokio::time::Instant::now();
+        let ms = |n: u64| Duration::from_millis(n);
+        // Streams that sent at different moments of one interval wake together.
+        for sent in [0, 1, 130, 199] {
+            assert_eq!(next_update_at(epoch, epoch + ms(sent)), epoch + ms(200));
+        }
+        assert_eq!(next_update_at(epoch, epoch + ms(200)), epoch + ms(400));
+        assert_eq!(next_update_at(epoch, epoch + ms(399)), epoch + ms(400));
     }
 }

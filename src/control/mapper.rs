@@ -367,7 +367,7 @@ fn peer_json(e: &Entry, n: &Node, now: i64) -> Shared {
 }
 
 /// Fields a `PeersChangedPatch` can carry; a change to anything else needs `PeersChanged`.
-pub(crate) const PATCHABLE: &[&str] = &[
+pub(crate) const PATCHABLE: [&str; 8] = [
     "Endpoints",
     "HomeDERP",
     "DERP",
@@ -378,22 +378,25 @@ pub(crate) const PATCHABLE: &[&str] = &[
     "KeyExpiry",
 ];
 
+/// What each of [`PATCHABLE`] is called in a `tailcfg.PeerChange`; `None`: not sent
+/// (the legacy `DERP` string follows from `DERPRegion`).
+const PATCH_NAMES: [Option<&str>; PATCHABLE.len()] = [
+    Some("Endpoints"),
+    Some("DERPRegion"),
+    None,
+    Some("Online"),
+    Some("LastSeen"),
+    Some("DiscoKey"),
+    Some("Key"),
+    Some("KeyExpiry"),
+];
+
 /// A `tailcfg.PeerChange` with the patchable fields of `e` changed after `since`.
 fn patch_since(id: u64, e: &Entry, since: u64) -> Option<Value> {
-    let o = e.json.as_object()?;
     let mut p = serde_json::Map::new();
-    for (field, at) in PATCHABLE.iter().zip(e.patched) {
-        if at <= since || *field == "DERP" {
-            continue;
-        }
-        match (*field, o.get(*field)) {
-            (_, None) => {}
-            ("HomeDERP", Some(v)) => {
-                p.insert("DERPRegion".into(), v.clone());
-            }
-            (f, Some(v)) => {
-                p.insert(f.to_string(), v.clone());
-            }
+    for ((name, at), value) in PATCH_NAMES.iter().zip(e.patched).zip(&e.patch_values) {
+        if let (Some(name), Some(v), true) = (name, value, at > since) {
+            p.insert((*name).to_string(), v.clone());
         }
     }
     if p.is_empty() {
@@ -743,6 +746,18 @@ mod tests {
         apply(&mut t, Command::DeleteNode { id: 2 });
         let d = view.delta(&t, &cache, &config, 18).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [2]);
+    }
+
+    #[test]
+    fn patch_names_follow_the_patchable_fields() {
+        for (field, name) in PATCHABLE.iter().zip(PATCH_NAMES) {
+            let want = match *field {
+                "HomeDERP" => Some("DERPRegion"),
+                "DERP" => None,
+                f => Some(f),
+            };
+            assert_eq!(name, want);
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct Entry {
     pub reshaped: u64,
     /// Last change to each of [`PATCHABLE`], in its order.
     pub patched: [u64; PATCHABLE.len()],
+    /// The values of [`PATCHABLE`] in `json`, taken out once: every stream builds its
+    /// patches from these, and looking each up in `json` again per stream and peer was
+    /// the larger part of computing a delta in a join storm.
+    pub patch_values: [Option<Value>; PATCHABLE.len()],
 }
 
 impl Entry {
@@ -178,6 +182,7 @@ impl PeerCache {
                     peers.nodes.insert(
                         id,
                         Entry {
+                            patch_values: patch_values(&json),
                             text: text_of(&json),
                             json: Arc::new(json),
                             principal,
@@ -192,6 +197,7 @@ impl PeerCache {
                 Some(e) => {
                     if *e.json != json {
                         stamp(e, &json, seq);
+                        e.patch_values = patch_values(&json);
                         e.text = text_of(&json);
                         e.json = Arc::new(json);
                     }
@@ -218,6 +224,10 @@ impl PeerCache {
         self.refresh(peers, t, &ids, seq);
         peers.remember(seq, None);
     }
+}
+
+fn patch_values(v: &Value) -> [Option<Value>; PATCHABLE.len()] {
+    PATCHABLE.map(|field| v.get(field).cloned())
 }
 
 fn text_of(v: &Value) -> Arc<str> {

@@ -5,6 +5,7 @@
 //! clients add fields over time; outgoing types omit what Go would omit.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -219,60 +220,94 @@ impl Shared {
     }
 }
 
-/// Node ids per run of peers (see [`encode_runs`]). Runs are cut by id, not by position,
+/// Node ids per run of peers (see [`Piece::Run`]). Runs are cut by id, not by position,
 /// so that one peer more or less (a newcomer leaves itself out of its own map) changes
 /// only the run it falls in.
 pub const RUN_IDS: u64 = 64;
 
+/// A part of a map message's JSON text, in order.
+#[derive(Debug)]
+pub enum Piece {
+    /// Text of this message alone.
+    Own(Vec<u8>),
+    /// The peers of one block of [`RUN_IDS`] ids: their texts, joined by commas, and a
+    /// comma after them when more peers follow. The same in every message that sends the
+    /// same peers in the same versions, whoever it is for, which is what lets it be
+    /// compressed once for many streams.
+    Run { peers: Vec<Arc<str>>, comma: bool },
+}
+
+impl Piece {
+    /// Appends this piece's text to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Piece::Own(b) => out.extend_from_slice(b),
+            Piece::Run { peers, comma } => {
+                for (i, p) in peers.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(p.as_bytes());
+                }
+                if *comma {
+                    out.push(b',');
+                }
+            }
+        }
+    }
+}
+
 /// The JSON of `resp`: serde for the fields, then `Peers` and `PeersChanged` spliced in
 /// from the peers' shared text.
 pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
-    encode_runs(resp).map(|(json, _)| json)
+    let mut json = Vec::new();
+    for p in encode_pieces(resp)? {
+        p.write(&mut json);
+    }
+    Ok(json)
 }
 
-/// [`encode`], and where in its text each run of peers lies: the peers of one block of
-/// [`RUN_IDS`] ids, with the comma after them when more peers follow. Those bytes are the
-/// same in every message that sends the same peers in the same versions, whoever it is
-/// for, which is what lets them be compressed once for many streams.
-pub fn encode_runs(
-    resp: &MapResponse,
-) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>), serde_json::Error> {
-    let mut json = serde_json::to_vec(resp)?;
-    let mut runs = Vec::new();
+/// [`encode`], as pieces: the message's own text and its runs of peers.
+pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error> {
+    let mut own = serde_json::to_vec(resp)?;
+    let mut pieces = Vec::new();
     for (key, list) in [
         ("Peers", &resp.peers),
         ("PeersChanged", &resp.peers_changed),
     ] {
         let Some(list) = list else { continue };
-        // `json` is an object: drop its closing brace, append the member, close again.
-        json.pop();
-        if json.len() > 1 {
-            json.push(b',');
+        // The object so far: drop its closing brace, open the member; closed below.
+        own.pop();
+        if own.len() > 1 || !pieces.is_empty() {
+            own.push(b',');
         }
-        json.extend_from_slice(format!("\"{key}\":[").as_bytes());
-        let mut run: Option<(u64, usize)> = None;
-        for (i, p) in list.iter().enumerate() {
-            if i > 0 {
-                json.push(b',');
-            }
+        own.extend_from_slice(format!("\"{key}\":[").as_bytes());
+        let mut run: Option<(u64, Vec<Arc<str>>)> = None;
+        for p in list {
             let block = p.0.get("ID").and_then(Value::as_u64).unwrap_or(u64::MAX) / RUN_IDS;
-            match run {
-                Some((b, _)) if b == block => {}
+            match &mut run {
+                Some((b, peers)) if *b == block => peers.push(p.1.clone()),
                 _ => {
-                    if let Some((_, start)) = run {
-                        runs.push(start..json.len());
+                    if let Some((_, peers)) = run.take() {
+                        pieces.push(Piece::Own(std::mem::take(&mut own)));
+                        pieces.push(Piece::Run { peers, comma: true });
                     }
-                    run = Some((block, json.len()));
+                    run = Some((block, vec![p.1.clone()]));
                 }
             }
-            json.extend_from_slice(p.1.as_bytes());
         }
-        if let Some((_, start)) = run {
-            runs.push(start..json.len());
+        if let Some((_, peers)) = run {
+            pieces.push(Piece::Own(std::mem::take(&mut own)));
+            pieces.push(Piece::Run {
+                peers,
+                comma: false,
+            });
         }
-        json.extend_from_slice(b"]}");
+        own.extend_from_slice(b"]}");
     }
-    Ok((json, runs))
+    pieces.push(Piece::Own(own));
+    pieces.retain(|p| !matches!(p, Piece::Own(b) if b.is_empty()));
+    Ok(pieces)
 }
 
 #[cfg(test)]
@@ -310,7 +345,7 @@ mod tests {
     }
 
     /// Runs follow blocks of ids, take the comma after them when more peers follow, and
-    /// together with the text between them make up exactly the message.
+    /// together with the message's own text make up exactly the message.
     #[test]
     fn peer_runs_are_cut_by_id_block() {
         let peer = |id: u64| Shared::new(json!({ "ID": id }));
@@ -321,20 +356,30 @@ mod tests {
             peers_changed: Some(vec![peer(7)]),
             ..Default::default()
         };
-        let (json, runs) = encode_runs(&resp).unwrap();
-        let text: Vec<&str> = runs
+        let pieces = encode_pieces(&resp).unwrap();
+        let text = |p: &Piece| {
+            let mut b = Vec::new();
+            p.write(&mut b);
+            String::from_utf8(b).unwrap()
+        };
+        let runs: Vec<String> = pieces
             .iter()
-            .map(|r| std::str::from_utf8(&json[r.clone()]).unwrap())
+            .filter(|p| matches!(p, Piece::Run { .. }))
+            .map(text)
             .collect();
         assert_eq!(
-            text,
+            runs,
             [
-                r#"{"ID":1},{"ID":2},"#,
-                &format!(r#"{{"ID":{}}},{{"ID":{}}},"#, RUN_IDS, RUN_IDS + 5),
-                &format!(r#"{{"ID":{}}}"#, 3 * RUN_IDS),
-                r#"{"ID":7}"#,
+                r#"{"ID":1},{"ID":2},"#.to_string(),
+                format!(r#"{{"ID":{}}},{{"ID":{}}},"#, RUN_IDS, RUN_IDS + 5),
+                format!(r#"{{"ID":{}}}"#, 3 * RUN_IDS),
+                r#"{"ID":7}"#.to_string(),
             ]
         );
-        assert_eq!(json, encode(&resp).unwrap());
+        let whole: String = pieces.iter().map(text).collect();
+        let v: Value = serde_json::from_str(&whole).unwrap();
+        assert_eq!(v["Peers"].as_array().unwrap().len(), 5);
+        assert_eq!(v["PeersChanged"][0]["ID"], 7);
+        assert_eq!(v["Node"]["ID"], 9);
     }
 }
