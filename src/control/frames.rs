@@ -30,9 +30,10 @@ const LEVEL: i32 = 3;
 /// Runs shorter than this go into the stream's own frames: a frame's own header and the
 /// hash cost about what compressing a few hundred bytes does.
 const MIN_SHARED: usize = 512;
-/// Compressed bytes of runs kept. A full map of 10,000 peers is about 1 MB compressed,
-/// so this keeps many versions of every run through a join storm.
-const BUDGET: usize = 16 << 20;
+/// Bytes the cache may hold: each run's compressed frame plus the text of its peers (whose
+/// `Arc`s its key keeps alive, old versions included). A full map of 10,000 peers is
+/// about 10 MB of text and 1 MB compressed.
+const BUDGET: usize = 32 << 20;
 
 /// A run of peers, by the identity of their texts.
 struct RunKey {
@@ -85,6 +86,8 @@ struct Slots {
 
 struct Slot {
     frame: Bytes,
+    /// What it counts against [`BUDGET`].
+    cost: usize,
     used: u64,
 }
 
@@ -124,17 +127,19 @@ impl FrameCache {
         self.metrics
             .map_runs_compressed
             .fetch_add(1, Ordering::Relaxed);
+        let cost = frame.len() + text.len();
         let mut s = self.lock();
         let used = s.clock;
-        s.bytes += frame.len();
+        s.bytes += cost;
         if let Some(old) = s.map.insert(
             Arc::new(run),
             Slot {
                 frame: frame.clone(),
+                cost,
                 used,
             },
         ) {
-            s.bytes -= old.frame.len();
+            s.bytes -= old.cost;
         }
         if s.bytes > BUDGET {
             s.evict();
@@ -155,7 +160,7 @@ impl Slots {
         let mut by_age: Vec<(Arc<RunKey>, u64, usize)> = self
             .map
             .iter()
-            .map(|(k, s)| (k.clone(), s.used, s.frame.len()))
+            .map(|(k, s)| (k.clone(), s.used, s.cost))
             .collect();
         by_age.sort_unstable_by_key(|(_, used, _)| *used);
         for (key, _, len) in by_age {
@@ -306,7 +311,8 @@ mod tests {
             s.map.insert(
                 k.clone(),
                 Slot {
-                    frame: Bytes::from(vec![0u8; BUDGET / 8]),
+                    frame: Bytes::new(),
+                    cost: BUDGET / 8,
                     used: i as u64,
                 },
             );
