@@ -81,6 +81,9 @@ pub struct Metrics {
     /// stream's message, and those compressed anew (`control::frames`).
     pub map_runs_shared: AtomicU64,
     pub map_runs_compressed: AtomicU64,
+    /// Delta responses this replica sent as another stream had made them
+    /// (`control::frames::SharedDeltas`).
+    pub map_deltas_shared: AtomicU64,
     /// From a change being applied here to the update that carries it being queued on a
     /// client's stream.
     pub update_fanout: Histogram,
@@ -313,6 +316,12 @@ pub fn render(src: &Sources) -> String {
             "counter",
             "Bytes of map responses (compressed, framed) sent by this replica.",
             load(&m.map_bytes),
+        );
+        f.one(
+            "hydrascale_map_deltas_shared_total",
+            "counter",
+            "Delta map responses sent as made once for several streams (same changes, no policy).",
+            load(&m.map_deltas_shared),
         );
         f.labelled(
             "hydrascale_map_peer_runs_total",

@@ -173,6 +173,55 @@ impl Slots {
     }
 }
 
+/// Whole delta messages that many streams send alike (see `StreamView::shared_key`), by
+/// key, most recent last. In a burst without a policy most streams of a replica wake in
+/// the same slot, caught up to the same point: the first computes, encodes and compresses
+/// the delta, the others send the same bytes.
+pub struct SharedDeltas {
+    recent: Mutex<Recent>,
+}
+
+/// (key, the delta's frame or `None` for nothing to send), most recent last.
+type Recent = std::collections::VecDeque<((u64, u64), Option<Bytes>)>;
+
+/// Keys kept: a few slots' worth of distinct points streams can be caught up to.
+const RECENT: usize = 64;
+
+impl Default for SharedDeltas {
+    fn default() -> Self {
+        Self {
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
+        }
+    }
+}
+
+impl SharedDeltas {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The delta under `key`, if a stream has made it: `Some(None)` when it found nothing
+    /// to send.
+    pub fn get(&self, key: (u64, u64)) -> Option<Option<Bytes>> {
+        self.lock()
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, f)| f.clone())
+    }
+
+    pub fn put(&self, key: (u64, u64), frame: Option<Bytes>) {
+        let mut recent = self.lock();
+        if recent.iter().any(|(k, _)| *k == key) {
+            return;
+        }
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back((key, frame));
+    }
+}
+
 thread_local! {
     /// One compression context per thread, reused: making one per message cost an
     /// allocation and the clearing of its tables every time.

@@ -308,6 +308,10 @@ async fn run_stream(
         }
         // When the oldest change this message carries was applied here.
         let mut oldest_change = None;
+        // A message made here, with the key other streams may share it under, or one
+        // another stream made.
+        let mut shared: Option<Bytes> = None;
+        let mut share_as: Option<(u64, u64)> = None;
         let resp: Option<MapResponse> = tokio::select! {
             _ = tx.closed() => break,
             // Cut off from the quorum: end the stream so the client reconnects elsewhere.
@@ -348,9 +352,20 @@ async fn run_stream(
                 }
                 let t = st.db.store.read();
                 let now = now_ms();
+                let key = if full || derp_changed {
+                    None
+                } else {
+                    view.shared_key(&t, &st.peers)
+                };
+                let made = key.and_then(|k| st.deltas.get(k).map(|f| (k, f)));
                 let delta = if full {
                     Err(Resync::Full)
+                } else if let Some(((_, seq), frame)) = made {
+                    view.advance(seq);
+                    shared = frame;
+                    Ok(None)
                 } else {
+                    share_as = key;
                     view.delta(&t, &st.peers, &st.config, now)
                 };
                 match delta {
@@ -361,33 +376,55 @@ async fn run_stream(
                     }
                     Ok(r) => r,
                     Err(Resync::Gone) => break,
-                    Err(Resync::Full) => match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
-                        Some(r) => Some(r),
-                        None => break,
-                    },
+                    Err(Resync::Full) => {
+                        // A full map is this stream's own, never shared.
+                        share_as = None;
+                        match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
+                            Some(r) => Some(r),
+                            None => break,
+                        }
+                    }
                 }
             }
         };
-        let Some(resp) = resp else { continue };
-        let kind = if resp.keep_alive {
-            &metrics.map_keepalives
-        } else if resp.peers.is_some() {
-            &metrics.map_responses_full
-        } else {
-            &metrics.map_responses_delta
-        };
-        let frame = match encode_frame(&resp, &st.frames) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(error = %e, "encoding map response failed");
-                break;
+        let (frame, kind, keep_alive) = match (resp, shared) {
+            (Some(resp), _) => {
+                let kind = if resp.keep_alive {
+                    &metrics.map_keepalives
+                } else if resp.peers.is_some() {
+                    &metrics.map_responses_full
+                } else {
+                    &metrics.map_responses_delta
+                };
+                let frame = match encode_frame(&resp, &st.frames) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "encoding map response failed");
+                        break;
+                    }
+                };
+                if let Some(key) = share_as {
+                    st.deltas.put(key, Some(frame.clone()));
+                }
+                (frame, kind, resp.keep_alive)
+            }
+            (None, Some(frame)) => {
+                metrics.map_deltas_shared.fetch_add(1, Ordering::Relaxed);
+                (frame, &metrics.map_responses_delta, false)
+            }
+            (None, None) => {
+                // Nothing visible changed: the streams sharing this key need not look.
+                if let Some(key) = share_as {
+                    st.deltas.put(key, None);
+                }
+                continue;
             }
         };
         let len = frame.len() as u64;
         if tx.send(frame).await.is_err() {
             break;
         }
-        if !resp.keep_alive {
+        if !keep_alive {
             last_update = tokio::time::Instant::now();
         }
         kind.fetch_add(1, Ordering::Relaxed);

@@ -478,6 +478,31 @@ impl StreamView {
         Some(resp)
     }
 
+    /// The key under which this stream's next delta is the same message as that of every
+    /// other stream with the same key: the sequence number it has caught up to and the
+    /// cache's current one. Only while no policy is or was in force since then (every node
+    /// sees every other, under the same packet filter), nothing re-rendered every node
+    /// since, and nothing touched the stream's own node; `None` otherwise. Call with the
+    /// same state guard as the [`Self::delta`] it stands for, so the two see one state.
+    pub fn shared_key(&self, t: &Tailnet, cache: &PeerCache) -> Option<(u64, u64)> {
+        let peers = cache.read();
+        let since = self.synced;
+        if since == 0 || t.policy.is_some() || peers.last_all > since {
+            return None;
+        }
+        if peers.policy_at(since)?.is_some() {
+            return None;
+        }
+        let me = peers.nodes.get(&self.self_id)?;
+        (me.touched <= since).then_some((since, peers.seq))
+    }
+
+    /// Moves the stream on to `seq`, having sent (or found nothing to send in) the delta
+    /// another stream computed under a key from [`Self::shared_key`].
+    pub fn advance(&mut self, seq: u64) {
+        self.synced = seq;
+    }
+
     /// A delta for every node the cache changed since this stream's last message (all of
     /// them after a policy change); `None` when nothing visible changed.
     pub fn delta(
@@ -746,6 +771,66 @@ mod tests {
         apply(&mut t, Command::DeleteNode { id: 2 });
         let d = view.delta(&t, &cache, &config, 18).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [2]);
+    }
+
+    /// Streams caught up to the same point get the same delta, and say so with the same
+    /// key; not the stream whose own node changed, and nobody under a policy.
+    #[test]
+    fn streams_alike_share_a_key_for_the_same_delta() {
+        use crate::state::{Command, Observer};
+        let config = Config::default();
+        let mut t = crate::policy::compile::sample_tailnet();
+        let cache = PeerCache::new(Arc::new(config.clone()));
+        cache.reset(&t);
+        let apply = |t: &mut Tailnet, cmd: Command| {
+            let (r, changes) = t.apply(&cmd);
+            r.unwrap();
+            cache.applied(t, &changes);
+        };
+        let update = |id: u64| Command::UpdateNode {
+            node_key: format!("nodekey:{id:064x}"),
+            disco_key: None,
+            endpoints: Some(vec![format!("192.0.2.{id}:41641")]),
+            hostinfo: None,
+            hostname: None,
+            home_derp: None,
+            now: 11,
+        };
+        let mut views: Vec<StreamView> = [1, 2, 3].map(StreamView::new).into();
+        for v in &mut views {
+            v.full(&t, &cache, &config, &json!({}), 10).unwrap();
+        }
+        apply(&mut t, update(3));
+        let keys: Vec<_> = views.iter().map(|v| v.shared_key(&t, &cache)).collect();
+        assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+        assert_eq!(keys[2], None, "node 3 itself changed");
+        let text = |v: &mut StreamView| {
+            let d = v.delta(&t, &cache, &config, 12).unwrap().unwrap();
+            crate::control::tailcfg::encode(&d).unwrap()
+        };
+        let (a, b) = (text(&mut views[0]), text(&mut views[1]));
+        assert_eq!(a, b);
+        // Moved on by a shared delta, a stream carries on from where it was sent to.
+        let mut late = StreamView::new(2);
+        late.full(&t, &cache, &config, &json!({}), 12).unwrap();
+        apply(&mut t, update(1));
+        let key = late.shared_key(&t, &cache).unwrap();
+        late.advance(key.1);
+        assert!(late.delta(&t, &cache, &config, 13).unwrap().is_none());
+
+        let policy = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+        apply(
+            &mut t,
+            Command::SetPolicy {
+                text: policy.into(),
+                now: 14,
+            },
+        );
+        for v in &mut views {
+            let _ = v.delta(&t, &cache, &config, 14);
+        }
+        apply(&mut t, update(3));
+        assert!(views.iter().all(|v| v.shared_key(&t, &cache).is_none()));
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct ControlState {
     pub peers: Arc<peers::PeerCache>,
     /// Compressed runs of peers, shared by the map streams that send the same ones.
     pub frames: frames::FrameCache,
+    /// Delta messages many streams send alike, made once.
+    pub deltas: frames::SharedDeltas,
 }
 
 impl ControlState {
@@ -130,6 +132,7 @@ impl ControlState {
             oidc,
             peers,
             frames,
+            deltas: frames::SharedDeltas::default(),
         })
     }
 

@@ -35,6 +35,9 @@ pub struct Entry {
     pub reshaped: u64,
     /// Last change to each of [`PATCHABLE`], in its order.
     pub patched: [u64; PATCHABLE.len()],
+    /// The last sequence number whose history names this node, whether or not its
+    /// rendering changed.
+    pub touched: u64,
     /// The values of [`PATCHABLE`] in `json`, taken out once: every stream builds its
     /// patches from these, and looking each up in `json` again per stream and peer was
     /// the larger part of computing a delta in a join storm.
@@ -78,6 +81,8 @@ pub struct Peers {
     /// The nodes each recent sequence number touched (`None`: all of them, after a policy
     /// change or a restore), oldest first, at most [`LOG`] entries.
     log: VecDeque<(u64, Option<Vec<u64>>)>,
+    /// The last sequence number that touched every node (a policy change or a restore).
+    pub last_all: u64,
 }
 
 /// Sequence numbers of history kept for streams that fall behind; one further back gets a
@@ -124,6 +129,9 @@ impl Peers {
     }
 
     fn remember(&mut self, seq: u64, ids: Option<Vec<u64>>) {
+        if ids.is_none() {
+            self.last_all = seq;
+        }
         if self.log.len() >= LOG {
             self.log.pop_front();
         }
@@ -182,6 +190,7 @@ impl PeerCache {
                     peers.nodes.insert(
                         id,
                         Entry {
+                            touched: seq,
                             patch_values: patch_values(&json),
                             text: text_of(&json),
                             json: Arc::new(json),
@@ -195,6 +204,7 @@ impl PeerCache {
                     );
                 }
                 Some(e) => {
+                    e.touched = seq;
                     if *e.json != json {
                         stamp(e, &json, seq);
                         e.patch_values = patch_values(&json);
