@@ -44,7 +44,7 @@ stun_listen_addr = "127.0.0.1:$((p + 5))"
 [cluster]
 peers = "$peers"
 TOML
-  HYDRASCALE_LOG=warn "$BIN/hydrascale" serve --config "$d/hydrascale.toml" > "$d/log" 2>&1 &
+  HYDRASCALE_LOG="${HYDRASCALE_LOG:-warn}" "$BIN/hydrascale" serve --config "$d/hydrascale.toml" > "$d/log" 2>&1 &
   pids+=($!)
 done
 for i in 1 2 3; do
