@@ -99,7 +99,9 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
         if let Err(e) = builder.serve_connection(TokioIo::new(plain), svc).await {
-            tracing::debug!(error = %e, "noise http/2 session ended");
+            // hyper shows only "http2 error"; its Debug names the cause (a keep-alive that
+            // timed out, the peer going away, an I/O error).
+            tracing::debug!(error = ?e, "noise http/2 session ended");
         }
     });
     let mut resp = Response::new(Body::empty());
