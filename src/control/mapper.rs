@@ -668,21 +668,32 @@ mod tests {
         }
     }
 
+    /// The sample tailnet, and a peer cache in step with it.
+    fn sample_with_cache() -> (Config, Tailnet, Arc<PeerCache>) {
+        use crate::state::Observer;
+        let config = Config::default();
+        let t = crate::policy::compile::sample_tailnet();
+        let cache = PeerCache::new(Arc::new(config.clone()));
+        cache.reset(&t);
+        (config, t, cache)
+    }
+
+    /// Applies `cmd` to `t` and tells `cache`, as the state store does.
+    fn apply_to(cache: &PeerCache, t: &mut Tailnet, cmd: crate::state::Command) {
+        use crate::state::Observer;
+        let (r, changes) = t.apply(&cmd);
+        r.unwrap();
+        cache.applied(t, &changes);
+    }
+
     /// A stream's deltas come from the shared cache alone: patches for endpoint-only
     /// changes (several merged when the stream fell behind), whole nodes otherwise,
     /// removals when a peer goes or the policy hides it, and nothing per peer kept.
     #[test]
     fn deltas_from_the_shared_peer_cache() {
-        use crate::state::{Command, Observer};
-        let config = Config::default();
-        let mut t = crate::policy::compile::sample_tailnet();
-        let cache = PeerCache::new(Arc::new(config.clone()));
-        cache.reset(&t);
-        let apply = |t: &mut Tailnet, cmd: Command| {
-            let (r, changes) = t.apply(&cmd);
-            r.unwrap();
-            cache.applied(t, &changes);
-        };
+        use crate::state::Command;
+        let (config, mut t, cache) = sample_with_cache();
+        let apply = |t: &mut Tailnet, cmd: Command| apply_to(&cache, t, cmd);
         let mut view = StreamView::new(1);
         let full = view.full(&t, &cache, &config, &json!({}), 10).unwrap();
         let ids: Vec<u64> = full
@@ -777,16 +788,9 @@ mod tests {
     /// key; not the stream whose own node changed, and nobody under a policy.
     #[test]
     fn streams_alike_share_a_key_for_the_same_delta() {
-        use crate::state::{Command, Observer};
-        let config = Config::default();
-        let mut t = crate::policy::compile::sample_tailnet();
-        let cache = PeerCache::new(Arc::new(config.clone()));
-        cache.reset(&t);
-        let apply = |t: &mut Tailnet, cmd: Command| {
-            let (r, changes) = t.apply(&cmd);
-            r.unwrap();
-            cache.applied(t, &changes);
-        };
+        use crate::state::Command;
+        let (config, mut t, cache) = sample_with_cache();
+        let apply = |t: &mut Tailnet, cmd: Command| apply_to(&cache, t, cmd);
         let update = |id: u64| Command::UpdateNode {
             node_key: format!("nodekey:{id:064x}"),
             disco_key: None,
