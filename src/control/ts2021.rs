@@ -95,9 +95,15 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
         tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
         let svc = TowerToHyperService::new(noise_router(state, peer));
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // The pings find connections that died silently, so their nodes go offline. hyper
+        // gives up on an unanswered ping after 20 s by default; at 10,000 nodes on two
+        // cores that closed thousands of live sessions (KeepAliveTimedOut), each then a
+        // reconnect and a full map. A minute is slow enough for a busy client or replica
+        // and still finds a dead one within two.
         builder
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
+            .keep_alive_interval(Some(std::time::Duration::from_secs(60)))
+            .keep_alive_timeout(std::time::Duration::from_secs(60));
         if let Err(e) = builder.serve_connection(TokioIo::new(plain), svc).await {
             // hyper shows only "http2 error"; its Debug names the cause (a keep-alive that
             // timed out, the peer going away, an I/O error).
