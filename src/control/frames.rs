@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 /// zstd level: compressed once and sent many times, a run is worth the better ratio.
 const LEVEL: i32 = 3;
 /// Runs shorter than this go into the stream's own frames: a frame's own header and the
-/// hash cost about what compressing a few hundred bytes does.
+/// cache lookup cost about what compressing a few hundred bytes does.
 const MIN_SHARED: usize = 512;
 /// Bytes the cache may hold: each run's compressed frame plus the text of its peers (whose
 /// `Arc`s its key keeps alive, old versions included). A full map of 10,000 peers is
@@ -65,13 +65,17 @@ impl Hash for RunKey {
 }
 
 impl RunKey {
+    fn write(&self, out: &mut Vec<u8>) {
+        tailcfg::write_run(&self.peers, self.comma, out);
+    }
+
     fn len(&self) -> usize {
         (self.peers.iter().map(|p| p.len() + 1).sum::<usize>())
             .saturating_sub(usize::from(!self.comma))
     }
 }
 
-/// Compressed runs of peers, by content; one per replica, shared by its streams.
+/// Compressed runs of peers, by their peers' texts; one per replica, shared by its streams.
 pub struct FrameCache {
     slots: Mutex<Slots>,
     metrics: Arc<Metrics>,
@@ -118,11 +122,7 @@ impl FrameCache {
         // Compressed outside the lock: two streams may both compress a new run, which
         // costs one compression more but never makes one stream wait for another.
         let mut text = Vec::with_capacity(run.len());
-        Piece::Run {
-            peers: run.peers.clone(),
-            comma: run.comma,
-        }
-        .write(&mut text);
+        run.write(&mut text);
         let frame = Bytes::from(compress(&text)?);
         self.metrics
             .map_runs_compressed
@@ -250,11 +250,7 @@ pub fn encode_frame(resp: &MapResponse, cache: &FrameCache) -> Result<Bytes, std
             Piece::Run { peers, comma } => {
                 let run = RunKey { peers, comma };
                 if run.len() < MIN_SHARED {
-                    Piece::Run {
-                        peers: run.peers,
-                        comma: run.comma,
-                    }
-                    .write(&mut own);
+                    run.write(&mut own);
                     continue;
                 }
                 if !own.is_empty() {

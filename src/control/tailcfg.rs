@@ -242,18 +242,22 @@ impl Piece {
     pub fn write(&self, out: &mut Vec<u8>) {
         match self {
             Piece::Own(b) => out.extend_from_slice(b),
-            Piece::Run { peers, comma } => {
-                for (i, p) in peers.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    out.extend_from_slice(p.as_bytes());
-                }
-                if *comma {
-                    out.push(b',');
-                }
-            }
+            Piece::Run { peers, comma } => write_run(peers, *comma, out),
         }
+    }
+}
+
+/// Appends the text of a run: the peers' texts joined by commas, and one after them when
+/// `comma`.
+pub fn write_run(peers: &[Arc<str>], comma: bool, out: &mut Vec<u8>) {
+    for (i, p) in peers.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(p.as_bytes());
+    }
+    if comma {
+        out.push(b',');
     }
 }
 

@@ -718,11 +718,7 @@ impl Tailnet {
                 if !valid_label(new_name) {
                     return Err(StateError::BadNodeName(new_name.clone()));
                 }
-                if self
-                    .nodes
-                    .values()
-                    .any(|o| o.id != *id && o.given_name == *new_name)
-                {
+                if self.index.get(&self.nodes).name_taken(new_name, Some(*id)) {
                     return Err(StateError::NodeNameTaken(new_name.clone()));
                 }
                 let n = self
