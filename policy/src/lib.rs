@@ -145,7 +145,7 @@ pub struct Policy {
 
 /// Who or what a node is, as far as the policy cares. A tagged node is its tags and no
 /// user: it belongs to the tailnet, not to whoever registered it.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Principal {
     pub user: Option<String>,
     pub tags: Vec<String>,
@@ -222,6 +222,15 @@ impl Policy {
             .any(|r| self.rule_links(r, a, b) || self.rule_links(r, b, a))
     }
 
+    /// Whether any rule names a node by address (an address, a prefix or a `hosts` entry),
+    /// so that [`Policy::connected`] may tell apart two nodes of the same user and tags.
+    pub fn names_addresses(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.src.iter().any(|a| matches!(a, Alias::Prefix(_)))
+                || r.dst.iter().any(|(a, _)| matches!(a, Alias::Prefix(_)))
+        })
+    }
+
     fn rule_links(&self, r: &Rule, src: &Principal, dst: &Principal) -> bool {
         // `*` to `*` links every pair: the common allow-all rule costs no matching (map
         // streams ask this for every peer when a policy changes).
@@ -261,6 +270,48 @@ impl Policy {
             .collect()
     }
 }
+
+/// Whether every two of `principals` that are connected under `a` are under `b`, and no
+/// others (`None`: no policy, everyone reaches everyone). Asked when one policy replaces
+/// another: an ACL edit that opens or closes ports leaves every map's peers as they were,
+/// and then the server recomputes packet filters only, not every map's list of peers.
+///
+/// Nodes alike to both policies (same user, tags and routes, and unless a rule names
+/// addresses, whatever their addresses) are asked about once per pair of kinds, so a
+/// tailnet of thousands of nodes and a few dozen users costs a few thousand questions.
+/// Above [`SAME_REACH_KINDS`] kinds it answers `false`, which only costs the caller the
+/// slower path.
+pub fn same_reach<'a>(
+    a: Option<&Policy>,
+    b: Option<&Policy>,
+    principals: impl IntoIterator<Item = &'a Principal>,
+) -> bool {
+    if a == b {
+        return true;
+    }
+    let by_address = [a, b].iter().flatten().any(|p| p.names_addresses());
+    let mut seen = std::collections::HashSet::new();
+    let mut kinds: Vec<&Principal> = Vec::new();
+    for p in principals {
+        let ips: &[IpAddr] = if by_address { &p.ips } else { &[] };
+        if seen.insert((&p.user, &p.tags, &p.routes, ips)) {
+            if kinds.len() == SAME_REACH_KINDS {
+                return false;
+            }
+            kinds.push(p);
+        }
+    }
+    let reach = |policy: Option<&Policy>, x: &Principal, y: &Principal| {
+        policy.is_none_or(|p| p.connected(x, y))
+    };
+    kinds
+        .iter()
+        .enumerate()
+        .all(|(i, x)| kinds[i..].iter().all(|y| reach(a, x, y) == reach(b, x, y)))
+}
+
+/// The most kinds of node [`same_reach`] compares pairwise (about 130,000 pairs).
+pub const SAME_REACH_KINDS: usize = 512;
 
 /// TCP, UDP, ICMP and ICMPv6: what the client allows when a rule names no protocol.
 pub const DEFAULT_PROTOS: [u8; 4] = [6, 17, 1, 58];

@@ -390,3 +390,63 @@ fn damaged_policies_never_panic() {
         }
     }
 }
+
+/// An ACL edit that only opens a port keeps every pair of nodes connected as before; one
+/// that narrows who reaches whom does not, also when only addresses tell nodes apart.
+#[test]
+fn same_reach_tells_port_edits_from_reach_changes() {
+    use hydrascale_policy::{same_reach, SAME_REACH_KINDS};
+    let p = |text: &str| parse(text).unwrap();
+    let all = p(r#"{ "acls": [{ "action": "accept", "src": ["*"], "dst": ["*:*"] }] }"#);
+    let all_and_port = p(r#"{ "acls": [
+        { "action": "accept", "src": ["*"], "dst": ["*:*"] },
+        { "action": "accept", "src": ["*"], "dst": ["*:4242"] } ] }"#);
+    let eng = p(r#"{ "groups": { "group:eng": ["alice@example.com"] },
+        "acls": [{ "action": "accept", "src": ["group:eng"], "dst": ["group:eng:*"] }] }"#);
+    let eng_port = p(r#"{ "groups": { "group:eng": ["alice@example.com"] },
+        "acls": [{ "action": "accept", "src": ["group:eng"], "dst": ["group:eng:22"] }] }"#);
+    let people = [
+        user("alice@example.com"),
+        user("alice@example.com"),
+        user("bob@example.com"),
+        tagged("tag:server"),
+    ];
+
+    assert!(same_reach(Some(&all), Some(&all_and_port), &people));
+    assert!(same_reach(None, Some(&all), &people));
+    assert!(same_reach(Some(&eng), Some(&eng_port), &people));
+    assert!(!same_reach(Some(&all), Some(&eng), &people));
+    assert!(!same_reach(
+        None,
+        Some(&p(r#"{ "acls": [] }"#)),
+        &people[..1]
+    ));
+
+    // Two of alice's nodes, told apart by address only.
+    let at = |ip: &str| Principal {
+        ips: vec![ip.parse().unwrap()],
+        ..user("alice@example.com")
+    };
+    let nodes = [at("100.64.0.1"), at("100.64.0.2"), at("100.64.0.3")];
+    let from = |ip: &str| {
+        p(&format!(
+            r#"{{ "acls": [{{ "action": "accept", "src": ["{ip}"], "dst": ["*:*"] }}] }}"#
+        ))
+    };
+    assert!(!same_reach(
+        Some(&from("100.64.0.1")),
+        Some(&from("100.64.0.2")),
+        &nodes
+    ));
+    assert!(same_reach(
+        Some(&from("100.64.0.1")),
+        Some(&from("100.64.0.1/32")),
+        &nodes
+    ));
+
+    // Too many kinds to compare: the caller takes the slow path.
+    let many: Vec<Principal> = (0..=SAME_REACH_KINDS)
+        .map(|i| user(&format!("u{i}@example.com")))
+        .collect();
+    assert!(!same_reach(Some(&all), Some(&all_and_port), &many));
+}

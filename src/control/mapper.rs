@@ -326,14 +326,24 @@ pub struct StreamView {
     ssh_sent: Option<Value>,
 }
 
-/// The packet filter and SSH policy of `me` under the current policy.
-fn filters(t: &Tailnet, me: &Node, config: &Config) -> (Value, Option<Value>) {
+/// The packet filter and SSH policy of `me` under the current policy, from the rules'
+/// sources as `cache` resolved them for `t` (call under the state guard `t` comes from).
+fn filters(t: &Tailnet, cache: &PeerCache, me: &Node, config: &Config) -> (Value, Option<Value>) {
     match policy(t) {
         None => (filter_allow_all(), None),
-        Some(p) => (
-            compile::packet_filter(p, t, me),
-            compile::ssh_policy(p, t, me, &super::ssh_check::delegate_url(config)),
-        ),
+        Some(p) => {
+            let mut resolved = cache.resolved();
+            (
+                compile::packet_filter(p, t, me, &mut resolved),
+                compile::ssh_policy(
+                    p,
+                    t,
+                    me,
+                    &super::ssh_check::delegate_url(config),
+                    &mut resolved,
+                ),
+            )
+        }
     }
 }
 
@@ -446,7 +456,7 @@ impl StreamView {
         let had_peers = self.synced > 0;
         self.synced = peers_now.seq;
         drop(peers_now);
-        let (filter, ssh) = filters(t, me, config);
+        let (filter, ssh) = filters(t, cache, me, config);
         self.filter_sent = Some(filter.clone());
         self.ssh_sent = ssh.clone();
         self.self_sent = Some(self_json.clone());
@@ -504,7 +514,8 @@ impl StreamView {
     }
 
     /// A delta for every node the cache changed since this stream's last message (all of
-    /// them after a policy change); `None` when nothing visible changed.
+    /// them after a policy change that connects other pairs of nodes); `None` when nothing
+    /// visible changed.
     pub fn delta(
         &mut self,
         t: &Tailnet,
@@ -526,20 +537,24 @@ impl StreamView {
         // What changed comes from the cache's history, not from the announcements the
         // stream was woken by: the cache may have moved on before the stream read it.
         let missed = peers.since(since).ok_or(Resync::Full)?;
-        let policy_changed = missed.everything;
+        // A policy change may change every packet filter; only some change whom it lets
+        // see whom (`everything`).
+        let everything = missed.everything;
+        let filters_changed = missed.filters;
         let principal = peers
             .nodes
             .get(&self.self_id)
             .map(|e| e.principal.clone())
             .unwrap_or_else(|| compile::principal(t, me));
-        // A policy change, or the node itself becoming someone else to the policy (tags,
-        // addresses), may change every peer's visibility, not only the touched ones'.
-        let touched: Vec<u64> =
-            if policy_changed || (principal != self.principal && current.is_some()) {
-                t.nodes.keys().copied().collect()
-            } else {
-                missed.ids.into_iter().collect()
-            };
+        // A policy change connecting other pairs, or the node itself becoming someone else
+        // to the policy (tags, addresses), may change every peer's visibility, not only
+        // the touched ones'.
+        let touched: Vec<u64> = if everything || (principal != self.principal && current.is_some())
+        {
+            t.nodes.keys().copied().collect()
+        } else {
+            missed.ids.into_iter().collect()
+        };
         for &id in &touched {
             if id == self.self_id {
                 let j = node_json(t, me, &peers.primaries, config, now);
@@ -599,12 +614,12 @@ impl StreamView {
         }
         // Who may reach this node changes only when a peer appears, goes or changes more
         // than its endpoints; endpoint patches, the bulk of all updates, skip this.
-        if policy_changed
+        if filters_changed
             || resp.node.is_some()
             || resp.peers_changed.is_some()
             || resp.peers_removed.is_some()
         {
-            let (filter, ssh) = filters(t, me, config);
+            let (filter, ssh) = filters(t, cache, me, config);
             if self.filter_sent.as_ref() != Some(&filter) {
                 self.filter_sent = Some(filter.clone());
                 resp.packet_filter = Some(filter);
@@ -835,6 +850,99 @@ mod tests {
         }
         apply(&mut t, update(3));
         assert!(views.iter().all(|v| v.shared_key(&t, &cache).is_none()));
+    }
+
+    /// A policy edit that connects the same pairs of nodes (a port opened, an attribute
+    /// given) costs each stream its packet filter and the nodes whose rendering changed,
+    /// not a walk over every node; an edit that hides a peer still removes it.
+    #[test]
+    fn port_edits_replace_filters_and_leave_peers_alone() {
+        use crate::state::Command;
+        let (config, mut t, cache) = sample_with_cache();
+        let set = |t: &mut Tailnet, text: &str, now: i64| {
+            apply_to(
+                &cache,
+                t,
+                Command::SetPolicy {
+                    text: text.into(),
+                    now,
+                },
+            )
+        };
+        let all = r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#;
+        let port = r#"{"action": "accept", "src": ["*"], "dst": ["*:4242"]}"#;
+        set(&mut t, &format!(r#"{{"acls": [{all}]}}"#), 10);
+        let mut view = StreamView::new(1);
+        let full = view.full(&t, &cache, &config, &json!({}), 10).unwrap();
+        let peers = full.peers.unwrap().len();
+
+        set(&mut t, &format!(r#"{{"acls": [{all}, {port}]}}"#), 11);
+        {
+            let p = cache.read();
+            let since = p.since(p.seq - 1).unwrap();
+            assert!(since.filters && !since.everything && since.ids.is_empty());
+        }
+        let d = view.delta(&t, &cache, &config, 11).unwrap().unwrap();
+        assert!(d.packet_filter.unwrap().to_string().contains("4242"));
+        assert!(d.peers_changed.is_none() && d.peers_removed.is_none() && d.node.is_none());
+
+        // An attribute for every node: each one's rendering (CapMap) changes, so each is
+        // resent, the stream's own node included; the filter stays as it was.
+        let attrs = r#""nodeAttrs": [{"target": ["*"], "attr": ["funnel"]}]"#;
+        set(
+            &mut t,
+            &format!(r#"{{"acls": [{all}, {port}], {attrs}}}"#),
+            12,
+        );
+        let d = view.delta(&t, &cache, &config, 12).unwrap().unwrap();
+        assert!(d.node.unwrap()["CapMap"].get("funnel").is_some());
+        assert_eq!(d.peers_changed.unwrap().len(), peers);
+        assert!(d.packet_filter.is_none());
+
+        // Members only: the tagged node 3 goes.
+        let members =
+            r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#;
+        set(&mut t, &format!(r#"{{"acls": [{members}], {attrs}}}"#), 13);
+        {
+            let p = cache.read();
+            assert!(p.since(p.seq - 1).unwrap().everything);
+        }
+        let d = view.delta(&t, &cache, &config, 13).unwrap().unwrap();
+        assert_eq!(d.peers_removed.unwrap(), [3]);
+        assert!(d.packet_filter.is_some());
+    }
+
+    /// Every stream's filter reads the rules' sources resolved once; a node joining (or
+    /// becoming someone else to the policy) makes them be resolved again.
+    #[test]
+    fn filters_follow_nodes_joining_under_a_policy() {
+        use crate::state::{Command, Observer};
+        let (config, mut t, cache) = sample_with_cache();
+        let policy = r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["*:*"]}]}"#;
+        apply_to(
+            &cache,
+            &mut t,
+            Command::SetPolicy {
+                text: policy.into(),
+                now: 10,
+            },
+        );
+        let sources = |f: Option<Value>| f.unwrap()[0]["SrcIPs"].to_string();
+        let mut bob = StreamView::new(2);
+        let full = bob.full(&t, &cache, &config, &json!({}), 10).unwrap();
+        let alice1 = t.nodes[&1].ipv4.to_string();
+        assert_eq!(
+            sources(full.packet_filter),
+            format!("[\"{alice1}\",\"{}\"]", t.nodes[&1].ipv6)
+        );
+
+        let changes = crate::policy::compile::add_sample_node(&mut t, "alice", vec![], 4);
+        cache.applied(&t, &changes);
+        let d = bob.delta(&t, &cache, &config, 11).unwrap().unwrap();
+        assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 4);
+        let alice2 = &t.nodes[&4];
+        // Nodes 2 and 3 sit between alice's two nodes' addresses: one entry each.
+        assert!(sources(d.packet_filter).contains(&format!("\"{}\"", alice2.ipv4)));
     }
 
     #[test]

@@ -9,13 +9,13 @@
 //! patch or resend. Memory is O(N) per replica plus O(1) per stream.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use serde_json::Value;
 
 use super::mapper::{node_json, primary_routes, Primaries, PATCHABLE};
 use crate::config::Config;
-use crate::policy::{compile, Policy, Principal};
+use crate::policy::{compile, same_reach, Policy, Principal};
 use crate::state::{Change, Observer, Tailnet};
 
 /// One node as peers see it, and when each part of it last changed.
@@ -78,11 +78,26 @@ pub struct Peers {
     /// before it, so a stream can tell which peers the previous policy let it see.
     policy: (u64, Option<Arc<Policy>>),
     previous_policy: Option<(u64, Option<Arc<Policy>>)>,
-    /// The nodes each recent sequence number touched (`None`: all of them, after a policy
-    /// change or a restore), oldest first, at most [`LOG`] entries.
-    log: VecDeque<(u64, Option<Vec<u64>>)>,
+    /// What each recent sequence number touched, oldest first, at most [`LOG`] entries.
+    log: VecDeque<(u64, Touched)>,
     /// The last sequence number that touched every node (a policy change or a restore).
     pub last_all: u64,
+    /// The last sequence number at which the policy changed or a node appeared, went or
+    /// became someone else to it: what the rules' resolved sources depend on.
+    reach_seq: u64,
+}
+
+/// What one sequence number changed, as the history keeps it.
+#[derive(Debug, Clone, PartialEq)]
+enum Touched {
+    /// These nodes (rendering, principal, or only named by a command).
+    Nodes(Vec<u64>),
+    /// A policy change that connects the same pairs of nodes as the policy before it:
+    /// every packet filter may differ, the peers of every map do not; these nodes'
+    /// renderings changed with it (their capabilities, say).
+    Filters(Vec<u64>),
+    /// Every node: a restore, or a policy change that connects other pairs of nodes.
+    All,
 }
 
 /// Sequence numbers of history kept for streams that fall behind; one further back gets a
@@ -90,10 +105,14 @@ pub struct Peers {
 const LOG: usize = 8192;
 
 /// What changed after a stream's sequence number.
+#[derive(Default)]
 pub struct Since {
     pub ids: BTreeSet<u64>,
     /// Every node may have changed (a policy change or a restore).
     pub everything: bool,
+    /// The policy changed, so every packet filter may have, but not which peers any map
+    /// holds (unless `everything`).
+    pub filters: bool,
 }
 
 impl Peers {
@@ -103,39 +122,40 @@ impl Peers {
     /// the stream reading it.
     pub fn since(&self, seq: u64) -> Option<Since> {
         if seq >= self.seq {
-            return Some(Since {
-                ids: BTreeSet::new(),
-                everything: false,
-            });
+            return Some(Since::default());
         }
         let oldest = self.log.front().map(|(s, _)| *s)?;
         if oldest > seq + 1 {
             return None;
         }
-        let mut out = Since {
-            ids: BTreeSet::new(),
-            everything: false,
-        };
+        let mut out = Since::default();
         // Sequence numbers rise along the history: start at the first one after `seq`
         // instead of walking the whole history on every update of every stream.
         let first = self.log.partition_point(|(s, _)| *s <= seq);
-        for (_, ids) in self.log.range(first..) {
-            match ids {
-                Some(ids) => out.ids.extend(ids.iter().copied()),
-                None => out.everything = true,
+        for (_, touched) in self.log.range(first..) {
+            match touched {
+                Touched::Nodes(ids) => out.ids.extend(ids.iter().copied()),
+                Touched::Filters(ids) => {
+                    out.ids.extend(ids.iter().copied());
+                    out.filters = true;
+                }
+                Touched::All => {
+                    out.everything = true;
+                    out.filters = true;
+                }
             }
         }
         Some(out)
     }
 
-    fn remember(&mut self, seq: u64, ids: Option<Vec<u64>>) {
-        if ids.is_none() {
+    fn remember(&mut self, seq: u64, touched: Touched) {
+        if !matches!(touched, Touched::Nodes(_)) {
             self.last_all = seq;
         }
         if self.log.len() >= LOG {
             self.log.pop_front();
         }
-        self.log.push_back((seq, ids));
+        self.log.push_back((seq, touched));
     }
 
     /// The policy in force at sequence number `seq`, if still known (`None` when it
@@ -155,6 +175,8 @@ impl Peers {
 pub struct PeerCache {
     config: Arc<Config>,
     inner: RwLock<Peers>,
+    /// The policy rules' sources as of `Peers::reach_seq`, shared by every stream's filter.
+    resolved: Mutex<compile::Resolved>,
 }
 
 impl PeerCache {
@@ -162,12 +184,22 @@ impl PeerCache {
         Arc::new(Self {
             config,
             inner: RwLock::new(Peers::default()),
+            resolved: Mutex::new(compile::Resolved::default()),
         })
     }
 
     /// Take after the state's read guard (the store takes them in that order).
     pub fn read(&self) -> RwLockReadGuard<'_, Peers> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The policy rules' sources, resolved for the applied state. Take under the state's
+    /// read guard, so that the state cannot move on while they are used.
+    pub fn resolved(&self) -> MutexGuard<'_, compile::Resolved> {
+        let version = self.read().reach_seq;
+        let mut r = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        r.at(version);
+        r
     }
 
     fn render(&self, t: &Tailnet, id: u64, primaries: &Primaries) -> Option<(Value, Principal)> {
@@ -178,15 +210,22 @@ impl PeerCache {
         ))
     }
 
-    /// Re-renders `ids` at sequence number `seq`, stamping what changed.
-    fn refresh(&self, peers: &mut Peers, t: &Tailnet, ids: &BTreeSet<u64>, seq: u64) {
+    /// Re-renders `ids` at sequence number `seq`, stamping what changed; returns the ones
+    /// that appeared, went, or render or stand to the policy otherwise than before.
+    fn refresh(&self, peers: &mut Peers, t: &Tailnet, ids: &BTreeSet<u64>, seq: u64) -> Vec<u64> {
+        let mut differ = Vec::new();
         for &id in ids {
             let Some((json, principal)) = self.render(t, id, &peers.primaries) else {
-                peers.nodes.remove(&id);
+                if peers.nodes.remove(&id).is_some() {
+                    differ.push(id);
+                    peers.reach_seq = seq;
+                }
                 continue;
             };
             match peers.nodes.get_mut(&id) {
                 None => {
+                    differ.push(id);
+                    peers.reach_seq = seq;
                     peers.nodes.insert(
                         id,
                         Entry {
@@ -205,7 +244,11 @@ impl PeerCache {
                 }
                 Some(e) => {
                     e.touched = seq;
-                    if *e.json != json {
+                    let rendered = *e.json != json;
+                    if rendered || e.principal != principal {
+                        differ.push(id);
+                    }
+                    if rendered {
                         stamp(e, &json, seq);
                         e.patch_values = patch_values(&json);
                         e.text = text_of(&json);
@@ -215,25 +258,35 @@ impl PeerCache {
                         let old = std::mem::replace(&mut e.principal, principal);
                         e.previous = Some((e.principal_since, old));
                         e.principal_since = seq;
+                        peers.reach_seq = seq;
                     }
                 }
             }
         }
+        differ
     }
 
+    /// Re-renders every node, after a restore: anything may have changed.
     fn rebuild(&self, peers: &mut Peers, t: &Tailnet) {
         peers.seq += 1;
         let seq = peers.seq;
         let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
-        if peers.policy.1 != now || peers.seq == 1 {
+        if peers.policy.1 != now || seq == 1 {
             let before = std::mem::replace(&mut peers.policy, (seq, now));
             peers.previous_policy = Some(before);
         }
         peers.primaries = primary_routes(t);
+        peers.reach_seq = seq;
         let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
         self.refresh(peers, t, &ids, seq);
-        peers.remember(seq, None);
+        peers.remember(seq, Touched::All);
     }
+}
+
+/// The `nodeAttrs` of `p`: the only part of a policy a node's rendering depends on (its
+/// `CapMap`).
+fn node_attrs(p: Option<&Policy>) -> &[crate::policy::NodeAttr] {
+    p.map(|p| &p.node_attrs[..]).unwrap_or(&[])
 }
 
 fn patch_values(v: &Value) -> [Option<Value>; PATCHABLE.len()] {
@@ -281,16 +334,24 @@ impl Observer for PeerCache {
             return;
         }
         let mut peers = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if changes
-            .iter()
-            .any(|c| matches!(c, Change::Reset | Change::PolicyChanged))
-        {
-            // Every node's capabilities and visibility may differ: re-render them all.
+        if changes.iter().any(|c| matches!(c, Change::Reset)) {
             self.rebuild(&mut peers, t);
             return;
         }
         peers.seq += 1;
         let seq = peers.seq;
+        // A policy change: the policy before it stays known, so a stream can tell which
+        // peers its client holds.
+        let mut policies = None;
+        if changes.iter().any(|c| matches!(c, Change::PolicyChanged)) {
+            let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
+            if peers.policy.1 != now {
+                let before = std::mem::replace(&mut peers.policy, (seq, now.clone()));
+                policies = Some((before.1.clone(), now));
+                peers.previous_policy = Some(before);
+                peers.reach_seq = seq;
+            }
+        }
         let mut ids = BTreeSet::new();
         for c in changes {
             match c {
@@ -321,9 +382,39 @@ impl Observer for PeerCache {
                 peers.primaries = primaries;
             }
         }
+        // Only `nodeAttrs` in a policy shows in a node's rendering (its capabilities):
+        // when they change, every node is rendered again.
+        let attrs_changed = policies
+            .as_ref()
+            .is_some_and(|(a, b)| node_attrs(a.as_deref()) != node_attrs(b.as_deref()));
+        let rendered = if attrs_changed {
+            let all: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
+            Some(self.refresh(&mut peers, t, &all, seq))
+        } else {
+            self.refresh(&mut peers, t, &ids, seq);
+            None
+        };
         // Streams find every node touched here, side effects included, in the history.
-        self.refresh(&mut peers, t, &ids, seq);
-        peers.remember(seq, Some(ids.into_iter().collect()));
+        let touched = match policies {
+            None => Touched::Nodes(ids.into_iter().collect()),
+            // Most policy edits open or close ports: then every stream recomputes its
+            // packet filter, but none walks every node for peers to add or drop, which at
+            // 10,000 nodes was most of what a policy change cost. Nodes whose principal
+            // changed (an auto-approved route) are in the list, looked at one by one.
+            Some((before, now))
+                if same_reach(
+                    before.as_deref(),
+                    now.as_deref(),
+                    peers.nodes.values().map(|e| &e.principal),
+                ) =>
+            {
+                let mut list: BTreeSet<u64> = rendered.into_iter().flatten().collect();
+                list.extend(ids);
+                Touched::Filters(list.into_iter().collect())
+            }
+            Some(_) => Touched::All,
+        };
+        peers.remember(seq, touched);
     }
 
     fn reset(&self, t: &Tailnet) {

@@ -2,11 +2,14 @@
 //! reach it, on which ports), whether a given peer belongs in its map, its SSH policy and
 //! its `nodeAttrs` capabilities.
 //!
-//! The work is per rule: a rule's sources are resolved once for the node being compiled,
+//! The work is per rule: a rule's sources are resolved once for every node's filter
+//! ([`Resolved`], kept until a node appears, goes or changes what it is to the policy),
 //! never for every pair of nodes, and a rule whose destinations do not name the node
 //! costs one test.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_json::{json, Value};
@@ -75,13 +78,56 @@ fn subtract(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
     }
 }
 
-/// Addresses of the nodes matching any of `src` and `extra`, as packet-filter sources.
-/// `*` and prefixes stay as written unless `extra` narrows them to nodes.
+/// Rules' sources resolved to addresses, shared by the packet filters and SSH policies of
+/// every node for as long as the answers hold: the same policy, and no node appearing,
+/// going or becoming someone else to it (the caller's `version` says when). Resolving a
+/// rule walks every node, so without this a join under a policy cost each of N map
+/// streams a walk over N nodes.
+#[derive(Default)]
+pub struct Resolved {
+    version: Option<u64>,
+    sources: HashMap<SourceKey, Arc<Vec<String>>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum SourceKey {
+    /// `acls` rule `.0`: packet-filter sources (addresses, prefixes, ranges, `*`).
+    Acl(usize),
+    /// The same among the untagged nodes of user `.1` (`autogroup:self`).
+    AclOwn(usize, String),
+    /// `ssh` rule `.0`: node addresses, one each.
+    Ssh(usize),
+    SshOwn(usize, String),
+}
+
+impl Resolved {
+    /// Forgets everything unless it was resolved at `version`.
+    pub fn at(&mut self, version: u64) -> &mut Self {
+        if self.version != Some(version) {
+            self.sources.clear();
+            self.version = Some(version);
+        }
+        self
+    }
+
+    fn get(&mut self, key: SourceKey, resolve: impl FnOnce() -> Vec<String>) -> Arc<Vec<String>> {
+        self.sources
+            .entry(key)
+            .or_insert_with(|| Arc::new(resolve()))
+            .clone()
+    }
+}
+
+/// Addresses of the nodes matching any of `src` and `extra`, as packet-filter sources
+/// (`ranges`: runs of consecutive addresses as one `a-b` entry) or as SSH principals
+/// (one address each). `*` and prefixes stay as written unless `extra` narrows them to
+/// nodes.
 fn sources(
     policy: &Policy,
     t: &Tailnet,
     src: &[Alias],
     extra: Option<&dyn Fn(&Principal) -> bool>,
+    ranges: bool,
 ) -> Vec<String> {
     let mut out = BTreeSet::new();
     let mut node_aliases = Vec::new();
@@ -94,16 +140,67 @@ fn sources(
             _ => node_aliases.push(a),
         }
     }
+    let mut ips = Vec::new();
     if !node_aliases.is_empty() {
         for n in t.nodes.values() {
             let p = principal(t, n);
             if node_aliases.iter().any(|a| policy.matches(a, &p)) && extra.is_none_or(|f| f(&p)) {
-                out.insert(n.ipv4.to_string());
-                out.insert(n.ipv6.to_string());
+                ips.push(IpAddr::from(n.ipv4));
+                ips.push(IpAddr::from(n.ipv6));
             }
         }
     }
-    out.into_iter().collect()
+    if ranges {
+        let mut out: Vec<String> = out.into_iter().collect();
+        out.extend(address_ranges(ips));
+        out
+    } else {
+        out.extend(ips.iter().map(IpAddr::to_string));
+        out.into_iter().collect()
+    }
+}
+
+/// `ips` as few packet-filter entries as may be: each run of consecutive addresses one
+/// entry (`first-last`, which the client's filter reads as a range; a lone address as
+/// itself). Addresses are handed out in order, so a rule naming most of a tailnet of
+/// 10,000 nodes is a handful of entries in every node's filter, not 20,000.
+fn address_ranges(ips: Vec<IpAddr>) -> Vec<String> {
+    let (mut v4, mut v6): (Vec<u128>, Vec<u128>) = (Vec::new(), Vec::new());
+    for ip in ips {
+        match ip {
+            IpAddr::V4(a) => v4.push(u128::from(u32::from(a))),
+            IpAddr::V6(a) => v6.push(u128::from(a)),
+        }
+    }
+    let mut out = Vec::new();
+    for (mut list, v6) in [(v4, false), (v6, true)] {
+        list.sort_unstable();
+        list.dedup();
+        let show = |x: u128| -> String {
+            if v6 {
+                std::net::Ipv6Addr::from(x).to_string()
+            } else {
+                // Built from a u32 above.
+                std::net::Ipv4Addr::from(x as u32).to_string()
+            }
+        };
+        let mut i = 0;
+        while i < list.len() {
+            let first = list[i];
+            let mut last = first;
+            while i + 1 < list.len() && list[i + 1] == last + 1 {
+                i += 1;
+                last = list[i];
+            }
+            out.push(if first == last {
+                show(first)
+            } else {
+                format!("{}-{}", show(first), show(last))
+            });
+            i += 1;
+        }
+    }
+    out
 }
 
 fn dst_ports(dst: &[&(Alias, Vec<super::Ports>)], me: &Principal) -> Vec<Value> {
@@ -127,7 +224,7 @@ fn dst_ports(dst: &[&(Alias, Vec<super::Ports>)], me: &Principal) -> Vec<Value> 
     out
 }
 
-fn filter_rule(src: Vec<String>, dst: Vec<Value>, r: &Rule) -> Value {
+fn filter_rule(src: &[String], dst: Vec<Value>, r: &Rule) -> Value {
     let mut v = json!({ "SrcIPs": src, "DstPorts": dst });
     if !r.protos.is_empty() {
         v["IPProto"] = json!(r.protos);
@@ -135,20 +232,21 @@ fn filter_rule(src: Vec<String>, dst: Vec<Value>, r: &Rule) -> Value {
     v
 }
 
-/// `me`'s packet filter: one entry per rule that names it as a destination.
-pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node) -> Value {
+/// `me`'s packet filter: one entry per rule that names it as a destination. `resolved`
+/// must hold what was resolved for this `policy` and `t` (or nothing).
+pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node, resolved: &mut Resolved) -> Value {
     let pm = principal(t, me);
     let mut rules = Vec::new();
-    for r in &policy.rules {
+    for (i, r) in policy.rules.iter().enumerate() {
         let direct: Vec<_> = r
             .dst
             .iter()
             .filter(|(a, _)| *a != Alias::OwnNodes && policy.matches(a, &pm))
             .collect();
         if !direct.is_empty() {
-            let src = sources(policy, t, &r.src, None);
+            let src = resolved.get(SourceKey::Acl(i), || sources(policy, t, &r.src, None, true));
             if !src.is_empty() {
-                rules.push(filter_rule(src, dst_ports(&direct, &pm), r));
+                rules.push(filter_rule(&src, dst_ports(&direct, &pm), r));
             }
         }
         let own: Vec<_> = r
@@ -156,35 +254,48 @@ pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node) -> Value {
             .iter()
             .filter(|(a, _)| *a == Alias::OwnNodes)
             .collect();
-        if !own.is_empty() && pm.user.is_some() {
+        if let (false, Some(user)) = (own.is_empty(), &pm.user) {
             let same_user = |p: &Principal| p.user == pm.user;
-            let src = sources(policy, t, &r.src, Some(&same_user));
+            let src = resolved.get(SourceKey::AclOwn(i, user.clone()), || {
+                sources(policy, t, &r.src, Some(&same_user), true)
+            });
             if !src.is_empty() {
-                rules.push(filter_rule(src, dst_ports(&own, &pm), r));
+                rules.push(filter_rule(&src, dst_ports(&own, &pm), r));
             }
         }
     }
     Value::Array(rules)
 }
 
-/// `me`'s SSH policy: who may open a session to it, as which local users.
-pub fn ssh_policy(policy: &Policy, t: &Tailnet, me: &Node, check_url: &str) -> Option<Value> {
+/// `me`'s SSH policy: who may open a session to it, as which local users. `resolved` as
+/// for [`packet_filter`].
+pub fn ssh_policy(
+    policy: &Policy,
+    t: &Tailnet,
+    me: &Node,
+    check_url: &str,
+    resolved: &mut Resolved,
+) -> Option<Value> {
     if policy.ssh.is_empty() {
         return None;
     }
     let pm = principal(t, me);
     let mut rules = Vec::new();
-    for r in &policy.ssh {
+    for (i, r) in policy.ssh.iter().enumerate() {
         let direct = r
             .dst
             .iter()
             .any(|a| *a != Alias::OwnNodes && policy.matches(a, &pm));
         let own = pm.user.is_some() && r.dst.contains(&Alias::OwnNodes);
         let same_user = |p: &Principal| p.user == pm.user;
-        let src = match (direct, own) {
-            (false, false) => continue,
-            (true, _) => sources(policy, t, &r.src, Some(&|_: &Principal| true)),
-            (false, true) => sources(policy, t, &r.src, Some(&same_user)),
+        let src = match (direct, own, &pm.user) {
+            (true, _, _) => resolved.get(SourceKey::Ssh(i), || {
+                sources(policy, t, &r.src, Some(&|_: &Principal| true), false)
+            }),
+            (false, true, Some(user)) => resolved.get(SourceKey::SshOwn(i, user.clone()), || {
+                sources(policy, t, &r.src, Some(&same_user), false)
+            }),
+            _ => continue,
         };
         if src.is_empty() {
             continue;
@@ -257,7 +368,7 @@ pub fn ssh_action_for(
 /// A tailnet with users alice and bob, alice's laptop (1), bob's laptop (2) and a
 /// server tagged tag:web registered by alice (3).
 pub(crate) fn sample_tailnet() -> Tailnet {
-    use crate::state::{Command, RegisterAuth};
+    use crate::state::Command;
     let mut t = Tailnet::default();
     for name in ["alice", "bob"] {
         t.apply(&Command::CreateUser {
@@ -268,40 +379,50 @@ pub(crate) fn sample_tailnet() -> Tailnet {
         .0
         .unwrap();
     }
-    let mut register = |user: &str, tags: Vec<String>, n: u8| {
-        t.apply(&Command::CreatePreAuthKey {
-            user: user.into(),
-            prefix: format!("k{n}"),
-            hash: format!("h{n}"),
-            reusable: false,
-            ephemeral: false,
-            expiration: None,
-            tags,
-            now: 1,
-        })
-        .0
-        .unwrap();
-        t.apply(&Command::RegisterNode {
-            machine_key: format!("mkey:{n:064x}"),
-            node_key: format!("nodekey:{n:064x}"),
-            old_node_key: None,
-            hostname: format!("h{n}"),
-            hostinfo: "{}".into(),
-            auth: RegisterAuth::PreAuthKey {
-                hash: format!("h{n}"),
-            },
-            expiry: None,
-            ephemeral: false,
-            prefixes: Default::default(),
-            now: 2,
-        })
-        .0
-        .unwrap();
-    };
-    register("alice", vec![], 1);
-    register("bob", vec![], 2);
-    register("alice", vec!["tag:web".into()], 3);
+    add_sample_node(&mut t, "alice", vec![], 1);
+    add_sample_node(&mut t, "bob", vec![], 2);
+    add_sample_node(&mut t, "alice", vec!["tag:web".into()], 3);
     t
+}
+
+#[cfg(test)]
+/// Registers node `n` (machine and node keys made of `n`) for `user` with `tags` through
+/// a one-off pre-auth key; returns what applying it changed.
+pub(crate) fn add_sample_node(
+    t: &mut Tailnet,
+    user: &str,
+    tags: Vec<String>,
+    n: u8,
+) -> Vec<crate::state::Change> {
+    use crate::state::{Command, RegisterAuth};
+    t.apply(&Command::CreatePreAuthKey {
+        user: user.into(),
+        prefix: format!("k{n}"),
+        hash: format!("h{n}"),
+        reusable: false,
+        ephemeral: false,
+        expiration: None,
+        tags,
+        now: 1,
+    })
+    .0
+    .unwrap();
+    let (r, changes) = t.apply(&Command::RegisterNode {
+        machine_key: format!("mkey:{n:064x}"),
+        node_key: format!("nodekey:{n:064x}"),
+        old_node_key: None,
+        hostname: format!("h{n}"),
+        hostinfo: "{}".into(),
+        auth: RegisterAuth::PreAuthKey {
+            hash: format!("h{n}"),
+        },
+        expiry: None,
+        ephemeral: false,
+        prefixes: Default::default(),
+        now: 2,
+    });
+    r.unwrap();
+    changes
 }
 
 #[cfg(test)]
@@ -330,7 +451,7 @@ mod tests {
         )
         .unwrap();
         let web = node(&t, 3);
-        let f = packet_filter(&p, &t, web);
+        let f = packet_filter(&p, &t, web, &mut Resolved::default());
         let bob = node(&t, 2);
         assert_eq!(
             f,
@@ -346,7 +467,7 @@ mod tests {
         // Alice's laptop: only autogroup:self applies, and its sources are alice's own
         // untagged nodes (the tagged server is not hers any more).
         let alice = node(&t, 1);
-        let f = packet_filter(&p, &t, alice);
+        let f = packet_filter(&p, &t, alice, &mut Resolved::default());
         assert_eq!(
             f[0]["SrcIPs"],
             json!([alice.ipv4.to_string(), alice.ipv6.to_string()])
@@ -357,6 +478,60 @@ mod tests {
         assert!(p.connected(&pb, &pw));
         assert!(!p.connected(&pa, &pb));
         assert!(!p.connected(&pa, &pw));
+    }
+
+    /// Consecutive addresses become one `first-last` entry, each family on its own; SSH
+    /// principals stay one address each.
+    #[test]
+    fn sources_collapse_runs_of_addresses_into_ranges() {
+        let ips: Vec<IpAddr> = [
+            "100.64.0.3",
+            "100.64.0.1",
+            "100.64.0.2",
+            "100.64.0.5",
+            "100.64.0.255",
+            "100.64.1.0",
+            "fd7a:115c:a1e0::1",
+            "fd7a:115c:a1e0::2",
+            "100.64.0.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(
+            address_ranges(ips),
+            [
+                "100.64.0.1-100.64.0.3",
+                "100.64.0.5",
+                "100.64.0.255-100.64.1.0",
+                "fd7a:115c:a1e0::1-fd7a:115c:a1e0::2"
+            ]
+        );
+
+        let mut t = tailnet();
+        add_sample_node(&mut t, "bob", vec![], 4);
+        add_sample_node(&mut t, "bob", vec![], 5);
+        let p = super::super::parse(
+            r#"{"acls": [{"action": "accept", "src": ["bob@", "10.0.0.0/8"], "dst": ["*:*"]}],
+                "ssh": [{"action": "accept", "src": ["bob@"], "dst": ["autogroup:member"], "users": ["root"]}]}"#,
+        )
+        .unwrap();
+        // Bob's nodes 2, 4 and 5; alice's tagged server 3 sits between the first two.
+        let (b1, b2, b3) = (node(&t, 2), node(&t, 4), node(&t, 5));
+        let f = packet_filter(&p, &t, node(&t, 1), &mut Resolved::default());
+        assert_eq!(
+            f[0]["SrcIPs"],
+            json!([
+                "10.0.0.0/8",
+                b1.ipv4.to_string(),
+                format!("{}-{}", b2.ipv4, b3.ipv4),
+                b1.ipv6.to_string(),
+                format!("{}-{}", b2.ipv6, b3.ipv6)
+            ])
+        );
+        let ssh = ssh_policy(&p, &t, node(&t, 1), "", &mut Resolved::default()).unwrap();
+        let principals = ssh["rules"][0]["principals"].as_array().map(Vec::len);
+        assert_eq!(principals, Some(6));
     }
 
     #[test]
@@ -372,14 +547,14 @@ mod tests {
         )
         .unwrap();
         let router = node(&t, 2);
-        let f = packet_filter(&p, &t, router);
+        let f = packet_filter(&p, &t, router, &mut Resolved::default());
         assert_eq!(
             f[0]["DstPorts"],
             json!([{"IP": "10.1.2.0/24", "Ports": {"First": 443, "Last": 443}}])
         );
         // alice's laptop needs the router as a peer; only the router gets a filter entry.
         assert!(p.connected(&principal(&t, node(&t, 1)), &principal(&t, router)));
-        assert!(packet_filter(&p, &t, node(&t, 1))
+        assert!(packet_filter(&p, &t, node(&t, 1), &mut Resolved::default())
             .as_array()
             .unwrap()
             .is_empty());
@@ -417,7 +592,7 @@ mod tests {
         )
         .unwrap();
         let alice = node(&t, 1);
-        let s = ssh_policy(&p, &t, node(&t, 3), "https://c/x").unwrap();
+        let s = ssh_policy(&p, &t, node(&t, 3), "https://c/x", &mut Resolved::default()).unwrap();
         assert_eq!(
             s["rules"][0]["principals"][0]["nodeIP"],
             json!(alice.ipv4.to_string())
@@ -427,7 +602,7 @@ mod tests {
             json!({"*": "=", "root": "", "deploy": "deploy"})
         );
         assert_eq!(
-            ssh_policy(&p, &t, alice, "https://c/x").unwrap(),
+            ssh_policy(&p, &t, alice, "https://c/x", &mut Resolved::default()).unwrap(),
             json!({"rules": []})
         );
     }
@@ -444,7 +619,14 @@ mod tests {
         )
         .unwrap();
         let (alice, bob, web) = (node(&t, 1), node(&t, 2), node(&t, 3));
-        let s = ssh_policy(&p, &t, web, "https://c/x?u=$SSH_USER").unwrap();
+        let s = ssh_policy(
+            &p,
+            &t,
+            web,
+            "https://c/x?u=$SSH_USER",
+            &mut Resolved::default(),
+        )
+        .unwrap();
         assert_eq!(
             s["rules"][0]["action"],
             json!({"holdAndDelegate": "https://c/x?u=$SSH_USER"})

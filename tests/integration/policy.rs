@@ -113,7 +113,8 @@ async fn acl_policy_decides_peers_and_ports_and_changes_live() {
         None,
         "b1's filter lets w1 in although only b1 -> w1 is allowed"
     );
-    // autogroup:self: any port between alice's own devices.
+    // autogroup:self: any port between alice's own devices. They registered one after
+    // the other, so their addresses reach a2's filter as one range ("first-last").
     assert_eq!(
         a1.nc(&a2_ip, closed, Duration::from_secs(10)).as_deref(),
         Some("closed\n")
