@@ -458,6 +458,30 @@ pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     cpu_seconds(&stat_fields(&stat)?)
 }
 
+/// What the allocator holds for live data and what it keeps freed: resident memory well
+/// above the first is memory freed after a burst (a join storm) and not given back, not
+/// state that grows.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_metrics(f: &mut Family<'_>) {
+    // SAFETY: mallinfo2 reads the allocator's own counters and has no preconditions.
+    let m = unsafe { libc::mallinfo2() };
+    f.one(
+        "hydrascale_heap_in_use_bytes",
+        "gauge",
+        "Bytes allocated and not yet freed (glibc mallinfo2: uordblks + hblkhd).",
+        (m.uordblks + m.hblkhd) as f64,
+    );
+    f.one(
+        "hydrascale_heap_free_bytes",
+        "gauge",
+        "Bytes freed but kept by the allocator in its arenas (glibc mallinfo2: fordblks).",
+        m.fordblks as f64,
+    );
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_metrics(_f: &mut Family<'_>) {}
+
 /// `process_*` families as the Go and Python clients name them, from /proc.
 fn process_metrics(out: &mut String) {
     let mut f = Family { out };
@@ -488,6 +512,7 @@ fn process_metrics(out: &mut String) {
             rss * page,
         );
     }
+    heap_metrics(&mut f);
     if let Some(vsize) = num(20) {
         f.one(
             "process_virtual_memory_bytes",
@@ -602,6 +627,8 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name} missing in {out}"))
         };
         assert!(value("process_resident_memory_bytes") > 1e6);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        assert!(value("hydrascale_heap_in_use_bytes") > 0.0);
         assert!(value("process_open_fds") >= 3.0);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
