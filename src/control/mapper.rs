@@ -549,13 +549,26 @@ impl StreamView {
         // A policy change connecting other pairs, or the node itself becoming someone else
         // to the policy (tags, addresses), may change every peer's visibility, not only
         // the touched ones'.
-        let touched: Vec<u64> = if everything || (principal != self.principal && current.is_some())
-        {
-            t.nodes.keys().copied().collect()
+        let walk_all = everything || (principal != self.principal && current.is_some());
+        // Walking every node goes through the nodes in order (no lookup per node), then
+        // the touched ones no longer there: a node deleted since must still be removed.
+        let touched: Box<dyn Iterator<Item = (u64, Option<&Node>)>> = if walk_all {
+            let gone: Vec<u64> = missed
+                .ids
+                .iter()
+                .filter(|id| !t.nodes.contains_key(id))
+                .copied()
+                .collect();
+            Box::new(
+                t.nodes
+                    .iter()
+                    .map(|(id, n)| (*id, Some(n)))
+                    .chain(gone.into_iter().map(|id| (id, None))),
+            )
         } else {
-            missed.ids.into_iter().collect()
+            Box::new(missed.ids.into_iter().map(|id| (id, t.nodes.get(&id))))
         };
-        for &id in &touched {
+        for (id, n) in touched {
             if id == self.self_id {
                 let j = node_json(t, me, &peers.primaries, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
@@ -564,7 +577,7 @@ impl StreamView {
                 }
                 continue;
             }
-            let (Some(n), Some(e)) = (t.nodes.get(&id), peers.nodes.get(&id)) else {
+            let (Some(n), Some(e)) = (n, peers.nodes.get(&id)) else {
                 // Gone. Removing an id the client never had is a no-op for it.
                 removed.push(id);
                 continue;
@@ -910,6 +923,14 @@ mod tests {
         let d = view.delta(&t, &cache, &config, 13).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [3]);
         assert!(d.packet_filter.is_some());
+
+        // A node deleted, then a policy change walking every node: the deleted one is no
+        // longer among the nodes walked, and must still be removed; node 3 comes back.
+        apply_to(&cache, &mut t, Command::DeleteNode { id: 2 });
+        set(&mut t, &format!(r#"{{"acls": [{all}], {attrs}}}"#), 14);
+        let d = view.delta(&t, &cache, &config, 14).unwrap().unwrap();
+        assert_eq!(d.peers_removed.unwrap(), [2]);
+        assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
     }
 
     /// Every stream's filter reads the rules' sources resolved once; a node joining (or

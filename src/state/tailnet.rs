@@ -191,13 +191,28 @@ impl Tailnet {
     /// Applies one command; on error nothing has changed.
     pub fn apply(&mut self, cmd: &Command) -> Applied {
         // Commands that may change a node's keys, name or address, or drop a node, make
-        // the index rebuild itself; those that come by the thousand keep it up to date.
+        // the index rebuild itself; those that come by the thousand keep it up to date,
+        // and those that touch no indexed field leave it be (a pre-auth key created
+        // between two registrations must not cost the second a rebuild over every node).
         let keeps_index = matches!(
             cmd,
             Command::UpdateNode { .. }
                 | Command::SetOnline { .. }
                 | Command::Batch { .. }
                 | Command::RegisterNode { .. }
+                | Command::CreateUser { .. }
+                | Command::CreatePreAuthKey { .. }
+                | Command::ExpirePreAuthKey { .. }
+                | Command::CreateApiKey { .. }
+                | Command::ExpireApiKey { .. }
+                | Command::DeleteApiKey { .. }
+                | Command::StartLogin { .. }
+                | Command::StartSshCheck { .. }
+                | Command::DecideSshCheck { .. }
+                | Command::SetPolicy { .. }
+                | Command::SetTags { .. }
+                | Command::ApproveRoutes { .. }
+                | Command::ExpireNode { .. }
         );
         if !keeps_index {
             self.index.clear();

@@ -952,6 +952,29 @@ fn node_index_answers_what_a_scan_would() {
     }
     assert_eq!(node(ok(&mut t, named)).given_name, "host-6-2");
     check(&t);
+    // Commands touching no indexed field keep the index, which stays right.
+    for cmd in [
+        Command::ExpireNode { id: ids[1], now: 9 },
+        Command::ApproveRoutes {
+            id: ids[1],
+            routes: vec![],
+        },
+        Command::SetPolicy {
+            text: String::new(),
+            now: 9,
+        },
+        Command::CreateUser {
+            name: "carol".into(),
+            display_name: String::new(),
+            now: 9,
+        },
+    ] {
+        ok(&mut t, cmd);
+        check(&t);
+    }
+    let n = node(ok(&mut t, reg(25, 25, "multi")));
+    assert_eq!(t.node_by_node_key(&n.node_key).map(|o| o.id), Some(n.id));
+    check(&t);
     // A copy (as a snapshot or a restore makes) builds its own index from the nodes.
     let copy: Tailnet = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
     assert_eq!(copy, t);
