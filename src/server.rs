@@ -358,6 +358,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         let (state, stop) = (state.clone(), shutdown_rx.clone());
         tasks.spawn(control::reconcile_online(state, stop));
     }
+    tasks.spawn(return_freed_memory(shutdown_rx.clone()));
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));
     {
@@ -461,4 +462,31 @@ impl ServerHandle {
             }
         }
     }
+}
+
+/// Gives memory freed after a burst back to the system. glibc keeps freed memory in its
+/// arenas: after 10,000 nodes joined, a replica had 0.5 GiB of heap in use and 1.2 GiB
+/// resident, and the difference stayed at rest.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+    const KEPT: usize = 64 << 20;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        // SAFETY: mallinfo2 reads the allocator's counters; no preconditions.
+        let free = unsafe { libc::mallinfo2() }.fordblks;
+        if free > KEPT {
+            // It walks every arena, locking each in turn: not on a runtime thread.
+            // SAFETY: malloc_trim has no preconditions.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
