@@ -76,8 +76,8 @@ pub struct Peers {
     pub primaries: Primaries,
     /// The policy in force (`None`: everyone reaches everyone) and since when; the one
     /// before it, so a stream can tell which peers the previous policy let it see.
-    policy: (u64, Option<Arc<Policy>>),
-    previous_policy: Option<(u64, Option<Arc<Policy>>)>,
+    policy: (u64, PolicyRef),
+    previous_policy: Option<(u64, PolicyRef)>,
     /// What each recent sequence number touched, oldest first, at most [`LOG`] entries.
     log: VecDeque<(u64, Touched)>,
     /// The last sequence number that touched every node (a policy change or a restore).
@@ -86,6 +86,9 @@ pub struct Peers {
     /// became someone else to it: what the rules' resolved sources depend on.
     reach_seq: u64,
 }
+
+/// A policy as the cache keeps it (`None`: no policy, everyone reaches everyone).
+type PolicyRef = Option<Arc<Policy>>;
 
 /// What one sequence number changed, as the history keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +149,26 @@ impl Peers {
             }
         }
         Some(out)
+    }
+
+    /// Takes `t`'s policy as the one in force from `seq`, if it differs; the one before it
+    /// stays known, so a stream can tell which peers its client holds. Returns (before,
+    /// now) when it changed.
+    fn adopt_policy(&mut self, t: &Tailnet, seq: u64) -> Option<(PolicyRef, PolicyRef)> {
+        let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
+        if self.policy.1 == now {
+            return None;
+        }
+        let before = std::mem::replace(&mut self.policy, (seq, now.clone()));
+        let changed = (before.1.clone(), now);
+        self.previous_policy = Some(before);
+        self.reach_seq = seq;
+        Some(changed)
+    }
+
+    /// Every node in `t` or still in the cache.
+    fn all_ids(&self, t: &Tailnet) -> BTreeSet<u64> {
+        t.nodes.keys().chain(self.nodes.keys()).copied().collect()
     }
 
     fn remember(&mut self, seq: u64, touched: Touched) {
@@ -270,14 +293,10 @@ impl PeerCache {
     fn rebuild(&self, peers: &mut Peers, t: &Tailnet) {
         peers.seq += 1;
         let seq = peers.seq;
-        let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
-        if peers.policy.1 != now || seq == 1 {
-            let before = std::mem::replace(&mut peers.policy, (seq, now));
-            peers.previous_policy = Some(before);
-        }
+        peers.adopt_policy(t, seq);
         peers.primaries = primary_routes(t);
         peers.reach_seq = seq;
-        let ids: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
+        let ids = peers.all_ids(t);
         self.refresh(peers, t, &ids, seq);
         peers.remember(seq, Touched::All);
     }
@@ -340,18 +359,11 @@ impl Observer for PeerCache {
         }
         peers.seq += 1;
         let seq = peers.seq;
-        // A policy change: the policy before it stays known, so a stream can tell which
-        // peers its client holds.
-        let mut policies = None;
-        if changes.iter().any(|c| matches!(c, Change::PolicyChanged)) {
-            let now = t.policy.as_ref().map(|r| Arc::new(r.policy().clone()));
-            if peers.policy.1 != now {
-                let before = std::mem::replace(&mut peers.policy, (seq, now.clone()));
-                policies = Some((before.1.clone(), now));
-                peers.previous_policy = Some(before);
-                peers.reach_seq = seq;
-            }
-        }
+        let policies = if changes.iter().any(|c| matches!(c, Change::PolicyChanged)) {
+            peers.adopt_policy(t, seq)
+        } else {
+            None
+        };
         let mut ids = BTreeSet::new();
         for c in changes {
             match c {
@@ -388,7 +400,7 @@ impl Observer for PeerCache {
             .as_ref()
             .is_some_and(|(a, b)| node_attrs(a.as_deref()) != node_attrs(b.as_deref()));
         let rendered = if attrs_changed {
-            let all: BTreeSet<u64> = t.nodes.keys().chain(peers.nodes.keys()).copied().collect();
+            let all = peers.all_ids(t);
             Some(self.refresh(&mut peers, t, &all, seq))
         } else {
             self.refresh(&mut peers, t, &ids, seq);
