@@ -195,7 +195,7 @@ impl WriteForwarder {
         })
         .await
         .map(|_| ())
-        .map_err(|s| s.message().to_string())
+        .map_err(|s| with_causes(&s))
     }
 
     pub async fn write(&self, addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
@@ -203,7 +203,24 @@ impl WriteForwarder {
         let resp = c
             .client_write(Payload { data: cmd })
             .await
-            .map_err(|s| s.message().to_string())?;
+            .map_err(|s| with_causes(&s))?;
         serde_json::from_slice(&resp.into_inner().data).map_err(|e| e.to_string())
     }
+}
+
+/// A failed call's message and its causes: for a broken connection tonic's message is
+/// hyper's bare "http2 error", and only the causes say why (a keep-alive ping unanswered,
+/// a reset, the peer gone).
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.ends_with(&c_text) {
+            text.push_str(": ");
+            text.push_str(&c_text);
+        }
+        cause = c.source();
+    }
+    text
 }
