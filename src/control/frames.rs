@@ -6,7 +6,8 @@
 //! concatenation of their contents (the official client's decoder, klauspost's
 //! `DecodeAll`, loops over frames; so do ours). So a message is cut into its own text and
 //! runs of peers (see [`Piece`]); each run is compressed once, and its frame reused by
-//! every stream that sends the same run.
+//! every stream that sends the same run. A packet filter rule's source list, the same for
+//! every node the rule applies to, is a run of one text.
 //!
 //! A run is known by the peers' shared texts themselves (the `Arc<str>` each peer is
 //! rendered into once per change, see `peers`): the same allocations in the same order are

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 
 use super::peers::{Entry, PeerCache};
-use super::tailcfg::{filter_allow_all, DerpMap, DerpNode, DerpRegion, MapResponse, Shared};
+use super::tailcfg::{DerpMap, DerpNode, DerpRegion, MapResponse, PacketFilter, Shared};
 use crate::config::Config;
 use crate::policy::{compile, Policy, Principal};
 use crate::state::{Node, Replica, Tailnet};
@@ -322,15 +322,20 @@ pub struct StreamView {
     self_sent: Option<Value>,
     /// Who the node is to the policy, when its filter and peers were last computed.
     principal: Principal,
-    filter_sent: Option<Value>,
+    filter_sent: Option<PacketFilter>,
     ssh_sent: Option<Value>,
 }
 
 /// The packet filter and SSH policy of `me` under the current policy, from the rules'
 /// sources as `cache` resolved them for `t` (call under the state guard `t` comes from).
-fn filters(t: &Tailnet, cache: &PeerCache, me: &Node, config: &Config) -> (Value, Option<Value>) {
+fn filters(
+    t: &Tailnet,
+    cache: &PeerCache,
+    me: &Node,
+    config: &Config,
+) -> (PacketFilter, Option<Value>) {
     match policy(t) {
-        None => (filter_allow_all(), None),
+        None => (PacketFilter::allow_all(), None),
         Some(p) => {
             let mut resolved = cache.resolved();
             (
@@ -346,6 +351,10 @@ fn filters(t: &Tailnet, cache: &PeerCache, me: &Node, config: &Config) -> (Value
         }
     }
 }
+
+/// A node a delta looks at: its id, the node (`None`: gone), and whether the client held
+/// it and should hold it now, when its kind of node already answered that.
+type Look<'a> = (u64, Option<&'a Node>, Option<(bool, bool)>);
 
 /// Whether a peer that is `peer` to `policy` belongs in the map of the node that is `me`.
 fn visible(policy: Option<&Policy>, me: &Principal, peer: &Principal) -> bool {
@@ -537,9 +546,6 @@ impl StreamView {
         // What changed comes from the cache's history, not from the announcements the
         // stream was woken by: the cache may have moved on before the stream read it.
         let missed = peers.since(since).ok_or(Resync::Full)?;
-        // A policy change may change every packet filter; only some change whom it lets
-        // see whom (`everything`).
-        let everything = missed.everything;
         let filters_changed = missed.filters;
         let principal = peers
             .nodes
@@ -549,26 +555,64 @@ impl StreamView {
         // A policy change connecting other pairs, or the node itself becoming someone else
         // to the policy (tags, addresses), may change every peer's visibility, not only
         // the touched ones'.
-        let walk_all = everything || (principal != self.principal && current.is_some());
-        // Walking every node goes through the nodes in order (no lookup per node), then
-        // the touched ones no longer there: a node deleted since must still be removed.
-        let touched: Box<dyn Iterator<Item = (u64, Option<&Node>)>> = if walk_all {
-            let gone: Vec<u64> = missed
-                .ids
-                .iter()
-                .filter(|id| !t.nodes.contains_key(id))
-                .copied()
-                .collect();
-            Box::new(
-                t.nodes
+        let walk_all =
+            missed.everything || missed.reach || (principal != self.principal && current.is_some());
+        // After such a policy change, unless a policy names nodes by address, the nodes
+        // are asked about by kind: those of the kinds this node sees now and did not, or
+        // the other way round, join the touched ones. Every other node's visibility is
+        // what it was, and it did not change since (or it would be touched).
+        let by_address = [before, current]
+            .iter()
+            .flatten()
+            .any(|p| p.names_addresses());
+        let touched: Box<dyn Iterator<Item = Look>> =
+            if missed.reach && !missed.everything && !by_address {
+                let mut look: Vec<(u64, Option<(bool, bool)>)> =
+                    missed.ids.iter().map(|id| (*id, None)).collect();
+                for (kind, members) in &peers.kinds.0 {
+                    let was = visible(before, &self.principal, kind);
+                    let is = visible(current, &principal, kind);
+                    if was != is {
+                        look.extend(members.iter().map(|id| (*id, Some((was, is)))));
+                    }
+                }
+                // In id order, which keeps runs of peers whole for the frame cache; a node
+                // touched since is asked about itself, not answered for by its kind.
+                look.sort_unstable_by_key(|(id, known)| (*id, known.is_some()));
+                look.dedup_by_key(|(id, _)| *id);
+                Box::new(look.into_iter().map(|(id, known)| {
+                    // A node to remove is not looked up (see below).
+                    let n = match known {
+                        Some((_, false)) => None,
+                        _ => t.nodes.get(&id),
+                    };
+                    (id, n, known)
+                }))
+            } else if walk_all {
+                // Walking every node goes through the nodes in order (no lookup per node),
+                // then the touched ones no longer there: a node deleted since must still be
+                // removed.
+                let gone: Vec<u64> = missed
+                    .ids
                     .iter()
-                    .map(|(id, n)| (*id, Some(n)))
-                    .chain(gone.into_iter().map(|id| (id, None))),
-            )
-        } else {
-            Box::new(missed.ids.into_iter().map(|id| (id, t.nodes.get(&id))))
-        };
-        for (id, n) in touched {
+                    .filter(|id| !t.nodes.contains_key(id))
+                    .copied()
+                    .collect();
+                Box::new(
+                    t.nodes
+                        .iter()
+                        .map(|(id, n)| (*id, Some(n), None))
+                        .chain(gone.into_iter().map(|id| (id, None, None))),
+                )
+            } else {
+                Box::new(
+                    missed
+                        .ids
+                        .into_iter()
+                        .map(|id| (id, t.nodes.get(&id), None)),
+                )
+            };
+        for (id, n, known) in touched {
             if id == self.self_id {
                 let j = node_json(t, me, &peers.primaries, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
@@ -577,19 +621,30 @@ impl StreamView {
                 }
                 continue;
             }
+            if let Some((_, false)) = known {
+                // Its kind went out of sight: nothing of the node itself matters.
+                removed.push(id);
+                continue;
+            }
             let (Some(n), Some(e)) = (n, peers.nodes.get(&id)) else {
                 // Gone. Removing an id the client never had is a no-op for it.
                 removed.push(id);
                 continue;
             };
-            let now_visible = visible(current, &principal, &e.principal);
-            // Whether the client holds it: it existed at `since` and was visible then.
-            // `None` when the peer's principal changed twice since; resend or remove.
-            let was_visible = if e.created > since {
-                Some(false)
-            } else {
-                e.principal_at(since)
-                    .map(|p| visible(before, &self.principal, p))
+            let (was_visible, now_visible) = match known {
+                Some((was, is)) => (Some(was), is),
+                None => (
+                    // Whether the client holds it: it existed at `since` and was visible
+                    // then. `None` when the peer's principal changed twice since; resend
+                    // or remove.
+                    if e.created > since {
+                        Some(false)
+                    } else {
+                        e.principal_at(since)
+                            .map(|p| visible(before, &self.principal, p))
+                    },
+                    visible(current, &principal, &e.principal),
+                ),
             };
             match (was_visible, now_visible) {
                 (Some(false), false) => {}
@@ -896,7 +951,12 @@ mod tests {
             assert!(since.filters && !since.everything && since.ids.is_empty());
         }
         let d = view.delta(&t, &cache, &config, 11).unwrap().unwrap();
-        assert!(d.packet_filter.unwrap().to_string().contains("4242"));
+        assert!(d
+            .packet_filter
+            .unwrap()
+            .to_value()
+            .to_string()
+            .contains("4242"));
         assert!(d.peers_changed.is_none() && d.peers_removed.is_none() && d.node.is_none());
 
         // An attribute for every node: each one's rendering (CapMap) changes, so each is
@@ -918,19 +978,122 @@ mod tests {
         set(&mut t, &format!(r#"{{"acls": [{members}], {attrs}}}"#), 13);
         {
             let p = cache.read();
-            assert!(p.since(p.seq - 1).unwrap().everything);
+            let since = p.since(p.seq - 1).unwrap();
+            assert!(since.reach && !since.everything);
         }
         let d = view.delta(&t, &cache, &config, 13).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [3]);
         assert!(d.packet_filter.is_some());
 
-        // A node deleted, then a policy change walking every node: the deleted one is no
-        // longer among the nodes walked, and must still be removed; node 3 comes back.
+        // A node deleted, then a policy change connecting other pairs: the deleted one is
+        // in no kind of node any more, and must still be removed; node 3 comes back.
         apply_to(&cache, &mut t, Command::DeleteNode { id: 2 });
         set(&mut t, &format!(r#"{{"acls": [{all}], {attrs}}}"#), 14);
         let d = view.delta(&t, &cache, &config, 14).unwrap().unwrap();
         assert_eq!(d.peers_removed.unwrap(), [2]);
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
+    }
+
+    /// Clients kept up to date by deltas hold the peers a full map would give them, through
+    /// policy changes that connect other pairs (asked by kind of node, or node by node
+    /// when a rule names an address), with nodes joining, going and changing tags in
+    /// between, and streams falling behind by several changes.
+    #[test]
+    fn deltas_through_reach_changes_hold_what_a_full_map_would() {
+        use crate::state::{Command, Observer};
+        use std::collections::{BTreeMap, BTreeSet};
+        let (config, mut t, cache) = sample_with_cache();
+        let more = [
+            ("alice", vec![]),
+            ("bob", vec!["tag:db"]),
+            ("bob", vec![]),
+            ("alice", vec!["tag:web"]),
+        ];
+        for (i, (user, tags)) in more.into_iter().enumerate() {
+            let tags = tags.into_iter().map(String::from).collect();
+            let changes = compile::add_sample_node(&mut t, user, tags, 4 + i as u8);
+            cache.applied(&t, &changes);
+        }
+        let owners = r#""tagOwners": {"tag:web": ["alice@"], "tag:db": ["bob@"]}"#;
+        let rules = [
+            r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#
+                .to_string(),
+            r#"{"action": "accept", "src": ["alice@"], "dst": ["tag:web:443", "tag:db:5432"]}"#
+                .to_string(),
+            r#"{"action": "accept", "src": ["bob@"], "dst": ["autogroup:self:*"]}"#.to_string(),
+            format!(
+                r#"{{"action": "accept", "src": ["{}/32"], "dst": ["tag:db:*"]}}"#,
+                t.nodes[&2].ipv4
+            ),
+            r#"{"action": "accept", "src": ["tag:web"], "dst": ["alice@:22"]}"#.to_string(),
+            r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#.to_string(),
+        ];
+        let ids = |list: &Option<Vec<Shared>>| -> Vec<u64> {
+            list.iter()
+                .flatten()
+                .filter_map(|p| p.0["ID"].as_u64())
+                .collect()
+        };
+        let mut views: BTreeMap<u64, (StreamView, BTreeSet<u64>)> = BTreeMap::new();
+        let mut now = 20;
+        for step in 0..30usize {
+            now += 1;
+            let rule = &rules[step % rules.len()];
+            let text = format!(r#"{{{owners}, "acls": [{rule}]}}"#);
+            apply_to(&cache, &mut t, Command::SetPolicy { text, now });
+            match step % 7 {
+                2 => {
+                    let tags = if step % 2 == 0 {
+                        vec!["tag:db".into()]
+                    } else {
+                        vec![]
+                    };
+                    apply_to(&cache, &mut t, Command::SetTags { id: 6, tags });
+                }
+                4 if t.nodes.contains_key(&5) => {
+                    apply_to(&cache, &mut t, Command::DeleteNode { id: 5 });
+                }
+                5 if !t.nodes.contains_key(&9) => {
+                    let changes = compile::add_sample_node(&mut t, "bob", vec![], 9);
+                    cache.applied(&t, &changes);
+                }
+                _ => {}
+            }
+            for id in t.nodes.keys().copied().collect::<Vec<_>>() {
+                // Node n catches up every (n % 3 + 1)th step, so falls behind by up to
+                // three policy changes.
+                if !(step as u64).is_multiple_of(id % 3 + 1) {
+                    continue;
+                }
+                let (view, held) = views
+                    .entry(id)
+                    .or_insert_with(|| (StreamView::new(id), BTreeSet::new()));
+                let delta = if view.synced == 0 {
+                    Err(Resync::Full)
+                } else {
+                    view.delta(&t, &cache, &config, now)
+                };
+                match delta {
+                    Ok(d) => {
+                        if let Some(d) = d {
+                            held.extend(ids(&d.peers_changed));
+                            for gone in d.peers_removed.iter().flatten() {
+                                held.remove(gone);
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        let full = view.full(&t, &cache, &config, &json!({}), now).unwrap();
+                        *held = ids(&full.peers).into_iter().collect();
+                    }
+                }
+                let want = StreamView::new(id)
+                    .full(&t, &cache, &config, &json!({}), now)
+                    .unwrap();
+                let want: BTreeSet<u64> = ids(&want.peers).into_iter().collect();
+                assert_eq!(*held, want, "node {id} after step {step}");
+            }
+        }
     }
 
     /// Every stream's filter reads the rules' sources resolved once; a node joining (or
@@ -948,7 +1111,7 @@ mod tests {
                 now: 10,
             },
         );
-        let sources = |f: Option<Value>| f.unwrap()[0]["SrcIPs"].to_string();
+        let sources = |f: Option<PacketFilter>| f.unwrap().to_value()[0]["SrcIPs"].to_string();
         let mut bob = StreamView::new(2);
         let full = bob.full(&t, &cache, &config, &json!({}), 10).unwrap();
         let alice1 = t.nodes[&1].ipv4.to_string();

@@ -85,6 +85,38 @@ pub struct Peers {
     /// The last sequence number at which the policy changed or a node appeared, went or
     /// became someone else to it: what the rules' resolved sources depend on.
     reach_seq: u64,
+    /// The nodes by kind, as of the last policy change that connected other pairs of
+    /// nodes (see [`Touched::Reach`]).
+    pub kinds: Arc<Kinds>,
+}
+
+/// The nodes grouped by what they are to a policy that names no addresses: user, tags and
+/// routes. Such a policy connects a node to every node of a kind or to none, so after it
+/// changes a stream asks it once per kind, not once per node, and looks only at the nodes
+/// of the kinds it now sees or stops seeing.
+#[derive(Default)]
+pub struct Kinds(pub Vec<(Principal, Vec<u64>)>);
+
+impl Kinds {
+    fn of(nodes: &HashMap<u64, Entry>) -> Self {
+        let mut index = HashMap::new();
+        let mut kinds: Vec<(Principal, Vec<u64>)> = Vec::new();
+        for (id, e) in nodes {
+            let p = &e.principal;
+            let i = *index
+                .entry((&p.user, &p.tags, &p.routes))
+                .or_insert_with(|| {
+                    let kind = Principal {
+                        ips: Vec::new(),
+                        ..p.clone()
+                    };
+                    kinds.push((kind, Vec::new()));
+                    kinds.len() - 1
+                });
+            kinds[i].1.push(*id);
+        }
+        Kinds(kinds)
+    }
 }
 
 /// A policy as the cache keeps it (`None`: no policy, everyone reaches everyone).
@@ -99,7 +131,11 @@ enum Touched {
     /// every packet filter may differ, the peers of every map do not; these nodes'
     /// renderings changed with it (their capabilities, say).
     Filters(Vec<u64>),
-    /// Every node: a restore, or a policy change that connects other pairs of nodes.
+    /// A policy change that connects other pairs of nodes: every map's peers may differ,
+    /// by kind of node (see [`Kinds`]); these nodes' renderings or principals changed
+    /// with it.
+    Reach(Vec<u64>),
+    /// Every node: a restore.
     All,
 }
 
@@ -111,10 +147,13 @@ const LOG: usize = 8192;
 #[derive(Default)]
 pub struct Since {
     pub ids: BTreeSet<u64>,
-    /// Every node may have changed (a policy change or a restore).
+    /// Every node may have changed (a restore).
     pub everything: bool,
+    /// A policy change connected other pairs of nodes: any node may have come into or
+    /// gone out of any map, by kind of node (see [`Peers::kinds`]).
+    pub reach: bool,
     /// The policy changed, so every packet filter may have, but not which peers any map
-    /// holds (unless `everything`).
+    /// holds (unless `reach` or `everything`).
     pub filters: bool,
 }
 
@@ -140,6 +179,11 @@ impl Peers {
                 Touched::Nodes(ids) => out.ids.extend(ids.iter().copied()),
                 Touched::Filters(ids) => {
                     out.ids.extend(ids.iter().copied());
+                    out.filters = true;
+                }
+                Touched::Reach(ids) => {
+                    out.ids.extend(ids.iter().copied());
+                    out.reach = true;
                     out.filters = true;
                 }
                 Touched::All => {
@@ -401,14 +445,17 @@ impl Observer for PeerCache {
             .is_some_and(|(a, b)| node_attrs(a.as_deref()) != node_attrs(b.as_deref()));
         let rendered = if attrs_changed {
             let all = peers.all_ids(t);
-            Some(self.refresh(&mut peers, t, &all, seq))
+            self.refresh(&mut peers, t, &all, seq)
         } else {
             self.refresh(&mut peers, t, &ids, seq);
-            None
+            Vec::new()
         };
         // Streams find every node touched here, side effects included, in the history.
+        let mut list: BTreeSet<u64> = rendered.into_iter().collect();
+        list.extend(ids);
+        let list = list.into_iter().collect();
         let touched = match policies {
-            None => Touched::Nodes(ids.into_iter().collect()),
+            None => Touched::Nodes(list),
             // Most policy edits open or close ports: then every stream recomputes its
             // packet filter, but none walks every node for peers to add or drop, which at
             // 10,000 nodes was most of what a policy change cost. Nodes whose principal
@@ -420,11 +467,14 @@ impl Observer for PeerCache {
                     peers.nodes.values().map(|e| &e.principal),
                 ) =>
             {
-                let mut list: BTreeSet<u64> = rendered.into_iter().flatten().collect();
-                list.extend(ids);
-                Touched::Filters(list.into_iter().collect())
+                Touched::Filters(list)
             }
-            Some(_) => Touched::All,
+            // Who sees whom changed: streams go by kind of node, and walk only the nodes
+            // of the kinds they now see or stop seeing.
+            Some(_) => {
+                peers.kinds = Arc::new(Kinds::of(&peers.nodes));
+                Touched::Reach(list)
+            }
         };
         peers.remember(seq, touched);
     }

@@ -140,8 +140,9 @@ pub struct MapResponse {
     pub dns_config: Option<Value>,
     #[serde(rename = "Domain", skip_serializing_if = "String::is_empty")]
     pub domain: String,
-    #[serde(rename = "PacketFilter", skip_serializing_if = "Option::is_none")]
-    pub packet_filter: Option<Value>,
+    /// `PacketFilter`: written by [`encode`] from its parts' text, not by serde.
+    #[serde(skip)]
+    pub packet_filter: Option<PacketFilter>,
     #[serde(rename = "SSHPolicy", skip_serializing_if = "Option::is_none")]
     pub ssh_policy: Option<Value>,
     #[serde(rename = "UserProfiles", skip_serializing_if = "Option::is_none")]
@@ -198,13 +199,66 @@ pub struct DerpNode {
     pub stun_test_ip: Option<String>,
 }
 
-/// The packet filter that lets everything in, used until the policy engine exists:
-/// without any rule the client drops all inbound traffic.
-pub fn filter_allow_all() -> Value {
-    serde_json::json!([{
-        "SrcIPs": ["*"],
-        "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]
-    }])
+/// A node's packet filter (`[]tailcfg.FilterRule`) as JSON text in parts. A rule's
+/// sources are the same text in the filter of every node the rule applies to, made once
+/// per state and shared (a rule naming every member of a tailnet of 10,000 nodes can be
+/// thousands of addresses and ranges); only the destinations are the node's own. So a
+/// policy change costs each map stream its destinations, not a copy of every source list,
+/// and the frame cache compresses each shared source list once for all streams.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PacketFilter(pub Vec<FilterRule>);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterRule {
+    /// The `SrcIPs` array's JSON text.
+    pub src: Arc<str>,
+    /// The members after it, each with its leading comma: `,"DstPorts":[...]` and, when
+    /// the rule names protocols, `,"IPProto":[...]`.
+    pub rest: String,
+}
+
+impl PacketFilter {
+    /// The filter that lets everything in, sent when there is no policy: without any rule
+    /// the client drops all inbound traffic.
+    pub fn allow_all() -> Self {
+        PacketFilter(vec![FilterRule {
+            src: Arc::from(r#"["*"]"#),
+            rest: r#","DstPorts":[{"IP":"*","Ports":{"First":0,"Last":65535}}]"#.into(),
+        }])
+    }
+
+    /// The filter as a JSON value (for tests and debugging; streams send the text).
+    pub fn to_value(&self) -> Value {
+        let mut own = Vec::new();
+        let mut pieces = Vec::new();
+        self.write_pieces(&mut own, &mut pieces);
+        pieces.push(Piece::Own(own));
+        let mut text = Vec::new();
+        for p in &pieces {
+            p.write(&mut text);
+        }
+        serde_json::from_slice(&text).unwrap_or(Value::Null)
+    }
+
+    /// Appends the filter's JSON array: its own text to `own`, and each source list as a
+    /// [`Piece::Run`] of its one text (the frame encoder inlines short ones).
+    fn write_pieces(&self, own: &mut Vec<u8>, pieces: &mut Vec<Piece>) {
+        own.push(b'[');
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                own.push(b',');
+            }
+            own.extend_from_slice(b"{\"SrcIPs\":");
+            pieces.push(Piece::Own(std::mem::take(own)));
+            pieces.push(Piece::Run {
+                peers: vec![r.src.clone()],
+                comma: false,
+            });
+            own.extend_from_slice(r.rest.as_bytes());
+            own.push(b'}');
+        }
+        own.push(b']');
+    }
 }
 
 /// A peer as every map stream sends it: its `tailcfg.Node` and that value's JSON text,
@@ -233,7 +287,8 @@ pub enum Piece {
     /// The peers of one block of [`RUN_IDS`] ids: their texts, joined by commas, and a
     /// comma after them when more peers follow. The same in every message that sends the
     /// same peers in the same versions, whoever it is for, which is what lets it be
-    /// compressed once for many streams.
+    /// compressed once for many streams. A packet filter rule's source list (see
+    /// [`PacketFilter`]) is a run of one text, shared the same way.
     Run { peers: Vec<Arc<str>>, comma: bool },
 }
 
@@ -261,8 +316,8 @@ pub fn write_run(peers: &[Arc<str>], comma: bool, out: &mut Vec<u8>) {
     }
 }
 
-/// The JSON of `resp`: serde for the fields, then `Peers` and `PeersChanged` spliced in
-/// from the peers' shared text.
+/// The JSON of `resp`: serde for the fields, then `Peers`, `PeersChanged` and
+/// `PacketFilter` spliced in from their shared text.
 pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
     let mut json = Vec::new();
     for p in encode_pieces(resp)? {
@@ -271,7 +326,8 @@ pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
     Ok(json)
 }
 
-/// [`encode`], as pieces: the message's own text and its runs of peers.
+/// [`encode`], as pieces: the message's own text, its runs of peers and its filter's
+/// source lists.
 pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error> {
     let mut own = serde_json::to_vec(resp)?;
     let mut pieces = Vec::new();
@@ -308,6 +364,15 @@ pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error
             });
         }
         own.extend_from_slice(b"]}");
+    }
+    if let Some(filter) = &resp.packet_filter {
+        own.pop();
+        if own.len() > 1 || !pieces.is_empty() {
+            own.push(b',');
+        }
+        own.extend_from_slice(b"\"PacketFilter\":");
+        filter.write_pieces(&mut own, &mut pieces);
+        own.push(b'}');
     }
     pieces.push(Piece::Own(own));
     pieces.retain(|p| !matches!(p, Piece::Own(b) if b.is_empty()));
@@ -346,6 +411,64 @@ mod tests {
         assert_eq!(v, json!({ "PeersChanged": [{ "ID": 5, "Name": "n5." }] }));
         let none = MapResponse::default();
         assert_eq!(encode(&none).unwrap(), b"{}");
+    }
+
+    /// The filter's source lists are pieces of their own, shared by reference, and the
+    /// message reads back as the filter it was made from.
+    #[test]
+    fn filter_sources_are_spliced_in_from_their_text() {
+        let everyone: Arc<str> = Arc::from(r#"["100.64.0.1-100.64.0.9","fd7a:115c:a1e0::1"]"#);
+        let filter = PacketFilter(vec![
+            FilterRule {
+                src: everyone.clone(),
+                rest: r#","DstPorts":[{"IP":"100.64.0.5","Ports":{"First":22,"Last":22}}]"#.into(),
+            },
+            FilterRule {
+                src: everyone.clone(),
+                rest: r#","DstPorts":[{"IP":"*","Ports":{"First":80,"Last":80}}],"IPProto":[6]"#
+                    .into(),
+            },
+        ]);
+        let want = json!([
+            {
+                "SrcIPs": ["100.64.0.1-100.64.0.9", "fd7a:115c:a1e0::1"],
+                "DstPorts": [{"IP": "100.64.0.5", "Ports": {"First": 22, "Last": 22}}],
+            },
+            {
+                "SrcIPs": ["100.64.0.1-100.64.0.9", "fd7a:115c:a1e0::1"],
+                "DstPorts": [{"IP": "*", "Ports": {"First": 80, "Last": 80}}],
+                "IPProto": [6],
+            },
+        ]);
+        assert_eq!(filter.to_value(), want);
+        let resp = MapResponse {
+            node: Some(json!({ "ID": 1 })),
+            peers_changed: Some(vec![Shared::new(json!({ "ID": 2 }))]),
+            packet_filter: Some(filter.clone()),
+            ..Default::default()
+        };
+        let pieces = encode_pieces(&resp).unwrap();
+        let shared = pieces
+            .iter()
+            .filter(|p| matches!(p, Piece::Run { peers, .. } if Arc::ptr_eq(&peers[0], &everyone)))
+            .count();
+        assert_eq!(shared, 2);
+        let v: Value = serde_json::from_slice(&encode(&resp).unwrap()).unwrap();
+        assert_eq!(v["PacketFilter"], want);
+        assert_eq!(v["PeersChanged"][0]["ID"], 2);
+        assert_eq!(v["Node"]["ID"], 1);
+        let alone = MapResponse {
+            packet_filter: Some(PacketFilter::allow_all()),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_slice(&encode(&alone).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            json!({"PacketFilter": [{
+                "SrcIPs": ["*"],
+                "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}],
+            }]})
+        );
     }
 
     /// Runs follow blocks of ids, take the comma after them when more peers follow, and

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use super::{Alias, Policy, Principal, Rule, SshAction, SshUsers};
+use crate::control::tailcfg::{FilterRule, PacketFilter};
 use crate::state::{Node, Tailnet};
 
 /// What the policy knows about `n`: its user (unless tagged), tags and addresses.
@@ -86,7 +87,10 @@ fn subtract(net: IpNet, holes: &[IpNet], out: &mut Vec<IpNet>) {
 #[derive(Default)]
 pub struct Resolved {
     version: Option<u64>,
+    /// SSH rules' principals.
     sources: HashMap<SourceKey, Arc<Vec<String>>>,
+    /// Packet-filter rules' `SrcIPs`, as the JSON text every node's filter shares.
+    texts: HashMap<SourceKey, Arc<str>>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -105,6 +109,7 @@ impl Resolved {
     pub fn at(&mut self, version: u64) -> &mut Self {
         if self.version != Some(version) {
             self.sources.clear();
+            self.texts.clear();
             self.version = Some(version);
         }
         self
@@ -114,6 +119,14 @@ impl Resolved {
         self.sources
             .entry(key)
             .or_insert_with(|| Arc::new(resolve()))
+            .clone()
+    }
+
+    /// [`Resolved::get`], as the list's JSON text.
+    fn text(&mut self, key: SourceKey, resolve: impl FnOnce() -> Vec<String>) -> Arc<str> {
+        self.texts
+            .entry(key)
+            .or_insert_with(|| Arc::from(json!(resolve()).to_string()))
             .clone()
     }
 }
@@ -224,17 +237,22 @@ fn dst_ports(dst: &[&(Alias, Vec<super::Ports>)], me: &Principal) -> Vec<Value> 
     out
 }
 
-fn filter_rule(src: &[String], dst: Vec<Value>, r: &Rule) -> Value {
-    let mut v = json!({ "SrcIPs": src, "DstPorts": dst });
+fn filter_rule(src: Arc<str>, dst: Vec<Value>, r: &Rule) -> FilterRule {
+    let mut rest = format!(",\"DstPorts\":{}", Value::Array(dst));
     if !r.protos.is_empty() {
-        v["IPProto"] = json!(r.protos);
+        rest.push_str(&format!(",\"IPProto\":{}", json!(r.protos)));
     }
-    v
+    FilterRule { src, rest }
 }
 
 /// `me`'s packet filter: one entry per rule that names it as a destination. `resolved`
 /// must hold what was resolved for this `policy` and `t` (or nothing).
-pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node, resolved: &mut Resolved) -> Value {
+pub fn packet_filter(
+    policy: &Policy,
+    t: &Tailnet,
+    me: &Node,
+    resolved: &mut Resolved,
+) -> PacketFilter {
     let pm = principal(t, me);
     let mut rules = Vec::new();
     for (i, r) in policy.rules.iter().enumerate() {
@@ -244,9 +262,9 @@ pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node, resolved: &mut Res
             .filter(|(a, _)| *a != Alias::OwnNodes && policy.matches(a, &pm))
             .collect();
         if !direct.is_empty() {
-            let src = resolved.get(SourceKey::Acl(i), || sources(policy, t, &r.src, None, true));
-            if !src.is_empty() {
-                rules.push(filter_rule(&src, dst_ports(&direct, &pm), r));
+            let src = resolved.text(SourceKey::Acl(i), || sources(policy, t, &r.src, None, true));
+            if &*src != "[]" {
+                rules.push(filter_rule(src, dst_ports(&direct, &pm), r));
             }
         }
         let own: Vec<_> = r
@@ -256,15 +274,15 @@ pub fn packet_filter(policy: &Policy, t: &Tailnet, me: &Node, resolved: &mut Res
             .collect();
         if let (false, Some(user)) = (own.is_empty(), &pm.user) {
             let same_user = |p: &Principal| p.user == pm.user;
-            let src = resolved.get(SourceKey::AclOwn(i, user.clone()), || {
+            let src = resolved.text(SourceKey::AclOwn(i, user.clone()), || {
                 sources(policy, t, &r.src, Some(&same_user), true)
             });
-            if !src.is_empty() {
-                rules.push(filter_rule(&src, dst_ports(&own, &pm), r));
+            if &*src != "[]" {
+                rules.push(filter_rule(src, dst_ports(&own, &pm), r));
             }
         }
     }
-    Value::Array(rules)
+    PacketFilter(rules)
 }
 
 /// `me`'s SSH policy: who may open a session to it, as which local users. `resolved` as
@@ -451,7 +469,7 @@ mod tests {
         )
         .unwrap();
         let web = node(&t, 3);
-        let f = packet_filter(&p, &t, web, &mut Resolved::default());
+        let f = packet_filter(&p, &t, web, &mut Resolved::default()).to_value();
         let bob = node(&t, 2);
         assert_eq!(
             f,
@@ -467,7 +485,7 @@ mod tests {
         // Alice's laptop: only autogroup:self applies, and its sources are alice's own
         // untagged nodes (the tagged server is not hers any more).
         let alice = node(&t, 1);
-        let f = packet_filter(&p, &t, alice, &mut Resolved::default());
+        let f = packet_filter(&p, &t, alice, &mut Resolved::default()).to_value();
         assert_eq!(
             f[0]["SrcIPs"],
             json!([alice.ipv4.to_string(), alice.ipv6.to_string()])
@@ -478,6 +496,31 @@ mod tests {
         assert!(p.connected(&pb, &pw));
         assert!(!p.connected(&pa, &pb));
         assert!(!p.connected(&pa, &pw));
+    }
+
+    /// Every node a rule applies to gets the same source text, resolved once.
+    #[test]
+    fn filters_share_each_rules_source_text() {
+        let mut t = tailnet();
+        add_sample_node(&mut t, "bob", vec![], 4);
+        let p = super::super::parse(
+            r#"{"acls": [{"action": "accept", "src": ["bob@"], "dst": ["autogroup:member:22"]}]}"#,
+        )
+        .unwrap();
+        let mut resolved = Resolved::default();
+        resolved.at(1);
+        let a = packet_filter(&p, &t, node(&t, 1), &mut resolved);
+        let b = packet_filter(&p, &t, node(&t, 4), &mut resolved);
+        assert!(Arc::ptr_eq(&a.0[0].src, &b.0[0].src));
+        assert_ne!(a.0[0].rest, b.0[0].rest);
+        assert_eq!(
+            b.to_value()[0]["DstPorts"][0]["IP"],
+            t.nodes[&4].ipv4.to_string()
+        );
+        // A new state is resolved anew.
+        let c = packet_filter(&p, &t, node(&t, 1), resolved.at(2));
+        assert!(!Arc::ptr_eq(&a.0[0].src, &c.0[0].src));
+        assert_eq!(a, c);
     }
 
     /// Consecutive addresses become one `first-last` entry, each family on its own; SSH
@@ -518,7 +561,7 @@ mod tests {
         .unwrap();
         // Bob's nodes 2, 4 and 5; alice's tagged server 3 sits between the first two.
         let (b1, b2, b3) = (node(&t, 2), node(&t, 4), node(&t, 5));
-        let f = packet_filter(&p, &t, node(&t, 1), &mut Resolved::default());
+        let f = packet_filter(&p, &t, node(&t, 1), &mut Resolved::default()).to_value();
         assert_eq!(
             f[0]["SrcIPs"],
             json!([
@@ -547,7 +590,7 @@ mod tests {
         )
         .unwrap();
         let router = node(&t, 2);
-        let f = packet_filter(&p, &t, router, &mut Resolved::default());
+        let f = packet_filter(&p, &t, router, &mut Resolved::default()).to_value();
         assert_eq!(
             f[0]["DstPorts"],
             json!([{"IP": "10.1.2.0/24", "Ports": {"First": 443, "Last": 443}}])
@@ -555,8 +598,7 @@ mod tests {
         // alice's laptop needs the router as a peer; only the router gets a filter entry.
         assert!(p.connected(&principal(&t, node(&t, 1)), &principal(&t, router)));
         assert!(packet_filter(&p, &t, node(&t, 1), &mut Resolved::default())
-            .as_array()
-            .unwrap()
+            .0
             .is_empty());
     }
 
