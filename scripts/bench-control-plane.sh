@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Control-plane benchmark: a three-replica cluster on loopback (release build) and
 # hydrascale-loadgen spreading NODES simulated nodes over it at RATE starts per second;
-# then one node joins and one policy change is made, and both are timed to every node.
+# then one node joins and two policy changes are made (a port opened; then, with tagged
+# servers, members reach only members), each timed to every node.
 # Prints the load generator's JSON report (also kept in $OUT/report-NODES.json).
 #
 # Usage: scripts/bench-control-plane.sh NODES [RATE] [SETTLE_SECONDS]
@@ -57,12 +58,20 @@ done
 admin="unix:$OUT/cluster/r1/data/admin.sock"
 "$BIN/hydrascale" --admin-addr "$admin" users create bench > /dev/null
 key=$("$BIN/hydrascale" --admin-addr "$admin" -o json preauthkeys create --user bench --reusable --expiration 24h | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# One node in TAGGED_EVERY (default 10; 0: none) is a tagged server, which also makes the
+# loadgen measure a second policy change, one that connects other pairs of nodes.
+TAGGED_EVERY="${TAGGED_EVERY:-10}"
+tagged=()
+if [ "$TAGGED_EVERY" -gt 0 ]; then
+  tkey=$("$BIN/hydrascale" --admin-addr "$admin" -o json preauthkeys create --user bench --reusable --expiration 24h --tags tag:server | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  tagged=(--tagged-auth-key "$tkey" --tagged-every "$TAGGED_EVERY")
+fi
 apikey=$("$BIN/hydrascale" --admin-addr "$admin" -o json apikeys create | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 args=()
 for i in 1 2 3; do
   p=$((BASE + i * 10))
   args+=(--url "http://127.0.0.1:$((p + 1))" --metrics "127.0.0.1:$((p + 4))")
 done
-"$BIN/hydrascale-loadgen" "${args[@]}" --auth-key "$key" --nodes "$NODES" --rate "$RATE" \
+"$BIN/hydrascale-loadgen" "${args[@]}" --auth-key "$key" "${tagged[@]}" --nodes "$NODES" --rate "$RATE" \
   --settle "$SETTLE" --timeout 1800 \
   --api-url "http://127.0.0.1:$((BASE + 11))" --api-key "$apikey" | tee "$OUT/report-$NODES.json"

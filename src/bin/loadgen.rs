@@ -2,7 +2,8 @@
 //! the real protocol (TS2021 Noise session per node, registration with a pre-auth key,
 //! streaming zstd map long-poll, endpoint updates) and reports what a user would feel:
 //! registrations per second, time to first map, time until all are online, and how long
-//! a change (one node joining) takes to reach every node.
+//! a change takes to reach every node: one node joining, a policy change opening a port,
+//! and (with tagged servers) one that changes who sees whom.
 //!
 //! Load is open-loop: node i starts at `i / rate` seconds whatever happened to the nodes
 //! before it, and latencies count from that scheduled moment, so a slow server cannot
@@ -30,6 +31,14 @@ struct Args {
     /// A reusable pre-auth key.
     #[arg(long)]
     auth_key: String,
+    /// A reusable pre-auth key for tagged servers (tag:server): one node in
+    /// `--tagged-every` registers with it. Then, after the policy change, a second change
+    /// that connects other pairs (members reach only members, so every tagged server
+    /// leaves every member's map) is measured too.
+    #[arg(long)]
+    tagged_auth_key: Option<String>,
+    #[arg(long, default_value_t = 10)]
+    tagged_every: usize,
     /// How many nodes to simulate.
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
@@ -88,12 +97,18 @@ struct Shared {
     first_map: Mutex<Samples>,
     register: Mutex<Samples>,
     online: AtomicUsize,
+    /// Nodes (not the probe) whose map stream is open now: what the probes wait for, so
+    /// that a node whose session broke after it came online is not waited for.
+    streaming: AtomicUsize,
     failed: AtomicUsize,
     /// One node joins: its key, from when it asks to register.
     join: Probe,
     /// A policy change: the port it opens, as every node's packet filter shows it, from
     /// when the change is asked for.
     policy: Probe,
+    /// A policy change that hides tagged servers from members: every node has peers
+    /// removed.
+    reach: Probe,
     errors: Mutex<Vec<String>>,
 }
 
@@ -144,6 +159,22 @@ fn next_frame(buf: &mut BytesMut) -> Option<BytesMut> {
 fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
     let json = zstd::decode_all(frame)?;
     Ok(String::from_utf8_lossy(&json).contains(needle))
+}
+
+/// Counts a node in [`Shared::streaming`] for as long as it lives (its map stream is open).
+struct Streaming<'a>(&'a AtomicUsize);
+
+impl<'a> Streaming<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Streaming(count)
+    }
+}
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A change every node must see, and what each one saw of it.
@@ -210,6 +241,10 @@ async fn node(
     };
     let hostinfo =
         json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" });
+    let auth_key = match &args.tagged_auth_key {
+        Some(k) if !probe && i % args.tagged_every.max(1) == args.tagged_every.max(1) - 1 => k,
+        _ => &args.auth_key,
+    };
     if probe {
         // Published before the request: streams may see the new node before its own
         // registration is acknowledged, and the change starts when it is asked for.
@@ -222,7 +257,7 @@ async fn node(
             "Version": hydrascale::noise::client::CLIENT_VERSION,
             "NodeKey": node_key,
             "OldNodeKey": format!("nodekey:{}", "0".repeat(64)),
-            "Auth": { "AuthKey": args.auth_key },
+            "Auth": { "AuthKey": auth_key },
             "Hostinfo": hostinfo,
         }),
     )
@@ -269,8 +304,10 @@ async fn node(
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     let mut first = true;
+    let mut _streaming = None;
     let mut saw_join = probe;
     let mut saw_policy = false;
+    let mut saw_reach = false;
     let mut updates = tokio::time::interval(Duration::from_secs(args.endpoint_interval.max(1)));
     updates.tick().await;
     let mut counter = 0u32;
@@ -288,10 +325,12 @@ async fn node(
                             shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).0
                                 .push(scheduled.elapsed().as_secs_f64() * 1000.0);
                             shared.online.fetch_add(1, Ordering::Relaxed);
+                            _streaming = Some(Streaming::new(&shared.streaming));
                         }
                     }
                     shared.join.check(&msg, &mut saw_join)?;
                     shared.policy.check(&msg, &mut saw_policy)?;
+                    shared.reach.check(&msg, &mut saw_reach)?;
                 }
                 // A full map of 10,000 peers is half a megabyte; kept as every idle node's
                 // buffer it was most of the generator's 5-6 GB at 10k nodes.
@@ -315,6 +354,28 @@ async fn node(
             }
         }
     }
+}
+
+/// A line on stderr with the wall-clock time, so that what the replicas did at a moment
+/// (a profile, a log) can be matched with the phase of the run.
+fn progress(what: &str) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    eprintln!("[loadgen {now:.3}] {what}");
+}
+
+/// CPU time this process used (user + system), from `/proc/self/stat`: how much of the
+/// machine the generator took from the replicas it measures.
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks (100 per second on Linux).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some((ticks / 100.0 * 10.0).round() / 10.0)
 }
 
 fn scrape(addr: &str) -> Option<std::collections::BTreeMap<String, f64>> {
@@ -367,9 +428,11 @@ async fn main() -> Result<()> {
         first_map: Mutex::default(),
         register: Mutex::default(),
         online: AtomicUsize::new(0),
+        streaming: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         join: Probe::default(),
         policy: Probe::default(),
+        reach: Probe::default(),
         errors: Mutex::default(),
     });
     let before = replica_figures(&args.metrics);
@@ -424,36 +487,55 @@ async fn main() -> Result<()> {
         )
         .collect();
     // The probe: one node joins; every online node must see it in its map.
+    progress(&format!("{online} online; one node joins"));
     spawn_node(args.nodes, Instant::now(), true);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while shared.join.seen.load(Ordering::Relaxed) < online && Instant::now() < deadline {
+    while shared.join.seen.load(Ordering::Relaxed) < shared.streaming.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after = replica_figures(&args.metrics);
-    // The policy change: every node must receive the capability it grants everyone.
+    // The policy changes: every node's packet filter must show the port the first opens;
+    // with tagged servers, every node must lose peers to the second.
     let mut policy_set_ms = None;
+    let mut reach_set_ms = None;
     if let (Some(url), Some(key)) = (&args.api_url, &args.api_key) {
+        let tagged = args.tagged_auth_key.is_some();
+        let owners = json!({ "tag:server": ["bench@"] });
         // An ACL edit, as administrators make them: a rule opening one more port to every
         // member's node. Every node's packet filter changes, and its sources are every
-        // node's addresses; who sees whom does not change.
+        // member's addresses; who sees whom does not change.
         let port = 20000 + u16::from_le_bytes([random32()[0], random32()[1]]) % 40000;
-        let policy = json!({
+        let mut policy = json!({
             "acls": [
                 { "action": "accept", "src": ["*"], "dst": ["*:*"] },
                 { "action": "accept", "src": ["autogroup:member"], "dst": [format!("*:{port}")] },
             ],
         });
-        shared
-            .policy
-            .start(format!("\"First\":{port},\"Last\":{port}"));
-        let took = Instant::now();
-        set_policy(url, key, &policy.to_string()).await?;
-        policy_set_ms = Some((took.elapsed().as_secs_f64() * 10000.0).round() / 10.0);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while shared.policy.seen.load(Ordering::Relaxed) < online + 1 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if tagged {
+            policy["tagOwners"] = owners.clone();
+        }
+        let needle = format!("\"First\":{port},\"Last\":{port}");
+        policy_set_ms = Some(
+            change_policy(url, key, &policy, &shared.policy, needle, &shared.streaming).await?,
+        );
+        if tagged {
+            // Members reach only members: tagged servers leave every member's map, and
+            // members leave every server's.
+            let policy = json!({
+                "tagOwners": owners,
+                "acls": [
+                    { "action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"] },
+                ],
+            });
+            let needle = "\"PeersRemoved\"".to_string();
+            reach_set_ms = Some(
+                change_policy(url, key, &policy, &shared.reach, needle, &shared.streaming).await?,
+            );
         }
     }
+    progress("done");
     let after_policy = replica_figures(&args.metrics);
     let report = json!({
         "nodes": args.nodes,
@@ -472,14 +554,43 @@ async fn main() -> Result<()> {
         "policy_set_ms": policy_set_ms,
         "policy_propagation_ms": shared.policy.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
         "saw_policy": shared.policy.seen.load(Ordering::Relaxed),
+        "reach_set_ms": reach_set_ms,
+        "reach_propagation_ms": shared.reach.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+        "saw_reach": shared.reach.seen.load(Ordering::Relaxed),
         "replicas_before": before,
         "replicas_at_rest": at_rest,
         "cpu_percent_at_rest": rest_cpu,
         "replicas_after": after,
         "replicas_after_policy": after_policy,
+        "loadgen_cpu_seconds": own_cpu_seconds(),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     std::process::exit(0);
+}
+
+/// Sets `policy` and waits (two minutes at most) until every node still `streaming` and
+/// the probe node saw `needle` in a map message; returns how long the API call took, in
+/// milliseconds.
+async fn change_policy(
+    url: &str,
+    key: &str,
+    policy: &Value,
+    probe: &Probe,
+    needle: String,
+    streaming: &AtomicUsize,
+) -> Result<f64> {
+    progress(&format!("policy change: {policy}"));
+    probe.start(needle);
+    let took = Instant::now();
+    set_policy(url, key, &policy.to_string()).await?;
+    let set_ms = (took.elapsed().as_secs_f64() * 10000.0).round() / 10.0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while probe.seen.load(Ordering::Relaxed) < streaming.load(Ordering::Relaxed) + 1
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(set_ms)
 }
 
 /// `PUT /api/v1/policy` on the REST API.
