@@ -1076,6 +1076,9 @@ mod tests {
                 match delta {
                     Ok(d) => {
                         if let Some(d) = d {
+                            let named = d.peers_removed.iter().flatten().copied();
+                            let named: Vec<u64> = named.chain(ids(&d.peers_changed)).collect();
+                            assert!(!named.contains(&id), "node {id} named as its own peer");
                             held.extend(ids(&d.peers_changed));
                             for gone in d.peers_removed.iter().flatten() {
                                 held.remove(gone);

@@ -451,8 +451,8 @@ impl Observer for PeerCache {
             Vec::new()
         };
         // Streams find every node touched here, side effects included, in the history.
-        let mut list: BTreeSet<u64> = rendered.into_iter().collect();
-        list.extend(ids);
+        let mut list = ids;
+        list.extend(rendered);
         let list = list.into_iter().collect();
         let touched = match policies {
             None => Touched::Nodes(list),

@@ -336,12 +336,8 @@ pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error
         ("PeersChanged", &resp.peers_changed),
     ] {
         let Some(list) = list else { continue };
-        // The object so far: drop its closing brace, open the member; closed below.
-        own.pop();
-        if own.len() > 1 || !pieces.is_empty() {
-            own.push(b',');
-        }
-        own.extend_from_slice(format!("\"{key}\":[").as_bytes());
+        open_member(&mut own, &pieces, key);
+        own.push(b'[');
         let mut run: Option<(u64, Vec<Arc<str>>)> = None;
         for p in list {
             let block = p.0.get("ID").and_then(Value::as_u64).unwrap_or(u64::MAX) / RUN_IDS;
@@ -366,17 +362,23 @@ pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error
         own.extend_from_slice(b"]}");
     }
     if let Some(filter) = &resp.packet_filter {
-        own.pop();
-        if own.len() > 1 || !pieces.is_empty() {
-            own.push(b',');
-        }
-        own.extend_from_slice(b"\"PacketFilter\":");
+        open_member(&mut own, &pieces, "PacketFilter");
         filter.write_pieces(&mut own, &mut pieces);
         own.push(b'}');
     }
     pieces.push(Piece::Own(own));
     pieces.retain(|p| !matches!(p, Piece::Own(b) if b.is_empty()));
     Ok(pieces)
+}
+
+/// Reopens the object the message's text so far ends with (drops its closing brace) and
+/// starts member `key`, whose value and the brace the caller writes.
+fn open_member(own: &mut Vec<u8>, pieces: &[Piece], key: &str) {
+    own.pop();
+    if own.len() > 1 || !pieces.is_empty() {
+        own.push(b',');
+    }
+    own.extend_from_slice(format!("\"{key}\":").as_bytes());
 }
 
 #[cfg(test)]
