@@ -191,6 +191,17 @@ impl Probe {
         *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = Some((needle, Instant::now()));
     }
 
+    /// Waits (`secs` at most) until every node still `streaming`, and `extra` more, saw
+    /// the change.
+    async fn wait(&self, streaming: &AtomicUsize, extra: usize, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.seen.load(Ordering::Relaxed) < streaming.load(Ordering::Relaxed) + extra
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Checks `frame` unless this node already saw the change.
     fn check(&self, frame: &[u8], saw: &mut bool) -> Result<()> {
         if *saw {
@@ -241,8 +252,9 @@ async fn node(
     };
     let hostinfo =
         json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" });
+    let every = args.tagged_every.max(1);
     let auth_key = match &args.tagged_auth_key {
-        Some(k) if !probe && i % args.tagged_every.max(1) == args.tagged_every.max(1) - 1 => k,
+        Some(k) if !probe && i % every == every - 1 => k,
         _ => &args.auth_key,
     };
     if probe {
@@ -366,18 +378,6 @@ fn progress(what: &str) {
     eprintln!("[loadgen {now:.3}] {what}");
 }
 
-/// CPU time this process used (user + system), from `/proc/self/stat`: how much of the
-/// machine the generator took from the replicas it measures.
-fn own_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces) start at state, field 3;
-    // utime and stime are fields 14 and 15, in clock ticks (100 per second on Linux).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some((ticks / 100.0 * 10.0).round() / 10.0)
-}
-
 fn scrape(addr: &str) -> Option<std::collections::BTreeMap<String, f64>> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -489,12 +489,8 @@ async fn main() -> Result<()> {
     // The probe: one node joins; every online node must see it in its map.
     progress(&format!("{online} online; one node joins"));
     spawn_node(args.nodes, Instant::now(), true);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shared.join.seen.load(Ordering::Relaxed) < shared.streaming.load(Ordering::Relaxed)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The joining node itself is not among those streaming.
+    shared.join.wait(&shared.streaming, 0, 60).await;
     let after = replica_figures(&args.metrics);
     // The policy changes: every node's packet filter must show the port the first opens;
     // with tagged servers, every node must lose peers to the second.
@@ -562,7 +558,9 @@ async fn main() -> Result<()> {
         "cpu_percent_at_rest": rest_cpu,
         "replicas_after": after,
         "replicas_after_policy": after_policy,
-        "loadgen_cpu_seconds": own_cpu_seconds(),
+        // How much of the machine the generator took from the replicas it measures.
+        "loadgen_cpu_seconds": hydrascale::metrics::process_cpu_seconds(std::process::id())
+            .map(|s| (s * 10.0).round() / 10.0),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     std::process::exit(0);
@@ -584,12 +582,7 @@ async fn change_policy(
     let took = Instant::now();
     set_policy(url, key, &policy.to_string()).await?;
     let set_ms = (took.elapsed().as_secs_f64() * 10000.0).round() / 10.0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while probe.seen.load(Ordering::Relaxed) < streaming.load(Ordering::Relaxed) + 1
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    probe.wait(streaming, 1, 120).await;
     Ok(set_ms)
 }
 
