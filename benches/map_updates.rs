@@ -24,7 +24,7 @@ use hydrascale::config::Config;
 use hydrascale::control::mapper::StreamView;
 use hydrascale::control::peers::PeerCache;
 use hydrascale::control::tailcfg::encode;
-use hydrascale::state::{Command, Observer, RegisterAuth, Tailnet};
+use hydrascale::state::{sample, Command, Observer, Tailnet};
 
 const USERS: usize = 20;
 
@@ -46,38 +46,10 @@ fn register(t: &mut Tailnet, cache: &PeerCache, n: usize) {
     } else {
         (format!("u{}", n % USERS), vec![])
     };
-    apply(
-        t,
-        cache,
-        Command::CreatePreAuthKey {
-            user,
-            prefix: format!("k{n}"),
-            hash: format!("h{n}"),
-            reusable: false,
-            ephemeral: false,
-            expiration: None,
-            tags,
-            now: 1,
-        },
-    );
-    apply(
-        t,
-        cache,
-        Command::RegisterNode {
-            machine_key: format!("mkey:{n:064x}"),
-            node_key: format!("nodekey:{n:064x}"),
-            old_node_key: None,
-            hostname: format!("node-{n}"),
-            hostinfo: format!(r#"{{"Hostname":"node-{n}","OS":"linux","GoArch":"amd64"}}"#),
-            auth: RegisterAuth::PreAuthKey {
-                hash: format!("h{n}"),
-            },
-            expiry: None,
-            ephemeral: false,
-            prefixes: Default::default(),
-            now: 2,
-        },
-    );
+    let hostinfo = format!(r#"{{"Hostname":"node-{n}","OS":"linux","GoArch":"amd64"}}"#);
+    for cmd in sample::registration(&user, tags, n as u64, format!("node-{n}"), hostinfo) {
+        apply(t, cache, cmd);
+    }
 }
 
 fn set_policy(t: &mut Tailnet, cache: &PeerCache, text: &str) {

@@ -101,6 +101,10 @@ struct Shared {
     /// that a node whose session broke after it came online is not waited for.
     streaming: AtomicUsize,
     failed: AtomicUsize,
+    /// Sessions that broke, and sessions reopened (by a reconnect) after a node had been
+    /// online.
+    broken: AtomicUsize,
+    reconnected: AtomicUsize,
     /// One node joins: its key, from when it asks to register.
     join: Probe,
     /// A policy change: the port it opens, as every node's packet filter shows it, from
@@ -109,7 +113,9 @@ struct Shared {
     /// A policy change that hides tagged servers from members: every node has peers
     /// removed.
     reach: Probe,
+    /// The first few reasons a node gave up, and a session broke.
     errors: Mutex<Vec<String>>,
+    broken_errors: Mutex<Vec<String>>,
 }
 
 async fn server_key(url: &str) -> Result<[u8; 32]> {
@@ -184,10 +190,19 @@ struct Probe {
     wanted: Mutex<Option<(String, Instant)>>,
     seen: AtomicUsize,
     latency: Mutex<Samples>,
+    /// The generator's own CPU time when the change was asked for, then what it spent
+    /// until every node saw it: on one machine, CPU the replicas did not have meanwhile.
+    cpu: Mutex<(Option<f64>, Option<f64>)>,
+}
+
+/// The generator's CPU time so far, in seconds.
+fn own_cpu() -> Option<f64> {
+    hydrascale::metrics::process_cpu_seconds(std::process::id())
 }
 
 impl Probe {
     fn start(&self, needle: String) {
+        self.cpu.lock().unwrap_or_else(|p| p.into_inner()).0 = own_cpu();
         *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = Some((needle, Instant::now()));
     }
 
@@ -200,6 +215,20 @@ impl Probe {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let mut cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        cpu.1 = cpu
+            .0
+            .zip(own_cpu())
+            .map(|(a, b)| ((b - a) * 100.0).round() / 100.0);
+    }
+
+    /// What the report says about this change.
+    fn report(&self) -> Value {
+        json!({
+            "propagation_ms": self.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
+            "saw": self.seen.load(Ordering::Relaxed),
+            "loadgen_cpu_s": self.cpu.lock().unwrap_or_else(|p| p.into_inner()).1,
+        })
     }
 
     /// Checks `frame` unless this node already saw the change.
@@ -227,66 +256,191 @@ impl Probe {
     }
 }
 
-/// One simulated node: connect, register, stream its map until the run ends.
+/// Why a session ended.
+enum Ended {
+    /// The server refused the node for good (its key, its registration): a real client
+    /// would stop and tell its user, and so does the simulated one.
+    Refused(anyhow::Error),
+    /// The session broke (connection, keep-alive, a 5xx): a real client reconnects.
+    Broken(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Ended {
+    fn from(e: E) -> Self {
+        Ended::Broken(e.into())
+    }
+}
+
+/// What a simulated node keeps across its sessions, as a real client keeps its state
+/// directory: its keys, whether it is registered, and what it already saw.
+struct Node {
+    i: usize,
+    probe: bool,
+    machine: [u8; 32],
+    node_key: String,
+    disco: String,
+    hostinfo: Value,
+    registered: bool,
+    /// Whether it ever asked to register (the join probe's clock starts then).
+    asked: bool,
+    /// When the node first had a map: it counts as online once, however often it
+    /// reconnects.
+    online: bool,
+    /// Sessions that delivered a map.
+    maps: usize,
+    saw_join: bool,
+    saw_policy: bool,
+    saw_reach: bool,
+}
+
+/// One simulated node: connect, register, stream its map until the run ends; when a
+/// session breaks, reconnect with tailscaled's backoff (n² × 10 ms after the n-th failure
+/// in a row, at most 30 s, times a random 0.5-1.5) and stream again without registering again. Node `i` starts on replica
+/// `i % urls` and each reconnect goes to the next one, as a load balancer would send it
+/// elsewhere when its replica is down. A node that never had a map within `--timeout` of
+/// its scheduled start gives up.
 async fn node(
     i: usize,
-    url: String,
     server_pub: [u8; 32],
     args: Arc<Args>,
     shared: Arc<Shared>,
     scheduled: Instant,
     probe: bool,
 ) -> Result<()> {
-    let addr = url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let machine = random32();
-    let node_key = format!("nodekey:{}", hex32(&random32()));
-    let disco = format!("discokey:{}", hex32(&random32()));
-    let mut h2 = hydrascale::noise::client::connect(&addr, &server_pub, &machine).await?;
     let hostname = if probe {
         "probe".to_string()
     } else {
         format!("load-{i}")
     };
-    let hostinfo =
-        json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" });
+    let mut me = Node {
+        i,
+        probe,
+        machine: random32(),
+        node_key: format!("nodekey:{}", hex32(&random32())),
+        disco: format!("discokey:{}", hex32(&random32())),
+        hostinfo: json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" }),
+        registered: false,
+        asked: false,
+        online: false,
+        maps: 0,
+        saw_join: probe,
+        saw_policy: false,
+        saw_reach: false,
+    };
+    let mut failures = 0u32;
+    let mut sessions = 0;
+    loop {
+        let url = &args.urls[(i + sessions) % args.urls.len()];
+        sessions += 1;
+        let maps = me.maps;
+        let e = match session(&mut me, url, &server_pub, &args, &shared, scheduled).await {
+            Ended::Refused(e) => return Err(e),
+            Ended::Broken(e) => e,
+        };
+        shared.broken.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut errs = shared
+                .broken_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if errs.len() < 5 {
+                errs.push(format!("node {i}: {e:#}"));
+            }
+        }
+        if !me.online && scheduled.elapsed() > Duration::from_secs(args.timeout) {
+            return Err(e.context(format!("no map within {} s", args.timeout)));
+        }
+        if me.maps > maps {
+            // The session worked for a while: start backing off afresh.
+            failures = 0;
+        }
+        failures = (failures + 1).min(100);
+        let backoff =
+            Duration::from_millis(10 * u64::from(failures).pow(2)).min(Duration::from_secs(30));
+        let jitter = 0.5 + f64::from(random32()[0]) / 255.0;
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+    }
+}
+
+/// One Noise session of `me`: register if it never did, then stream its map until the
+/// session breaks.
+async fn session(
+    me: &mut Node,
+    url: &str,
+    server_pub: &[u8; 32],
+    args: &Args,
+    shared: &Shared,
+    scheduled: Instant,
+) -> Ended {
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut h2 = match hydrascale::noise::client::connect(addr, server_pub, &me.machine).await {
+        Ok(h2) => h2,
+        Err(e) => return Ended::Broken(e.into()),
+    };
+    if !me.registered {
+        if let Err(e) = register(me, &mut h2, args, shared, scheduled).await {
+            return e;
+        }
+    }
+    match stream(me, &mut h2, args, shared, scheduled).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+async fn register(
+    me: &mut Node,
+    h2: &mut hydrascale::noise::client::ControlClient,
+    args: &Args,
+    shared: &Shared,
+    scheduled: Instant,
+) -> Result<(), Ended> {
     let every = args.tagged_every.max(1);
     let auth_key = match &args.tagged_auth_key {
-        Some(k) if !probe && i % every == every - 1 => k,
+        Some(k) if !me.probe && me.i % every == every - 1 => k,
         _ => &args.auth_key,
     };
-    if probe {
+    if me.probe && !me.asked {
         // Published before the request: streams may see the new node before its own
-        // registration is acknowledged, and the change starts when it is asked for.
-        shared.join.start(node_key.clone());
+        // registration is acknowledged, and the change starts when it is first asked for
+        // (a retry after a 5xx does not restart the clock).
+        me.asked = true;
+        shared.join.start(me.node_key.clone());
     }
     let resp = post(
-        &mut h2,
+        h2,
         "/machine/register",
         json!({
             "Version": hydrascale::noise::client::CLIENT_VERSION,
-            "NodeKey": node_key,
+            "NodeKey": me.node_key,
             "OldNodeKey": format!("nodekey:{}", "0".repeat(64)),
             "Auth": { "AuthKey": auth_key },
-            "Hostinfo": hostinfo,
+            "Hostinfo": me.hostinfo,
         }),
     )
     .await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    let reg: Value = serde_json::from_slice(&body).with_context(|| {
-        let text = String::from_utf8_lossy(&body);
+    let text = || {
+        let t = String::from_utf8_lossy(&body);
         format!(
             "register reply ({status}): {}",
-            text.chars().take(200).collect::<String>()
+            t.chars().take(200).collect::<String>()
         )
-    })?;
-    if reg["MachineAuthorized"] != true {
-        bail!("registration refused: {}", reg["Error"]);
+    };
+    if status.is_server_error() {
+        return Err(Ended::Broken(anyhow::anyhow!(text())));
     }
-    if !probe {
+    let reg: Value = serde_json::from_slice(&body)
+        .map_err(|e| Ended::Refused(anyhow::Error::new(e).context(text())))?;
+    if reg["MachineAuthorized"] != true {
+        return Err(Ended::Refused(anyhow::anyhow!(
+            "registration refused: {}",
+            reg["Error"]
+        )));
+    }
+    me.registered = true;
+    if !me.probe {
         shared
             .register
             .lock()
@@ -294,55 +448,76 @@ async fn node(
             .0
             .push(scheduled.elapsed().as_secs_f64() * 1000.0);
     }
+    Ok(())
+}
+
+/// Streams `me`'s map until the session breaks; never returns otherwise.
+async fn stream(
+    me: &mut Node,
+    h2: &mut hydrascale::noise::client::ControlClient,
+    args: &Args,
+    shared: &Shared,
+    scheduled: Instant,
+) -> Result<std::convert::Infallible, Ended> {
+    let i = me.i;
     let endpoint = format!("192.0.2.{}:{}", 1 + i % 250, 40000 + i % 20000);
     let resp = post(
-        &mut h2,
+        h2,
         "/machine/map",
         json!({
             "Version": hydrascale::noise::client::CLIENT_VERSION,
-            "NodeKey": node_key,
-            "DiscoKey": disco,
+            "NodeKey": me.node_key,
+            "DiscoKey": me.disco,
             "Stream": true,
             "Compress": "zstd",
             "KeepAlive": true,
             "Endpoints": [endpoint],
-            "Hostinfo": hostinfo,
+            "Hostinfo": me.hostinfo,
         }),
     )
     .await?;
-    if !resp.status().is_success() {
-        bail!("map request answered {}", resp.status());
+    let status = resp.status();
+    if !status.is_success() {
+        let e = anyhow::anyhow!("map request answered {status}");
+        return Err(if status.is_server_error() {
+            Ended::Broken(e)
+        } else {
+            Ended::Refused(e)
+        });
     }
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     let mut first = true;
     let mut _streaming = None;
-    let mut saw_join = probe;
-    let mut saw_policy = false;
-    let mut saw_reach = false;
     let mut updates = tokio::time::interval(Duration::from_secs(args.endpoint_interval.max(1)));
     updates.tick().await;
     let mut counter = 0u32;
     loop {
         tokio::select! {
             frame = body.frame() => {
-                let Some(frame) = frame else { bail!("map stream ended") };
+                let Some(frame) = frame else { return Err(anyhow::anyhow!("map stream ended").into()) };
                 if let Ok(data) = frame?.into_data() {
                     buf.extend_from_slice(&data);
                 }
                 while let Some(msg) = next_frame(&mut buf) {
                     if first {
                         first = false;
-                        if !probe {
-                            shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).0
-                                .push(scheduled.elapsed().as_secs_f64() * 1000.0);
-                            shared.online.fetch_add(1, Ordering::Relaxed);
+                        me.maps += 1;
+                        if !me.probe {
+                            if me.online {
+                                shared.reconnected.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                me.online = true;
+                                shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).0
+                                    .push(scheduled.elapsed().as_secs_f64() * 1000.0);
+                                shared.online.fetch_add(1, Ordering::Relaxed);
+                            }
                             _streaming = Some(Streaming::new(&shared.streaming));
                         }
                     }
-                    shared.join.check(&msg, &mut saw_join)?;
-                    shared.policy.check(&msg, &mut saw_policy)?;
-                    shared.reach.check(&msg, &mut saw_reach)?;
+                    shared.join.check(&msg, &mut me.saw_join)?;
+                    shared.policy.check(&msg, &mut me.saw_policy)?;
+                    shared.reach.check(&msg, &mut me.saw_reach)?;
                 }
                 // A full map of 10,000 peers is half a megabyte; kept as every idle node's
                 // buffer it was most of the generator's 5-6 GB at 10k nodes.
@@ -355,8 +530,8 @@ async fn node(
                 let ep = format!("192.0.2.{}:{}", 1 + i % 250, 40000 + (i + counter as usize) % 20000);
                 // A "lite" update, as clients send when their endpoints change.
                 let mut other = h2.clone();
-                let nk = node_key.clone();
-                let d = disco.clone();
+                let nk = me.node_key.clone();
+                let d = me.disco.clone();
                 tokio::spawn(async move {
                     let _ = post(&mut other, "/machine/map", json!({
                         "Version": hydrascale::noise::client::CLIENT_VERSION, "NodeKey": nk,
@@ -430,18 +605,20 @@ async fn main() -> Result<()> {
         online: AtomicUsize::new(0),
         streaming: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
+        broken: AtomicUsize::new(0),
+        reconnected: AtomicUsize::new(0),
         join: Probe::default(),
         policy: Probe::default(),
         reach: Probe::default(),
         errors: Mutex::default(),
+        broken_errors: Mutex::default(),
     });
     let before = replica_figures(&args.metrics);
     let start = Instant::now();
     let spawn_node = |i: usize, scheduled: Instant, probe: bool| {
-        let url = args.urls[i % args.urls.len()].clone();
         let (args, shared) = (args.clone(), shared.clone());
         tokio::spawn(async move {
-            if let Err(e) = node(i, url, server_pub, args, shared.clone(), scheduled, probe).await {
+            if let Err(e) = node(i, server_pub, args, shared.clone(), scheduled, probe).await {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 let mut errs = shared.errors.lock().unwrap_or_else(|p| p.into_inner());
                 if errs.len() < 5 {
@@ -541,26 +718,28 @@ async fn main() -> Result<()> {
         "online": online,
         "failed": shared.failed.load(Ordering::Relaxed),
         "errors": *shared.errors.lock().unwrap_or_else(|p| p.into_inner()),
+        // Sessions that broke (each node then reconnects), and reconnects that brought a
+        // node that had been online back to a map stream.
+        "sessions_broken": shared.broken.load(Ordering::Relaxed),
+        "reconnected": shared.reconnected.load(Ordering::Relaxed),
+        "broken_errors": *shared.broken_errors.lock().unwrap_or_else(|p| p.into_inner()),
+        "streaming_at_end": shared.streaming.load(Ordering::Relaxed),
         "all_online_s": (all_online.as_secs_f64() * 100.0).round() / 100.0,
         "registrations_per_s": (registered as f64 / all_online.as_secs_f64() * 10.0).round() / 10.0,
         "register_ms": shared.register.lock().unwrap_or_else(|p| p.into_inner()).summary(),
         "first_map_ms": shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "join_propagation_ms": shared.join.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "saw_join": shared.join.seen.load(Ordering::Relaxed),
+        "join": shared.join.report(),
         "policy_set_ms": policy_set_ms,
-        "policy_propagation_ms": shared.policy.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "saw_policy": shared.policy.seen.load(Ordering::Relaxed),
+        "policy": shared.policy.report(),
         "reach_set_ms": reach_set_ms,
-        "reach_propagation_ms": shared.reach.latency.lock().unwrap_or_else(|p| p.into_inner()).summary(),
-        "saw_reach": shared.reach.seen.load(Ordering::Relaxed),
+        "reach": shared.reach.report(),
         "replicas_before": before,
         "replicas_at_rest": at_rest,
         "cpu_percent_at_rest": rest_cpu,
         "replicas_after": after,
         "replicas_after_policy": after_policy,
         // How much of the machine the generator took from the replicas it measures.
-        "loadgen_cpu_seconds": hydrascale::metrics::process_cpu_seconds(std::process::id())
-            .map(|s| (s * 10.0).round() / 10.0),
+        "loadgen_cpu_seconds": own_cpu().map(|s| (s * 10.0).round() / 10.0),
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     std::process::exit(0);

@@ -412,33 +412,10 @@ pub(crate) fn add_sample_node(
     tags: Vec<String>,
     n: u8,
 ) -> Vec<crate::state::Change> {
-    use crate::state::{Command, RegisterAuth};
-    t.apply(&Command::CreatePreAuthKey {
-        user: user.into(),
-        prefix: format!("k{n}"),
-        hash: format!("h{n}"),
-        reusable: false,
-        ephemeral: false,
-        expiration: None,
-        tags,
-        now: 1,
-    })
-    .0
-    .unwrap();
-    let (r, changes) = t.apply(&Command::RegisterNode {
-        machine_key: format!("mkey:{n:064x}"),
-        node_key: format!("nodekey:{n:064x}"),
-        old_node_key: None,
-        hostname: format!("h{n}"),
-        hostinfo: "{}".into(),
-        auth: RegisterAuth::PreAuthKey {
-            hash: format!("h{n}"),
-        },
-        expiry: None,
-        ephemeral: false,
-        prefixes: Default::default(),
-        now: 2,
-    });
+    let [key, register] =
+        crate::state::sample::registration(user, tags, n.into(), format!("h{n}"), "{}".into());
+    t.apply(&key).0.unwrap();
+    let (r, changes) = t.apply(&register);
     r.unwrap();
     changes
 }

@@ -4,6 +4,8 @@
 mod error;
 mod index;
 pub mod ipam;
+#[doc(hidden)]
+pub mod sample;
 mod store;
 mod tailnet;
 #[cfg(test)]
