@@ -161,10 +161,45 @@ fn next_frame(buf: &mut BytesMut) -> Option<BytesMut> {
     Some(buf.split_to(len))
 }
 
-/// Whether the map message `frame` carries `needle` (a node key, a policy marker).
+thread_local! {
+    /// One decompression context per thread, reused: a probe decompresses every node's
+    /// message, and a fresh context each time cost an allocation and its setup.
+    static UNZSTD: std::cell::RefCell<Option<zstd::stream::raw::Decoder<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the map message `frame` (zstd frames, one after the other) carries `needle`
+/// (a node key, a policy marker).
 fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
-    let json = zstd::decode_all(frame)?;
-    Ok(String::from_utf8_lossy(&json).contains(needle))
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+    let mut json = Vec::with_capacity(frame.len() * 8);
+    UNZSTD.with(|cell| -> Result<()> {
+        let mut cell = cell.borrow_mut();
+        let dec = match &mut *cell {
+            Some(d) => d,
+            None => cell.insert(zstd::stream::raw::Decoder::new()?),
+        };
+        dec.reinit()?;
+        let mut input = InBuffer::around(frame);
+        let mut chunk = vec![0u8; 128 * 1024];
+        // What the last call that moved said is left of its frame: 0 at a frame's end.
+        let mut left = 0;
+        loop {
+            let before = input.pos();
+            let mut out = OutBuffer::around(&mut chunk[..]);
+            let hint = dec.run(&mut input, &mut out)?;
+            let n = out.pos();
+            json.extend_from_slice(&chunk[..n]);
+            if n == 0 && input.pos() == before {
+                if input.pos() < frame.len() || left != 0 {
+                    bail!("map message ends inside a zstd frame");
+                }
+                return Ok(());
+            }
+            left = hint;
+        }
+    })?;
+    Ok(memchr::memmem::find(&json, needle.as_bytes()).is_some())
 }
 
 /// Counts a node in [`Shared::streaming`] for as long as it lives (its map stream is open).
@@ -799,5 +834,24 @@ fn raise_fd_limit() {
             lim.rlim_cur = lim.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message is several zstd frames whose contents join up: a needle across the seam
+    /// is found, in messages bigger than one output chunk, with the context reused.
+    #[test]
+    fn mentions_reads_concatenated_frames() {
+        let big = "x".repeat(300 * 1024);
+        let mut frame = zstd::bulk::compress(format!("{big}\"First\":41").as_bytes(), 3).unwrap();
+        frame.extend(zstd::bulk::compress(b"23,\"Last\":4123", 3).unwrap());
+        assert!(mentions(&frame, "\"First\":4123,\"Last\":4123").unwrap());
+        assert!(!mentions(&frame, "\"First\":4124").unwrap());
+        let short = zstd::bulk::compress(b"{\"PeersRemoved\":[7]}", 3).unwrap();
+        assert!(mentions(&short, "PeersRemoved").unwrap());
+        assert!(mentions(&frame[..frame.len() - 3], "x").is_err());
     }
 }

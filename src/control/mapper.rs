@@ -381,7 +381,7 @@ fn peer_json(e: &Entry, n: &Node, now: i64) -> Shared {
             }
             Shared::new(v)
         }
-        _ => Shared(e.json.clone(), e.text.clone()),
+        _ => Shared(e.json.clone(), e.text.clone(), n.id),
     }
 }
 

@@ -263,14 +263,16 @@ impl PacketFilter {
 
 /// A peer as every map stream sends it: its `tailcfg.Node` and that value's JSON text,
 /// both made once and shared, so a full map of N peers is N copies of text, not N
-/// serializations.
+/// serializations; and its node id (`ID`, `u64::MAX` if it has none), which cuts
+/// messages into runs without a lookup in the value for every peer of every full map.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Shared(pub std::sync::Arc<Value>, pub std::sync::Arc<str>);
+pub struct Shared(pub std::sync::Arc<Value>, pub std::sync::Arc<str>, pub u64);
 
 impl Shared {
     pub fn new(v: Value) -> Self {
         let text = serde_json::to_string(&v).unwrap_or_else(|_| "{}".into());
-        Shared(std::sync::Arc::new(v), text.into())
+        let id = v.get("ID").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        Shared(std::sync::Arc::new(v), text.into(), id)
     }
 }
 
@@ -340,7 +342,7 @@ pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error
         own.push(b'[');
         let mut run: Option<(u64, Vec<Arc<str>>)> = None;
         for p in list {
-            let block = p.0.get("ID").and_then(Value::as_u64).unwrap_or(u64::MAX) / RUN_IDS;
+            let block = p.2 / RUN_IDS;
             match &mut run {
                 Some((b, peers)) if *b == block => peers.push(p.1.clone()),
                 _ => {
