@@ -14,10 +14,19 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
 use super::{map, register, ssh_check, ControlState};
-use crate::noise::{accept_initiation, spawn_transport};
+use crate::noise::{accept_initiation, spawn_heard_transport, until_silent};
 
 const UPGRADE_PROTO: &str = "tailscale-control-protocol";
 const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
+/// hyper pings a session's peer this long after its last answer, so a live peer that has
+/// nothing else to say is still heard from twice a minute.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+/// A session whose peer sent nothing at all for this long (two pings unanswered, no
+/// WINDOW_UPDATE for what it was sent) is closed, so its node goes offline.
+const SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
+/// hyper's own limit on an unanswered ping, only a backstop now: a ping queued behind a
+/// full write buffer to a peer that reads slowly is late, not lost (see `noise::Heard`).
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// headscale's limit; clients never send bodies near it.
 const MAX_BODY: usize = 1 << 20;
 
@@ -91,23 +100,27 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
             tracing::debug!(error = %e, "writing handshake response failed");
             return;
         }
-        let plain = spawn_transport(io, accepted.rx_key, accepted.tx_key);
+        let (plain, heard) = spawn_heard_transport(io, accepted.rx_key, accepted.tx_key);
         tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
         let svc = TowerToHyperService::new(noise_router(state, peer));
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        // The pings find connections that died silently, so their nodes go offline. hyper
-        // gives up on an unanswered ping after 20 s by default; at 10,000 nodes on two
-        // cores that closed thousands of live sessions (KeepAliveTimedOut), each then a
-        // reconnect and a full map. A minute is slow enough for a busy client or replica
-        // and still finds a dead one within two.
+        // The pings make a live peer speak; `SILENCE` decides when one is dead. hyper's
+        // own timeout (20 s by default, then 60 s here) closed thousands of live sessions
+        // at 10,000 nodes on two cores (KeepAliveTimedOut), each then a reconnect and a
+        // full map: its ping waited behind data the peer was still reading.
         builder
             .timer(TokioTimer::new())
-            .keep_alive_interval(Some(std::time::Duration::from_secs(60)))
-            .keep_alive_timeout(std::time::Duration::from_secs(60));
-        if let Err(e) = builder.serve_connection(TokioIo::new(plain), svc).await {
-            // hyper shows only "http2 error"; its Debug names the cause (a keep-alive that
-            // timed out, the peer going away, an I/O error).
-            tracing::debug!(error = ?e, "noise http/2 session ended");
+            .keep_alive_interval(Some(PING_EVERY))
+            .keep_alive_timeout(PING_TIMEOUT);
+        let conn = builder.serve_connection(TokioIo::new(plain), svc);
+        match until_silent(conn, &heard, SILENCE).await {
+            // hyper shows only "http2 error"; its Debug names the cause (a keep-alive
+            // that timed out, the peer going away, an I/O error).
+            Some(Err(e)) => tracing::debug!(error = ?e, "noise http/2 session ended"),
+            Some(Ok(())) => {}
+            None => {
+                tracing::debug!(silent = ?SILENCE, "noise session closed: the peer fell silent")
+            }
         }
     });
     let mut resp = Response::new(Body::empty());

@@ -6,6 +6,10 @@
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 use super::NoiseError;
@@ -72,6 +76,58 @@ impl CipherState {
 /// Plaintext bytes the pipe between HTTP/2 and the record pumps holds in each direction.
 const PIPE_BUFFER: usize = 32 * 1024;
 
+/// When the peer was last heard from: the arrival of its last valid record, whatever it
+/// carried (a request, a PING's answer, a WINDOW_UPDATE as it reads what it was sent).
+///
+/// A live peer that reads slowly still sends WINDOW_UPDATEs; a dead one sends nothing.
+/// HTTP/2's own keep-alive cannot tell them apart: hyper stops reading while its PING
+/// waits behind a full write buffer, and times the PING from when it was queued.
+#[derive(Clone, Debug)]
+pub struct Heard(Arc<(tokio::time::Instant, AtomicU64)>);
+
+impl Heard {
+    fn new() -> Self {
+        Heard(Arc::new((tokio::time::Instant::now(), AtomicU64::new(0))))
+    }
+
+    fn mark(&self) {
+        let ms = self.0 .0.elapsed().as_millis();
+        self.0
+             .1
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long ago the last record arrived (or the transport started).
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.0 .1.load(Ordering::Relaxed));
+        self.0 .0.elapsed().saturating_sub(last)
+    }
+}
+
+/// Drives `conn` (the session over a transport whose peer is `heard`) to its end, or until
+/// the peer has sent nothing for `limit`: then `None`, and dropping `conn` closes the
+/// session. Checked every sixth of `limit`, so a silent peer goes within 7/6 of it.
+pub async fn until_silent<F: std::future::Future>(
+    conn: F,
+    heard: &Heard,
+    limit: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(conn);
+    let mut check = tokio::time::interval(limit / 6);
+    loop {
+        tokio::select! {
+            // A session that ended tells how, however long its peer was quiet.
+            biased;
+            out = &mut conn => return Some(out),
+            _ = check.tick() => {
+                if heard.silent_for() >= limit {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Starts the record pumps over `stream` and returns the plaintext end.
 ///
 /// The connection ends (both pumps stop) when either side closes or a record is invalid.
@@ -79,6 +135,20 @@ pub fn spawn_transport<S>(stream: S, rx_key: [u8; 32], tx_key: [u8; 32]) -> Dupl
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
+    spawn_heard_transport(stream, rx_key, tx_key).0
+}
+
+/// [`spawn_transport`], also saying when the peer was last heard from.
+pub fn spawn_heard_transport<S>(
+    stream: S,
+    rx_key: [u8; 32],
+    tx_key: [u8; 32],
+) -> (DuplexStream, Heard)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let heard = Heard::new();
+    let heard_in = heard.clone();
     // The pipe's buffer keeps the largest size it ever grew to, for the whole session: at
     // 256 KiB, a full map of 10,000 peers left each of a replica's 3,333 sessions holding
     // about that much, most of its 1.2 GB. The TCP socket does the real buffering.
@@ -105,6 +175,7 @@ where
                 let mut ct = vec![0u8; len];
                 net_r.read_exact(&mut ct).await?;
                 let pt = rx.open(&ct)?;
+                heard_in.mark();
                 plain_w.write_all(&pt).await?;
             }
         }
@@ -146,12 +217,63 @@ where
             _ = outbound => {}
         }
     });
-    app_end
+    (app_end, heard)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record from the peer, whatever it carries, counts as hearing from it; what we
+    /// send does not.
+    #[tokio::test(start_paused = true)]
+    async fn the_peer_is_heard_from_by_its_records_alone() {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let (mut plain, heard) = spawn_heard_transport(ours, [1; 32], [2; 32]);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        plain.write_all(b"ping from us").await.expect("write");
+        let mut rec = [0u8; 64];
+        let _ = theirs.read(&mut rec).await.expect("our record");
+        assert!(heard.silent_for() >= Duration::from_secs(40));
+        let mut tx = CipherState::new(&[1; 32]);
+        let ct = tx.seal(b"window update").expect("seal");
+        let mut frame = vec![MSG_TYPE_RECORD];
+        frame.extend_from_slice(&(ct.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&ct);
+        theirs.write_all(&frame).await.expect("their record");
+        let mut got = [0u8; 13];
+        plain.read_exact(&mut got).await.expect("plaintext");
+        assert_eq!(&got, b"window update");
+        assert!(heard.silent_for() < Duration::from_secs(1));
+    }
+
+    /// A session ends once its peer is silent for the limit, and not while it keeps
+    /// sending, however long the session lasts.
+    #[tokio::test(start_paused = true)]
+    async fn sessions_end_when_the_peer_falls_silent() {
+        let heard = Heard::new();
+        let limit = Duration::from_secs(90);
+        let start = tokio::time::Instant::now();
+        let chatty = heard.clone();
+        let talk = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                chatty.mark();
+            }
+        });
+        let out = until_silent(std::future::pending::<()>(), &heard, limit).await;
+        assert!(out.is_none());
+        let lasted = start.elapsed();
+        // Ten minutes of marks every minute, then silence for the limit.
+        assert!(lasted >= Duration::from_secs(600) + limit, "{lasted:?}");
+        assert!(
+            lasted <= Duration::from_secs(600) + limit * 7 / 6,
+            "{lasted:?}"
+        );
+        talk.await.expect("talker");
+        let done = until_silent(async { 7 }, &heard, limit).await;
+        assert_eq!(done, Some(7));
+    }
 
     #[test]
     fn nonce_is_big_endian() {
