@@ -89,10 +89,16 @@ pub async fn connect(
     let (k1, k2) = hs.dangerously_get_raw_split();
     // The client receives with k2 and sends with k1: the mirror of the server.
     let plain = super::spawn_transport(s, k2, k1);
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(plain))
-            .await
-            .map_err(|e| NoiseError::Handshake(format!("HTTP/2 over Noise: {e}")))?;
+    // tailscaled's HTTP/2 (Go's) returns flow-control credit for every 4 KiB it reads,
+    // and a replica counts that as hearing from it (`Heard`). Rust's h2 returns credit
+    // once half the remaining window is read: with hyper's 2 MiB window, a client
+    // reading slowly could be silent for minutes. A 256 KiB window keeps it nearer
+    // tailscaled: about every 85 KiB.
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(256 * 1024)
+        .handshake(TokioIo::new(plain))
+        .await
+        .map_err(|e| NoiseError::Handshake(format!("HTTP/2 over Noise: {e}")))?;
     tokio::spawn(conn);
     Ok(send)
 }
