@@ -318,10 +318,8 @@ struct Node {
     registered: bool,
     /// Whether it ever asked to register (the join probe's clock starts then).
     asked: bool,
-    /// When the node first had a map: it counts as online once, however often it
-    /// reconnects.
-    online: bool,
-    /// Sessions that delivered a map.
+    /// Sessions that delivered a map: the node is online from the first, and counts as
+    /// online once however often it reconnects.
     maps: usize,
     saw_join: bool,
     saw_policy: bool,
@@ -330,10 +328,10 @@ struct Node {
 
 /// One simulated node: connect, register, stream its map until the run ends; when a
 /// session breaks, reconnect with tailscaled's backoff (n² × 10 ms after the n-th failure
-/// in a row, at most 30 s, times a random 0.5-1.5) and stream again without registering again. Node `i` starts on replica
-/// `i % urls` and each reconnect goes to the next one, as a load balancer would send it
-/// elsewhere when its replica is down. A node that never had a map within `--timeout` of
-/// its scheduled start gives up.
+/// in a row, at most 30 s, times a random 0.5-1.5) and stream again without registering
+/// again. Node `i` starts on replica `i % urls` and each reconnect goes to the next one,
+/// as a load balancer would send it elsewhere when its replica is down. A node that never
+/// had a map within `--timeout` of its scheduled start gives up.
 async fn node(
     i: usize,
     server_pub: [u8; 32],
@@ -356,7 +354,6 @@ async fn node(
         hostinfo: json!({ "Hostname": hostname, "OS": "linux", "GoArch": "amd64", "IPNVersion": "loadgen" }),
         registered: false,
         asked: false,
-        online: false,
         maps: 0,
         saw_join: probe,
         saw_policy: false,
@@ -382,7 +379,7 @@ async fn node(
                 errs.push(format!("node {i}: {e:#}"));
             }
         }
-        if !me.online && scheduled.elapsed() > Duration::from_secs(args.timeout) {
+        if me.maps == 0 && scheduled.elapsed() > Duration::from_secs(args.timeout) {
             return Err(e.context(format!("no map within {} s", args.timeout)));
         }
         if me.maps > maps {
@@ -539,10 +536,9 @@ async fn stream(
                         first = false;
                         me.maps += 1;
                         if !me.probe {
-                            if me.online {
+                            if me.maps > 1 {
                                 shared.reconnected.fetch_add(1, Ordering::Relaxed);
                             } else {
-                                me.online = true;
                                 shared.first_map.lock().unwrap_or_else(|p| p.into_inner()).0
                                     .push(scheduled.elapsed().as_secs_f64() * 1000.0);
                                 shared.online.fetch_add(1, Ordering::Relaxed);
