@@ -4,12 +4,12 @@
 //! whose other end carries plaintext for HTTP/2. Keeping the crypto in straight-line
 //! tasks avoids hand-written `poll_*` state machines.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 use super::NoiseError;
@@ -83,24 +83,32 @@ const PIPE_BUFFER: usize = 32 * 1024;
 /// HTTP/2's own keep-alive cannot tell them apart: hyper stops reading while its PING
 /// waits behind a full write buffer, and times the PING from when it was queued.
 #[derive(Clone, Debug)]
-pub struct Heard(Arc<(tokio::time::Instant, AtomicU64)>);
+pub struct Heard(Arc<HeardAt>);
+
+#[derive(Debug)]
+struct HeardAt {
+    start: tokio::time::Instant,
+    /// Milliseconds from `start` to the last record.
+    last_ms: AtomicU64,
+}
 
 impl Heard {
     fn new() -> Self {
-        Heard(Arc::new((tokio::time::Instant::now(), AtomicU64::new(0))))
+        Heard(Arc::new(HeardAt {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }))
     }
 
     fn mark(&self) {
-        let ms = self.0 .0.elapsed().as_millis();
-        self.0
-             .1
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Ordering::Relaxed);
     }
 
     /// How long ago the last record arrived (or the transport started).
     pub fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.0 .1.load(Ordering::Relaxed));
-        self.0 .0.elapsed().saturating_sub(last)
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        self.0.start.elapsed().saturating_sub(last)
     }
 }
 
