@@ -68,6 +68,11 @@ impl Histogram {
 pub struct Metrics {
     pub noise_handshakes: AtomicU64,
     pub noise_handshake_failures: AtomicU64,
+    /// Noise sessions that ended, by why: the peer closed it, it failed (an HTTP/2 or I/O
+    /// error), or the peer fell silent and the replica closed it (`control::ts2021`).
+    pub noise_sessions_closed: AtomicU64,
+    pub noise_sessions_failed: AtomicU64,
+    pub noise_sessions_silent: AtomicU64,
     pub registrations: AtomicU64,
     pub registrations_refused: AtomicU64,
     /// Open streaming map long-polls on this replica.
@@ -98,6 +103,17 @@ impl Metrics {
     }
 }
 
+/// Why a Noise session ended (see [`Metrics::session_ended`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The peer closed it.
+    Closed,
+    /// An HTTP/2 or I/O error ended it.
+    Failed,
+    /// The peer sent nothing for the silence limit, so the replica closed it.
+    Silent,
+}
+
 fn add(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -108,6 +124,14 @@ impl Metrics {
             &self.noise_handshakes
         } else {
             &self.noise_handshake_failures
+        });
+    }
+
+    pub fn session_ended(&self, why: SessionEnd) {
+        add(match why {
+            SessionEnd::Closed => &self.noise_sessions_closed,
+            SessionEnd::Failed => &self.noise_sessions_failed,
+            SessionEnd::Silent => &self.noise_sessions_silent,
         });
     }
 
@@ -357,6 +381,26 @@ pub fn render(src: &Sources) -> String {
                 (
                     "result=\"failed\"".to_string(),
                     load(&m.noise_handshake_failures),
+                ),
+            ],
+        );
+        f.labelled(
+            "hydrascale_noise_sessions_ended_total",
+            "counter",
+            "TS2021 Noise sessions that ended on this replica, by why: the client closed it, \
+             an HTTP/2 or I/O error, or the client fell silent and the replica closed it.",
+            [
+                (
+                    "reason=\"closed\"".to_string(),
+                    load(&m.noise_sessions_closed),
+                ),
+                (
+                    "reason=\"error\"".to_string(),
+                    load(&m.noise_sessions_failed),
+                ),
+                (
+                    "reason=\"silent\"".to_string(),
+                    load(&m.noise_sessions_silent),
                 ),
             ],
         );

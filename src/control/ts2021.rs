@@ -14,6 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
 use super::{map, register, ssh_check, ControlState};
+use crate::metrics::SessionEnd;
 use crate::noise::{accept_initiation, spawn_heard_transport, until_silent};
 
 const UPGRADE_PROTO: &str = "tailscale-control-protocol";
@@ -102,6 +103,7 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
         }
         let (plain, heard) = spawn_heard_transport(io, accepted.rx_key, accepted.tx_key);
         tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
+        let metrics = state.db.store.metrics().clone();
         let svc = TowerToHyperService::new(noise_router(state, peer));
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // The pings make a live peer speak; `SILENCE` decides when one is dead. hyper's
@@ -116,9 +118,13 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
         match until_silent(conn, &heard, SILENCE).await {
             // hyper shows only "http2 error"; its Debug names the cause (a keep-alive
             // that timed out, the peer going away, an I/O error).
-            Some(Err(e)) => tracing::debug!(error = ?e, "noise http/2 session ended"),
-            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                metrics.session_ended(SessionEnd::Failed);
+                tracing::debug!(error = ?e, "noise http/2 session ended")
+            }
+            Some(Ok(())) => metrics.session_ended(SessionEnd::Closed),
             None => {
+                metrics.session_ended(SessionEnd::Silent);
                 tracing::debug!(silent = ?SILENCE, "noise session closed: the peer fell silent")
             }
         }

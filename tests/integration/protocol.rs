@@ -101,6 +101,27 @@ async fn key_endpoint_and_bad_handshakes() {
     let mut h2 = noise_session(&server, [6u8; 32]).await;
     let (status, _) = post(&mut h2, "/machine/map", b"{not json").await;
     assert_eq!(status, 400);
+    // The client hangs up: the replica counts a session its peer closed.
+    drop(h2);
+    let metrics = server.handle().metrics_addr.to_string();
+    crate::fixtures::wait_for(
+        "the closed session counted",
+        Duration::from_secs(10),
+        || {
+            let m = crate::fixtures::scrape(&metrics);
+            let ended = |reason: &str| {
+                m.get(&format!(
+                    "hydrascale_noise_sessions_ended_total{{reason=\"{reason}\"}}"
+                ))
+                .copied()
+            };
+            let counted = ended("closed") == Some(1.0)
+                && ended("error") == Some(0.0)
+                && ended("silent") == Some(0.0);
+            async move { counted.then_some(()) }
+        },
+    )
+    .await;
     server.stop().await;
 }
 
