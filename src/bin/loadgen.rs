@@ -168,9 +168,34 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Whether the map message `frame` (zstd frames, one after the other) carries `needle`
-/// (a node key, a policy marker).
-fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
+/// zstd frames at least this long (compressed) are kept decoded in [`Decoded`]: the
+/// server's shared runs of peers and filter source lists. A stream's own frames are
+/// shorter and never repeat.
+const DECODED_MIN: usize = 1024;
+/// Decoded bytes [`Decoded`] holds before it starts again from empty.
+const DECODED_BUDGET: usize = 256 << 20;
+
+/// Frames the generator has already decompressed, by their compressed bytes, decoded.
+///
+/// The replicas compress a run of peers or a filter's source list once and send the same
+/// frame to every node that gets it (`control::frames`). Ten thousand simulated nodes on
+/// the replicas' own cores decompressed a 72 KB source list each while a policy change
+/// was timed: more than a core's worth of the window, taken from the replicas being
+/// measured. Real clients each decode their copy on their own machine; here the second
+/// and later copies of identical bytes are looked up instead. The key is the whole
+/// compressed frame, compared byte for byte, so a lookup cannot return another frame's
+/// text.
+#[derive(Default)]
+struct Decoded {
+    frames: std::collections::HashMap<Box<[u8]>, Arc<[u8]>, foldhash::fast::RandomState>,
+    bytes: usize,
+}
+
+static DECODED: std::sync::LazyLock<Mutex<Decoded>> =
+    std::sync::LazyLock::new(|| Mutex::new(Decoded::default()));
+
+/// The text of one zstd frame.
+fn decompress_frame(frame: &[u8]) -> Result<Vec<u8>> {
     use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
     let mut json = Vec::with_capacity(frame.len() * 8);
     UNZSTD.with(|cell| -> Result<()> {
@@ -199,7 +224,70 @@ fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
             left = hint;
         }
     })?;
-    Ok(memchr::memmem::find(&json, needle.as_bytes()).is_some())
+    Ok(json)
+}
+
+/// The text of one zstd frame, from [`DECODED`] when it is a long one seen before.
+fn frame_text(frame: &[u8]) -> Result<Arc<[u8]>> {
+    if frame.len() < DECODED_MIN {
+        return Ok(decompress_frame(frame)?.into());
+    }
+    let lock = || DECODED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(text) = lock().frames.get(frame) {
+        return Ok(text.clone());
+    }
+    // Decoded outside the lock: two threads may both decode a new frame, which costs one
+    // decompression more but never makes one wait for the other.
+    let text: Arc<[u8]> = decompress_frame(frame)?.into();
+    let mut d = lock();
+    if d.bytes + text.len() > DECODED_BUDGET {
+        d.frames.clear();
+        d.bytes = 0;
+    }
+    d.bytes += text.len();
+    d.frames.insert(frame.into(), text.clone());
+    Ok(text)
+}
+
+/// Whether the map message `frame` (zstd frames, one after the other) carries `needle`
+/// (a node key, a policy marker), which may straddle frames.
+fn mentions(frame: &[u8], needle: &str) -> Result<bool> {
+    let needle = needle.as_bytes();
+    let finder = memchr::memmem::Finder::new(needle);
+    // The end of the text so far, short of a whole needle: where one may begin that ends
+    // in the next frame.
+    let mut tail: Vec<u8> = Vec::new();
+    let keep = needle.len().saturating_sub(1);
+    // Cut into frames first, so that a message cut short is an error wherever it is.
+    let mut frames = Vec::new();
+    let mut rest = frame;
+    while !rest.is_empty() {
+        let len = zstd::zstd_safe::find_frame_compressed_size(rest)
+            .ok()
+            .filter(|len| *len <= rest.len())
+            .ok_or_else(|| anyhow::anyhow!("map message ends inside a zstd frame"))?;
+        let (one, next) = rest.split_at(len);
+        frames.push(one);
+        rest = next;
+    }
+    for one in frames {
+        let text = frame_text(one)?;
+        let mut seam = std::mem::take(&mut tail);
+        let joined = !seam.is_empty();
+        seam.extend_from_slice(&text[..keep.min(text.len())]);
+        if (joined && finder.find(&seam).is_some()) || finder.find(&text).is_some() {
+            return Ok(true);
+        }
+        if text.len() >= keep {
+            tail.extend_from_slice(&text[text.len() - keep..]);
+        } else {
+            // A frame shorter than the needle: the old tail's bytes are still in play.
+            let drop = seam.len().saturating_sub(keep);
+            seam.drain(..drop);
+            tail = seam;
+        }
+    }
+    Ok(false)
 }
 
 /// Counts a node in [`Shared::streaming`] for as long as it lives (its map stream is open).
@@ -849,5 +937,39 @@ mod tests {
         let short = zstd::bulk::compress(b"{\"PeersRemoved\":[7]}", 3).unwrap();
         assert!(mentions(&short, "PeersRemoved").unwrap());
         assert!(mentions(&frame[..frame.len() - 3], "x").is_err());
+    }
+
+    /// A needle across three frames, the middle one shorter than it; and long frames
+    /// (kept decoded) found again from the cache, byte for byte.
+    #[test]
+    fn mentions_finds_needles_across_frames_and_in_kept_frames() {
+        let z = |t: &[u8]| zstd::bulk::compress(t, 3).unwrap();
+        let mut msg = z(b"{\"a\":\"PeersRem");
+        msg.extend(z(b"ov"));
+        msg.extend(z(b"ed\":[7]}"));
+        assert!(mentions(&msg, "PeersRemoved").unwrap());
+        assert!(!mentions(&msg, "PeersRemovedX").unwrap());
+        // Text that does not compress, so its frame is long enough to be kept.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: String = (0..4000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                char::from(b'a' + (x % 26) as u8)
+            })
+            .collect();
+        let long = z(format!("{noise}\"First\":41").as_bytes());
+        assert!(long.len() >= DECODED_MIN);
+        for _ in 0..2 {
+            let mut m = long.clone();
+            m.extend(z(b"23,"));
+            assert!(mentions(&m, "\"First\":4123,").unwrap());
+            assert!(mentions(&m, &noise[100..140]).unwrap());
+            assert!(!mentions(&m, "\"First\":4124").unwrap());
+        }
+        let kept = DECODED.lock().unwrap();
+        assert!(kept.frames.contains_key(&long[..]));
+        assert!(!kept.frames.contains_key(&z(b"23,")[..]));
     }
 }
