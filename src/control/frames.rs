@@ -76,9 +76,19 @@ impl RunKey {
     }
 }
 
+/// Lists of removed peers this long or longer are made into text once for every stream
+/// that sends the same list (see [`FrameCache::removed_text`]); shorter ones cost less to
+/// write than to look up.
+const SHARED_REMOVALS: usize = 64;
+/// Distinct long lists of removed peers kept: a policy change makes one per kind of node
+/// that loses sight of others.
+const REMOVALS_KEPT: usize = 16;
+
 /// Compressed runs of peers, by their peers' texts; one per replica, shared by its streams.
 pub struct FrameCache {
     slots: Mutex<Slots>,
+    /// Recent long `PeersRemoved` lists and their text, most recent last.
+    removals: Mutex<std::collections::VecDeque<(Box<[u64]>, Arc<str>)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -100,8 +110,30 @@ impl FrameCache {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             slots: Mutex::new(Slots::default()),
+            removals: Mutex::new(std::collections::VecDeque::with_capacity(REMOVALS_KEPT)),
             metrics,
         }
+    }
+
+    /// The text of a `PeersRemoved` list: for a long one, the same allocation as for every
+    /// equal list sent lately, so that its frame is compressed once (a run of one text,
+    /// like a filter's source list). When a policy change hid 1,000 servers from 9,000
+    /// members at 10,000 nodes, each stream wrote and compressed that list itself: with
+    /// sorting, most of what the change cost the replicas.
+    fn removed_text(&self, ids: &[u64]) -> Arc<str> {
+        if ids.len() < SHARED_REMOVALS {
+            return tailcfg::ids_text(ids);
+        }
+        let mut kept = self.removals.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, text)) = kept.iter().rev().find(|(list, _)| **list == *ids) {
+            return text.clone();
+        }
+        let text = tailcfg::ids_text(ids);
+        if kept.len() >= REMOVALS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back((ids.into(), text.clone()));
+        text
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -243,7 +275,8 @@ fn compress(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
 /// Encodes one map message: 4-byte little-endian length, then zstd frames that decode,
 /// in order, to the message's JSON. Runs of peers come from (and go into) `cache`.
 pub fn encode_frame(resp: &MapResponse, cache: &FrameCache) -> Result<Bytes, std::io::Error> {
-    let pieces = tailcfg::encode_pieces(resp).map_err(std::io::Error::other)?;
+    let pieces = tailcfg::encode_pieces_with(resp, &mut |ids| cache.removed_text(ids))
+        .map_err(std::io::Error::other)?;
     let mut out = vec![0u8; 4];
     let mut own = Vec::new();
     for piece in pieces {
@@ -340,6 +373,38 @@ mod tests {
         let want: Value = serde_json::from_slice(&tailcfg::encode(&small).unwrap()).unwrap();
         assert_eq!(decode(&encode_frame(&small, &cache).unwrap()), want);
         assert_eq!(cache.len(), 2);
+    }
+
+    /// Streams removing the same long list of peers send one shared frame for it, and
+    /// each message still decodes to its own JSON; a short list stays in the own frame.
+    #[test]
+    fn long_removals_are_compressed_once_for_all_streams() {
+        let cache = FrameCache::new(Metrics::new());
+        let servers: Vec<u64> = (1..=1000).map(|i| i * 10).collect();
+        for me in [3u64, 4, 5] {
+            let resp = MapResponse {
+                node: Some(json!({ "ID": me })),
+                peers_removed: Some(servers.clone()),
+                ..Default::default()
+            };
+            let got = decode(&encode_frame(&resp, &cache).unwrap());
+            assert_eq!(
+                got,
+                json!({ "Node": { "ID": me }, "PeersRemoved": servers })
+            );
+        }
+        let m = &cache.metrics;
+        assert_eq!(m.map_runs_compressed.load(Ordering::Relaxed), 1);
+        assert_eq!(m.map_runs_shared.load(Ordering::Relaxed), 2);
+        let few = MapResponse {
+            peers_removed: Some(vec![7, 9]),
+            packet_filter: Some(tailcfg::PacketFilter::allow_all()),
+            ..Default::default()
+        };
+        let want: Value = serde_json::from_slice(&tailcfg::encode(&few).unwrap()).unwrap();
+        assert_eq!(want["PeersRemoved"], json!([7, 9]));
+        assert_eq!(decode(&encode_frame(&few, &cache).unwrap()), want);
+        assert_eq!(m.map_runs_compressed.load(Ordering::Relaxed), 1);
     }
 
     #[test]

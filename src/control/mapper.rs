@@ -577,8 +577,10 @@ impl StreamView {
                     }
                 }
                 // In id order, which keeps runs of peers whole for the frame cache; a node
-                // touched since is asked about itself, not answered for by its kind.
-                look.sort_unstable_by_key(|(id, known)| (*id, known.is_some()));
+                // touched since is asked about itself, not answered for by its kind. The
+                // parts are each in id order already, which a stable sort merges in
+                // linear time.
+                look.sort_by_key(|(id, known)| (*id, known.is_some()));
                 look.dedup_by_key(|(id, _)| *id);
                 Box::new(look.into_iter().map(|(id, known)| {
                     // A node to remove is not looked up (see below).

@@ -115,6 +115,12 @@ impl Kinds {
                 });
             kinds[i].1.push(*id);
         }
+        // In id order, once per policy change: every stream's delta then merges a few
+        // sorted lists instead of sorting thousands of ids (the largest part of a change
+        // that hid 1,000 servers from 9,000 members, at 10,000 nodes).
+        for (_, members) in &mut kinds {
+            members.sort_unstable();
+        }
         Kinds(kinds)
     }
 }

@@ -132,7 +132,9 @@ pub struct MapResponse {
     /// `PeersChanged`, likewise.
     #[serde(skip)]
     pub peers_changed: Option<Vec<Shared>>,
-    #[serde(rename = "PeersRemoved", skip_serializing_if = "Option::is_none")]
+    /// `PeersRemoved`: written by [`encode`] as one text, which a long list removed from
+    /// many maps at once shares between them (see [`encode_pieces_with`]).
+    #[serde(skip)]
     pub peers_removed: Option<Vec<u64>>,
     #[serde(rename = "PeersChangedPatch", skip_serializing_if = "Option::is_none")]
     pub peers_changed_patch: Option<Vec<Value>>,
@@ -328,9 +330,34 @@ pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
     Ok(json)
 }
 
+/// A list of node ids as its JSON text.
+pub fn ids_text(ids: &[u64]) -> Arc<str> {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(ids.len() * 6 + 2);
+    text.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        let _ = write!(text, "{id}");
+    }
+    text.push(']');
+    text.into()
+}
+
 /// [`encode`], as pieces: the message's own text, its runs of peers and its filter's
 /// source lists.
 pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error> {
+    encode_pieces_with(resp, &mut ids_text)
+}
+
+/// [`encode_pieces`], with `PeersRemoved` as a [`Piece::Run`] of the text `removed` gives
+/// for the list: a policy change that hides a thousand servers from nine thousand members
+/// sends the same list to each, which the frame encoder then compresses once.
+pub fn encode_pieces_with(
+    resp: &MapResponse,
+    removed: &mut dyn FnMut(&[u64]) -> Arc<str>,
+) -> Result<Vec<Piece>, serde_json::Error> {
     let mut own = serde_json::to_vec(resp)?;
     let mut pieces = Vec::new();
     for (key, list) in [
@@ -362,6 +389,15 @@ pub fn encode_pieces(resp: &MapResponse) -> Result<Vec<Piece>, serde_json::Error
             });
         }
         own.extend_from_slice(b"]}");
+    }
+    if let Some(ids) = &resp.peers_removed {
+        open_member(&mut own, &pieces, "PeersRemoved");
+        pieces.push(Piece::Own(std::mem::take(&mut own)));
+        pieces.push(Piece::Run {
+            peers: vec![removed(ids)],
+            comma: false,
+        });
+        own.push(b'}');
     }
     if let Some(filter) = &resp.packet_filter {
         open_member(&mut own, &pieces, "PacketFilter");
