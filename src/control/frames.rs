@@ -84,11 +84,14 @@ const SHARED_REMOVALS: usize = 64;
 /// that loses sight of others.
 const REMOVALS_KEPT: usize = 16;
 
+/// A list of removed peers and its shared text.
+type Removal = (Box<[u64]>, Arc<str>);
+
 /// Compressed runs of peers, by their peers' texts; one per replica, shared by its streams.
 pub struct FrameCache {
     slots: Mutex<Slots>,
     /// Recent long `PeersRemoved` lists and their text, most recent last.
-    removals: Mutex<std::collections::VecDeque<(Box<[u64]>, Arc<str>)>>,
+    removals: Mutex<std::collections::VecDeque<Removal>>,
     metrics: Arc<Metrics>,
 }
 

@@ -567,14 +567,27 @@ impl StreamView {
             .any(|p| p.names_addresses());
         let touched: Box<dyn Iterator<Item = Look>> =
             if missed.reach && !missed.everything && !by_address {
-                let mut look: Vec<(u64, Option<(bool, bool)>)> =
-                    missed.ids.iter().map(|id| (*id, None)).collect();
-                for (kind, members) in &peers.kinds.0 {
-                    let was = visible(before, &self.principal, kind);
-                    let is = visible(current, &principal, kind);
-                    if was != is {
-                        look.extend(members.iter().map(|id| (*id, Some((was, is)))));
+                let flipped: Vec<(&Vec<u64>, bool, bool)> = peers
+                    .kinds
+                    .0
+                    .iter()
+                    .map(|(kind, members)| {
+                        let was = visible(before, &self.principal, kind);
+                        (members, was, visible(current, &principal, kind))
+                    })
+                    .filter(|(_, was, is)| was != is)
+                    .collect();
+                // Sized up front: thousands of ids grown one push at a time were a chain of
+                // reallocations per stream, and glibc's malloc the largest cost left.
+                let mut look: Vec<(u64, Option<(bool, bool)>)> = Vec::with_capacity(
+                    missed.ids.len() + flipped.iter().map(|(m, ..)| m.len()).sum::<usize>(),
+                );
+                look.extend(missed.ids.iter().map(|id| (*id, None)));
+                for (members, was, is) in flipped {
+                    if !is {
+                        removed.reserve(members.len());
                     }
+                    look.extend(members.iter().map(|id| (*id, Some((was, is)))));
                 }
                 // In id order, which keeps runs of peers whole for the frame cache; a node
                 // touched since is asked about itself, not answered for by its kind. The
