@@ -629,6 +629,16 @@ impl StreamView {
             };
         for (id, n, known) in touched {
             if id == self.self_id {
+                if let Some((_, false)) = known {
+                    // Here only as one of its kind, which it stops seeing: removed with the
+                    // rest, a no-op for the client (its own node is never among its peers),
+                    // so that every node of the kind sends the same list, made and
+                    // compressed once (`frames::FrameCache::removed_text`). Without it,
+                    // 1,000 servers hidden from all at 10,000 nodes each wrote and
+                    // compressed a list of 9,999 ids of their own.
+                    removed.push(id);
+                    continue;
+                }
                 let j = node_json(t, me, &peers.primaries, config, now);
                 if self.self_sent.as_ref() != Some(&j) {
                     self.self_sent = Some(j.clone());
@@ -1009,6 +1019,47 @@ mod tests {
         assert_eq!(d.peers_changed.unwrap()[0].0["ID"], 3);
     }
 
+    /// Nodes of a kind that stops seeing its own kind all send one and the same removal
+    /// list, their own ids included, so that it is made and compressed once.
+    #[test]
+    fn a_kind_hidden_from_itself_sends_one_removal_list() {
+        let (config, mut t, cache) = sample_with_cache();
+        for id in [4u8, 5] {
+            let changes = compile::add_sample_node(&mut t, "bob", vec!["tag:db".into()], id);
+            crate::state::Observer::applied(&*cache, &t, &changes);
+        }
+        let owners = r#""tagOwners": {"tag:db": ["bob@"]}"#;
+        let set = |t: &mut Tailnet, acl: &str, now: i64| {
+            let text = format!(r#"{{{owners}, "acls": [{acl}]}}"#);
+            apply_to(&cache, t, crate::state::Command::SetPolicy { text, now });
+        };
+        set(
+            &mut t,
+            r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
+            10,
+        );
+        let mut views: Vec<StreamView> = [4, 5].map(StreamView::new).into();
+        for v in &mut views {
+            v.full(&t, &cache, &config, &json!({}), 10).unwrap();
+        }
+        set(
+            &mut t,
+            r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#,
+            11,
+        );
+        let lists: Vec<Vec<u64>> = views
+            .iter_mut()
+            .map(|v| {
+                let d = v.delta(&t, &cache, &config, 11).unwrap().unwrap();
+                assert!(d.peers_changed.is_none());
+                d.peers_removed.unwrap()
+            })
+            .collect();
+        let everyone: Vec<u64> = t.nodes.keys().copied().collect();
+        assert_eq!(lists[0], everyone);
+        assert_eq!(lists[1], everyone);
+    }
+
     /// Clients kept up to date by deltas hold the peers a full map would give them, through
     /// policy changes that connect other pairs (asked by kind of node, or node by node
     /// when a rule names an address), with nodes joining, going and changing tags in
@@ -1091,9 +1142,10 @@ mod tests {
                 match delta {
                     Ok(d) => {
                         if let Some(d) = d {
-                            let named = d.peers_removed.iter().flatten().copied();
-                            let named: Vec<u64> = named.chain(ids(&d.peers_changed)).collect();
-                            assert!(!named.contains(&id), "node {id} named as its own peer");
+                            // Its own id may be among the removed (a no-op for the
+                            // client), never among the peers.
+                            let named = ids(&d.peers_changed);
+                            assert!(!named.contains(&id), "node {id} sent as its own peer");
                             held.extend(ids(&d.peers_changed));
                             for gone in d.peers_removed.iter().flatten() {
                                 held.remove(gone);
