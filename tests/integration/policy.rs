@@ -226,4 +226,37 @@ async fn acl_policy_decides_peers_and_ports_and_changes_live() {
     )
     .await;
     assert_eq!(reply, "closed\n");
+
+    // Everyone reaches everyone; then members reach only members: the tagged machines
+    // lose sight of everyone, their own kind included, and each is told to remove its own
+    // id too (a no-op for it, which lets all of a kind share one removal list). They stay
+    // up, with their own addresses.
+    let owners = r#""tagOwners": {"tag:web": ["alice@"]}"#;
+    for acl in [
+        r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
+        r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#,
+    ] {
+        let text = format!(r#"{{{owners}, "acls": [{acl}]}}"#);
+        let body = serde_json::json!({ "policy": text }).to_string();
+        let (code, resp) = http_json(
+            &control,
+            "PUT",
+            "/api/v1/policy",
+            Some(&api_key),
+            Some(&body),
+        );
+        assert_eq!(code, 200, "{resp}");
+        if acl.contains("\"*:*\"") {
+            wait_peers(&w1, &["a1", "a2", "b1", "t2"]).await;
+        }
+    }
+    wait_peers(&w1, &[]).await;
+    wait_peers(&t2, &[]).await;
+    wait_peers(&a1, &["a2", "b1"]).await;
+    for tagged in [&w1, &t2] {
+        let st = tagged.status();
+        assert_eq!(st["BackendState"], "Running", "{}: {st}", tagged.name);
+        let ips = st["Self"]["TailscaleIPs"].as_array().map_or(0, Vec::len);
+        assert_eq!(ips, 2, "{}: {st}", tagged.name);
+    }
 }
