@@ -591,9 +591,13 @@ impl StreamView {
                 }
                 // In id order, which keeps runs of peers whole for the frame cache; a node
                 // touched since is asked about itself, not answered for by its kind. The
-                // parts are each in id order already, which a stable sort merges in
-                // linear time.
-                look.sort_by_key(|(id, known)| (*id, known.is_some()));
+                // parts are each in id order already: one part (the usual case: nothing
+                // touched, one kind in or out of sight) needs no sort at all, and a stable
+                // sort merges several in linear time.
+                let key = |(id, known): &(u64, Option<(bool, bool)>)| (*id, known.is_some());
+                if !look.is_sorted_by_key(key) {
+                    look.sort_by_key(key);
+                }
                 look.dedup_by_key(|(id, _)| *id);
                 Box::new(look.into_iter().map(|(id, known)| {
                     // A node to remove is not looked up (see below).
