@@ -20,6 +20,13 @@ fn write(server: &TestServer, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
+/// Sets the policy through the REST API (headscale's shape), which must accept it.
+fn put_policy(control: &str, api_key: &str, policy: &str) {
+    let body = serde_json::json!({ "policy": policy }).to_string();
+    let (code, resp) = http_json(control, "PUT", "/api/v1/policy", Some(api_key), Some(&body));
+    assert_eq!(code, 200, "{resp}");
+}
+
 async fn wait_peers(c: &Tailscaled, want: &[&str]) {
     let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
     wait_for(
@@ -195,15 +202,7 @@ async fn acl_policy_decides_peers_and_ports_and_changes_live() {
         r#""acls": ["#,
         r#""acls": [ { "action": "accept", "src": ["alice@"], "dst": ["bob@:*"] },"#,
     );
-    let body = serde_json::json!({ "policy": wider }).to_string();
-    let (code, resp) = http_json(
-        &control,
-        "PUT",
-        "/api/v1/policy",
-        Some(&api_key),
-        Some(&body),
-    );
-    assert_eq!(code, 200, "{resp}");
+    put_policy(&control, &api_key, &wider);
     let (code, resp) = http_json(&control, "GET", "/api/v1/policy", Some(&api_key), None);
     assert_eq!(
         (code, resp["policy"].as_str()),
@@ -236,16 +235,11 @@ async fn acl_policy_decides_peers_and_ports_and_changes_live() {
         r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
         r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#,
     ] {
-        let text = format!(r#"{{{owners}, "acls": [{acl}]}}"#);
-        let body = serde_json::json!({ "policy": text }).to_string();
-        let (code, resp) = http_json(
+        put_policy(
             &control,
-            "PUT",
-            "/api/v1/policy",
-            Some(&api_key),
-            Some(&body),
+            &api_key,
+            &format!(r#"{{{owners}, "acls": [{acl}]}}"#),
         );
-        assert_eq!(code, 200, "{resp}");
         if acl.contains("\"*:*\"") {
             wait_peers(&w1, &["a1", "a2", "b1", "t2"]).await;
         }
