@@ -332,17 +332,10 @@ pub fn encode(resp: &MapResponse) -> Result<Vec<u8>, serde_json::Error> {
 
 /// A list of node ids as its JSON text.
 pub fn ids_text(ids: &[u64]) -> Arc<str> {
-    use std::fmt::Write;
-    let mut text = String::with_capacity(ids.len() * 6 + 2);
-    text.push('[');
-    for (i, id) in ids.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
-        }
-        let _ = write!(text, "{id}");
-    }
-    text.push(']');
-    text.into()
+    // Writing integers cannot fail.
+    serde_json::to_string(ids)
+        .unwrap_or_else(|_| "[]".into())
+        .into()
 }
 
 /// [`encode`], as pieces: the message's own text, its runs of peers and its filter's

@@ -231,19 +231,20 @@ async fn acl_policy_decides_peers_and_ports_and_changes_live() {
     // id too (a no-op for it, which lets all of a kind share one removal list). They stay
     // up, with their own addresses.
     let owners = r#""tagOwners": {"tag:web": ["alice@"]}"#;
-    for acl in [
-        r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#,
-        r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#,
-    ] {
-        put_policy(
-            &control,
-            &api_key,
-            &format!(r#"{{{owners}, "acls": [{acl}]}}"#),
-        );
-        if acl.contains("\"*:*\"") {
-            wait_peers(&w1, &["a1", "a2", "b1", "t2"]).await;
-        }
-    }
+    let everyone = r#"{"action": "accept", "src": ["*"], "dst": ["*:*"]}"#;
+    put_policy(
+        &control,
+        &api_key,
+        &format!(r#"{{{owners}, "acls": [{everyone}]}}"#),
+    );
+    wait_peers(&w1, &["a1", "a2", "b1", "t2"]).await;
+    let members =
+        r#"{"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:member:*"]}"#;
+    put_policy(
+        &control,
+        &api_key,
+        &format!(r#"{{{owners}, "acls": [{members}]}}"#),
+    );
     wait_peers(&w1, &[]).await;
     wait_peers(&t2, &[]).await;
     wait_peers(&a1, &["a2", "b1"]).await;
