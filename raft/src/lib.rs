@@ -11,6 +11,7 @@
 mod error;
 mod handover;
 mod network;
+mod prevote;
 mod store;
 pub mod tls;
 
@@ -89,6 +90,9 @@ pub struct RaftStatus {
     pub id: u64,
     pub state: String,
     pub term: u64,
+    /// The leader: this replica, or the one it follows and heard from within a leader
+    /// lease. A follower cut off for longer names none, though it does not campaign
+    /// (`prevote`) and Raft still records that leader.
     pub current_leader: Option<u64>,
     pub last_log_index: Option<u64>,
     pub last_applied: Option<u64>,
@@ -116,6 +120,8 @@ struct Inner {
     db_closed: Mutex<Option<watch::Receiver<()>>>,
     contacts: network::Contacts,
     forwarder: network::client::WriteForwarder,
+    /// Decides when openraft may campaign (`prevote`).
+    prevote_task: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// A running Raft node. Cheap to clone.
@@ -145,6 +151,8 @@ impl RaftNode {
             election_timeout_max: config.election_timeout_ms.1,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: 1000,
+            // Until the pre-vote gate (`prevote`) has asked the others.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -179,6 +187,7 @@ impl RaftNode {
                 raft: raft.clone(),
                 contacts: contacts.clone(),
                 gate: gate.clone(),
+                leader_lease: Duration::from_millis(config.election_timeout_ms.1),
             },
         )
         .max_decoding_message_size(256 * 1024 * 1024)
@@ -212,7 +221,7 @@ impl RaftNode {
                 tracing::error!(error = %e, "raft gRPC server stopped");
             }
         });
-        Ok(RaftNode {
+        let node = RaftNode {
             inner: Arc::new(Inner {
                 id: config.node_id,
                 addr,
@@ -228,8 +237,25 @@ impl RaftNode {
                 db_closed: Mutex::new(Some(db_closed)),
                 contacts,
                 forwarder: network::client::WriteForwarder::new(tls),
+                prevote_task: Mutex::new(None),
             }),
-        })
+        };
+        // Asks twice a heartbeat, and gives each voter at most two heartbeats (a third of
+        // a lease) to answer, so a majority is found well before openraft's election timer
+        // (a lease plus an election timeout after the last append) would campaign.
+        let heartbeat = Duration::from_millis(config.heartbeat_ms.max(2));
+        let ask_within = (2 * heartbeat).min(node.inner.leader_lease / 3);
+        let task = tokio::spawn(prevote::gate(
+            Arc::downgrade(&node.inner),
+            heartbeat / 2,
+            ask_within,
+        ));
+        *node
+            .inner
+            .prevote_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(node)
     }
 
     /// Makes this node a single-voter cluster if it has never been initialized, then waits
@@ -362,16 +388,24 @@ impl RaftNode {
     ) -> Result<Vec<u8>, RaftError> {
         let timeout = self.inner.write_timeout;
         // A leader cut off by a partition answers nothing; give up as soon as this replica
-        // stops following it (an election started) instead of waiting out the timeout, so
-        // the caller's retry reaches the new leader.
+        // stops following it (an election started) or has not heard from it for a leader
+        // lease (it is cut off itself, and does not campaign: `prevote`), instead of
+        // waiting out the timeout, so the caller's retry goes elsewhere or is refused.
         let mut metrics = self.inner.raft.metrics();
+        let (contacts, lease) = (self.inner.contacts.clone(), self.inner.leader_lease);
         let leader_lost = async move {
+            let mut check = tokio::time::interval(Duration::from_millis(100));
             loop {
-                if metrics.borrow_and_update().current_leader != Some(leader) {
+                if metrics.borrow_and_update().current_leader != Some(leader)
+                    || contacts
+                        .last_from_leader()
+                        .is_some_and(|t| t.elapsed() > lease)
+                {
                     return;
                 }
-                if metrics.changed().await.is_err() {
-                    return;
+                tokio::select! {
+                    changed = metrics.changed() => if changed.is_err() { return },
+                    _ = check.tick() => {}
                 }
             }
         };
@@ -437,25 +471,7 @@ impl RaftNode {
     /// bound, and must then stop serving what may be stale state.
     pub fn quorum_contact_age(&self) -> Option<Duration> {
         let m = self.inner.raft.metrics().borrow().clone();
-        let contacts = &self.inner.contacts;
-        let now = std::time::Instant::now();
-        if m.state != ServerState::Leader {
-            return contacts.last_from_leader().map(|t| now - t);
-        }
-        let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-        let mut ages: Vec<Option<Duration>> = voters
-            .iter()
-            .map(|v| {
-                if *v == self.inner.id {
-                    Some(Duration::ZERO)
-                } else {
-                    contacts.last_answer(*v).map(|t| now - t)
-                }
-            })
-            .collect();
-        // Youngest first, never-answered last; the majority-th answer bounds the quorum's age.
-        ages.sort_by_key(|a| a.unwrap_or(Duration::MAX));
-        ages.get(voters.len() / 2).copied().flatten()
+        quorum_contact_age(&m, &self.inner.contacts)
     }
 
     /// Whether this replica has applied what the leader had committed when it last heard
@@ -548,7 +564,14 @@ impl RaftNode {
             }
             .to_string(),
             term: m.current_term,
-            current_leader: m.current_leader,
+            current_leader: m.current_leader.filter(|l| {
+                *l == m.id
+                    || self
+                        .inner
+                        .contacts
+                        .last_from_leader()
+                        .is_some_and(|t| t.elapsed() <= self.inner.leader_lease)
+            }),
             last_log_index: m.last_log_index,
             last_applied: m.last_applied.map(|l| l.index),
             snapshot_index: m.snapshot.map(|l| l.index),
@@ -665,6 +688,15 @@ impl RaftNode {
 
     /// Stops openraft and the gRPC listener; RocksDB closes when openraft drops its stores.
     pub async fn shutdown(&self) -> Result<(), RaftError> {
+        let prevote = self
+            .inner
+            .prevote_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = prevote {
+            t.abort();
+        }
         let stop = self
             .inner
             .server_stop
@@ -708,4 +740,29 @@ impl RaftNode {
         }
         Ok(())
     }
+}
+
+/// See [`RaftNode::quorum_contact_age`]; `m` is the node's current metrics.
+pub(crate) fn quorum_contact_age(
+    m: &openraft::RaftMetrics<u64, BasicNode>,
+    contacts: &network::Contacts,
+) -> Option<Duration> {
+    let now = std::time::Instant::now();
+    if m.state != ServerState::Leader {
+        return contacts.last_from_leader().map(|t| now - t);
+    }
+    let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let mut ages: Vec<Option<Duration>> = voters
+        .iter()
+        .map(|v| {
+            if *v == m.id {
+                Some(Duration::ZERO)
+            } else {
+                contacts.last_answer(*v).map(|t| now - t)
+            }
+        })
+        .collect();
+    // Youngest first, never-answered last; the majority-th answer bounds the quorum's age.
+    ages.sort_by_key(|a| a.unwrap_or(Duration::MAX));
+    ages.get(voters.len() / 2).copied().flatten()
 }

@@ -222,6 +222,94 @@ async fn three_nodes_forward_and_fail_over() {
     }
 }
 
+/// A follower cut off from the leader for several of its election timeouts, then healed,
+/// rejoins without unseating the leader: the majority keeps its leader and term and goes on
+/// committing throughout, and the follower catches up. (Campaigning alone, the follower
+/// would raise its term; healed, its answer to the leader's next append would carry the
+/// higher term and make the leader step down, stalling every write for an election.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healed_follower_does_not_unseat_the_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
+    let mut nodes = Vec::new();
+    let mut links = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let link = support::Link::open().await;
+        let mut cfg = config(i as u64 + 1, dir.path());
+        cfg.advertise_addr = Some(link.addr.to_string());
+        let n = RaftNode::start(cfg, app.clone()).await.expect("start");
+        link.forward_to(n.listen_addr());
+        nodes.push(n);
+        links.push(link);
+    }
+    nodes[0].initialize_single().await.expect("init");
+    support::add_voters(&nodes[0], &nodes[1..]).await;
+    let leader = nodes[0].status().current_leader.expect("leader");
+    let term = nodes[0].status().term;
+    let follower = (0..3)
+        .find(|i| nodes[*i].node_id() != leader)
+        .expect("a follower");
+    let lead = nodes
+        .iter()
+        .find(|n| n.node_id() == leader)
+        .expect("leader node")
+        .clone();
+    // Writes through the leader all along: none may wait on an election.
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (lead, writing) = (lead.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            let mut n = 0u32;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                let start = std::time::Instant::now();
+                lead.write(format!("w{n}").into_bytes())
+                    .await
+                    .expect("a write to the leader");
+                longest = longest.max(start.elapsed());
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (n, longest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    links[follower].cut();
+    // Several election timeouts (300-600 ms after a 600 ms lease) without the leader.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let cut_off_term = nodes[follower].status().term;
+    links[follower].heal();
+    let healed = std::time::Instant::now();
+    wait_for("the healed follower to catch up", || {
+        nodes[follower].status().last_applied >= lead.status().last_applied
+            && nodes[follower].status().current_leader == Some(leader)
+    })
+    .await;
+    let caught_up = healed.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (writes, longest) = writer.await.expect("writer");
+    eprintln!(
+        "healed follower: caught up {caught_up:?} after the heal; {writes} writes, longest {longest:?}; its term while cut off {cut_off_term} (leader's {term})"
+    );
+    for n in &nodes {
+        let s = n.status();
+        assert_eq!(s.current_leader, Some(leader), "{s:?}");
+        assert_eq!(s.term, term, "no election anywhere: {s:?}");
+    }
+    assert!(
+        longest < Duration::from_millis(500),
+        "a write waited {longest:?}"
+    );
+    wait_for("convergence", || {
+        apps.iter().all(|a| a.commands() == apps[0].commands())
+    })
+    .await;
+    for n in &nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
 /// With mutual TLS, replicas certified by the cluster CA replicate and forward; a node
 /// with a certificate from another CA, or with none, cannot join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     .await;
     let li = (leader - 1) as usize;
     let fi = (li + 1) % 3;
+    let term = replicas[li].cli_json(&["cluster", "status"])["term"].clone();
     lan.cut(fi);
     let cut_at = Instant::now();
     create_user_retrying(&replicas[li], "leader-in-majority", Duration::from_secs(30)).await;
@@ -180,12 +181,25 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
         "unclear refusal: {err}"
     );
     lan.heal(fi);
+    let healed = Instant::now();
     wait_for("follower catches up", Duration::from_secs(60), || {
         let ok = user_names(&replicas[fi]).contains(&"leader-in-majority".to_string());
         async move { ok.then_some(()) }
     })
     .await;
+    eprintln!(
+        "follower healed after {:?} cut off: caught up {:?} later",
+        healed - cut_at,
+        healed.elapsed()
+    );
     assert!(!user_names(&replicas[li]).contains(&"cut-follower-write".to_string()));
+    // It did not campaign while cut off (pre-vote), so the leader it rejoined kept its
+    // term and its place: no election stalled the majority's writes.
+    for r in &replicas {
+        let st = r.cli_json(&["cluster", "status"]);
+        assert_eq!(st["leader"], serde_json::json!(leader), "{st}");
+        assert_eq!(st["term"], term, "{st}");
+    }
 
     drop(nodes);
     drop(lb);

@@ -169,7 +169,8 @@ impl WriteForwarder {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, String> {
+    /// The channel to the replica at `addr`, dialled on first use and kept.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(addr) {
             Some(ch) => Ok(ch.clone()),

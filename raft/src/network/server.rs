@@ -4,7 +4,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use super::proto::raft_service_server::RaftService;
-use super::proto::Payload;
+use super::proto::{Payload, PreVoteReply, PreVoteRequest};
 use super::ForwardResult;
 use crate::TypeConfig;
 
@@ -12,6 +12,8 @@ pub struct RaftGrpc {
     pub raft: openraft::Raft<TypeConfig>,
     pub contacts: super::Contacts,
     pub gate: crate::handover::WriteGate,
+    /// openraft's leader lease, within which this replica refuses a pre-vote.
+    pub leader_lease: std::time::Duration,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -95,5 +97,16 @@ impl RaftService for RaftGrpc {
         let delay = std::time::Duration::from_millis(r.delay_ms.min(60_000));
         crate::handover::timeout_now(&self.raft, r.leader, delay);
         Ok(Response::new(Payload { data: Vec::new() }))
+    }
+
+    async fn pre_vote(
+        &self,
+        _req: Request<PreVoteRequest>,
+    ) -> Result<Response<PreVoteReply>, Status> {
+        let refusal = crate::prevote::refusal(&self.raft, &self.contacts, self.leader_lease);
+        Ok(Response::new(PreVoteReply {
+            granted: refusal.is_none(),
+            reason: refusal.unwrap_or_default(),
+        }))
     }
 }
