@@ -66,6 +66,9 @@ pub struct RaftConfig {
     pub write_timeout: Duration,
     /// Mutual TLS for all Raft traffic; `None` is plaintext (a single replica on loopback).
     pub tls: Option<RaftTls>,
+    /// Refuse appends in compact form, as a replica of a version before them did: for
+    /// tests of mixed-version clusters. Leave it `false`.
+    pub json_appends_only: bool,
 }
 
 impl Default for RaftConfig {
@@ -80,6 +83,7 @@ impl Default for RaftConfig {
             snapshot_every: 10_000,
             write_timeout: Duration::from_secs(10),
             tls: None,
+            json_appends_only: false,
         }
     }
 }
@@ -188,6 +192,7 @@ impl RaftNode {
                 contacts: contacts.clone(),
                 gate: gate.clone(),
                 leader_lease: Duration::from_millis(config.election_timeout_ms.1),
+                json_appends_only: config.json_appends_only,
             },
         )
         .max_decoding_message_size(256 * 1024 * 1024)

@@ -310,6 +310,38 @@ async fn a_healed_follower_does_not_unseat_the_leader() {
     }
 }
 
+/// A replica of a version before compact appends (it answers them "unimplemented") in a
+/// cluster of newer ones: the leader sends it JSON appends, and every write reaches all
+/// three, through the leader and through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_compact_appends_gets_json_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
+    let mut nodes = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let mut cfg = config(i as u64 + 1, dir.path());
+        cfg.json_appends_only = i == 2;
+        nodes.push(RaftNode::start(cfg, app.clone()).await.expect("start"));
+    }
+    nodes[0].initialize_single().await.expect("init");
+    support::add_voters(&nodes[0], &nodes[1..]).await;
+    for i in 0..20u32 {
+        let cmd: Vec<u8> = (0..=255u8).chain(i.to_be_bytes()).collect();
+        nodes[if i % 2 == 0 { 0 } else { 2 }]
+            .write(cmd)
+            .await
+            .expect("write");
+    }
+    wait_for("convergence", || {
+        apps[0].commands().len() == 20 && apps.iter().all(|a| a.commands() == apps[0].commands())
+    })
+    .await;
+    assert!(apps[2].commands()[19].starts_with(&(0..=255u8).collect::<Vec<_>>()));
+    for n in &nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
 /// With mutual TLS, replicas certified by the cluster CA replicate and forward; a node
 /// with a certificate from another CA, or with none, cannot join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,9 @@ pub struct Connection {
     contacts: super::Contacts,
     client: Option<RaftServiceClient<Channel>>,
     addr: String,
+    /// Appends go in compact form (`super::compact`) until the target answers that it
+    /// does not know it (a replica of an older version); then as JSON.
+    compact: bool,
 }
 
 /// A channel that connects on first use, so creating a connection never blocks. With
@@ -69,6 +72,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 .ok()
                 .map(RaftServiceClient::new),
             addr: node.addr.clone(),
+            compact: true,
         }
     }
 }
@@ -77,7 +81,20 @@ fn unreachable<E: std::error::Error + 'static>(e: &E) -> Unreachable {
     Unreachable::new(e)
 }
 
+type Answer = Result<Result<tonic::Response<Payload>, tonic::Status>, tokio::time::error::Elapsed>;
+
 impl Connection {
+    fn client<Err: std::error::Error>(
+        &mut self,
+    ) -> Result<&mut RaftServiceClient<Channel>, RPCError<u64, BasicNode, Err>> {
+        let (target, addr) = (self.target, &self.addr);
+        self.client.as_mut().ok_or_else(|| {
+            RPCError::Unreachable(unreachable(&std::io::Error::other(format!(
+                "bad address for replica {target}: {addr}"
+            ))))
+        })
+    }
+
     async fn call<Req, Resp, Err>(
         &mut self,
         which: &'static str,
@@ -89,13 +106,8 @@ impl Connection {
         Resp: serde::de::DeserializeOwned,
         Err: std::error::Error + serde::de::DeserializeOwned,
     {
-        let client = self.client.as_mut().ok_or_else(|| {
-            RPCError::Unreachable(unreachable(&std::io::Error::other(format!(
-                "bad address for replica {}: {}",
-                self.target, self.addr
-            ))))
-        })?;
         let data = serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let client = self.client()?;
         let payload = tonic::Request::new(Payload { data });
         let fut = async {
             match which {
@@ -104,7 +116,61 @@ impl Connection {
                 _ => client.install_snapshot(payload).await,
             }
         };
-        let resp = match tokio::time::timeout(ttl, fut).await {
+        let answer = tokio::time::timeout(ttl, fut).await;
+        self.answer(which, answer)
+    }
+
+    /// Sends `rpc` in compact form; gives it back, for the JSON form, if the target does
+    /// not know the compact one.
+    async fn append_compact(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        ttl: Duration,
+    ) -> Result<
+        Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>>,
+        AppendEntriesRequest<TypeConfig>,
+    > {
+        let msg = match super::compact::encode(rpc) {
+            Ok(m) => m,
+            Err(e) => {
+                return Ok(Err(RPCError::Network(NetworkError::new(
+                    &std::io::Error::other(e),
+                ))))
+            }
+        };
+        // Cheap: the commands are shared `Bytes`.
+        let kept = msg.clone();
+        let client = match self.client() {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let answer = tokio::time::timeout(ttl, client.append_entries_compact(msg)).await;
+        if matches!(&answer, Ok(Err(s)) if s.code() == tonic::Code::Unimplemented) {
+            self.compact = false;
+            tracing::info!(
+                replica = self.target,
+                "replica takes no compact appends (an older version): sending them as JSON"
+            );
+            return match super::compact::decode(kept) {
+                Ok(rpc) => Err(rpc),
+                Err(e) => Ok(Err(RPCError::Network(NetworkError::new(
+                    &std::io::Error::other(e),
+                )))),
+            };
+        }
+        Ok(self.answer("append", answer))
+    }
+
+    fn answer<Resp, Err>(
+        &self,
+        which: &'static str,
+        answer: Answer,
+    ) -> Result<Resp, RPCError<u64, BasicNode, Err>>
+    where
+        Resp: serde::de::DeserializeOwned,
+        Err: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let resp = match answer {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => return Err(RPCError::Unreachable(unreachable(&status))),
             Err(_) => {
@@ -126,7 +192,15 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        let res = self.call("append", &rpc, option.hard_ttl()).await;
+        let ttl = option.hard_ttl();
+        let res = if self.compact {
+            match self.append_compact(rpc, ttl).await {
+                Ok(res) => res,
+                Err(rpc) => self.call("append", &rpc, ttl).await,
+            }
+        } else {
+            self.call("append", &rpc, ttl).await
+        };
         if res.is_ok() {
             self.contacts.peer_answered(self.target);
         }

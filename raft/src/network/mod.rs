@@ -2,6 +2,7 @@
 //! openraft uses to reach other replicas (`client`).
 
 pub mod client;
+pub mod compact;
 pub mod server;
 
 pub mod proto {

@@ -4,7 +4,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use tonic::{Request, Response, Status};
 
 use super::proto::raft_service_server::RaftService;
-use super::proto::{Payload, PreVoteReply, PreVoteRequest};
+use super::proto::{CompactAppend, Payload, PreVoteReply, PreVoteRequest};
 use super::ForwardResult;
 use crate::TypeConfig;
 
@@ -14,6 +14,8 @@ pub struct RaftGrpc {
     pub gate: crate::handover::WriteGate,
     /// openraft's leader lease, within which this replica refuses a pre-vote.
     pub leader_lease: std::time::Duration,
+    /// Answer compact appends as a replica of a version before them did (tests).
+    pub json_appends_only: bool,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(req: Request<Payload>) -> Result<T, Status> {
@@ -27,10 +29,11 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<Payload>, Status> {
         .map_err(|e| Status::internal(e.to_string()))
 }
 
-#[tonic::async_trait]
-impl RaftService for RaftGrpc {
-    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(req)?;
+impl RaftGrpc {
+    async fn append(
+        &self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<Response<Payload>, Status> {
         let leader_commit = rpc.leader_commit.map(|l| l.index);
         let res = self.raft.append_entries(rpc).await;
         // Only an accepted append proves a live leader with our term; a stale one does not.
@@ -38,6 +41,26 @@ impl RaftService for RaftGrpc {
             self.contacts.leader_appended(leader_commit);
         }
         encode(&res)
+    }
+}
+
+#[tonic::async_trait]
+impl RaftService for RaftGrpc {
+    async fn append_entries(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.append(decode(req)?).await
+    }
+
+    async fn append_entries_compact(
+        &self,
+        req: Request<CompactAppend>,
+    ) -> Result<Response<Payload>, Status> {
+        if self.json_appends_only {
+            return Err(Status::unimplemented(
+                "this replica takes appends as JSON only",
+            ));
+        }
+        let rpc = super::compact::decode(req.into_inner()).map_err(Status::invalid_argument)?;
+        self.append(rpc).await
     }
 
     async fn vote(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
