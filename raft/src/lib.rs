@@ -693,31 +693,13 @@ impl RaftNode {
 
     /// Stops openraft and the gRPC listener; RocksDB closes when openraft drops its stores.
     pub async fn shutdown(&self) -> Result<(), RaftError> {
-        let prevote = self
-            .inner
-            .prevote_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = prevote {
+        if let Some(t) = take(&self.inner.prevote_task) {
             t.abort();
         }
-        let stop = self
-            .inner
-            .server_stop
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(tx) = stop {
+        if let Some(tx) = take(&self.inner.server_stop) {
             let _ = tx.send(());
         }
-        let task = self
-            .inner
-            .server_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = task {
+        if let Some(t) = take(&self.inner.server_task) {
             let _ = t.await;
         }
         self.inner
@@ -725,13 +707,7 @@ impl RaftNode {
             .shutdown()
             .await
             .map_err(|e| RaftError::Raft(format!("shutdown: {e}")))?;
-        let closed = self
-            .inner
-            .db_closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut rx) = closed {
+        if let Some(mut rx) = take(&self.inner.db_closed) {
             // `changed` errors exactly when the sender, dropped after the DB, is gone.
             let wait = async { while rx.changed().await.is_ok() {} };
             if tokio::time::timeout(Duration::from_secs(10), wait)
@@ -770,4 +746,9 @@ pub(crate) fn quorum_contact_age(
     // Youngest first, never-answered last; the majority-th answer bounds the quorum's age.
     ages.sort_by_key(|a| a.unwrap_or(Duration::MAX));
     ages.get(voters.len() / 2).copied().flatten()
+}
+
+/// What `slot` holds, leaving it empty; a poisoned lock still gives it up.
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
 }

@@ -43,6 +43,22 @@ fn config(id: u64, dir: &std::path::Path) -> RaftConfig {
     }
 }
 
+/// Three nodes (ids 1-3) with data under `dir`, each applying to its own recorder;
+/// `tweak` adjusts node `i`'s settings first. Not yet a cluster.
+async fn three(
+    dir: &std::path::Path,
+    mut tweak: impl FnMut(usize, &mut RaftConfig),
+) -> (Vec<Arc<Recorder>>, Vec<RaftNode>) {
+    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
+    let mut nodes = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let mut cfg = config(i as u64 + 1, dir);
+        tweak(i, &mut cfg);
+        nodes.push(RaftNode::start(cfg, app.clone()).await.expect("start"));
+    }
+    (apps, nodes)
+}
+
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !f() {
@@ -116,14 +132,7 @@ async fn snapshot_then_restart_restores_everything_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_forward_and_fail_over() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
-    let mut nodes = Vec::new();
-    for (i, app) in apps.iter().enumerate() {
-        let n = RaftNode::start(config(i as u64 + 1, dir.path()), app.clone())
-            .await
-            .expect("start");
-        nodes.push(n);
-    }
+    let (apps, mut nodes) = three(dir.path(), |_, _| {}).await;
     nodes[0].initialize_single().await.expect("init");
     // Never heard from a leader: not caught up.
     assert!(!nodes[1].caught_up(1000));
@@ -230,17 +239,16 @@ async fn three_nodes_forward_and_fail_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healed_follower_does_not_unseat_the_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
-    let mut nodes = Vec::new();
     let mut links = Vec::new();
-    for (i, app) in apps.iter().enumerate() {
-        let link = support::Link::open().await;
-        let mut cfg = config(i as u64 + 1, dir.path());
-        cfg.advertise_addr = Some(link.addr.to_string());
-        let n = RaftNode::start(cfg, app.clone()).await.expect("start");
+    for _ in 0..3 {
+        links.push(support::Link::open().await);
+    }
+    let (apps, nodes) = three(dir.path(), |i, cfg| {
+        cfg.advertise_addr = Some(links[i].addr.to_string());
+    })
+    .await;
+    for (link, n) in links.iter().zip(&nodes) {
         link.forward_to(n.listen_addr());
-        nodes.push(n);
-        links.push(link);
     }
     nodes[0].initialize_single().await.expect("init");
     support::add_voters(&nodes[0], &nodes[1..]).await;
@@ -297,8 +305,11 @@ async fn a_healed_follower_does_not_unseat_the_leader() {
         assert_eq!(s.current_leader, Some(leader), "{s:?}");
         assert_eq!(s.term, term, "no election anywhere: {s:?}");
     }
+    // An election would have failed a write ("not leader") and moved the term; this bounds
+    // a stall without one. Alone the longest write takes tens of milliseconds; beside the
+    // other tests' fsyncs on two cores, up to some hundreds.
     assert!(
-        longest < Duration::from_millis(500),
+        longest < Duration::from_secs(2),
         "a write waited {longest:?}"
     );
     wait_for("convergence", || {
@@ -316,13 +327,7 @@ async fn a_healed_follower_does_not_unseat_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_compact_appends_gets_json_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let apps: Vec<Arc<Recorder>> = (0..3).map(|_| Arc::new(Recorder::default())).collect();
-    let mut nodes = Vec::new();
-    for (i, app) in apps.iter().enumerate() {
-        let mut cfg = config(i as u64 + 1, dir.path());
-        cfg.json_appends_only = i == 2;
-        nodes.push(RaftNode::start(cfg, app.clone()).await.expect("start"));
-    }
+    let (apps, nodes) = three(dir.path(), |i, cfg| cfg.json_appends_only = i == 2).await;
     nodes[0].initialize_single().await.expect("init");
     support::add_voters(&nodes[0], &nodes[1..]).await;
     for i in 0..20u32 {
