@@ -100,14 +100,14 @@ async fn decide(inner: &Inner, ask_within: Duration) -> Option<(Decision, String
     if !voters.iter().any(|(id, _)| *id == inner.id) {
         return None;
     }
-    if let Some(age) = inner.contacts.last_from_leader().map(|t| t.elapsed()) {
-        if age < inner.leader_lease {
-            let d = Decision {
-                allow: false,
-                following: true,
-            };
-            return Some((d, format!("heard from the leader {age:.1?} ago")));
-        }
+    // What it would answer another candidate holds for itself too: not leading, it refuses
+    // only while it hears from a leader.
+    if let Some(why) = refusal(&inner.raft, &inner.contacts, inner.leader_lease) {
+        let d = Decision {
+            allow: false,
+            following: true,
+        };
+        return Some((d, why));
     }
     let needed = voters.len() / 2 + 1;
     let mut granted = 1;
