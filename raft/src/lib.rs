@@ -148,6 +148,8 @@ impl RaftNode {
                 .map_err(error::storage)?;
         let log = store::log::LogStore::new(db);
         let contacts = network::Contacts::default();
+        // openraft's own: voters refuse to vote for this long after a leader's last append.
+        let leader_lease = Duration::from_millis(config.election_timeout_ms.1);
         let raft_config = openraft::Config {
             cluster_name: "hydrascale".into(),
             heartbeat_interval: config.heartbeat_ms,
@@ -191,7 +193,7 @@ impl RaftNode {
                 raft: raft.clone(),
                 contacts: contacts.clone(),
                 gate: gate.clone(),
-                leader_lease: Duration::from_millis(config.election_timeout_ms.1),
+                leader_lease,
                 json_appends_only: config.json_appends_only,
             },
         )
@@ -234,8 +236,8 @@ impl RaftNode {
                 raft,
                 applied: applied_rx,
                 write_timeout: config.write_timeout,
-                stale_leader_after: Duration::from_millis(config.election_timeout_ms.1),
-                leader_lease: Duration::from_millis(config.election_timeout_ms.1),
+                stale_leader_after: leader_lease,
+                leader_lease,
                 gate,
                 server_stop: Mutex::new(Some(stop_tx)),
                 server_task: Mutex::new(Some(task)),

@@ -12,24 +12,24 @@
 use std::sync::Weak;
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::{BasicNode, RaftMetrics, ServerState};
 use tokio::task::JoinSet;
 
 use crate::network::proto::raft_service_client::RaftServiceClient;
 use crate::network::proto::PreVoteRequest;
 use crate::network::Contacts;
-use crate::{Inner, TypeConfig};
+use crate::Inner;
 
-/// Why this replica would take no part in an election now, or `None` if it would: it
-/// leads and hears from a majority, or it heard from a leader less than `lease` ago.
+/// Why this replica (whose current metrics are `m`) would take no part in an election
+/// now, or `None` if it would: it leads and hears from a majority, or it heard from a
+/// leader less than `lease` ago.
 pub(crate) fn refusal(
-    raft: &openraft::Raft<TypeConfig>,
+    m: &RaftMetrics<u64, BasicNode>,
     contacts: &Contacts,
     lease: Duration,
 ) -> Option<String> {
-    let m = raft.metrics().borrow().clone();
     if m.state == ServerState::Leader {
-        return crate::quorum_contact_age(&m, contacts)
+        return crate::quorum_contact_age(m, contacts)
             .filter(|age| *age < lease)
             .map(|age| {
                 format!(
@@ -102,7 +102,7 @@ async fn decide(inner: &Inner, ask_within: Duration) -> Option<(Decision, String
     }
     // What it would answer another candidate holds for itself too: not leading, it refuses
     // only while it hears from a leader.
-    if let Some(why) = refusal(&inner.raft, &inner.contacts, inner.leader_lease) {
+    if let Some(why) = refusal(&m, &inner.contacts, inner.leader_lease) {
         let d = Decision {
             allow: false,
             following: true,

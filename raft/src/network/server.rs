@@ -126,7 +126,8 @@ impl RaftService for RaftGrpc {
         &self,
         _req: Request<PreVoteRequest>,
     ) -> Result<Response<PreVoteReply>, Status> {
-        let refusal = crate::prevote::refusal(&self.raft, &self.contacts, self.leader_lease);
+        let m = self.raft.metrics().borrow().clone();
+        let refusal = crate::prevote::refusal(&m, &self.contacts, self.leader_lease);
         Ok(Response::new(PreVoteReply {
             granted: refusal.is_none(),
             reason: refusal.unwrap_or_default(),
