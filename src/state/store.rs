@@ -56,7 +56,9 @@ impl StateStore {
     }
 
     /// Installs the one derived view (the map plane's peer cache), built from the state as
-    /// it is now and updated with every change from here on.
+    /// it is now and updated with every change from here on. Raft may be applying entries
+    /// meanwhile (a restarted replica replays its log as it starts): both happen under the
+    /// state's write lock, so each command is in the first build or told to the view.
     pub fn observe(&self, observer: Arc<dyn Observer>) {
         let t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
         observer.reset(&t);
@@ -102,11 +104,13 @@ impl hydrascale_raft::Application for StateStore {
                 // Timed out here, around the pure `Tailnet::apply`: the duration only feeds
                 // the metric, never the state.
                 let started = std::time::Instant::now();
-                let observer = self.observer();
                 let (result, changes) = {
                     let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
                     let (result, changes) = t.apply(&cmd);
-                    if let Some(o) = &observer {
+                    // Looked up under the state's lock, as `observe` installs it: looked up
+                    // before, it could be none yet while `observe` built its first view
+                    // from the state without this command, and the view never learnt of it.
+                    if let Some(o) = self.observer() {
                         o.applied(&t, &changes);
                     }
                     (result, changes)
@@ -181,5 +185,93 @@ impl Db {
         let result: Encoded =
             serde_json::from_slice(&resp).map_err(|e| DbError::Codec(e.to_string()))?;
         Ok(result?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::sample;
+    use hydrascale_raft::Application;
+    use std::collections::BTreeSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+
+    /// The node ids it has been told of; slow to build, as a peer cache of thousands of
+    /// nodes is, so that commands arrive while it is being installed.
+    #[derive(Default)]
+    struct Ids(Mutex<BTreeSet<u64>>);
+
+    impl Observer for Ids {
+        fn applied(&self, t: &Tailnet, changes: &[Change]) {
+            let mut ids = self.0.lock().unwrap();
+            for c in changes {
+                if let Change::NodeUpserted(id) | Change::NodeRemoved(id) = c {
+                    if t.nodes.contains_key(id) {
+                        ids.insert(*id);
+                    } else {
+                        ids.remove(id);
+                    }
+                }
+            }
+        }
+
+        fn reset(&self, t: &Tailnet) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            *self.0.lock().unwrap() = t.nodes.keys().copied().collect();
+        }
+    }
+
+    /// A replica installs its peer cache while Raft is already applying the log (on a
+    /// restart, entries replay as the server starts). Every command is seen either by the
+    /// cache's first build or by the cache itself: one applied in between went unseen, and
+    /// its node stayed missing from every full map that replica served.
+    #[test]
+    fn an_observer_installed_while_commands_apply_misses_none() {
+        let store = StateStore::new();
+        let encode = |c: &Command| serde_json::to_vec(c).unwrap();
+        store.apply(
+            1,
+            &encode(&Command::CreateUser {
+                name: "u".into(),
+                display_name: String::new(),
+                now: 1,
+            }),
+        );
+        // One reusable key, so that every command of the loop below adds a node.
+        let [mut key, _] = sample::registration("u", vec![], 0, "n0".into(), "{}".into());
+        if let Command::CreatePreAuthKey { reusable, .. } = &mut key {
+            *reusable = true;
+        }
+        store.apply(2, &encode(&key));
+        let stop = AtomicBool::new(false);
+        let ids = Arc::new(Ids::default());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let host = format!("n{n}");
+                    let [_, mut reg] = sample::registration("u", vec![], n, host, "{}".into());
+                    if let Command::RegisterNode { auth, .. } = &mut reg {
+                        *auth = crate::state::RegisterAuth::PreAuthKey { hash: "h0".into() };
+                    }
+                    store.apply(n + 2, &encode(&reg));
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            store.observe(ids.clone());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            stop.store(true, Ordering::Relaxed);
+        });
+        let t = store.read();
+        assert!(t.nodes.len() > 10, "the applier ran alongside");
+        let want: BTreeSet<u64> = t.nodes.keys().copied().collect();
+        let have = ids.0.lock().unwrap().clone();
+        let missing: Vec<&u64> = want.difference(&have).collect();
+        assert!(
+            missing.is_empty(),
+            "the observer never saw nodes {missing:?}"
+        );
     }
 }
