@@ -11,7 +11,9 @@
 //! `chaos/run [SEED] [ROUNDS]` runs the long one. The seed fixes the order, targets and
 //! durations of the faults and the workload's choices; the processes' own timing is real.
 //! Environment: `CHAOS_SEED`, `CHAOS_ROUNDS`, and
-//! `CHAOS_OUT` (a directory the history and summary are written to).
+//! `CHAOS_OUT` (a directory the history and summary are written to, and where each run's
+//! directory with every process's log is kept), `HYDRASCALE_TEST_LOG` (the replicas' log
+//! filter).
 
 mod faults;
 #[allow(dead_code)]
@@ -31,6 +33,20 @@ use rand::{Rng, SeedableRng};
 use faults::Cluster;
 use fixtures::{require_tailscale, wait_for, Haproxy, Tailscaled};
 use history::History;
+
+/// Removes the run's directory when the test ends, pass or fail, unless it is to be kept.
+/// Declared before the cluster, so it drops after every process in it has been stopped.
+struct RemoveUnless(PathBuf, bool);
+
+impl Drop for RemoveUnless {
+    fn drop(&mut self) {
+        if self.1 {
+            eprintln!("chaos: logs of this run kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -52,15 +68,25 @@ async fn faults_lose_nothing_and_everyone_converges() {
     let rounds = env_u64("CHAOS_ROUNDS", 1);
     eprintln!("chaos: seed {seed}, {rounds} round(s); rerun with CHAOS_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = std::env::var_os("CHAOS_OUT").map(PathBuf::from);
+    // With CHAOS_OUT, the run's directory (every replica's, client's and HAProxy's log)
+    // stays behind for reading after a failure; otherwise it goes with the test.
+    let dir = match &out_dir {
+        Some(out) => {
+            std::fs::create_dir_all(out).expect("CHAOS_OUT");
+            tempfile::Builder::new()
+                .prefix(&format!("run-{seed}-"))
+                .tempdir_in(out)
+                .expect("run dir")
+                .keep()
+        }
+        None => tempfile::tempdir().expect("tempdir").keep(),
+    };
+    let _cleanup = RemoveUnless(dir.clone(), out_dir.is_some());
     let lb_addr = format!("127.0.0.1:{}", fixtures::free_port());
     let lb_url = format!("http://{lb_addr}");
-    let mut cluster = Cluster::start(dir.path(), &lb_url).await;
-    let _lb = Haproxy::start(
-        dir.path(),
-        &lb_addr,
-        &cluster.replicas.iter().collect::<Vec<_>>(),
-    );
+    let mut cluster = Cluster::start(&dir, &lb_url).await;
+    let _lb = Haproxy::start(&dir, &lb_addr, &cluster.replicas.iter().collect::<Vec<_>>());
     wait_for("load balancer up", Duration::from_secs(30), || {
         let ok = fixtures::http_get(&lb_addr, "/ready").is_some_and(|(c, _)| c == 200);
         async move { ok.then_some(()) }
@@ -82,7 +108,7 @@ async fn faults_lose_nothing_and_everyone_converges() {
         .to_string();
 
     // Official clients behind the load balancer: real map streams through every fault.
-    let root = dir.path().join("clients");
+    let root = dir.join("clients");
     let clients: Vec<Tailscaled> = ["c1", "c2", "c3"]
         .iter()
         .map(|n| Tailscaled::start(&bin, &root, n))
@@ -190,8 +216,7 @@ async fn faults_lose_nothing_and_everyone_converges() {
         };
         eprintln!("chaos:   {fault:<20} {ok:>4} acknowledged, {not:>3} not, longest wait for an acknowledged write {gap} ms");
     }
-    if let Some(out) = std::env::var_os("CHAOS_OUT").map(PathBuf::from) {
-        std::fs::create_dir_all(&out).expect("out dir");
+    if let Some(out) = &out_dir {
         let report = serde_json::json!({
             "seed": seed,
             "rounds": rounds,

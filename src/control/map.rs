@@ -104,6 +104,13 @@ async fn map(
         view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now)
     }
     .ok_or_else(|| ControlError::NotFound("node was deleted".into()))?;
+    tracing::debug!(
+        node = node.id,
+        seq = view.synced(),
+        peers = first.peers.as_ref().map_or(0, Vec::len),
+        stream = req.stream,
+        "map: full map"
+    );
     let first =
         encode_frame(&first, &st.frames).map_err(|e| ControlError::Internal(e.to_string()))?;
     let metrics = st.db.store.metrics();
@@ -389,6 +396,21 @@ async fn run_stream(
         };
         let (frame, kind, keep_alive) = match (resp, shared) {
             (Some(resp), _) => {
+                if !resp.keep_alive && tracing::enabled!(tracing::Level::TRACE) {
+                    let ids = |l: &Option<Vec<super::tailcfg::Shared>>| {
+                        l.as_ref()
+                            .map(|l| l.iter().map(|p| p.2).collect::<Vec<_>>())
+                    };
+                    tracing::trace!(
+                        node = id,
+                        full = ?ids(&resp.peers),
+                        changed = ?ids(&resp.peers_changed),
+                        removed = ?resp.peers_removed,
+                        patched = resp.peers_changed_patch.as_ref().map_or(0, Vec::len),
+                        shared_as = ?share_as,
+                        "map: made"
+                    );
+                }
                 let kind = if resp.keep_alive {
                     &metrics.map_keepalives
                 } else if resp.peers.is_some() {
@@ -409,6 +431,7 @@ async fn run_stream(
                 (frame, kind, resp.keep_alive)
             }
             (None, Some(frame)) => {
+                tracing::trace!(node = id, seq = view.synced(), "map: shared delta");
                 metrics.map_deltas_shared.fetch_add(1, Ordering::Relaxed);
                 (frame, &metrics.map_responses_delta, false)
             }
@@ -421,6 +444,9 @@ async fn run_stream(
             }
         };
         let len = frame.len() as u64;
+        if !keep_alive {
+            tracing::trace!(node = id, seq = view.synced(), bytes = len, "map: update");
+        }
         if tx.send(frame).await.is_err() {
             break;
         }
@@ -433,6 +459,7 @@ async fn run_stream(
             metrics.update_fanout.observe(at.elapsed());
         }
     }
+    tracing::debug!(node = id, seq = view.synced(), "map: stream ended");
     if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
         set_online(&st, id, false).await;
     }

@@ -516,6 +516,11 @@ impl StreamView {
         (me.touched <= since).then_some((since, peers.seq))
     }
 
+    /// The peer cache's sequence number this stream has caught up to.
+    pub fn synced(&self) -> u64 {
+        self.synced
+    }
+
     /// Moves the stream on to `seq`, having sent (or found nothing to send in) the delta
     /// another stream computed under a key from [`Self::shared_key`].
     pub fn advance(&mut self, seq: u64) {

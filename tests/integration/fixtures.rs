@@ -470,9 +470,15 @@ isolation_timeout = "8s"
             .arg("--config")
             .arg(self.dir.join("hydrascale.toml"))
             .args(extra)
-            .env("HYDRASCALE_LOG", "info,openraft=warn")
+            // HYDRASCALE_TEST_LOG: the replicas' log filter for a run being diagnosed.
+            .env(
+                "HYDRASCALE_LOG",
+                std::env::var("HYDRASCALE_TEST_LOG")
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             // The test harness's own HYDRASCALE_* switches are not server settings.
             .env_remove("HYDRASCALE_INTEROP")
+            .env_remove("HYDRASCALE_TEST_LOG")
             .env_remove("HYDRASCALE_TOOLS_DIR")
             .env_remove("HYDRASCALE_ADMIN_ADDR")
             .stdout(Stdio::from(log))
