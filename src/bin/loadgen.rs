@@ -786,6 +786,7 @@ async fn main() -> Result<()> {
         .len();
     // CPU at rest: what the replicas spend over the settle period, everyone connected
     // and nothing changing.
+    progress(&format!("{online} online; at rest for {} s", args.settle));
     let settling = replica_figures(&args.metrics);
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let at_rest = replica_figures(&args.metrics);
