@@ -1,6 +1,7 @@
 //! What the TS2021 record layer costs per map message, end to end over a real loopback
-//! TCP connection: one side's transport (`noise::spawn_transport`) encrypts messages
-//! written to its plaintext end into records, the other side's decrypts them. Reported
+//! TCP connection: one side's transport (`noise::NoiseStream`) encrypts messages
+//! written to it into records (one flush per message, as HTTP/2 flushes after each batch
+//! of frames), the other side's decrypts them. Reported
 //! per message and size: CPU time of the whole process (both transports, the kernel's
 //! TCP on both ends, user and system time from `getrusage`) and wall time.
 //!
@@ -35,14 +36,15 @@ async fn round(size: usize, messages: usize) -> (Duration, Duration) {
         s.set_nodelay(true).expect("nodelay");
     }
     let (k1, k2) = ([1u8; 32], [2u8; 32]);
-    let mut sender = hydrascale::noise::spawn_transport(server, k1, k2);
-    let mut receiver = hydrascale::noise::spawn_transport(client, k2, k1);
+    let mut sender = hydrascale::noise::NoiseStream::new(server, k1, k2);
+    let mut receiver = hydrascale::noise::NoiseStream::new(client, k2, k1);
     let msg = vec![0x5au8; size];
     let mut got = vec![0u8; size];
     let (wall, cpu0) = (Instant::now(), cpu());
     let writer = tokio::spawn(async move {
         for _ in 0..messages {
             sender.write_all(&msg).await.expect("write");
+            sender.flush().await.expect("flush");
         }
         sender
     });

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
-use super::frames::encode_frame;
+use super::frames::{encode_frame, keep_alive_frame};
 use super::mapper::{Resync, StreamView};
 use super::register::parse_node_key;
 use super::tailcfg::{MapRequest, MapResponse};
@@ -208,6 +208,7 @@ impl Drop for StreamGauge {
 
 fn open_session(st: &ControlState, id: u64) -> bool {
     let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    st.sessions_changed.fetch_add(1, Ordering::AcqRel);
     let c = s.entry(id).or_insert(0);
     *c += 1;
     *c == 1
@@ -215,6 +216,7 @@ fn open_session(st: &ControlState, id: u64) -> bool {
 
 fn close_session(st: &ControlState, id: u64) -> bool {
     let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
+    st.sessions_changed.fetch_add(1, Ordering::AcqRel);
     match s.get_mut(&id) {
         Some(c) if *c > 1 => {
             *c -= 1;
@@ -236,13 +238,27 @@ const RECONCILE: Duration = Duration::from_secs(2);
 /// when the replica was only paused and its streams live on. So, while in contact with
 /// the quorum, nodes streaming here but recorded offline (or online elsewhere) are marked
 /// online here, and nodes recorded online here without a stream are marked offline.
+///
+/// A pass walks every node. At rest nothing changes between passes, so a pass that found
+/// nothing to correct is not repeated until the state or the streams change (the state's
+/// version, the streams' count of opens and closes) or the replica regains the quorum.
 pub async fn reconcile_online(st: Arc<ControlState>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut clean: Option<(u64, u64)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         if !*st.serving.borrow() {
+            clean = None;
+            continue;
+        }
+        // Read before the pass: a change during it makes the next pass run.
+        let seen = (
+            st.db.store.version(),
+            st.sessions_changed.load(Ordering::Acquire),
+        );
+        if clean == Some(seen) {
             continue;
         }
         let streaming: std::collections::HashSet<u64> = st
@@ -272,6 +288,7 @@ pub async fn reconcile_online(st: Arc<ControlState>, mut stop: tokio::sync::watc
             );
             v
         };
+        clean = fixes.is_empty().then_some(seen);
         for (id, online) in fixes {
             // Still so? A stream may have opened or closed meanwhile.
             let streams = st
@@ -418,7 +435,12 @@ async fn run_stream(
                 } else {
                     &metrics.map_responses_delta
                 };
-                let frame = match encode_frame(&resp, &st.frames) {
+                let encoded = if resp.keep_alive {
+                    keep_alive_frame()
+                } else {
+                    encode_frame(&resp, &st.frames)
+                };
+                let frame = match encoded {
                     Ok(f) => f,
                     Err(e) => {
                         tracing::warn!(error = %e, "encoding map response failed");

@@ -92,6 +92,9 @@ pub struct ControlState {
     pub serving: watch::Receiver<bool>,
     /// Open map streams per node id, so a node is marked offline only when its last stream ends.
     sessions: Mutex<HashMap<u64, u32>>,
+    /// Counts the streams opened and closed, so that `map::reconcile_online` can tell
+    /// that nothing changed since it last looked.
+    sessions_changed: std::sync::atomic::AtomicU64,
     /// Endpoint/hostinfo updates and online state go through here, batched.
     pub updates: batch::UpdateBatcher,
     /// Regions from `derp.extra_regions_file`, merged into every DERP map.
@@ -127,6 +130,7 @@ impl ControlState {
             me,
             serving,
             sessions: Mutex::new(HashMap::new()),
+            sessions_changed: std::sync::atomic::AtomicU64::new(0),
             updates,
             extra_regions,
             oidc,

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::{map, register, ssh_check, ControlState};
 use crate::metrics::SessionEnd;
-use crate::noise::{accept_initiation, spawn_heard_transport, until_silent};
+use crate::noise::{accept_initiation, until_silent, NoiseStream};
 
 const UPGRADE_PROTO: &str = "tailscale-control-protocol";
 const HANDSHAKE_HEADER: &str = "x-tailscale-handshake";
@@ -101,7 +101,8 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
             tracing::debug!(error = %e, "writing handshake response failed");
             return;
         }
-        let (plain, heard) = spawn_heard_transport(io, accepted.rx_key, accepted.tx_key);
+        let plain = NoiseStream::new(io, accepted.rx_key, accepted.tx_key);
+        let heard = plain.heard();
         tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
         let metrics = state.db.store.metrics().clone();
         let svc = TowerToHyperService::new(noise_router(state, peer));

@@ -88,7 +88,7 @@ pub async fn connect(
     hs.read_message(&resp[3..], &mut out).map_err(hs_err)?;
     let (k1, k2) = hs.dangerously_get_raw_split();
     // The client receives with k2 and sends with k1: the mirror of the server.
-    let plain = super::spawn_transport(s, k2, k1);
+    let plain = super::NoiseStream::new(s, k2, k1);
     // tailscaled's HTTP/2 (Go's) returns flow-control credit for every 4 KiB it reads,
     // and a replica counts that as hearing from it (`Heard`). Rust's h2 returns credit
     // once half the remaining window is read: with hyper's 2 MiB window, a client

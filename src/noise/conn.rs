@@ -1,19 +1,24 @@
 //! controlbase transport records over an established handshake.
 //!
-//! Two pump tasks translate between the encrypted stream and an in-memory duplex pipe
-//! whose other end carries plaintext for HTTP/2. Keeping the crypto in straight-line
-//! tasks avoids hand-written `poll_*` state machines.
+//! [`NoiseStream`] is the plaintext byte stream HTTP/2 runs on: what is written to it is
+//! sealed into records and sent, what arrives is opened and read. It does the work inside
+//! the caller's own polls (hyper's connection task), with no task or pipe of its own, so
+//! a message costs one task's wake-up and one socket write, and an idle session holds no
+//! buffers.
 
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 #[cfg(test)]
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
-use futures::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::NoiseError;
 
@@ -51,14 +56,17 @@ impl CipherState {
 
     /// Appends `plaintext` to `wire` as one record: header, ciphertext, tag, encrypted in
     /// place (no buffer of its own per record).
+    #[cfg(test)]
     fn seal_record(&mut self, plaintext: &[u8], wire: &mut Vec<u8>) -> Result<(), NoiseError> {
-        let nonce = self.next_nonce()?;
-        // plaintext.len() <= MAX_PLAINTEXT, so the length fits in u16 by construction.
-        let len = (plaintext.len() + TAG_LEN) as u16;
-        wire.push(MSG_TYPE_RECORD);
-        wire.extend_from_slice(&len.to_be_bytes());
-        let start = wire.len();
+        let start = record_header(wire, plaintext.len());
         wire.extend_from_slice(plaintext);
+        self.seal_in_place(wire, start)
+    }
+
+    /// Encrypts `wire[start..]`, a record's plaintext after its header, in place and
+    /// appends the tag.
+    fn seal_in_place(&mut self, wire: &mut Vec<u8>, start: usize) -> Result<(), NoiseError> {
+        let nonce = self.next_nonce()?;
         let tag = self
             .aead
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), &[], &mut wire[start..])
@@ -110,14 +118,14 @@ impl CipherState {
     }
 }
 
-/// Plaintext bytes the pipe between HTTP/2 and the record pumps holds in each direction.
-const PIPE_BUFFER: usize = 32 * 1024;
-
-/// Records written to the socket in one write: what the pipe holds, encrypted. A map
-/// message of 16 KiB is four records; each had been a write of its own (a syscall and, on
-/// loopback, a segment through the receiver's stack), a quarter of a replica's CPU while
-/// a policy change went out to 10,000 nodes.
-const MAX_WRITE: usize = PIPE_BUFFER + PIPE_BUFFER / MAX_PLAINTEXT * (HEADER_LEN + TAG_LEN) + 64;
+/// Appends the header of a record carrying `len` bytes of plaintext (at most
+/// [`MAX_PLAINTEXT`], so its length fits in u16); returns where the plaintext goes.
+fn record_header(wire: &mut Vec<u8>, len: usize) -> usize {
+    let len = (len + TAG_LEN) as u16;
+    wire.push(MSG_TYPE_RECORD);
+    wire.extend_from_slice(&len.to_be_bytes());
+    wire.len()
+}
 
 /// The length of the first record in `buf`, header included, if it is all there; an
 /// error for a record that is not one.
@@ -209,143 +217,307 @@ pub async fn until_silent<F: std::future::Future>(
     .await
 }
 
-/// Starts the record pumps over `stream` and returns the plaintext end.
-///
-/// The connection ends (both pumps stop) when either side closes or a record is invalid.
-pub fn spawn_transport<S>(stream: S, rx_key: [u8; 32], tx_key: [u8; 32]) -> DuplexStream
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    spawn_heard_transport(stream, rx_key, tx_key).0
+/// Bytes one socket read may bring in (after room for a record begun by the read before):
+/// a whole batch of records from a peer that writes them together.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Sealed bytes held for the socket before a writer is made to wait: what HTTP/2 writes
+/// between two flushes goes out in one socket write, up to this much.
+const OUT_LIMIT: usize = 64 * 1024;
+
+/// Capacity of the outgoing buffer kept once it is drained: enough for the keep-alives and
+/// PINGs of a session at rest, so they need no allocation; larger buffers are let go.
+const OUT_KEPT: usize = 1024;
+
+thread_local! {
+    /// Where socket reads land and records are opened, one per thread: only a record the
+    /// read cut off, or plaintext the reader had no room for, stays with the session.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// [`spawn_transport`], also saying when the peer was last heard from.
-pub fn spawn_heard_transport<S>(
-    stream: S,
-    rx_key: [u8; 32],
-    tx_key: [u8; 32],
-) -> (DuplexStream, Heard)
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let heard = Heard::new();
-    let heard_in = heard.clone();
-    // The pipe's buffer keeps the largest size it ever grew to, for the whole session: at
-    // 256 KiB, a full map of 10,000 peers left each of a replica's 3,333 sessions holding
-    // about that much, most of its 1.2 GB. The TCP socket does the real buffering.
-    let (app_end, pump_end) = tokio::io::duplex(PIPE_BUFFER);
-    let (mut net_r, mut net_w) = tokio::io::split(stream);
-    let (mut plain_r, mut plain_w) = tokio::io::split(pump_end);
-    let inbound = async move {
-        let mut rx = CipherState::new(&rx_key);
-        let r: Result<(), NoiseError> = async {
-            // Whatever the socket has is read at once, and every record complete in it
-            // decrypted in place and handed on in one write, instead of two reads and two
-            // buffers per record. The buffer is let go whenever it is drained, so an idle
-            // session holds none; a read that fills it makes the next one larger.
-            let mut buf = bytes::BytesMut::new();
-            let mut want = MAX_MESSAGE_SIZE;
-            loop {
-                buf.reserve(want);
-                let room = buf.capacity() - buf.len();
-                let got = net_r.read_buf(&mut buf).await?;
-                want = if got == room {
-                    (want * 2).min(MAX_WRITE)
-                } else {
-                    MAX_MESSAGE_SIZE
-                };
-                if got == 0 {
-                    return if buf.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
-                    };
-                }
-                let mut plain = bytes::BytesMut::new();
-                let mut opened = false;
-                while let Some(n) = complete_record(&buf)? {
-                    let mut record = buf.split_to(n);
-                    rx.open_in_place(&mut record[HEADER_LEN..])?;
-                    plain.extend_from_slice(&record[HEADER_LEN..n - TAG_LEN]);
-                    opened = true;
-                }
-                if !opened {
-                    continue;
-                }
-                heard_in.mark();
-                plain_w.write_all(&plain).await?;
-                if buf.is_empty() {
-                    buf = bytes::BytesMut::new();
-                }
-            }
+fn invalid(e: NoiseError) -> std::io::Error {
+    match e {
+        NoiseError::Io(e) => e,
+        e => std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    }
+}
+
+/// The plaintext end of a TS2021 session over `S` (the upgraded TCP connection).
+///
+/// Reading opens the records that arrived; writing seals records, which go to the socket
+/// at the next flush (or once [`OUT_LIMIT`] is reached), so the frames HTTP/2 writes
+/// between two flushes are one socket write. A record that fails to open, or one that is
+/// not a record, makes this and every later read fail: the session is over.
+pub struct NoiseStream<S> {
+    io: S,
+    rx: CipherState,
+    tx: CipherState,
+    heard: Heard,
+    /// The start of a record that the last read did not bring whole.
+    partial: Vec<u8>,
+    /// Plaintext opened but not yet read, from `plain_at` on: the reader had no room.
+    plain: Vec<u8>,
+    plain_at: usize,
+    /// Sealed records not yet written, from `out_at` on.
+    out: Vec<u8>,
+    out_at: usize,
+    /// The socket reached its end.
+    eof: bool,
+    /// Why reading failed, once it has: the receive counter is out of step from then on.
+    broken: Option<std::io::ErrorKind>,
+}
+
+impl<S> NoiseStream<S> {
+    /// A session over `io` after the handshake: `rx_key` opens what the peer sends,
+    /// `tx_key` seals what is written here.
+    pub fn new(io: S, rx_key: [u8; 32], tx_key: [u8; 32]) -> Self {
+        Self {
+            io,
+            rx: CipherState::new(&rx_key),
+            tx: CipherState::new(&tx_key),
+            heard: Heard::new(),
+            partial: Vec::new(),
+            plain: Vec::new(),
+            plain_at: 0,
+            out: Vec::new(),
+            out_at: 0,
+            eof: false,
+            broken: None,
         }
-        .await;
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "noise inbound closed");
+    }
+
+    /// When the peer was last heard from.
+    pub fn heard(&self) -> Heard {
+        self.heard.clone()
+    }
+
+    fn unsent(&self) -> usize {
+        self.out.len() - self.out_at
+    }
+
+    /// Seals `len` bytes of `bufs` as records of at most [`MAX_PLAINTEXT`] each, filled
+    /// across the slices (HTTP/2 hands a frame's head and its payload as two), onto `out`.
+    fn seal(&mut self, bufs: &[IoSlice<'_>], len: usize) -> Result<(), NoiseError> {
+        if self.out_at > 0 {
+            // Written already (the socket took part of a batch): only under backpressure.
+            self.out.drain(..self.out_at);
+            self.out_at = 0;
         }
-        let _ = plain_w.shutdown().await;
-    };
-    let outbound = async move {
-        let mut tx = CipherState::new(&tx_key);
-        let mut plain = vec![0u8; MAX_PLAINTEXT];
-        let r: Result<(), NoiseError> = async {
-            loop {
-                let n = plain_r.read(&mut plain).await?;
-                if n == 0 {
-                    return Ok(());
-                }
-                // Made for each write and dropped after it, so an idle session holds none.
-                let mut wire = Vec::with_capacity(MAX_WRITE);
-                tx.seal_record(&plain[..n], &mut wire)?;
-                // What else is in the pipe already goes out in the same write; nothing
-                // waits for more.
-                let mut ended = false;
-                while wire.len() + MAX_MESSAGE_SIZE <= MAX_WRITE {
-                    match plain_r.read(&mut plain).now_or_never() {
-                        Some(Ok(0)) => {
-                            ended = true;
-                            break;
-                        }
-                        Some(Ok(n)) => tx.seal_record(&plain[..n], &mut wire)?,
-                        Some(Err(e)) => return Err(e.into()),
-                        None => break,
+        let records = len.div_ceil(MAX_PLAINTEXT);
+        self.out.reserve(len + records * (HEADER_LEN + TAG_LEN));
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut cur: &[u8] = &[];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(MAX_PLAINTEXT);
+            let start = record_header(&mut self.out, n);
+            let mut need = n;
+            while need > 0 {
+                if cur.is_empty() {
+                    cur = slices.next().unwrap_or_default();
+                    if cur.is_empty() {
+                        break;
                     }
                 }
-                net_w.write_all(&wire).await?;
-                net_w.flush().await?;
-                if ended {
-                    return Ok(());
+                let take = need.min(cur.len());
+                self.out.extend_from_slice(&cur[..take]);
+                cur = &cur[take..];
+                need -= take;
+            }
+            // `take` never exceeds what the slices hold; were it to, the header still says
+            // what the record carries.
+            let carried = ((self.out.len() - start + TAG_LEN) as u16).to_be_bytes();
+            self.out[start - 2..start].copy_from_slice(&carried);
+            self.tx.seal_in_place(&mut self.out, start)?;
+            left -= n;
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncWrite + Unpin> NoiseStream<S> {
+    /// Writes what is sealed to the socket; ready once all of it is written.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.out_at < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.out_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.out_at += n;
+        }
+        self.out_at = 0;
+        if self.out.capacity() > OUT_KEPT {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> NoiseStream<S> {
+    /// One socket read: opens every whole record it completes, plaintext into `buf` as
+    /// far as it has room and into `plain` beyond. Ready(true) when any plaintext came.
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<bool>> {
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < MAX_MESSAGE_SIZE + READ_CHUNK {
+                scratch.resize(MAX_MESSAGE_SIZE + READ_CHUNK, 0);
+            }
+            // Read no more than the reader can take (so its plaintext seldom has to wait in
+            // `plain`), but at least a whole record.
+            let want = buf.remaining().clamp(MAX_MESSAGE_SIZE, READ_CHUNK);
+            let got = {
+                let mut rb = ReadBuf::new(&mut scratch[MAX_MESSAGE_SIZE..MAX_MESSAGE_SIZE + want]);
+                ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+                rb.filled().len()
+            };
+            if got == 0 {
+                self.eof = true;
+                return Poll::Ready(Ok(false));
+            }
+            // A record begun by the last read goes just before what this one brought.
+            let start = MAX_MESSAGE_SIZE - self.partial.len();
+            scratch[start..MAX_MESSAGE_SIZE].copy_from_slice(&self.partial);
+            let end = MAX_MESSAGE_SIZE + got;
+            let mut at = start;
+            let mut any = false;
+            let mut opened = false;
+            while let Some(n) = complete_record(&scratch[at..end]).map_err(invalid)? {
+                let record = &mut scratch[at + HEADER_LEN..at + n];
+                self.rx.open_in_place(record).map_err(invalid)?;
+                let text = &record[..n - HEADER_LEN - TAG_LEN];
+                let fits = text.len().min(buf.remaining());
+                buf.put_slice(&text[..fits]);
+                self.plain.extend_from_slice(&text[fits..]);
+                any |= !text.is_empty();
+                opened = true;
+                at += n;
+            }
+            self.partial.clear();
+            self.partial.extend_from_slice(&scratch[at..end]);
+            if self.partial.is_empty() && self.partial.capacity() > 0 {
+                self.partial = Vec::new();
+            }
+            if opened {
+                self.heard.mark();
+            }
+            Poll::Ready(Ok(any))
+        })
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for NoiseStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(kind) = this.broken {
+                return Poll::Ready(Err(kind.into()));
+            }
+            if this.plain_at < this.plain.len() {
+                let n = buf.remaining().min(this.plain.len() - this.plain_at);
+                buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
+                this.plain_at += n;
+                if this.plain_at == this.plain.len() {
+                    this.plain = Vec::new();
+                    this.plain_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(if this.partial.is_empty() {
+                    Ok(())
+                } else {
+                    Err(std::io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+            if buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.poll_fill(cx, buf)) {
+                // Plaintext came: into `buf`, which had room for some of it at least (the
+                // rest waits in `plain`).
+                Ok(true) => return Poll::Ready(Ok(())),
+                // Only empty records, or a record still incomplete: read on. At the end
+                // of the stream, the next turn says so.
+                Ok(false) => {}
+                Err(e) => {
+                    this.broken = Some(e.kind());
+                    return Poll::Ready(Err(e));
                 }
             }
         }
-        .await;
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "noise outbound closed");
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for NoiseStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.unsent() >= OUT_LIMIT {
+            // A full batch waits for the socket; nothing more is taken until it is out.
+            ready!(this.poll_drain(cx))?;
         }
-        let _ = net_w.shutdown().await;
-    };
-    tokio::spawn(async move {
-        // Whichever direction ends first tears the connection down.
-        tokio::select! {
-            _ = inbound => {}
-            _ = outbound => {}
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let take = total.min(OUT_LIMIT - this.unsent());
+        if take == 0 {
+            return Poll::Ready(Ok(0));
         }
-    });
-    (app_end, heard)
+        this.seal(bufs, take).map_err(invalid)?;
+        Poll::Ready(Ok(take))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     /// A record from the peer, whatever it carries, counts as hearing from it; what we
     /// send does not.
     #[tokio::test(start_paused = true)]
     async fn the_peer_is_heard_from_by_its_records_alone() {
         let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
-        let (mut plain, heard) = spawn_heard_transport(ours, [1; 32], [2; 32]);
+        let mut plain = NoiseStream::new(ours, [1; 32], [2; 32]);
+        let heard = plain.heard();
         tokio::time::sleep(Duration::from_secs(40)).await;
         plain.write_all(b"ping from us").await.expect("write");
+        plain.flush().await.expect("flush");
         let mut rec = [0u8; 64];
         let _ = theirs.read(&mut rec).await.expect("our record");
         assert!(heard.silent_for() >= Duration::from_secs(40));
@@ -437,7 +609,7 @@ mod tests {
         let (server_side, mut client_side) = tokio::io::duplex(1 << 20);
         let k_c2s = [1u8; 32];
         let k_s2c = [2u8; 32];
-        let mut app = spawn_transport(server_side, k_c2s, k_s2c);
+        let mut app = NoiseStream::new(server_side, k_c2s, k_s2c);
         let mut c_tx = CipherState::new(&k_c2s);
         let mut c_rx = CipherState::new(&k_s2c);
         for i in 0..5u8 {
@@ -452,6 +624,7 @@ mod tests {
         assert_eq!(&got[40..], &[4u8; 10]);
         // A large write is split into records no bigger than 4096 bytes.
         app.write_all(&vec![9u8; 10_000]).await.expect("write");
+        app.flush().await.expect("flush");
         let mut total = Vec::new();
         while total.len() < 10_000 {
             let mut hdr = [0u8; 3];
@@ -501,15 +674,29 @@ mod tests {
         }
     }
 
-    /// A message of several records, all in the pipe, goes to the socket in one write;
-    /// records still no bigger than the protocol allows, and in order.
+    /// What is written between two flushes, a message of several records in several
+    /// writes (a frame's head and its payload, as HTTP/2 writes them), goes to the socket
+    /// in one write; records still no bigger than the protocol allows, and in order.
     #[tokio::test]
     async fn a_message_of_several_records_is_one_write() {
         let (server_side, mut client_side) = tokio::io::duplex(1 << 20);
         let writes = Arc::new(AtomicU64::new(0));
-        let mut app = spawn_transport(Counted(server_side, writes.clone()), [1; 32], [2; 32]);
+        let mut app = NoiseStream::new(Counted(server_side, writes.clone()), [1; 32], [2; 32]);
         let msg: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        app.write_all(&msg).await.expect("write");
+        let (head, rest) = msg.split_at(9);
+        let (a, b) = rest.split_at(7_000);
+        let n = app
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(a)])
+            .await
+            .expect("write");
+        assert_eq!(n, 9 + 7_000);
+        app.write_all(b).await.expect("write");
+        assert_eq!(
+            writes.load(Ordering::Relaxed),
+            0,
+            "nothing sent before the flush"
+        );
+        app.flush().await.expect("flush");
         let mut c_rx = CipherState::new(&[2; 32]);
         let mut total = Vec::new();
         let mut records = 0;
@@ -537,7 +724,7 @@ mod tests {
     #[tokio::test]
     async fn records_cut_anywhere_by_the_socket_come_out_whole() {
         let (server_side, mut client_side) = tokio::io::duplex(1 << 20);
-        let mut app = spawn_transport(server_side, [1; 32], [2; 32]);
+        let mut app = NoiseStream::new(server_side, [1; 32], [2; 32]);
         let mut c_tx = CipherState::new(&[1; 32]);
         let mut wire = Vec::new();
         let mut want = Vec::new();
@@ -568,7 +755,7 @@ mod tests {
     #[tokio::test]
     async fn tampered_record_closes_connection() {
         let (server_side, mut client_side) = tokio::io::duplex(1 << 16);
-        let mut app = spawn_transport(server_side, [1u8; 32], [2u8; 32]);
+        let mut app = NoiseStream::new(server_side, [1u8; 32], [2u8; 32]);
         let mut c_tx = CipherState::new(&[1u8; 32]);
         let mut ct = c_tx.seal(b"hello").expect("seal");
         ct[0] ^= 0xff;
@@ -577,7 +764,101 @@ mod tests {
         f.extend_from_slice(&ct);
         client_side.write_all(&f).await.expect("write");
         let mut buf = [0u8; 8];
-        let n = app.read(&mut buf).await.expect("read");
-        assert_eq!(n, 0, "plaintext side sees EOF");
+        let e = app.read(&mut buf).await.expect_err("a tampered record");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        // And so is everything after it: the receive counter is out of step.
+        let e = app
+            .read(&mut buf)
+            .await
+            .expect_err("after a tampered record");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+
+    /// A stream that ends inside a record is an error, not a clean end.
+    #[tokio::test]
+    async fn an_end_inside_a_record_is_an_error() {
+        let (server_side, mut client_side) = tokio::io::duplex(1 << 16);
+        let mut app = NoiseStream::new(server_side, [1; 32], [2; 32]);
+        let mut wire = Vec::new();
+        CipherState::new(&[1; 32])
+            .seal_record(b"cut short", &mut wire)
+            .expect("seal");
+        client_side
+            .write_all(&wire[..wire.len() - 3])
+            .await
+            .expect("write");
+        drop(client_side);
+        let mut buf = [0u8; 32];
+        let e = app.read(&mut buf).await.expect_err("cut record");
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Two ends over a socket that takes 997 bytes at a time, writing in pieces of every
+    /// size and reading into small buffers, both ways at once: every byte arrives, in
+    /// order, the writer waits for the socket instead of buffering without bound, and
+    /// plaintext the reader had no room for waits for it. Afterwards neither end holds a
+    /// buffer beyond the small one kept for keep-alives.
+    #[tokio::test]
+    async fn both_ways_at_once_through_a_narrow_socket() {
+        let (a, b) = tokio::io::duplex(997);
+        let a = NoiseStream::new(a, [1; 32], [2; 32]);
+        let b = NoiseStream::new(b, [2; 32], [1; 32]);
+        let data = |seed: u32| -> Vec<u8> {
+            (0..300_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed) as u8)
+                .collect()
+        };
+        async fn talk(
+            mut me: NoiseStream<DuplexStream>,
+            send: Vec<u8>,
+            expect: Vec<u8>,
+        ) -> NoiseStream<DuplexStream> {
+            let (mut r, mut w) = tokio::io::split(&mut me);
+            let write = async {
+                let sizes = [1usize, 9, 4_077, 4_078, 17, 70_000, 3];
+                let (mut at, mut i) = (0, 0);
+                while at < send.len() {
+                    let n = sizes[i % sizes.len()].min(send.len() - at);
+                    w.write_all(&send[at..at + n]).await.expect("write");
+                    if i % 3 == 0 {
+                        w.flush().await.expect("flush");
+                    }
+                    at += n;
+                    i += 1;
+                }
+                w.flush().await.expect("flush");
+            };
+            let read = async {
+                let mut got = Vec::with_capacity(expect.len());
+                let mut buf = [0u8; 333];
+                while got.len() < expect.len() {
+                    let n = r.read(&mut buf).await.expect("read");
+                    assert!(n > 0, "ended early at {}", got.len());
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got == expect, "bytes differ");
+            };
+            tokio::join!(write, read);
+            me
+        }
+        let (da, db) = (data(1), data(2));
+        let (a, b) = tokio::join!(talk(a, da.clone(), db.clone()), talk(b, db, da));
+        for end in [&a, &b] {
+            assert_eq!(end.unsent(), 0);
+            assert!(end.out.capacity() <= OUT_KEPT, "{}", end.out.capacity());
+            assert_eq!((end.plain.capacity(), end.partial.capacity()), (0, 0));
+        }
+    }
+
+    /// A writer that outpaces the socket is held back once [`OUT_LIMIT`] is sealed and
+    /// unsent, not buffered without bound.
+    #[tokio::test]
+    async fn a_writer_waits_for_the_socket() {
+        let (a, _b) = tokio::io::duplex(4096);
+        let mut a = NoiseStream::new(a, [1; 32], [2; 32]);
+        let big = vec![7u8; 1 << 20];
+        let wrote = tokio::time::timeout(Duration::from_millis(200), a.write_all(&big)).await;
+        assert!(wrote.is_err(), "a megabyte went into a 4 KiB socket");
+        assert!(a.unsent() <= OUT_LIMIT + MAX_MESSAGE_SIZE, "{}", a.unsent());
     }
 }

@@ -9,7 +9,7 @@ mod conn;
 mod handshake;
 mod key;
 
-pub use conn::{spawn_heard_transport, spawn_transport, until_silent, Heard};
+pub use conn::{until_silent, Heard, NoiseStream};
 pub use handshake::{accept_initiation, Accepted, INITIATION_LEN};
 pub use key::ControlKey;
 

@@ -36,6 +36,8 @@ pub struct StateStore {
     changes: broadcast::Sender<StampedChange>,
     metrics: Arc<crate::metrics::Metrics>,
     observer: Arc<RwLock<Option<Arc<dyn Observer>>>>,
+    /// Commands applied and snapshots restored so far: equal readings mean the same state.
+    version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for StateStore {
@@ -52,6 +54,7 @@ impl StateStore {
             changes,
             metrics: crate::metrics::Metrics::new(),
             observer: Arc::new(RwLock::new(None)),
+            version: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -82,6 +85,17 @@ impl StateStore {
         self.tailnet.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts every change to the state (a command applied, a snapshot restored): two
+    /// equal readings saw the same state, whatever was applied in between.
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<StampedChange> {
         self.changes.subscribe()
     }
@@ -107,6 +121,7 @@ impl hydrascale_raft::Application for StateStore {
                 let (result, changes) = {
                     let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
                     let (result, changes) = t.apply(&cmd);
+                    self.changed();
                     // Looked up under the state's lock, as `observe` installs it: looked up
                     // before, it could be none yet while `observe` built its first view
                     // from the state without this command, and the view never learnt of it.
@@ -150,6 +165,7 @@ impl hydrascale_raft::Application for StateStore {
         {
             let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
             *t = restored;
+            self.changed();
             if let Some(o) = self.observer() {
                 o.reset(&t);
             }
