@@ -324,8 +324,8 @@ impl<S> NoiseStream<S> {
                 cur = &cur[take..];
                 need -= take;
             }
-            // `take` never exceeds what the slices hold; were it to, the header still says
-            // what the record carries.
+            // `len` never exceeds what the slices hold; were it to, the header would still
+            // say what the record carries.
             let carried = ((self.out.len() - start + TAG_LEN) as u16).to_be_bytes();
             self.out[start - 2..start].copy_from_slice(&carried);
             self.tx.seal_in_place(&mut self.out, start)?;
