@@ -277,22 +277,21 @@ fn compress(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
 
 /// The keep-alive message, made once: the same bytes for every stream, every time. At
 /// rest it is nearly all a stream sends (one a stream every 50 s), and encoding and
-/// compressing it each time was most of what a resting stream cost.
-pub fn keep_alive_frame() -> Result<Bytes, std::io::Error> {
+/// compressing it each time was most of what a resting stream cost. (It holds no runs of
+/// peers, so `cache` is only passed through.)
+pub fn keep_alive_frame(cache: &FrameCache) -> Result<Bytes, std::io::Error> {
     static FRAME: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
     if let Some(f) = FRAME.get() {
         return Ok(f.clone());
     }
-    let json = tailcfg::encode(&MapResponse {
-        keep_alive: true,
-        ..Default::default()
-    })
-    .map_err(std::io::Error::other)?;
-    let body = compress(&json)?;
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    let mut frame = len.to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    Ok(FRAME.get_or_init(|| frame.into()).clone())
+    let frame = encode_frame(
+        &MapResponse {
+            keep_alive: true,
+            ..Default::default()
+        },
+        cache,
+    )?;
+    Ok(FRAME.get_or_init(|| frame).clone())
 }
 
 /// Encodes one map message: 4-byte little-endian length, then zstd frames that decode,
@@ -439,10 +438,10 @@ mod tests {
         };
         let cache = FrameCache::new(Metrics::new());
         let made = encode_frame(&resp, &cache).unwrap();
-        let once = keep_alive_frame().unwrap();
+        let once = keep_alive_frame(&cache).unwrap();
         assert_eq!(decode(&once), decode(&made));
         assert_eq!(decode(&once), json!({ "KeepAlive": true }));
-        assert_eq!(keep_alive_frame().unwrap(), once);
+        assert_eq!(keep_alive_frame(&cache).unwrap(), once);
     }
 
     #[test]

@@ -436,7 +436,7 @@ async fn run_stream(
                     &metrics.map_responses_delta
                 };
                 let encoded = if resp.keep_alive {
-                    keep_alive_frame()
+                    keep_alive_frame(&st.frames)
                 } else {
                     encode_frame(&resp, &st.frames)
                 };
