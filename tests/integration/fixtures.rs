@@ -220,19 +220,25 @@ fn ephemeral_low() -> u32 {
 
 /// A loopback port free for both TCP and UDP, unique within this test run.
 pub fn free_port() -> u16 {
-    const FIRST: u32 = 20000;
-    // The migration fixture's fixed URL (127.0.0.1:18080) lies below FIRST.
-    let last = ephemeral_low().clamp(FIRST + 1000, 65535);
-    for _ in FIRST..last {
+    // The migration fixture's fixed URL (127.0.0.1:18080) lies below 20000. Two test runs
+    // on one machine (two checkouts) each set their own HYDRASCALE_TEST_PORT_BASE so their
+    // counters do not hand out the same ports.
+    let first: u32 = std::env::var("HYDRASCALE_TEST_PORT_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|p| (20000..60000).contains(p))
+        .unwrap_or(20000);
+    let last = ephemeral_low().clamp(first + 1000, 65535);
+    for _ in first..last {
         let n = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let port = u16::try_from(FIRST + n % (last - FIRST)).expect("port in range");
+        let port = u16::try_from(first + n % (last - first)).expect("port in range");
         let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
         let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
         if tcp && udp {
             return port;
         }
     }
-    panic!("no free loopback port between {FIRST} and {last}")
+    panic!("no free loopback port between {first} and {last}")
 }
 
 /// A loopback TCP server that greets every connection with `greeting` and closes it;
