@@ -161,15 +161,21 @@ enum ClusterCmd {
     },
     /// Build a Raft snapshot now (compacts the log).
     Snapshot,
-    /// Create the cluster CA (or reuse the one in --out) and a certificate and key per
-    /// replica, for mutual TLS between replicas (cluster.tls_* settings). Offline.
+    /// Create the cluster CA (or reuse one) and a directory per replica holding only the CA
+    /// certificate and that replica's certificate and key: give replica N the directory
+    /// OUT/replica-N as cluster.tls_dir. Offline.
     Certs {
-        /// Directory for ca.pem, ca.key, replica-ID.pem and replica-ID.key.
+        /// Where OUT/ca (the CA: keep it off the replicas) and OUT/replica-ID go.
         #[arg(long)]
         out: PathBuf,
         /// Replica node_ids to issue certificates for, e.g. 1,2,3.
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
+        /// An existing CA directory (ca.pem, ca.key) to issue from, e.g. the data
+        /// directory's raft-ca of a replica that started alone; default OUT/ca (made if
+        /// missing).
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Start a new cluster on the replica at --admin-addr, which must have been started with
     /// cluster.join = true and an empty data directory. Alone, or with --peers (also
@@ -328,6 +334,10 @@ enum NodesCmd {
 }
 
 pub fn main_entry() -> Result<()> {
+    // Every file this process makes (RocksDB's, keys, backups) is its owner's alone: the
+    // data directory holds the tailnet's keys.
+    // SAFETY: umask only sets the process's file creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -370,48 +380,58 @@ fn emit<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce()) -> Result<
     Ok(())
 }
 
-fn make_certs(out: &std::path::Path, ids: &[u64]) -> Result<()> {
+fn make_certs(out: &std::path::Path, ids: &[u64], ca_dir: Option<&Path>) -> Result<()> {
     use hydrascale_raft::tls;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let (ca_cert, ca_key) = (out.join("ca.pem"), out.join("ca.key"));
-    let ca = if ca_cert.exists() && ca_key.exists() {
-        println!("Using the existing CA in {}", out.display());
-        tls::CaPem {
-            cert_pem: std::fs::read_to_string(&ca_cert)
-                .with_context(|| format!("reading {}", ca_cert.display()))?,
-            key_pem: std::fs::read_to_string(&ca_key)
-                .with_context(|| format!("reading {}", ca_key.display()))?,
-        }
+    let default_ca = out.join("ca");
+    let ca_dir = ca_dir.unwrap_or(&default_ca);
+    // Certificates of earlier versions kept the CA beside them, as OUT/ca.pem and ca.key.
+    let (flat_cert, flat_key) = (out.join(tls::CA_CERT_FILE), out.join(tls::CA_KEY_FILE));
+    let ca = if ca_dir.join(tls::CA_KEY_FILE).exists() {
+        println!("Using the existing CA in {}", ca_dir.display());
+        tls::CaPem::load_dir(ca_dir)?
+    } else if ca_dir == default_ca && flat_cert.exists() && flat_key.exists() {
+        println!(
+            "Using the existing CA {} (moving it to {})",
+            flat_cert.display(),
+            default_ca.display()
+        );
+        let ca = tls::CaPem {
+            cert_pem: std::fs::read_to_string(&flat_cert)
+                .with_context(|| format!("reading {}", flat_cert.display()))?,
+            key_pem: std::fs::read_to_string(&flat_key)
+                .with_context(|| format!("reading {}", flat_key.display()))?,
+        };
+        ca.write_dir(&default_ca)?;
+        std::fs::remove_file(&flat_key)
+            .with_context(|| format!("removing {}", flat_key.display()))?;
+        ca
+    } else if ca_dir != default_ca {
+        anyhow::bail!(
+            "{} holds no CA (ca.pem and ca.key); leave out --ca to make a new one in {}",
+            ca_dir.display(),
+            default_ca.display()
+        );
     } else {
         let ca = tls::generate_ca()?;
-        std::fs::write(&ca_cert, &ca.cert_pem)?;
-        write_private(&ca_key, ca.key_pem.as_bytes())?;
+        ca.write_dir(ca_dir)?;
         println!(
-            "Created the cluster CA: {} (keep {} offline; it can certify new replicas)",
-            ca_cert.display(),
-            ca_key.display()
+            "Created the cluster CA in {} (keep ca.key off the replicas: it can certify new ones)",
+            ca_dir.display()
         );
         ca
     };
     for id in ids {
-        let (cert, key) = tls::issue_replica(&ca, *id).with_context(|| {
+        let dir = out.join(format!("replica-{id}"));
+        tls::write_replica_dir(&ca, *id, &dir).with_context(|| {
             format!(
                 "issuing the certificate of replica {id} (is {} the key of {}?)",
-                ca_key.display(),
-                ca_cert.display()
+                ca_dir.join(tls::CA_KEY_FILE).display(),
+                ca_dir.join(tls::CA_CERT_FILE).display()
             )
         })?;
-        let (cp, kp) = (
-            out.join(format!("replica-{id}.pem")),
-            out.join(format!("replica-{id}.key")),
-        );
-        std::fs::write(&cp, cert)?;
-        write_private(&kp, key.as_bytes())?;
         println!(
-            "Replica {id}: cluster.tls_ca_file = {}, cluster.tls_cert_file = {}, cluster.tls_key_file = {}",
-            ca_cert.display(),
-            cp.display(),
-            kp.display()
+            "Replica {id}: cluster.tls_dir = \"{}\" (give replica {id} only this directory)",
+            dir.display()
         );
     }
     Ok(())
@@ -608,8 +628,8 @@ fn read_policy(file: &Path) -> Result<String> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
-        return make_certs(out, ids);
+    if let Cmd::Cluster(ClusterCmd::Certs { out, ids, ca }) = &cli.command {
+        return make_certs(out, ids, ca.as_deref());
     }
     if let Cmd::Migrate(MigrateCmd::Headscale { db, noise_key, out }) = &cli.command {
         let cfg = crate::config::Config::load(cli.config.as_deref())?;
@@ -629,13 +649,15 @@ async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     if let Cmd::Serve { set } = &cli.command {
-        let mut cfg = crate::config::Config::load(cli.config.as_deref())?;
+        let mut overrides = Vec::new();
         for kv in set {
             let (k, v) = kv
                 .split_once('=')
                 .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-            cfg.set(k, v)?;
+            overrides.push((k.to_string(), v.to_string()));
         }
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let cfg = crate::config::Config::load_with(cli.config.as_deref(), &env, &overrides)?;
         let handle = crate::server::run_server(cfg).await?;
         println!(
             "Hydrascale is running. Log in with: tailscale up --login-server={}",
@@ -1058,7 +1080,7 @@ async fn run(cli: Cli) -> Result<()> {
                 c.snapshot(proto::Empty {}).await.map_err(grpc_error)?;
                 println!("Snapshot taken");
             }
-            ClusterCmd::Certs { out, ids } => make_certs(&out, &ids)?,
+            ClusterCmd::Certs { out, ids, ca } => make_certs(&out, &ids, ca.as_deref())?,
             ClusterCmd::Recover { .. } => unreachable!("offline; handled before connecting"),
             ClusterCmd::Init { peers } => {
                 let r = c

@@ -288,11 +288,19 @@ pub struct ClusterConfig {
     /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
     /// has state, and by the other replicas.
     pub restore_from: Option<std::path::PathBuf>,
-    /// Mutual TLS for Raft traffic (all three or none): the cluster CA certificate and this
-    /// replica's certificate and key, e.g. from `hydrascale cluster certs`.
+    /// Mutual TLS for Raft traffic: a directory holding the cluster CA certificate
+    /// (`ca.pem`) and this replica's certificate and key (`replica.pem`, `replica.key`), as
+    /// `hydrascale cluster certs` writes it for each replica. Without it (or the three
+    /// files below), a replica alone makes its own CA and certificate in its data
+    /// directory; a cluster does not start.
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// The same as three files (all three or none), instead of `tls_dir`.
     pub tls_ca_file: Option<std::path::PathBuf>,
     pub tls_cert_file: Option<std::path::PathBuf>,
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Raft between replicas without TLS: anyone who reaches `raft_listen_addr` can then
+    /// rewrite the tailnet. Only for a network where nothing else can reach that port.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for ClusterConfig {
@@ -304,9 +312,11 @@ impl Default for ClusterConfig {
             advertise_admin_addr: None,
             isolation_timeout: "8s".into(),
             restore_from: None,
+            tls_dir: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -445,6 +455,17 @@ impl Config {
         path: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
+        Self::load_with(path, env, &[])
+    }
+
+    /// The file, then the environment, then `overrides` (`hydrascale serve --set KEY=VALUE`,
+    /// dotted keys), and only then the checks: settings that belong together (the three
+    /// `cluster.tls_*_file`) may come from separate flags.
+    pub fn load_with(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
         let mut table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -463,8 +484,13 @@ impl Config {
             let Some(rest) = var.strip_prefix("HYDRASCALE_") else {
                 continue;
             };
-            // Variables the CLI reads for itself are not server settings.
-            if matches!(rest, "ADMIN_ADDR" | "API_KEY" | "LOG" | "CONFIG") {
+            // Variables the CLI reads for itself are not server settings, nor are the test
+            // harness's (`HYDRASCALE_TEST_*`, `HYDRASCALE_INTEROP`, `HYDRASCALE_TOOLS_DIR`).
+            if matches!(
+                rest,
+                "ADMIN_ADDR" | "API_KEY" | "LOG" | "CONFIG" | "INTEROP" | "TOOLS_DIR"
+            ) || rest.starts_with("TEST_")
+            {
                 continue;
             }
             let key_path: Vec<String> = rest.split("__").map(|s| s.to_lowercase()).collect();
@@ -474,13 +500,23 @@ impl Config {
                 message,
             })?;
         }
+        for (key, value) in overrides {
+            let key_path: Vec<String> = key.split('.').map(str::to_string).collect();
+            set_path(&mut table, &key_path, value).map_err(|message| ConfigError::Invalid {
+                key: key.clone(),
+                message,
+            })?;
+        }
         let config: Config =
             toml::Value::Table(table)
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: path
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "<environment>".into()),
+                    path: match (path, overrides.is_empty()) {
+                        (Some(p), true) => p.display().to_string(),
+                        (Some(p), false) => format!("{} with --set", p.display()),
+                        (None, true) => "<environment>".into(),
+                        (None, false) => "<environment and --set>".into(),
+                    },
                     message: e.to_string(),
                 })?;
         config.validate()?;
@@ -573,7 +609,28 @@ impl Config {
         if tls_set != 0 && tls_set != 3 {
             return Err(ConfigError::Invalid {
                 key: "cluster.tls_ca_file".into(),
-                message: "set cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file together (or none); `hydrascale cluster certs` makes all three".into(),
+                message: "set cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file together (or none), or cluster.tls_dir alone; `hydrascale cluster certs` makes a directory per replica".into(),
+            });
+        }
+        if tls_set != 0 && c.tls_dir.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_dir".into(),
+                message:
+                    "set either cluster.tls_dir or the three cluster.tls_*_file settings, not both"
+                        .into(),
+            });
+        }
+        let tls = tls_set != 0 || c.tls_dir.is_some();
+        if tls && c.insecure_plaintext {
+            return Err(ConfigError::Invalid {
+                key: "cluster.insecure_plaintext".into(),
+                message: "is set together with Raft TLS settings; remove one of them".into(),
+            });
+        }
+        if !tls && !c.insecure_plaintext && (peers.len() > 1 || c.join) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_dir".into(),
+                message: "a cluster needs mutual TLS between its replicas: make certificates with `hydrascale cluster certs --out certs --ids 1,2,3` and set cluster.tls_dir = \"certs/replica-N\" on replica N (see docs/operations.md, \"A cluster\"); only on a network where nothing else reaches raft_listen_addr, cluster.insecure_plaintext = true runs it without".into(),
             });
         }
         if !peers.is_empty() && self.cluster.join {
@@ -806,6 +863,8 @@ mod tests {
     #[test]
     fn cluster_peers_are_parsed_and_checked() {
         let mut c = Config::default();
+        c.set("cluster.tls_dir", "certs/replica-1")
+            .expect("a TLS dir");
         c.set(
             "cluster.peers",
             "1=127.0.0.1:50444, 2=127.0.0.2:50444,3=[::1]:7",
@@ -904,6 +963,59 @@ extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "10
         assert!(err.contains("node_expiry"), "{err}");
         c.set("derp.region_id", "950").expect("set");
         assert_eq!(c.derp.region_id, 950);
+    }
+
+    /// Settings that belong together may come from separate `--set` flags: they are
+    /// checked once all are in, not one at a time.
+    #[test]
+    fn overrides_are_checked_together() {
+        let sets: Vec<(String, String)> = [
+            ("node_id", "2"),
+            ("cluster.peers", "1=127.0.0.1:1,2=127.0.0.1:2"),
+            ("cluster.tls_ca_file", "c/ca.pem"),
+            ("cluster.tls_cert_file", "c/r.pem"),
+            ("cluster.tls_key_file", "c/r.key"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::load_with(None, &[], &sets).expect("valid together");
+        assert_eq!(c.node_id, 2);
+        assert!(c.cluster.tls_files().is_some());
+        // Still checked: one missing is refused, naming what to do.
+        let err = Config::load_with(None, &[], &sets[..4])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.tls_ca_file"), "{err}");
+    }
+
+    /// A cluster never starts with Raft in plaintext unless told to, loudly; a replica
+    /// alone needs nothing (it makes its own CA).
+    #[test]
+    fn a_cluster_needs_raft_tls() {
+        let peers = (
+            "cluster.peers".to_string(),
+            "1=127.0.0.1:1,2=127.0.0.1:2".to_string(),
+        );
+        let err = Config::load_with(None, &[], std::slice::from_ref(&peers))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mutual TLS") && err.contains("cluster certs"),
+            "{err}"
+        );
+        let join = ("cluster.join".to_string(), "true".to_string());
+        assert!(Config::load_with(None, &[], &[join]).is_err());
+        let plain = ("cluster.insecure_plaintext".to_string(), "true".to_string());
+        Config::load_with(None, &[], &[peers.clone(), plain.clone()])
+            .expect("explicitly plaintext");
+        let dir = ("cluster.tls_dir".to_string(), "certs/replica-1".to_string());
+        Config::load_with(None, &[], &[peers, dir.clone()]).expect("a TLS directory");
+        let err = Config::load_with(None, &[], &[dir, plain])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("insecure_plaintext"), "{err}");
+        Config::load_with(None, &[], &[]).expect("one replica on defaults");
     }
 
     #[test]

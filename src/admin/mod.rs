@@ -49,6 +49,7 @@ fn status(e: DbError) -> Status {
         DbError::Replication(r) => {
             Status::unavailable(format!("the cluster cannot take writes: {r}"))
         }
+        DbError::Upgrade(u) => Status::failed_precondition(u),
     }
 }
 

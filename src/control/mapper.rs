@@ -61,6 +61,9 @@ pub fn local_replica(config: &Config, admin_addr: &str, control_addr: SocketAddr
         derp_port: d.port.unwrap_or(port),
         stun_port: d.stun_listen_addr.port(),
         mesh_url: format!("http://{mesh_host}:{}/derp", control_addr.port()),
+        // The relay's key and the command level are the server's to fill in.
+        derp_key: String::new(),
+        command_level: 0,
     }
 }
 

@@ -101,6 +101,8 @@ struct Inner {
     stats: DerpStats,
     next_id: AtomicU64,
     verifier: Option<ClientVerifier>,
+    /// Which relays may mesh: holding the mesh key is not enough, their key must pass this.
+    mesh_verifier: Option<ClientVerifier>,
 }
 
 /// The DERP relay. Cheap to clone; all clones share one registry.
@@ -210,6 +212,19 @@ impl DerpServer {
         mesh_key: Option<[u8; 32]>,
         verifier: Option<ClientVerifier>,
     ) -> Self {
+        Self::with_verifiers(private_key, mesh_key, verifier, None)
+    }
+
+    /// As [`DerpServer::with_verifier`], and a relay that proves the mesh key meshes only
+    /// if `mesh_verifier` accepts its key too (one of the cluster's registered relays): the
+    /// mesh key alone stays with whoever ever held the control key (a removed replica, a
+    /// backup), the registry follows the cluster.
+    pub fn with_verifiers(
+        private_key: [u8; 32],
+        mesh_key: Option<[u8; 32]>,
+        verifier: Option<ClientVerifier>,
+        mesh_verifier: Option<ClientVerifier>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 public_key: public_key_of(&private_key),
@@ -219,6 +234,7 @@ impl DerpServer {
                 stats: DerpStats::default(),
                 next_id: AtomicU64::new(1),
                 verifier,
+                mesh_verifier,
             }),
         }
     }
@@ -393,7 +409,18 @@ impl DerpServer {
             }
             _ => false,
         };
-        if !is_mesh {
+        if is_mesh {
+            if let Some(verify) = &self.inner.mesh_verifier {
+                if !verify(&key) {
+                    self.inner
+                        .stats
+                        .clients_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %hex::encode(key), "a relay with the mesh key but no place in the replica registry tried to mesh; refused");
+                    return Err(DerpError::UnknownClient);
+                }
+            }
+        } else {
             if let Some(verify) = &self.inner.verifier {
                 if !verify(&key) {
                     self.inner
@@ -630,6 +657,31 @@ impl DerpServer {
     /// Number of remote keys reachable through mesh links.
     pub fn forwarder_count(&self) -> usize {
         self.lock().forwarders.len()
+    }
+
+    /// Asks the verifiers again about every connected client, as when it connected, and
+    /// closes the connections they no longer admit: what they decide from (the tailnet's
+    /// nodes, the replica registry) has changed. Returns how many were closed.
+    pub fn revalidate(&self) -> usize {
+        let clients: Vec<(Key, u8, CancellationToken)> = self
+            .lock()
+            .clients
+            .iter()
+            .map(|(k, c)| (*k, c.flags, c.cancel.clone()))
+            .collect();
+        let mut closed = 0;
+        for (key, flags, cancel) in clients {
+            let verifier = if flags & PEER_PRESENT_IS_MESH_PEER != 0 {
+                &self.inner.mesh_verifier
+            } else {
+                &self.inner.verifier
+            };
+            if verifier.as_ref().is_some_and(|v| !v(&key)) {
+                cancel.cancel();
+                closed += 1;
+            }
+        }
+        closed
     }
 }
 

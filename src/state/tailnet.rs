@@ -41,6 +41,10 @@ pub struct Tailnet {
     /// (source id → destination id → time); cleared when the policy changes.
     #[serde(default)]
     pub ssh_approvals: BTreeMap<u64, BTreeMap<u64, i64>>,
+    /// The highest command level applied so far ([`super::types::COMMAND_LEVEL`]): a
+    /// replica of a version that reads less refuses a snapshot of this state.
+    #[serde(default)]
+    pub level: u32,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -218,7 +222,11 @@ impl Tailnet {
             self.index.clear();
         }
         match self.apply_inner(cmd) {
-            Ok((out, changes)) => (Ok(out), changes),
+            Ok((out, changes)) => {
+                // After the command: a `Restore` replaces the whole state, this included.
+                self.level = self.level.max(cmd.level());
+                (Ok(out), changes)
+            }
             Err(e) => (Err(e), Vec::new()),
         }
     }

@@ -280,12 +280,14 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
     let store = StateStore::new();
     use hydrascale_raft::Application;
     for (i, c) in cmds.iter().enumerate() {
-        store.apply(i as u64 + 1, &serde_json::to_vec(c).expect("json"));
+        store
+            .apply(i as u64 + 1, &serde_json::to_vec(c).expect("json"))
+            .expect("applies");
     }
     assert_eq!(*store.read(), a);
     let snap = store.snapshot();
     let other = StateStore::new();
-    other.restore(&snap);
+    other.restore(&snap).expect("restores");
     assert_eq!(*other.read(), a);
 }
 
@@ -345,6 +347,8 @@ fn first_control_key_wins_and_replicas_register() {
         derp_port: 443,
         stun_port: 3478,
         mesh_url: "http://10.0.0.2:8080/derp".into(),
+        derp_key: "ab".repeat(32),
+        command_level: super::COMMAND_LEVEL,
     };
     let reg = Command::RegisterReplica { replica: r.clone() };
     assert_eq!(t.apply(&reg).1, vec![Change::ReplicasChanged]);
@@ -388,6 +392,8 @@ fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
         derp_port: 443,
         stun_port: 3478,
         mesh_url: "http://r7/derp".into(),
+        derp_key: String::new(),
+        command_level: 0,
     };
     ok(&mut fresh, Command::RegisterReplica { replica: me });
     let (r, changes) = fresh.apply(&Command::Restore {

@@ -183,7 +183,30 @@ pub struct Replica {
     pub derp_port: u16,
     pub stun_port: u16,
     pub mesh_url: String,
+    /// Its relay's public key (hex): the only key the other relays let mesh with them.
+    /// Empty from replicas of versions before it.
+    #[serde(default)]
+    pub derp_key: String,
+    /// The highest command level it reads ([`COMMAND_LEVEL`] of its version; 0 from
+    /// versions before levels, which read level 1).
+    #[serde(default)]
+    pub command_level: u32,
 }
+
+impl Replica {
+    /// The highest command level this replica reads.
+    pub fn command_level(&self) -> u32 {
+        self.command_level.max(1)
+    }
+}
+
+/// The highest level of command this version reads. Every kind of [`Command`] belongs to
+/// the level of the version that introduced it ([`Command::level`]); a replica announces
+/// its level in the registry, and a command is proposed only once every member reads its
+/// level (`Db::check_level`), so a rolling upgrade never stops a replica not yet upgraded.
+/// Raise it with the first new kind of command of a version (or a new field whose loss
+/// an older replica would not notice), and give that kind the new level.
+pub const COMMAND_LEVEL: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RegisterAuth {
@@ -368,6 +391,29 @@ pub enum Command {
         by: String,
         now: i64,
     },
+}
+
+impl Command {
+    /// The command level this kind of command was introduced at ([`COMMAND_LEVEL`]): a
+    /// replica that reads a lower level cannot apply it.
+    pub fn level(&self) -> u32 {
+        match self {
+            Command::Batch { commands } => commands.iter().map(Command::level).max().unwrap_or(1),
+            _ => 1,
+        }
+    }
+
+    /// The command's kind as written in the log, e.g. `CreateUser`, for messages.
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| match v {
+                serde_json::Value::Object(o) => o.keys().next().cloned(),
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .unwrap_or_else(|| "this command".into())
+    }
 }
 
 /// The tailnet policy as the administrator wrote it (comments included), and its parsed

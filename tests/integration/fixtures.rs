@@ -167,7 +167,8 @@ pub fn cli_in(netns: Option<&str>, admin: &str, args: &[&str]) -> std::process::
         .expect("run hydrascale CLI")
 }
 
-/// Issues cluster certificates (CA reused if `dir` has one) for `ids` into `dir`.
+/// Issues cluster certificates (CA reused if `dir` has one) for `ids` into `dir`:
+/// `dir/ca` and `dir/replica-ID`.
 pub fn make_certs(dir: &Path, ids: &[u64]) {
     let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
@@ -369,7 +370,8 @@ pub struct ReplicaProc {
     pub stun: String,
     /// Prometheus metrics and probes.
     pub metrics: String,
-    /// Directory made by `hydrascale cluster certs`: Raft runs over mutual TLS.
+    /// Directory made by `hydrascale cluster certs` (its `replica-ID` is this replica's
+    /// `cluster.tls_dir`); unset, a replica of a cluster gets one from its test's own CA.
     pub tls_dir: Option<PathBuf>,
     /// Network namespace the process runs in (see [`Lan`]); the CLI runs there too.
     pub netns: Option<String>,
@@ -446,12 +448,21 @@ isolation_timeout = "8s"
 "#,
             data = self.dir.join("data").display(),
         );
-        let toml = match &self.tls_dir {
+        // A replica of a cluster needs a certificate from the cluster's CA: unless the test
+        // made them, one CA per test directory (the replicas' common parent) issues them.
+        let certs = match &self.tls_dir {
+            Some(d) => Some(d.clone()),
+            None if join || !peers.is_empty() => {
+                let root = self.dir.parent().unwrap_or(&self.dir).join("certs");
+                make_certs(&root, &[id]);
+                Some(root)
+            }
+            None => None,
+        };
+        let toml = match certs {
             Some(d) => format!(
-                "{toml}tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-                d.join("ca.pem").display(),
-                d.join(format!("replica-{id}.pem")).display(),
-                d.join(format!("replica-{id}.key")).display(),
+                "{toml}tls_dir = \"{}\"\n",
+                d.join(format!("replica-{id}")).display(),
             ),
             None => toml,
         };

@@ -11,6 +11,7 @@ mod packaging;
 mod partition;
 mod policy;
 mod protocol;
+mod raft_security;
 mod rest_api;
 mod routes;
 mod ssh;
