@@ -252,6 +252,7 @@ mod tests {
                 name: "u".into(),
                 display_name: String::new(),
                 now: 1,
+                by_admin: true,
             }),
         );
         // One reusable key, so that every command of the loop below adds a node.
