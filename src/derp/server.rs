@@ -602,6 +602,38 @@ impl DerpServer {
         reg.watchers.insert(conn_id, ctrl);
     }
 
+    /// Ends the connections of the regular clients (mesh peers stay) whose key `keep`
+    /// refuses, as when their node was expired, logged out or deleted; how many ended.
+    /// `keep` runs without the registry locked.
+    pub fn disconnect_unless(&self, keep: impl Fn(&Key) -> bool) -> usize {
+        let clients: Vec<(Key, CancellationToken)> = self
+            .lock()
+            .clients
+            .iter()
+            .filter(|(_, c)| c.flags & PEER_PRESENT_IS_MESH_PEER == 0)
+            .map(|(k, c)| (*k, c.cancel.clone()))
+            .collect();
+        let mut ended = 0;
+        for (key, cancel) in clients {
+            if !keep(&key) {
+                cancel.cancel();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Ends the connection of the regular client `key`, if one is here; whether it was.
+    pub fn disconnect(&self, key: &Key) -> bool {
+        match self.lock().clients.get(key) {
+            Some(c) if c.flags & PEER_PRESENT_IS_MESH_PEER == 0 => {
+                c.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn close_peer(&self, key: &Key) {
         if let Some(c) = self.lock().clients.get(key) {
             c.cancel.cancel();

@@ -461,7 +461,7 @@ impl Tailnet {
             } => {
                 let grant = match auth {
                     RegisterAuth::PreAuthKey { hash } => {
-                        Some(self.key_grant(hash, machine_key, *now)?)
+                        Some(self.key_grant(hash, machine_key, node_key, *now)?)
                     }
                     RegisterAuth::Existing => None,
                 };
@@ -880,8 +880,15 @@ impl Tailnet {
         }
     }
 
-    /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register with it now.
-    fn key_grant(&self, hash: &str, machine_key: &str, now: i64) -> Result<Grant, StateError> {
+    /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register `node_key`
+    /// with it now.
+    fn key_grant(
+        &self,
+        hash: &str,
+        machine_key: &str,
+        node_key: &str,
+        now: i64,
+    ) -> Result<Grant, StateError> {
         let k = self
             .preauth_keys
             .values()
@@ -890,10 +897,15 @@ impl Tailnet {
         if k.expiration.is_some_and(|e| e <= now) {
             return Err(StateError::AuthKeyExpired);
         }
-        // A single-use key may be presented again by the machine it registered.
-        let reuse_by_owner = self
-            .node_by_machine_key(machine_key)
-            .is_some_and(|n| n.auth_key_id == Some(k.id));
+        // A used single-use key is refused, except for the very registration it made
+        // coming again (a client that retries because the answer was lost: same machine,
+        // same node key, node still valid). It never brings back a node that was expired
+        // or logged out, nor registers a new node key.
+        let reuse_by_owner = self.node_by_machine_key(machine_key).is_some_and(|n| {
+            n.auth_key_id == Some(k.id)
+                && n.node_key == node_key
+                && n.expiry.is_none_or(|e| e > now)
+        });
         if k.used && !k.reusable && !reuse_by_owner {
             return Err(StateError::AuthKeyUsed);
         }

@@ -147,10 +147,33 @@ fn reregistration_keeps_addresses_and_rotation_works() {
     let rotated = node(ok(&mut t, rotate));
     assert_eq!(rotated.node_key, format!("nodekey:{:064x}", 10));
     assert_eq!(rotated.ipv4, first.ipv4);
-    // The single-use key can be presented again by the machine it registered.
+    // The single-use key's own registration may come again (a retry whose answer was
+    // lost), but it registers no other node key and never revives a revoked node.
     let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "single")));
     node(ok(&mut t, reg(1, 1, "single")));
-    node(ok(&mut t, reg(1, 1, "single")));
+    assert_eq!(
+        refused(&mut t, reg(1, 2, "single")),
+        StateError::AuthKeyUsed
+    );
+    ok(&mut t, Command::ExpireNode { id: n.id, now: NOW });
+    assert_eq!(
+        refused(&mut t, reg(1, 1, "single")),
+        StateError::AuthKeyUsed
+    );
+}
+
+/// A replayed log decides a race of two uses of one single-use key the same way on
+/// every replica: the first applied wins, the second is refused and changes nothing.
+#[test]
+fn single_use_key_race_is_decided_by_the_log() {
+    let mut a = setup();
+    let mut b = setup();
+    for t in [&mut a, &mut b] {
+        node(ok(t, reg(1, 1, "single")));
+        assert_eq!(refused(t, reg(2, 2, "single")), StateError::AuthKeyUsed);
+    }
+    assert_eq!(a, b);
 }
 
 fn oidc_login(auth_id: &str, sub: &str, name: &str) -> Command {
