@@ -57,6 +57,9 @@ pub struct Config {
     pub prefixes: crate::state::Prefixes,
     /// Taildrop (`tailscale file cp`) between nodes of the same user.
     pub taildrop: bool,
+    /// Let clients upload their logs to Tailscale's log service (log.tailscale.io). Off:
+    /// every full map tells them not to (`Debug.DisableLogTail`), as headscale does.
+    pub client_log_upload: bool,
     /// DNS settings pushed to every client (keep them the same on every replica).
     pub dns: DnsConfig,
     pub oidc: OidcConfig,
@@ -454,6 +457,7 @@ impl Default for Config {
             ephemeral_inactivity_timeout: "30m".into(),
             prefixes: crate::state::Prefixes::default(),
             taildrop: true,
+            client_log_upload: false,
             dns: DnsConfig::default(),
             oidc: OidcConfig::default(),
             derp: DerpConfig::default(),
