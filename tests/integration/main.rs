@@ -3,6 +3,7 @@
 mod cluster;
 mod deploy;
 mod fixtures;
+mod identity;
 mod interop;
 mod migration;
 mod monitoring;
@@ -12,5 +13,6 @@ mod partition;
 mod policy;
 mod protocol;
 mod rest_api;
+mod revocation;
 mod routes;
 mod ssh;
