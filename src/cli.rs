@@ -131,6 +131,11 @@ enum MigrateCmd {
         /// Backup file to write (holds the control key: keep it secret).
         #[arg(long)]
         out: PathBuf,
+        /// headscale's `oidc.issuer`, to carry its OIDC users' identities over (default:
+        /// `oidc.issuer` of --config). Users it cannot place are reported, to be linked
+        /// with `hydrascale users link`.
+        #[arg(long)]
+        oidc_issuer: Option<String>,
     },
 }
 
@@ -265,6 +270,23 @@ enum UsersCmd {
         new: String,
     },
     Delete {
+        name: String,
+    },
+    /// Bind user NAME to an OIDC identity: an OIDC login as exactly this issuer and
+    /// subject (the `sub` claim; shown on the page of a refused login) then reaches it.
+    /// A first OIDC login never joins an existing user by itself.
+    Link {
+        #[arg(long)]
+        name: String,
+        /// The provider's issuer URL, as in oidc.issuer.
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        subject: String,
+    },
+    /// Remove user NAME's OIDC identity: no OIDC login reaches it any more.
+    Unlink {
+        #[arg(long)]
         name: String,
     },
 }
@@ -442,10 +464,14 @@ fn migrate_headscale(
     db: &std::path::Path,
     noise_key: &std::path::Path,
     out: &std::path::Path,
+    oidc_issuer: Option<&str>,
     cfg: &crate::config::Config,
     json: bool,
 ) -> Result<()> {
-    let (tailnet, report) = crate::migrate::from_headscale(db, noise_key, &cfg.prefixes)?;
+    let issuer = oidc_issuer
+        .or(Some(cfg.oidc.issuer.as_str()))
+        .filter(|i| !i.is_empty());
+    let (tailnet, report) = crate::migrate::from_headscale(db, noise_key, &cfg.prefixes, issuer)?;
     let b = crate::cluster::encode_backup(&tailnet, 0)?;
     write_private(out, &b.bytes)
         .with_context(|| format!("writing the backup to {}", out.display()))?;
@@ -463,6 +489,15 @@ fn migrate_headscale(
         }
         if let Some(owner) = &report.tagged_owner {
             println!("Tagged nodes now belong to user {owner}");
+        }
+        if report.oidc_linked > 0 {
+            println!(
+                "{} OIDC users keep their identity (issuer and subject)",
+                report.oidc_linked
+            );
+        }
+        for u in &report.oidc_unlinked {
+            println!("OIDC user not linked: {u}");
         }
         if report.preauth_keys_skipped > 0 {
             println!(
@@ -631,9 +666,16 @@ async fn run(cli: Cli) -> Result<()> {
     if let Cmd::Cluster(ClusterCmd::Certs { out, ids, ca }) = &cli.command {
         return make_certs(out, ids, ca.as_deref());
     }
-    if let Cmd::Migrate(MigrateCmd::Headscale { db, noise_key, out }) = &cli.command {
+    if let Cmd::Migrate(MigrateCmd::Headscale {
+        db,
+        noise_key,
+        out,
+        oidc_issuer,
+    }) = &cli.command
+    {
         let cfg = crate::config::Config::load(cli.config.as_deref())?;
-        return migrate_headscale(db, noise_key, out, &cfg, cli.output == Output::Json);
+        let json = cli.output == Output::Json;
+        return migrate_headscale(db, noise_key, out, oidc_issuer.as_deref(), &cfg, json);
     }
     if let Cmd::Cluster(ClusterCmd::Recover { out, data_dir }) = &cli.command {
         let data_dir = match data_dir {
@@ -689,14 +731,19 @@ async fn run(cli: Cli) -> Result<()> {
                     .map_err(grpc_error)?
                     .into_inner();
                 emit(json, &r.users, || {
-                    println!("{:<6} {:<24} {:<24} CREATED", "ID", "NAME", "DISPLAY NAME");
+                    println!(
+                        "{:<6} {:<24} {:<24} {:<20} {:<10} OIDC SUBJECT",
+                        "ID", "NAME", "DISPLAY NAME", "CREATED", "ORIGIN"
+                    );
                     for u in &r.users {
                         println!(
-                            "{:<6} {:<24} {:<24} {}",
+                            "{:<6} {:<24} {:<24} {:<20} {:<10} {}",
                             u.id,
                             u.name,
                             u.display_name,
-                            fmt_ms(Some(u.created_ms))
+                            fmt_ms(Some(u.created_ms)),
+                            u.origin,
+                            u.oidc_subject
                         );
                     }
                 })?;
@@ -713,6 +760,46 @@ async fn run(cli: Cli) -> Result<()> {
                 let u = r.user.context("no user in reply")?;
                 emit(json, &u, || {
                     println!("User renamed to {}", u.name);
+                })?;
+            }
+            UsersCmd::Link {
+                name,
+                issuer,
+                subject,
+            } => {
+                if issuer.trim().is_empty() || subject.trim().is_empty() {
+                    anyhow::bail!("--issuer and --subject must not be empty (to unbind a user, use `hydrascale users unlink`)");
+                }
+                let r = c
+                    .link_user(proto::LinkUserRequest {
+                        name,
+                        issuer,
+                        subject,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!(
+                        "User {} is now the OIDC identity {} of {}",
+                        u.name, u.oidc_subject, u.oidc_issuer
+                    );
+                })?;
+            }
+            UsersCmd::Unlink { name } => {
+                let r = c
+                    .link_user(proto::LinkUserRequest {
+                        name,
+                        issuer: String::new(),
+                        subject: String::new(),
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!("User {} has no OIDC identity now", u.name);
                 })?;
             }
             UsersCmd::Delete { name } => {

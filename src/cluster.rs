@@ -476,7 +476,7 @@ async fn mesh_with_replicas(
             keep
         });
         // A relay that left the registry (a removed replica) keeps no link it already had.
-        let closed = derp.revalidate();
+        let closed = derp.revalidate_mesh();
         if closed > 0 {
             tracing::info!(
                 closed,

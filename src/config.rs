@@ -57,6 +57,9 @@ pub struct Config {
     pub prefixes: crate::state::Prefixes,
     /// Taildrop (`tailscale file cp`) between nodes of the same user.
     pub taildrop: bool,
+    /// Let clients upload their logs to Tailscale's log service (log.tailscale.io). Off:
+    /// every full map tells them not to (`Debug.DisableLogTail`), as headscale does.
+    pub client_log_upload: bool,
     /// DNS settings pushed to every client (keep them the same on every replica).
     pub dns: DnsConfig,
     pub oidc: OidcConfig,
@@ -115,6 +118,16 @@ impl OidcConfig {
                 "must be the provider's https:// issuer URL",
             ));
         }
+        // Over plain HTTP anyone on the path could answer discovery and the JWKS with keys
+        // of their own and log in as anyone; only a provider on this machine is spared.
+        if let Some(rest) = self.issuer.strip_prefix("http://") {
+            if !loopback_authority(rest.split(['/', '?', '#']).next().unwrap_or_default()) {
+                return Err(invalid(
+                    "issuer",
+                    "must be an https:// URL: http:// is accepted only for a provider on this machine (localhost, 127.0.0.0/8 or [::1])",
+                ));
+            }
+        }
         if self.client_id.is_empty() {
             return Err(invalid(
                 "client_id",
@@ -132,6 +145,25 @@ impl OidcConfig {
         }
         Ok(())
     }
+}
+
+/// Whether a URL's authority (`host[:port]`, `[v6]:port`, no user info) names this
+/// machine: `localhost`, an address in 127.0.0.0/8 or `::1`.
+fn loopback_authority(authority: &str) -> bool {
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, rest)) if rest.is_empty() || rest.starts_with(':') => h,
+            _ => return false,
+        },
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// DNS settings clients get in their map (Tailscale's `DNSConfig`).
@@ -435,6 +467,7 @@ impl Default for Config {
             ephemeral_inactivity_timeout: "30m".into(),
             prefixes: crate::state::Prefixes::default(),
             taildrop: true,
+            client_log_upload: false,
             dns: DnsConfig::default(),
             oidc: OidcConfig::default(),
             derp: DerpConfig::default(),
@@ -899,8 +932,31 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(ok.oidc.scopes, vec!["openid", "profile", "email"]);
+        for local in [
+            "http://127.0.0.1:9000",
+            "http://127.8.0.1/realms/x",
+            "http://localhost",
+            "http://[::1]:8443/",
+        ] {
+            load(&format!(
+                "[oidc]\nissuer = \"{local}\"\nclient_id = \"h\"\nclient_secret = \"s\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{local}: {e}"));
+        }
         for (toml, key) in [
             ("[oidc]\nissuer = \"idp.example\"", "oidc.issuer"),
+            (
+                "[oidc]\nissuer = \"http://idp.example\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
+            (
+                "[oidc]\nissuer = \"http://127.0.0.1.evil.example/\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
+            (
+                "[oidc]\nissuer = \"http://localhost@evil.example\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
             ("[oidc]\nissuer = \"https://i\"\nclient_secret = \"s\"", "oidc.client_id"),
             ("[oidc]\nissuer = \"https://i\"\nclient_id = \"h\"", "oidc.client_secret"),
             (

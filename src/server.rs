@@ -344,12 +344,21 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         } else {
             None
         };
+        let revocations = verifier.clone();
         let derp = crate::derp::DerpServer::with_verifiers(
             *derp_key.secret(),
             Some(crate::cluster::mesh_key(&control_key)),
             verifier,
             Some(crate::cluster::mesh_peer_verifier(db.clone())),
         );
+        if let Some(current) = revocations {
+            tasks.spawn(revoke_derp_sessions(
+                derp.clone(),
+                db.clone(),
+                current,
+                shutdown_rx.clone(),
+            ));
+        }
         app = app.merge(crate::derp::router(derp.clone()));
         derp_server = Some(derp);
     }
@@ -581,6 +590,88 @@ async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// How often the relay's sessions are checked against the state for keys that expired
+/// with no command (a command's revocation takes effect at once).
+const DERP_EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Ends this replica's DERP sessions of nodes that stop being current: expired or logged
+/// out (their key is looked up when the change names the node) and deleted (their key is
+/// gone from the state, so every session is checked against `current`, the relay's
+/// verifier). Every replica applies the same commands, so each ends its own sessions
+/// within moments of the write; the client cannot come back, as the verifier refuses it.
+/// Keys that expire by themselves (`node_expiry`), with no command, are swept every
+/// [`DERP_EXPIRY_SWEEP`].
+async fn revoke_derp_sessions(
+    derp: crate::derp::DerpServer,
+    db: Db,
+    current: crate::derp::ClientVerifier,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::state::Change;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let mut changes = db.store.subscribe();
+    let mut timer = tokio::time::interval(DERP_EXPIRY_SWEEP);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            c = changes.recv() => c,
+            _ = timer.tick() => {
+                let ended = derp.disconnect_unless(|k| current(k));
+                if ended > 0 {
+                    tracing::info!(ended, "ended the DERP sessions of expired node keys");
+                }
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut sweep = false;
+        let mut touched = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Ok((_, Change::NodeUpserted(id))) => touched.push(id),
+                Ok((_, Change::NodeRemoved(_) | Change::Reset)) | Err(RecvError::Lagged(_)) => {
+                    sweep = true
+                }
+                Ok(_) => {}
+                Err(RecvError::Closed) => return,
+            }
+            next = match changes.try_recv() {
+                Ok(c) => Some(Ok(c)),
+                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(_) => None,
+            };
+        }
+        if sweep {
+            let ended = derp.disconnect_unless(|k| current(k));
+            if ended > 0 {
+                tracing::info!(ended, "ended the DERP sessions of removed nodes");
+            }
+            continue;
+        }
+        let now = crate::state::now_ms();
+        let revoked: Vec<[u8; 32]> = {
+            let t = db.store.read();
+            touched
+                .iter()
+                .filter_map(|id| t.nodes.get(id))
+                .filter(|n| n.expiry.is_some_and(|e| e <= now))
+                .filter_map(|n| {
+                    let hex_key = n.node_key.strip_prefix("nodekey:")?;
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(hex_key, &mut key).ok()?;
+                    Some(key)
+                })
+                .collect()
+        };
+        for key in revoked {
+            if derp.disconnect(&key) {
+                tracing::info!(key = %hex::encode(key), "ended the DERP session of an expired node");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

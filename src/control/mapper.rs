@@ -482,6 +482,10 @@ impl StreamView {
             user_profiles: Some(user_profiles(t)),
             collect_services: Some(false),
             control_time: Some(rfc3339(now)),
+            // Privacy by default: the client keeps its logs to itself (headscale does
+            // the same); `client_log_upload = true` leaves its own setting alone.
+            debug: (!config.client_log_upload)
+                .then(|| serde_json::json!({ "DisableLogTail": true })),
             ..Default::default()
         };
         if peers.is_empty() {

@@ -629,6 +629,53 @@ impl DerpServer {
         reg.watchers.insert(conn_id, ctrl);
     }
 
+    /// Ends the connections of the regular clients (mesh peers stay) whose key `keep`
+    /// refuses, as when their node was expired, logged out or deleted; how many ended.
+    /// `keep` runs without the registry locked.
+    pub fn disconnect_unless(&self, keep: impl Fn(&Key) -> bool) -> usize {
+        self.disconnect_unless_of(false, keep)
+    }
+
+    /// Ends the connections of mesh peers the mesh verifier no longer admits (a relay
+    /// that left the replica registry); returns how many.
+    pub fn revalidate_mesh(&self) -> usize {
+        match &self.inner.mesh_verifier {
+            Some(admit) => self.disconnect_unless_of(true, |k| admit(k)),
+            None => 0,
+        }
+    }
+
+    /// Ends the connections of regular clients (`mesh`: of mesh peers) that `keep`
+    /// refuses, checked outside the registry's lock.
+    fn disconnect_unless_of(&self, mesh: bool, keep: impl Fn(&Key) -> bool) -> usize {
+        let clients: Vec<(Key, CancellationToken)> = self
+            .lock()
+            .clients
+            .iter()
+            .filter(|(_, c)| (c.flags & PEER_PRESENT_IS_MESH_PEER != 0) == mesh)
+            .map(|(k, c)| (*k, c.cancel.clone()))
+            .collect();
+        let mut ended = 0;
+        for (key, cancel) in clients {
+            if !keep(&key) {
+                cancel.cancel();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Ends the connection of the regular client `key`, if one is here; whether it was.
+    pub fn disconnect(&self, key: &Key) -> bool {
+        match self.lock().clients.get(key) {
+            Some(c) if c.flags & PEER_PRESENT_IS_MESH_PEER == 0 => {
+                c.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn close_peer(&self, key: &Key) {
         if let Some(c) = self.lock().clients.get(key) {
             c.cancel.cancel();
@@ -657,31 +704,6 @@ impl DerpServer {
     /// Number of remote keys reachable through mesh links.
     pub fn forwarder_count(&self) -> usize {
         self.lock().forwarders.len()
-    }
-
-    /// Asks the verifiers again about every connected client, as when it connected, and
-    /// closes the connections they no longer admit: what they decide from (the tailnet's
-    /// nodes, the replica registry) has changed. Returns how many were closed.
-    pub fn revalidate(&self) -> usize {
-        let clients: Vec<(Key, u8, CancellationToken)> = self
-            .lock()
-            .clients
-            .iter()
-            .map(|(k, c)| (*k, c.flags, c.cancel.clone()))
-            .collect();
-        let mut closed = 0;
-        for (key, flags, cancel) in clients {
-            let verifier = if flags & PEER_PRESENT_IS_MESH_PEER != 0 {
-                &self.inner.mesh_verifier
-            } else {
-                &self.inner.verifier
-            };
-            if verifier.as_ref().is_some_and(|v| !v(&key)) {
-                cancel.cancel();
-                closed += 1;
-            }
-        }
-        closed
     }
 }
 

@@ -227,12 +227,15 @@ impl Db {
         if need <= 1 {
             return Ok(());
         }
+        // This replica reads every level it can propose, announced yet or not.
+        let me = self.raft.node_id();
         let members: Vec<u64> = self
             .raft
             .status()
             .membership
             .iter()
             .map(|(id, _, _)| *id)
+            .filter(|id| *id != me)
             .collect();
         let state = self.store.read();
         refuse_below(need, &members, &state.replicas, cmd)
@@ -318,6 +321,7 @@ mod tests {
                     name: "u".into(),
                     display_name: String::new(),
                     now: 1,
+                    by_admin: true,
                 }),
             )
             .expect("applies");
@@ -403,6 +407,7 @@ mod tests {
             name: "u".into(),
             display_name: String::new(),
             now: 1,
+            by_admin: false,
         };
         let mut registry = std::collections::BTreeMap::new();
         registry.insert(1, replica(1, 2));
@@ -426,6 +431,26 @@ mod tests {
         );
     }
 
+    /// The kinds of command this version introduced are level 2: OIDC identities.
+    #[test]
+    fn oidc_identity_commands_are_level_two() {
+        let by = |by_admin| Command::CreateUser {
+            name: "u".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin,
+        };
+        assert_eq!(by(true).level(), 2);
+        assert_eq!(by(false).level(), 1);
+        assert_eq!(
+            Command::Batch {
+                commands: vec![by(false), by(true)]
+            }
+            .level(),
+            2
+        );
+    }
+
     /// A snapshot records the highest level it holds, as applied (deterministically).
     #[test]
     fn the_state_records_the_highest_level_applied() {
@@ -434,7 +459,15 @@ mod tests {
             name: "u".into(),
             display_name: String::new(),
             now: 1,
+            by_admin: false,
         });
         assert_eq!(t.level, 1);
+        let _ = t.apply(&Command::CreateUser {
+            name: "v".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin: true,
+        });
+        assert_eq!(t.level, 2);
     }
 }

@@ -29,6 +29,42 @@ pub struct User {
     pub name: String,
     pub display_name: String,
     pub created: i64,
+    /// The OIDC identity this user is: an OIDC login reaches this user only with exactly
+    /// this issuer and subject, never by e-mail or user name. Set when an OIDC login
+    /// created the user, by `users link`, or by a migration that carried it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcIdentity>,
+    /// Who made the user; users stored before this was recorded are `Unrecorded`.
+    #[serde(default)]
+    pub origin: UserOrigin,
+}
+
+/// An identity at an OIDC provider: the provider's issuer URL and the `sub` it gives the
+/// person, which the provider never reassigns (OIDC Core 5.7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcIdentity {
+    pub issuer: String,
+    pub subject: String,
+}
+
+impl OidcIdentity {
+    /// Issuers compare without a trailing '/', as discovery and ID tokens are checked.
+    pub fn same(&self, issuer: &str, subject: &str) -> bool {
+        self.subject == subject && self.issuer.trim_end_matches('/') == issuer.trim_end_matches('/')
+    }
+}
+
+/// How a user came to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserOrigin {
+    /// Stored by a version that did not record it (a CLI user or an early OIDC login
+    /// alike): no OIDC login is bound to it by name; an administrator links it.
+    #[default]
+    Unrecorded,
+    /// Created by an administrator (CLI, admin or REST API) or carried over by a migration.
+    Admin,
+    /// Created by the first OIDC login of its identity.
+    Oidc,
 }
 
 /// A pre-auth key; only its SHA-256 hash is stored, the key itself is shown once.
@@ -224,6 +260,10 @@ pub enum Command {
         name: String,
         display_name: String,
         now: i64,
+        /// Set by this version's administrator paths; absent in commands older versions
+        /// wrote (some of which an OIDC login proposed), whose users stay `Unrecorded`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        by_admin: bool,
     },
     RenameUser {
         old_name: String,
@@ -391,6 +431,26 @@ pub enum Command {
         by: String,
         now: i64,
     },
+    /// The person at the browser logged in at the OIDC provider as (`issuer`, `subject`)
+    /// and confirmed that the machine waiting as `auth_id` joins their account: the
+    /// machine is registered for the user bound to that identity, or for a new user
+    /// created for it, named `name` or, when that is taken, `name-2`, `name-3`, ...
+    /// Refused (changing nothing) when `name` is a user stored before user origins were
+    /// recorded: only an administrator can say whether it is this person.
+    OidcLogin {
+        auth_id: String,
+        issuer: String,
+        subject: String,
+        name: String,
+        display_name: String,
+        now: i64,
+    },
+    /// An administrator binds user `name` to an OIDC identity (an OIDC login as that
+    /// identity then reaches this user), or unbinds it (`identity: None`).
+    LinkUser {
+        name: String,
+        identity: Option<OidcIdentity>,
+    },
 }
 
 impl Command {
@@ -399,6 +459,10 @@ impl Command {
     pub fn level(&self) -> u32 {
         match self {
             Command::Batch { commands } => commands.iter().map(Command::level).max().unwrap_or(1),
+            // OIDC identities: users bound to (issuer, subject) and how they came to be.
+            Command::CreateUser { by_admin: true, .. }
+            | Command::OidcLogin { .. }
+            | Command::LinkUser { .. } => 2,
             _ => 1,
         }
     }

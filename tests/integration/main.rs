@@ -3,6 +3,7 @@
 mod cluster;
 mod deploy;
 mod fixtures;
+mod identity;
 mod interop;
 mod migration;
 mod monitoring;
@@ -13,5 +14,6 @@ mod policy;
 mod protocol;
 mod raft_security;
 mod rest_api;
+mod revocation;
 mod routes;
 mod ssh;
