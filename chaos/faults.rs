@@ -96,7 +96,8 @@ pub struct Cluster {
 /// Data disk size: a run writes a few MiB; RocksDB needs room for compactions. Below
 /// RocksDB's log preallocation (1.1 × its 64 MiB write buffer), so its log takes space as
 /// it grows: a bigger disk gives a running replica up to 64 MiB of writes after it fills.
-const DISK: &str = "size=48m";
+/// Owner-only, as a replica requires of its data directory (tmpfs defaults to 1777).
+const DISK: &str = "size=48m,mode=0700";
 
 impl Cluster {
     /// Three replicas with mutual-TLS Raft, clients logging in at `server_url`.
