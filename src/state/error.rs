@@ -70,4 +70,8 @@ pub enum StateError {
     BadPolicy(String),
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]
     TooManyPendingLogins,
+    #[error("replica {holder} holds the ACME lease until {until} (unix ms); only one replica orders the certificate at a time")]
+    AcmeLeaseHeld { holder: u64, until: i64 },
+    #[error("replica {0} does not hold the ACME lease (it ran out, or another replica took it); its order is void")]
+    AcmeNotHolder(u64),
 }
