@@ -14,3 +14,4 @@ mod protocol;
 mod rest_api;
 mod routes;
 mod ssh;
+mod tls;
