@@ -827,6 +827,41 @@ async fn acme_cluster_renews_once_across_a_leader_change() {
         observed.elapsed() < Duration::from_secs(50),
         "the next renewal would be due"
     );
+    // Each replica's log names the orders it placed: two in all, the renewal by the old
+    // leader, with how long each took from lease to certificate.
+    let mut issued = Vec::new();
+    for r in &replicas {
+        let text = std::fs::read_to_string(r.dir.join("hydrascale.log")).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("TLS certificate issued"))
+        {
+            // Without the log's colour codes: `took_ms=569`.
+            let mut plain = String::new();
+            let mut escape = false;
+            for c in line.chars() {
+                match (escape, c) {
+                    (_, '\u{1b}') => escape = true,
+                    (true, 'm') => escape = false,
+                    (true, _) => {}
+                    (false, c) => plain.push(c),
+                }
+            }
+            let took = plain
+                .split("took_ms=")
+                .nth(1)
+                .and_then(|t| {
+                    t.split(|c: char| !c.is_ascii_digit())
+                        .find(|d| !d.is_empty())
+                })
+                .unwrap_or("?")
+                .to_string();
+            issued.push((r.id, took));
+        }
+    }
+    eprintln!("certificates issued (replica, ms from lease to certificate): {issued:?}");
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    assert!(issued.iter().any(|(id, _)| *id == leader), "{issued:?}");
 
     // Official clients join over https through the load balancer and reach each other.
     let admin = &replicas[(new_leader - 1) as usize];
