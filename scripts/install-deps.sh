@@ -41,6 +41,17 @@ if [ ! -x "$TOOLS_DIR/bin/tailscaled" ] || [ ! -f "$stamp" ]; then
 fi
 "$TOOLS_DIR/bin/tailscale" version | head -1
 
+# Pebble, Let's Encrypt's ACME test server, for the TLS tests (certificates by ACME for
+# one replica and for a cluster), built from the Go module proxy like the client above.
+PEBBLE_VERSION="${PEBBLE_VERSION:-v2.9.0}"
+stamp="$TOOLS_DIR/bin/.pebble-$PEBBLE_VERSION"
+if [ ! -x "$TOOLS_DIR/bin/pebble" ] || [ ! -f "$stamp" ]; then
+  echo "building Pebble $PEBBLE_VERSION with go install" >&2
+  GOBIN="$TOOLS_DIR/bin" GOFLAGS=-mod=mod go install "github.com/letsencrypt/pebble/v2/cmd/pebble@$PEBBLE_VERSION"
+  touch "$stamp"
+fi
+"$TOOLS_DIR/bin/pebble" -version
+
 # cargo-deb builds the .deb (the packaging test checks the package it makes).
 CARGO_DEB_VERSION=3.8.0
 if [ ! -x "$TOOLS_DIR/bin/cargo-deb" ] || ! "$TOOLS_DIR/bin/cargo-deb" --version | grep -q "$CARGO_DEB_VERSION"; then

@@ -81,7 +81,7 @@ pub async fn control_key(
     loop {
         let agreed = db.store.read().control_key.clone();
         if let Some(text) = agreed {
-            let key = ControlKey::parse(&text).map_err(ClusterError::BadKey)?;
+            let key = ControlKey::parse(text.expose()).map_err(ClusterError::BadKey)?;
             if key.public() != local.public() {
                 tracing::info!(key = %key.public_text(), "serving with the cluster's control key");
             }

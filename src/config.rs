@@ -65,6 +65,181 @@ pub struct Config {
     pub oidc: OidcConfig,
     pub derp: DerpConfig,
     pub cluster: ClusterConfig,
+    pub tls: TlsConfig,
+}
+
+/// The ACME directory of Let's Encrypt's production CA, the default `tls.acme_directory`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// TLS on the control listener (`[tls]`): certificate files, or a certificate from an
+/// ACME CA. Off when neither is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first) and its private key; both or neither. Reloaded
+    /// when either file changes.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name to obtain a certificate for by ACME (the host of `server_url`); empty: no
+    /// ACME. In a cluster one replica orders it and shares it through the replicated state.
+    pub acme_hostname: String,
+    /// Contact address given to the CA (expiry notices); optional.
+    pub acme_email: String,
+    /// The CA's ACME directory URL.
+    pub acme_directory: String,
+    /// `tls-alpn-01` (answered on the control listener, which must be reachable on port 443
+    /// of `acme_hostname`) or `http-01` (answered on port 80: `http_listen_addr`, or a load
+    /// balancer forwarding port 80 to the control listeners).
+    pub acme_challenge: String,
+    /// Extra CA certificates (PEM) to trust for the ACME directory's own HTTPS, for a
+    /// private CA; the public roots are always trusted.
+    pub acme_ca_file: Option<PathBuf>,
+    /// Renew this long before the certificate expires.
+    pub acme_renew_before: String,
+    /// A plain-HTTP listener (port 80) that answers ACME HTTP-01 challenges and redirects
+    /// every other request to `server_url`; none by default.
+    pub http_listen_addr: Option<SocketAddr>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            acme_hostname: String::new(),
+            acme_email: String::new(),
+            acme_directory: LETS_ENCRYPT_DIRECTORY.into(),
+            acme_challenge: "tls-alpn-01".into(),
+            acme_ca_file: None,
+            acme_renew_before: "30d".into(),
+            http_listen_addr: None,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether the control listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some() || self.acme()
+    }
+
+    pub fn acme(&self) -> bool {
+        !self.acme_hostname.trim().is_empty()
+    }
+
+    /// HTTP-01 rather than TLS-ALPN-01 (checked by `validate`).
+    pub fn http01(&self) -> bool {
+        self.acme_challenge == "http-01"
+    }
+
+    /// `acme_renew_before` in milliseconds (checked by `validate`).
+    pub fn renew_before_ms(&self) -> i64 {
+        parse_duration_ms(&self.acme_renew_before).unwrap_or(30 * 86_400_000)
+    }
+
+    fn validate(&self, server_url: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: format!("tls.{key}"),
+            message,
+        };
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(invalid(
+                "cert_file",
+                "set tls.cert_file and tls.key_file together (or neither)".into(),
+            ));
+        }
+        if self.cert_file.is_some() && self.acme() {
+            return Err(invalid(
+                "acme_hostname",
+                "either certificate files (tls.cert_file, tls.key_file) or ACME (tls.acme_hostname), not both".into(),
+            ));
+        }
+        if !self.enabled() {
+            if self.http_listen_addr.is_some() {
+                return Err(invalid(
+                    "http_listen_addr",
+                    "only serves with [tls] on (tls.cert_file or tls.acme_hostname)".into(),
+                ));
+            }
+            return Ok(());
+        }
+        if !server_url.starts_with("https://") {
+            return Err(ConfigError::Invalid {
+                key: "server_url".into(),
+                message: format!(
+                    "{server_url:?} must start with https:// when [tls] is on: it is what clients pass to --login-server"
+                ),
+            });
+        }
+        if self.acme() {
+            let host = self.acme_hostname.trim();
+            if !valid_domain(host)
+                || host.ends_with('.')
+                || host.parse::<std::net::IpAddr>().is_ok()
+            {
+                return Err(invalid(
+                    "acme_hostname",
+                    format!("{host:?} is not a DNS name such as login.example.com"),
+                ));
+            }
+            let url_host = server_url
+                .strip_prefix("https://")
+                .and_then(|r| r.split(['/', ':']).next())
+                .unwrap_or_default();
+            if !url_host.eq_ignore_ascii_case(host) {
+                return Err(invalid(
+                    "acme_hostname",
+                    format!(
+                        "{host:?} is not the host of server_url {server_url:?}: clients check the certificate against the name they dial"
+                    ),
+                ));
+            }
+            if !self.acme_directory.starts_with("https://") {
+                return Err(invalid(
+                    "acme_directory",
+                    format!(
+                        "{:?} must be the CA's https:// directory URL",
+                        self.acme_directory
+                    ),
+                ));
+            }
+            if !matches!(self.acme_challenge.as_str(), "tls-alpn-01" | "http-01") {
+                return Err(invalid(
+                    "acme_challenge",
+                    format!(
+                        "{:?} is not \"tls-alpn-01\" or \"http-01\"",
+                        self.acme_challenge
+                    ),
+                ));
+            }
+            if self.acme_email.contains(['\n', ' ']) {
+                return Err(invalid(
+                    "acme_email",
+                    format!("{:?} is not an e-mail address", self.acme_email),
+                ));
+            }
+        }
+        match parse_duration_ms(&self.acme_renew_before) {
+            Ok(ms) if ms >= 60_000 => Ok(()),
+            Ok(_) => Err(invalid(
+                "acme_renew_before",
+                "must be at least 1m (the default is 30d)".into(),
+            )),
+            Err(message) => Err(invalid("acme_renew_before", message)),
+        }
+    }
+
+    /// The name clients check the certificate against: `acme_hostname`, or the host of
+    /// `server_url` with certificate files. `None` while TLS is off.
+    pub fn cert_name(&self, server_host: &str) -> Option<String> {
+        if self.acme() {
+            Some(self.acme_hostname.trim().to_ascii_lowercase())
+        } else if self.enabled() {
+            Some(server_host.to_string())
+        } else {
+            None
+        }
+    }
 }
 
 /// OIDC login (`[oidc]`): an interactive login's URL leads to this identity provider.
@@ -472,6 +647,7 @@ impl Default for Config {
             oidc: OidcConfig::default(),
             derp: DerpConfig::default(),
             cluster: ClusterConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -709,7 +885,8 @@ impl Config {
             });
         }
         self.dns.validate()?;
-        self.oidc.validate()
+        self.oidc.validate()?;
+        self.tls.validate(url)
     }
 
     /// `server_url` without trailing slashes, as the client normalises it.
@@ -1072,6 +1249,79 @@ extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "10
             .to_string();
         assert!(err.contains("insecure_plaintext"), "{err}");
         Config::load_with(None, &[], &[]).expect("one replica on defaults");
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let load = |toml: &str| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("c.toml");
+            std::fs::write(&p, toml).expect("write");
+            Config::load_with_env(Some(&p), &[])
+        };
+        let https = "server_url = \"https://login.example.com\"\n";
+        let files = load(&format!(
+            "{https}[tls]\ncert_file = \"/etc/c.pem\"\nkey_file = \"/etc/k.pem\"\n"
+        ))
+        .expect("certificate files");
+        assert!(files.tls.enabled() && !files.tls.acme());
+        assert_eq!(
+            files.tls.cert_name("login.example.com").as_deref(),
+            Some("login.example.com")
+        );
+        let acme = load(&format!(
+            "{https}[tls]\nacme_hostname = \"Login.Example.com\"\n"
+        ))
+        .expect("ACME");
+        assert!(acme.tls.enabled() && acme.tls.acme() && !acme.tls.http01());
+        assert_eq!(acme.tls.acme_directory, LETS_ENCRYPT_DIRECTORY);
+        assert_eq!(acme.tls.renew_before_ms(), 30 * 86_400_000);
+        assert_eq!(
+            acme.tls.cert_name("x").as_deref(),
+            Some("login.example.com")
+        );
+        assert_eq!(Config::default().tls.cert_name("x"), None);
+        for (toml, key) in [
+            (
+                format!("{https}[tls]\ncert_file = \"/c\"\n"),
+                "tls.cert_file",
+            ),
+            (
+                format!("{https}[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\nacme_hostname = \"login.example.com\"\n"),
+                "tls.acme_hostname",
+            ),
+            (
+                "[tls]\nacme_hostname = \"login.example.com\"\n".to_string(),
+                "server_url",
+            ),
+            (
+                format!("{https}[tls]\nacme_hostname = \"other.example.com\"\n"),
+                "tls.acme_hostname",
+            ),
+            (
+                "server_url = \"https://10.0.0.1\"\n[tls]\nacme_hostname = \"10.0.0.1\"\n".to_string(),
+                "tls.acme_hostname",
+            ),
+            (
+                format!("{https}[tls]\nacme_hostname = \"login.example.com\"\nacme_challenge = \"dns-01\"\n"),
+                "tls.acme_challenge",
+            ),
+            (
+                format!("{https}[tls]\nacme_hostname = \"login.example.com\"\nacme_directory = \"http://ca.example/dir\"\n"),
+                "tls.acme_directory",
+            ),
+            (
+                format!("{https}[tls]\nacme_hostname = \"login.example.com\"\nacme_renew_before = \"10s\"\n"),
+                "tls.acme_renew_before",
+            ),
+            (
+                "[tls]\nhttp_listen_addr = \"127.0.0.1:80\"\n".to_string(),
+                "tls.http_listen_addr",
+            ),
+        ] {
+            let err = load(&toml).expect_err(&toml).to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

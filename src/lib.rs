@@ -16,6 +16,7 @@ pub mod noise;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run_server, ServerHandle};

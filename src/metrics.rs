@@ -95,6 +95,10 @@ pub struct Metrics {
     /// Time the state machine spends applying one committed entry.
     pub apply: Histogram,
     pub applied_entries: AtomicU64,
+    /// ACME orders this replica placed (`tls::acme`), and certificate file pairs that
+    /// changed but did not load (`tls::watch_files`).
+    pub acme_orders: AtomicU64,
+    pub tls_reload_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -152,6 +156,8 @@ pub struct Sources {
     pub derp: Option<DerpServer>,
     /// Whether this replica serves clients (in contact with a quorum).
     pub serving: watch::Receiver<bool>,
+    /// The control listener's certificate, when `[tls]` is on.
+    pub tls: Option<Arc<crate::tls::CertStore>>,
 }
 
 struct Family<'a> {
@@ -472,8 +478,88 @@ pub fn render(src: &Sources) -> String {
             ],
         );
     }
+    if let Some(store) = &src.tls {
+        tls_metrics(&mut Family { out: &mut out }, store, src);
+    }
     process_metrics(&mut out);
     out
+}
+
+/// The served certificate's lifetime (what the expiry alert watches), and with ACME the
+/// cluster's ordering state from the replicated state.
+fn tls_metrics(f: &mut Family<'_>, store: &crate::tls::CertStore, src: &Sources) {
+    if let Some(info) = store.info() {
+        f.one(
+            "hydrascale_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the TLS certificate this replica serves expires (unix seconds).",
+            info.not_after / 1000,
+        );
+        f.one(
+            "hydrascale_tls_certificate_lifetime_seconds",
+            "gauge",
+            "How long the TLS certificate this replica serves is valid in all (not after - not before).",
+            (info.not_after - info.not_before) / 1000,
+        );
+        f.one(
+            "hydrascale_tls_certificate_remaining_seconds",
+            "gauge",
+            "Seconds until the TLS certificate this replica serves expires (negative: expired).",
+            (info.not_after - crate::state::now_ms()) / 1000,
+        );
+    }
+    f.one(
+        "hydrascale_tls_certificate_swaps_total",
+        "counter",
+        "TLS certificates swapped in without a restart (renewed files, a new ACME certificate).",
+        store.swaps(),
+    );
+    f.one(
+        "hydrascale_tls_reload_failures_total",
+        "counter",
+        "Changed certificate files that did not load (the previous certificate stays served).",
+        load(&src.metrics.tls_reload_failures),
+    );
+    if !store.acme() {
+        return;
+    }
+    f.one(
+        "hydrascale_acme_orders_total",
+        "counter",
+        "ACME orders this replica placed.",
+        load(&src.metrics.acme_orders),
+    );
+    let (holder, issued, failures) = {
+        let t = src.db.store.read();
+        let now = crate::state::now_ms();
+        (
+            t.tls
+                .lease
+                .as_ref()
+                .filter(|l| l.until > now)
+                .map_or(0, |l| l.replica),
+            t.tls.issued,
+            t.tls.failures_in_row,
+        )
+    };
+    f.one(
+        "hydrascale_acme_lease_holder",
+        "gauge",
+        "The replica holding the ACME lease (ordering the certificate now; 0: none).",
+        holder,
+    );
+    f.one(
+        "hydrascale_acme_certificates_issued",
+        "gauge",
+        "ACME certificates the cluster has installed since it began (replicated state).",
+        issued,
+    );
+    f.one(
+        "hydrascale_acme_failures_in_row",
+        "gauge",
+        "ACME orders that failed since the last certificate (replicated state).",
+        failures,
+    );
 }
 
 /// The fields of a `/proc/<pid>/stat` after the command name, which may hold spaces, so

@@ -55,6 +55,10 @@ pub enum ServerError {
     RaftThreads(String),
     #[error("Raft stopped on this replica ({0}); it cannot take part in the cluster until it is restarted, and the other replicas go on without it. Remove the cause first: a full disk (free space), or a newer version's command (upgrade this replica)")]
     RaftStopped(String),
+    #[error("[tls]: {0}")]
+    ControlTls(#[from] crate::tls::TlsError),
+    #[error("[tls] ACME: {0}")]
+    Acme(String),
 }
 
 /// Raft runs on a runtime and OS threads of its own. Thousands of map streams keep the
@@ -109,6 +113,10 @@ pub struct ServerHandle {
     pub stun_addr: Option<SocketAddr>,
     pub db: Db,
     pub control_key: ControlKey,
+    /// The control listener's certificate while `[tls]` is on.
+    pub tls: Option<Arc<crate::tls::CertStore>>,
+    /// `tls.http_listen_addr` as bound.
+    pub http_addr: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: JoinSet<()>,
     raft_threads: RaftThreads,
@@ -295,6 +303,21 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     let control_key =
         crate::cluster::control_key(&db, &local_key, seed, shutdown_rx.clone()).await?;
 
+    // With [tls] on: what the control listener serves, from files or (ACME) from the
+    // replicated state, before the listener opens so no handshake finds nothing.
+    let tls_store = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(crate::tls::CertStore::new(
+            Some(crate::tls::load_files(cert, key)?),
+            None,
+        )?)),
+        _ if config.tls.acme() => Some(Arc::new(crate::tls::CertStore::new(
+            None,
+            Some(config.tls.acme_hostname.trim()),
+        )?)),
+        _ => None,
+    };
+    let acme = crate::tls::acme::Acme::new(&config, db.clone()).map_err(ServerError::Acme)?;
+
     let control_listener = bind("control", config.listen_addr).await?;
     let control_addr = control_listener
         .local_addr()
@@ -308,7 +331,8 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     let mut config = config;
     // Port 0 in the config means "pick one"; the DERP map must then show the real port.
     if config.listen_addr.port() == 0 {
-        config.server_url = format!("http://{control_addr}");
+        let scheme = if tls_store.is_some() { "https" } else { "http" };
+        config.server_url = format!("{scheme}://{control_addr}");
     }
     let mut app = axum::Router::new();
     let mut derp_server = None;
@@ -402,8 +426,9 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         let sources = crate::metrics::Sources {
             metrics: db.store.metrics().clone(),
             db: db.clone(),
-            derp: derp_server,
+            derp: derp_server.clone(),
             serving: serving_rx.clone(),
+            tls: tls_store.clone(),
         };
         let stop = shutdown_signal(&shutdown_rx);
         tasks.spawn(async move {
@@ -429,9 +454,65 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks.spawn(control::reconcile_online(state, stop));
     }
     tasks.spawn(return_freed_memory(shutdown_rx.clone()));
+    let plain_app = tls_store.as_ref().map(|_| {
+        let mut plain = control::plain_router(state.clone())
+            .merge(crate::tls::challenge_routes(db.clone()))
+            .merge(crate::tls::redirect_to(config.server_url().to_string()));
+        if let Some(derp) = &derp_server {
+            plain = plain.merge(crate::derp::router(derp.clone()));
+        }
+        plain
+    });
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));
-    {
+    let mut http_addr = None;
+    if let (Some(store), Some(plain_app)) = (&tls_store, plain_app) {
+        app = app.merge(crate::tls::challenge_routes(db.clone()));
+        let alpn_challenge = config.tls.acme() && !config.tls.http01();
+        let server_config = Arc::new(store.server_config(alpn_challenge)?);
+        let (plain, secure) =
+            crate::tls::listener::split(control_listener, server_config, shutdown_rx.clone())
+                .map_err(|source| ServerError::Bind {
+                    what: "control",
+                    addr: config.listen_addr,
+                    source,
+                })?;
+        serve_on(
+            &mut tasks,
+            plain,
+            plain_app,
+            "control (plain HTTP)",
+            &shutdown_rx,
+        );
+        serve_on(&mut tasks, secure, app, "control (TLS)", &shutdown_rx);
+        match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                tasks.spawn(crate::tls::watch_files(
+                    store.clone(),
+                    cert.clone(),
+                    key.clone(),
+                    db.store.metrics().clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+            _ => {
+                tasks.spawn(crate::tls::follow_state(
+                    store.clone(),
+                    db.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+        }
+        if let Some(acme) = acme {
+            tasks.spawn(crate::tls::acme::run(acme, shutdown_rx.clone()));
+        }
+        if let Some(addr) = config.tls.http_listen_addr {
+            let listener = bind("HTTP (tls.http_listen_addr)", addr).await?;
+            http_addr = listener.local_addr().ok();
+            let router = crate::tls::http_listener_router(db.clone(), &config);
+            serve_on(&mut tasks, listener, router, "HTTP (port 80)", &shutdown_rx);
+        }
+    } else {
         let stop = shutdown_signal(&shutdown_rx);
         tasks.spawn(async move {
             use axum::serve::ListenerExt;
@@ -469,10 +550,38 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         stun_addr,
         db,
         control_key,
+        tls: tls_store,
+        http_addr,
         shutdown_tx,
         tasks,
         raft_threads,
     })
+}
+
+/// Serves `app` on `listener` (with the peer's address as `ConnectInfo`) until shutdown.
+fn serve_on<L>(
+    tasks: &mut JoinSet<()>,
+    listener: L,
+    app: axum::Router,
+    what: &'static str,
+    shutdown_rx: &watch::Receiver<bool>,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use axum::serve::ListenerExt;
+    let stop = shutdown_signal(shutdown_rx);
+    tasks.spawn(async move {
+        // tap_io: axum gives `ConnectInfo<SocketAddr>` to any listener wrapped so.
+        let listener = listener.tap_io(|_| {});
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop);
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "{what} listener stopped");
+        }
+    });
 }
 
 impl ServerHandle {

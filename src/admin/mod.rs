@@ -819,8 +819,8 @@ impl AdminService for Admin {
         let t = self.db.store.read();
         let key = t
             .control_key
-            .as_deref()
-            .and_then(|k| crate::noise::ControlKey::parse(k).ok())
+            .as_ref()
+            .and_then(|k| crate::noise::ControlKey::parse(k.expose()).ok())
             .map(|k| k.public_text())
             .unwrap_or_default();
         Ok(Response::new(proto::InitClusterReply {

@@ -403,7 +403,8 @@ async fn run_stream(
                         | Ok(Change::NodeRemoved(_))
                         | Ok(Change::UserChanged(_))
                         | Ok(Change::PolicyChanged)
-                        | Ok(Change::SshCheckDecided(_)) => {}
+                        | Ok(Change::SshCheckDecided(_))
+                        | Ok(Change::TlsChanged) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
                         Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,

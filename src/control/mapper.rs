@@ -113,11 +113,17 @@ pub fn derp_map(
 ) -> Value {
     let d = &config.derp;
     let mut regions = BTreeMap::new();
+    // With [tls] on, every relay serves the control listener's certificate: a relay
+    // listed by its own address says which name to check it against.
+    let cert_name = config.tls.cert_name(&config.server_host_port().0);
     if d.enabled {
         let node = |r: &Replica| DerpNode {
             name: format!("{}r{}", d.region_id, r.id),
             region_id: d.region_id,
             host_name: r.derp_host.clone(),
+            cert_name: cert_name
+                .clone()
+                .filter(|n| !n.eq_ignore_ascii_case(&r.derp_host)),
             ipv6: r.derp_ipv4.as_ref().map(|_| "none".to_string()),
             stun_test_ip: r.derp_ipv4.clone(),
             ipv4: r.derp_ipv4.clone(),
@@ -757,6 +763,33 @@ mod tests {
         let p = dir.join("regions.json");
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    /// With [tls] on, a relay listed by its own address names the certificate's name, so
+    /// the client checks the cluster's certificate while dialling the address.
+    #[test]
+    fn tls_relays_listed_by_address_name_the_certificate() {
+        let mut config = Config {
+            server_url: "https://login.example.com".into(),
+            ..Config::default()
+        };
+        config.tls.acme_hostname = "login.example.com".into();
+        let me = local_replica(&config, "127.0.0.1:1", "127.0.0.1:443".parse().unwrap());
+        let mut other = me.clone();
+        other.id = 2;
+        other.derp_host = "10.0.0.2".into();
+        let replicas = BTreeMap::from([(1, me.clone()), (2, other)]);
+        let map = derp_map(&config, &replicas, &me, &BTreeMap::new());
+        let nodes = &map["Regions"]["900"]["Nodes"];
+        assert_eq!(nodes[0]["HostName"], "login.example.com");
+        assert_eq!(nodes[0]["DERPPort"], 443);
+        assert!(nodes[0].get("CertName").is_none(), "{map}");
+        assert_eq!(nodes[1]["HostName"], "10.0.0.2");
+        assert_eq!(nodes[1]["CertName"], "login.example.com");
+        // Without TLS nothing names a certificate.
+        config.tls.acme_hostname.clear();
+        let map = derp_map(&config, &replicas, &me, &BTreeMap::new());
+        assert!(map["Regions"]["900"]["Nodes"][1].get("CertName").is_none());
     }
 
     #[test]

@@ -158,12 +158,25 @@ impl ControlState {
 
 /// Routes of the public control listener (DERP routes are merged in by the server).
 pub fn router(state: Arc<ControlState>) -> Router {
+    plain_router(state.clone()).merge(web_router(state))
+}
+
+/// What a plain-HTTP connection may still reach when `[tls]` is on: TS2021 (Noise brings
+/// its own encryption and authentication), the server's public key, the DERP map and the
+/// probes, none of which carries a secret. Web pages and their forms (API keys, OIDC
+/// codes) and the REST API are served over TLS only.
+pub fn plain_router(state: Arc<ControlState>) -> Router {
     Router::new()
         .route("/key", get(key_handler))
         .route("/ts2021", any(ts2021::upgrade))
         .route("/derpmap/default", get(derp_map_handler))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
+        .with_state(state)
+}
+
+fn web_router(state: Arc<ControlState>) -> Router {
+    Router::new()
         .route(
             "/register/{auth_id}",
             get(login_page::show).post(login_page::approve),

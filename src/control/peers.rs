@@ -427,7 +427,8 @@ impl Observer for PeerCache {
                 Change::ReplicasChanged
                 | Change::Reset
                 | Change::PolicyChanged
-                | Change::SshCheckDecided(_) => {}
+                | Change::SshCheckDecided(_)
+                | Change::TlsChanged => {}
             }
         }
         // Routers coming, going or going offline move subnet routes between the others.

@@ -188,6 +188,10 @@ pub struct DerpNode {
     pub region_id: i32,
     #[serde(rename = "HostName")]
     pub host_name: String,
+    /// The name the relay's TLS certificate is checked against when it is not
+    /// `HostName` (a replica dialled at its own address serving the cluster's name).
+    #[serde(rename = "CertName", skip_serializing_if = "Option::is_none")]
+    pub cert_name: Option<String>,
     #[serde(rename = "IPv4", skip_serializing_if = "Option::is_none")]
     pub ipv4: Option<String>,
     #[serde(rename = "IPv6", skip_serializing_if = "Option::is_none")]

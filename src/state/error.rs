@@ -86,4 +86,8 @@ pub enum StateError {
     },
     #[error("an OIDC identity needs both the issuer URL and the subject (the `sub` claim)")]
     BadIdentity,
+    #[error("replica {holder} holds the ACME lease until {until} (unix ms); only one replica orders the certificate at a time")]
+    AcmeLeaseHeld { holder: u64, until: i64 },
+    #[error("replica {0} does not hold the ACME lease (it ran out, or another replica took it); its order is void")]
+    AcmeNotHolder(u64),
 }

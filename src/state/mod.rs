@@ -10,13 +10,16 @@ mod store;
 mod tailnet;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_acme;
 mod types;
 
 pub use error::StateError;
 pub use store::{now_ms, Db, DbError, Observer, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};
 pub use types::{
-    is_exit_route, routes_in_hostinfo, ApiKey, Change, Command, CommandOutput, Node, OidcIdentity,
-    PendingLogin, PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, User,
-    UserOrigin, COMMAND_LEVEL, LOGIN_TTL_MS, MAX_PENDING_LOGINS, SSH_CHECK_TTL_MS,
+    is_exit_route, routes_in_hostinfo, AcmeAccountRecord, AcmeChallengeKind, AcmeChallengeRecord,
+    AcmeLease, AcmeStep, ApiKey, Change, Command, CommandOutput, Node, OidcIdentity, PendingLogin,
+    PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, Secret, SshCheck, TlsCertRecord,
+    TlsState, User, UserOrigin, COMMAND_LEVEL, LOGIN_TTL_MS, MAX_PENDING_LOGINS, SSH_CHECK_TTL_MS,
 };

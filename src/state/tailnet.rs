@@ -11,9 +11,9 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    ApiKey, Change, Command, CommandOutput, Node, OidcIdentity, PendingLogin, PolicyRecord,
-    PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, User, UserOrigin, LOGIN_TTL_MS,
-    MAX_PENDING_LOGINS, MAX_SSH_CHECKS, SSH_CHECK_TTL_MS,
+    AcmeLease, AcmeStep, ApiKey, Change, Command, CommandOutput, Node, OidcIdentity, PendingLogin,
+    PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, TlsState, User,
+    UserOrigin, LOGIN_TTL_MS, MAX_PENDING_LOGINS, MAX_SSH_CHECKS, SSH_CHECK_TTL_MS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -21,9 +21,10 @@ pub struct Tailnet {
     pub users: BTreeMap<u64, User>,
     pub nodes: BTreeMap<u64, Node>,
     pub preauth_keys: BTreeMap<u64, PreAuthKey>,
-    /// The cluster's control key as `privkey:<hex>`; every replica serves with it.
+    /// The cluster's control key as `privkey:<hex>`; every replica serves with it. A
+    /// [`Secret`](super::types::Secret): a debug print of the state does not show it.
     #[serde(default)]
-    pub control_key: Option<String>,
+    pub control_key: Option<super::types::Secret>,
     #[serde(default)]
     pub replicas: BTreeMap<u64, Replica>,
     #[serde(default)]
@@ -45,6 +46,10 @@ pub struct Tailnet {
     /// replica of a version that reads less refuses a snapshot of this state.
     #[serde(default)]
     pub level: u32,
+    /// The cluster's ACME certificate (its private key included) and the lease that lets
+    /// one replica at a time order it.
+    #[serde(default)]
+    pub tls: TlsState,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -254,7 +259,7 @@ impl Tailnet {
                     (n.id, n)
                 })
                 .collect(),
-            control_key: Some(control_key),
+            control_key: Some(super::types::Secret::new(control_key)),
             ..Tailnet::default()
         }
     }
@@ -285,6 +290,7 @@ impl Tailnet {
                 | Command::ApproveRoutes { .. }
                 | Command::ExpireNode { .. }
                 | Command::LinkUser { .. }
+                | Command::Acme { .. }
         );
         if !keeps_index {
             self.index.clear();
@@ -658,7 +664,7 @@ impl Tailnet {
             }
             Command::SetControlKey { key } => {
                 if self.control_key.is_none() {
-                    self.control_key = Some(key.clone());
+                    self.control_key = Some(super::types::Secret::new(key.clone()));
                 }
                 Ok((CommandOutput::Done, Vec::new()))
             }
@@ -682,6 +688,9 @@ impl Tailnet {
                     return Err(StateError::BadBackup("it holds no control key".into()));
                 }
                 restored.replicas = std::mem::take(&mut self.replicas);
+                // An order in flight belonged to the old cluster's replicas.
+                restored.tls.lease = None;
+                restored.tls.challenge = None;
                 for n in restored.nodes.values_mut() {
                     n.online = false;
                     n.online_via = None;
@@ -819,6 +828,7 @@ impl Tailnet {
                     vec![Change::SshCheckDecided(auth_id.clone())],
                 ))
             }
+            Command::Acme { replica, step, now } => self.apply_acme(*replica, step, *now),
             Command::ApproveRoutes { id, routes } => {
                 let mut nets = Vec::new();
                 for r in routes {
@@ -886,6 +896,79 @@ impl Tailnet {
                 ))
             }
         }
+    }
+
+    /// One ACME step of replica `replica` (see [`AcmeStep`]).
+    fn apply_acme(
+        &mut self,
+        replica: u64,
+        step: &AcmeStep,
+        now: i64,
+    ) -> Result<(CommandOutput, Vec<Change>), StateError> {
+        let tls = &mut self.tls;
+        let holds = tls.lease.as_ref().is_some_and(|l| l.replica == replica);
+        if let AcmeStep::Lease { until } = step {
+            match &tls.lease {
+                Some(l) if l.replica != replica && l.until > now => {
+                    return Err(StateError::AcmeLeaseHeld {
+                        holder: l.replica,
+                        until: l.until,
+                    })
+                }
+                _ => {}
+            }
+            let since = tls
+                .lease
+                .as_ref()
+                .filter(|_| holds)
+                .map_or(now, |l| l.since);
+            tls.lease = Some(AcmeLease {
+                replica,
+                since,
+                until: *until,
+            });
+            return Ok((CommandOutput::Done, Vec::new()));
+        }
+        // Every other step is the holder's alone, even once its lease has run out: as long
+        // as nobody else took it, the order it finished is still the only one.
+        if !holds {
+            return Err(StateError::AcmeNotHolder(replica));
+        }
+        let mut changes = Vec::new();
+        match step {
+            AcmeStep::Lease { .. } => {}
+            AcmeStep::Challenge { challenge } => {
+                tls.challenge = challenge.clone();
+                changes.push(Change::TlsChanged);
+            }
+            AcmeStep::Account { account } => tls.account = Some(account.clone()),
+            AcmeStep::Issued { cert } => {
+                tls.cert = Some(cert.clone());
+                tls.issued += 1;
+                tls.failures_in_row = 0;
+                tls.lease = None;
+                tls.challenge = None;
+                changes.push(Change::TlsChanged);
+            }
+            AcmeStep::Failed { error } => {
+                tls.failed += 1;
+                tls.failures_in_row = tls.failures_in_row.saturating_add(1);
+                // The CA's problem documents can be long; the state keeps the gist.
+                let error: String = error.chars().take(500).collect();
+                tls.last_failure = Some((now, error));
+                tls.lease = None;
+                if tls.challenge.take().is_some() {
+                    changes.push(Change::TlsChanged);
+                }
+            }
+            AcmeStep::Release => {
+                tls.lease = None;
+                if tls.challenge.take().is_some() {
+                    changes.push(Change::TlsChanged);
+                }
+            }
+        }
+        Ok((CommandOutput::Done, changes))
     }
 
     /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register `node_key`

@@ -451,6 +451,15 @@ pub enum Command {
         name: String,
         identity: Option<OidcIdentity>,
     },
+    /// One step of the cluster's ACME certificate (`tls.acme_*`, see [`AcmeStep`]). Only
+    /// the replica holding the lease may publish a challenge, record the account or
+    /// install a certificate, so the cluster places one order per renewal however
+    /// leadership moves while it runs.
+    Acme {
+        replica: u64,
+        step: AcmeStep,
+        now: i64,
+    },
 }
 
 impl Command {
@@ -463,6 +472,8 @@ impl Command {
             Command::CreateUser { by_admin: true, .. }
             | Command::OidcLogin { .. }
             | Command::LinkUser { .. } => 2,
+            // The cluster's ACME certificate, in the replicated state.
+            Command::Acme { .. } => 2,
             _ => 1,
         }
     }
@@ -478,6 +489,124 @@ impl Command {
             })
             .unwrap_or_else(|| "this command".into())
     }
+}
+
+/// Text that must never be shown: a private key. It is serialized as it is (the
+/// replicated state, Raft's log and snapshots, and backups hold it), and `Debug` prints
+/// only its length, so no log line or debug dump carries it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Self {
+        Self(text)
+    }
+
+    /// The secret itself, for the one place that uses it (a TLS handshake, an ACME request).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret([redacted, {} bytes])", self.0.len())
+    }
+}
+
+/// The certificate every replica serves on its control listener, obtained by ACME by
+/// one replica and shared with its private key, so every replica (and a load balancer
+/// passing TLS through) presents the same name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsCertRecord {
+    pub hostname: String,
+    /// The certificate chain, leaf first, PEM.
+    pub chain_pem: String,
+    /// The leaf's private key, PKCS#8 PEM.
+    pub key_pem: Secret,
+    /// Validity of the leaf, unix milliseconds.
+    pub not_before: i64,
+    pub not_after: i64,
+    /// The leaf's serial number in hex.
+    pub serial: String,
+    /// The replica that ordered it, and when it was installed.
+    pub issued_by: u64,
+    pub installed: i64,
+}
+
+/// Which replica may order a certificate, until when. Taken before an order, extended
+/// while it runs, released when it ends; one that runs out (its holder died) can be taken
+/// by another replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeLease {
+    pub replica: u64,
+    pub since: i64,
+    pub until: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallengeKind {
+    /// `http://<hostname>/.well-known/acme-challenge/<token>` answers the key authorization.
+    Http01,
+    /// A TLS handshake for `<hostname>` with ALPN `acme-tls/1` presents a certificate
+    /// carrying the key authorization's digest.
+    TlsAlpn01,
+}
+
+/// The challenge of the order in progress, answered by every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeChallengeRecord {
+    pub kind: AcmeChallengeKind,
+    pub hostname: String,
+    pub token: String,
+    pub key_authorization: String,
+}
+
+/// The ACME account the cluster orders with (Let's Encrypt limits new accounts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeAccountRecord {
+    pub directory: String,
+    /// The account's id and private key (instant-acme's `AccountCredentials`, JSON).
+    pub credentials: Secret,
+}
+
+/// One replica's step in ordering the cluster's certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AcmeStep {
+    /// Take (or extend) the lease until `until`: granted when no lease is held, when the
+    /// one held has run out at `now`, or when this replica holds it.
+    Lease { until: i64 },
+    /// The holder publishes the challenge every replica answers (`None` withdraws it).
+    Challenge {
+        challenge: Option<AcmeChallengeRecord>,
+    },
+    /// The holder records the account later orders use.
+    Account { account: AcmeAccountRecord },
+    /// The holder installs the certificate it obtained; the lease ends.
+    Issued { cert: TlsCertRecord },
+    /// The holder's order failed (`error` says why); the lease ends and the next try
+    /// waits out a back-off that grows with the failures in a row.
+    Failed { error: String },
+    /// The holder gives the lease back without ordering (the certificate was renewed
+    /// meanwhile).
+    Release,
+}
+
+/// The cluster's certificate and the ACME bookkeeping around it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsState {
+    pub cert: Option<TlsCertRecord>,
+    pub lease: Option<AcmeLease>,
+    pub challenge: Option<AcmeChallengeRecord>,
+    pub account: Option<AcmeAccountRecord>,
+    /// Certificates installed, and orders that failed, since the cluster began.
+    pub issued: u64,
+    pub failed: u64,
+    /// Failures since the last certificate, and the last one's time and reason.
+    pub failures_in_row: u32,
+    pub last_failure: Option<(i64, String)>,
 }
 
 /// The tailnet policy as the administrator wrote it (comments included), and its parsed
@@ -576,4 +705,6 @@ pub enum Change {
     PolicyChanged,
     /// An SSH check was approved or refused: the held connection may go on.
     SshCheckDecided(String),
+    /// The cluster's certificate or ACME challenge changed: replicas serve the new one.
+    TlsChanged,
 }

@@ -655,6 +655,11 @@ impl Drop for ReplicaProc {
 /// Starts `replicas` as one new cluster, every one a voter, whose clients log in at
 /// `server_url`; returns once every replica is ready.
 pub async fn start_as_cluster(replicas: &mut [ReplicaProc], server_url: &str) {
+    start_as_cluster_with(replicas, server_url, "").await;
+}
+
+/// Like [`start_as_cluster`], with `extra` (TOML sections) added to every config file.
+pub async fn start_as_cluster_with(replicas: &mut [ReplicaProc], server_url: &str, extra: &str) {
     let peers = replicas
         .iter()
         .map(|r| format!("{}={}", r.id, r.raft))
@@ -662,6 +667,11 @@ pub async fn start_as_cluster(replicas: &mut [ReplicaProc], server_url: &str) {
         .join(",");
     for r in replicas.iter_mut() {
         r.write_config(server_url, &peers, false);
+        if !extra.is_empty() {
+            let path = r.dir.join("hydrascale.toml");
+            let text = std::fs::read_to_string(&path).expect("config");
+            std::fs::write(&path, format!("{text}{extra}")).expect("write config");
+        }
         r.start();
     }
     for r in replicas.iter() {
@@ -845,8 +855,22 @@ pub struct Haproxy {
 impl Haproxy {
     /// Listens on `addr` (the replicas' `server_url`) and balances over `replicas`.
     pub fn start(dir: &Path, addr: &str, replicas: &[&ReplicaProc]) -> Haproxy {
+        Self::start_config(dir, "haproxy.cfg", addr, replicas, &[])
+    }
+
+    /// Like `start`, with another shipped file of `deploy/haproxy/` and more of its
+    /// environment.
+    pub fn start_config(
+        dir: &Path,
+        file: &str,
+        addr: &str,
+        replicas: &[&ReplicaProc],
+        env: &[(&str, &str)],
+    ) -> Haproxy {
         let addr = addr.to_string();
-        let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy/haproxy.cfg");
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/haproxy")
+            .join(file);
         let log = std::fs::File::create(dir.join("haproxy.log")).expect("log file");
         let log2 = log.try_clone().expect("log clone");
         let mut cmd = Command::new("haproxy");
@@ -857,6 +881,7 @@ impl Haproxy {
         for (i, r) in replicas.iter().enumerate() {
             cmd.env(format!("HYDRASCALE_R{}", i + 1), &r.control);
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
@@ -936,6 +961,21 @@ impl Tailscaled {
         Self::start_full(bin, root, name, &[], None, Some(log_target))
     }
 
+    /// A client of a server with `[tls]` on, as a user runs it: no debug switch, DERP over
+    /// TLS. Go trusts the roots in `ca_file` (`SSL_CERT_FILE`) instead of the system's.
+    pub fn start_https(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        ca_file: &Path,
+        env: &[(&str, &str)],
+    ) -> Tailscaled {
+        let ca = ca_file.display().to_string();
+        let mut all = vec![("SSL_CERT_FILE", ca.as_str())];
+        all.extend_from_slice(env);
+        Self::start_full(bin, root, name, &all, None, None)
+    }
+
     fn start_full(
         bin: &Path,
         root: &Path,
@@ -944,6 +984,8 @@ impl Tailscaled {
         netns: Option<&str>,
         log_target: Option<&str>,
     ) -> Tailscaled {
+        // A client of a TLS server (see `start_https`) speaks DERP over TLS.
+        let derp_over_http = !env.iter().any(|(k, _)| *k == "SSL_CERT_FILE");
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("state dir");
         let log = std::fs::File::create(dir.join("tailscaled.log")).expect("log file");
@@ -964,9 +1006,11 @@ impl Tailscaled {
                 cmd.env("TS_LOG_TARGET", target).env("TS_LOGS_DIR", &dir);
             }
         }
-        let child = cmd
+        if derp_over_http {
             // Our DERP runs on the plain-HTTP control listener.
-            .env("TS_DEBUG_USE_DERP_HTTP", "1")
+            cmd.env("TS_DEBUG_USE_DERP_HTTP", "1");
+        }
+        let child = cmd
             .env("TS_ASSUME_NETWORK_UP_FOR_TEST", "1")
             .env("TS_DISABLE_PORTMAPPER", "1")
             .env("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")

@@ -17,3 +17,4 @@ mod rest_api;
 mod revocation;
 mod routes;
 mod ssh;
+mod tls;

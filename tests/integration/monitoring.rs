@@ -204,7 +204,7 @@ async fn prometheus_scrapes_the_cluster_with_the_shipped_config() {
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        let ok = all.len() == 7 && all.iter().all(|r| r["health"] == "ok");
+        let ok = all.len() == 9 && all.iter().all(|r| r["health"] == "ok");
         async move { ok.then_some(()) }
     })
     .await;
