@@ -193,8 +193,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         let db = db.clone();
         let join = config.cluster.join;
         let stop = shutdown_signal(&shutdown_rx);
+        let incoming = crate::listener::incoming(
+            admin_listener,
+            crate::listener::Limits {
+                listener: crate::metrics::Listener::Admin,
+                per_address: crate::listener::SMALL_LISTENER_PER_ADDRESS,
+                trusted_proxies: Vec::new(),
+            },
+            db.store.metrics().clone(),
+            shutdown_rx.clone(),
+        );
         tasks.spawn(async move {
-            if let Err(e) = crate::admin::serve_admin(admin_listener, db, join, stop).await {
+            if let Err(e) = crate::admin::serve_admin(incoming, db, join, stop).await {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });
@@ -335,14 +345,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
             derp: derp_server,
             serving: serving_rx.clone(),
         };
-        let stop = shutdown_signal(&shutdown_rx);
-        tasks.spawn(async move {
-            let serve = axum::serve(metrics_listener, crate::metrics::router(sources))
-                .with_graceful_shutdown(stop);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "metrics listener stopped");
-            }
-        });
+        let limits = crate::listener::Limits {
+            listener: crate::metrics::Listener::Metrics,
+            per_address: crate::listener::SMALL_LISTENER_PER_ADDRESS,
+            trusted_proxies: Vec::new(),
+        };
+        tasks.spawn(crate::listener::serve_http(
+            metrics_listener,
+            crate::metrics::router(sources),
+            limits,
+            db.store.metrics().clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let oidc = control::oidc::Oidc::new(&config).map_err(ServerError::Oidc)?;
     let state = ControlState::new(
@@ -362,23 +376,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));
     {
-        let stop = shutdown_signal(&shutdown_rx);
-        tasks.spawn(async move {
-            use axum::serve::ListenerExt;
-            // Nagle plus the client's delayed ACKs would hold small DERP frames and map
-            // deltas back by up to 40 ms; Go (the official client and derper) disables it too.
-            let listener = control_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "control listener stopped");
-            }
-        });
+        let limits = crate::listener::Limits {
+            listener: crate::metrics::Listener::Control,
+            per_address: config.limits.max_connections_per_address,
+            trusted_proxies: config.trusted_proxies.clone(),
+        };
+        tasks.spawn(crate::listener::serve_http(
+            control_listener,
+            app,
+            limits,
+            db.store.metrics().clone(),
+            shutdown_rx.clone(),
+        ));
     }
     tracing::info!(
         login_server = %config.server_url(),
