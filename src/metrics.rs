@@ -618,6 +618,26 @@ pub fn render(src: &Sources) -> String {
                 ),
             ],
         );
+        f.labelled(
+            "hydrascale_derp_control_frames_dropped_total",
+            "counter",
+            "Control frames not queued to a client whose queue was full (it pings faster \
+             than it reads), by frame.",
+            [
+                ("frame=\"pong\"".to_string(), load(&s.pongs_dropped)),
+                (
+                    "frame=\"peer_gone\"".to_string(),
+                    load(&s.peer_gone_dropped),
+                ),
+            ],
+        );
+        f.one(
+            "hydrascale_derp_mesh_watchers_cut_total",
+            "counter",
+            "Mesh peers disconnected because they fell too far behind on peer presence frames \
+             (they reconnect and start over).",
+            load(&s.watchers_cut),
+        );
     }
     process_metrics(&mut out);
     out
