@@ -4,6 +4,7 @@ mod cluster;
 mod deploy;
 mod fixtures;
 mod interop;
+mod limits;
 mod migration;
 mod monitoring;
 mod oidc;
