@@ -87,6 +87,7 @@ fn setup(nodes: usize, policy: Option<&str>) -> (Config, Tailnet, Arc<PeerCache>
                 name: format!("u{u}"),
                 display_name: String::new(),
                 now: 1,
+                by_admin: true,
             },
         );
     }

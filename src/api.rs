@@ -144,8 +144,9 @@ fn user_json(u: &crate::state::User) -> Value {
         "createdAt": time(u.created),
         "displayName": u.display_name,
         "email": "",
-        "providerId": "",
-        "provider": "",
+        // headscale's form of the OIDC identity: the issuer and subject as one URL path.
+        "providerId": u.oidc.as_ref().map_or(String::new(), |o| format!("{}/{}", o.issuer.trim_end_matches('/'), o.subject)),
+        "provider": if u.origin == crate::state::UserOrigin::Oidc { "oidc" } else { "" },
         "profilePicUrl": "",
     })
 }

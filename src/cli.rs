@@ -131,6 +131,11 @@ enum MigrateCmd {
         /// Backup file to write (holds the control key: keep it secret).
         #[arg(long)]
         out: PathBuf,
+        /// headscale's `oidc.issuer`, to carry its OIDC users' identities over (default:
+        /// `oidc.issuer` of --config). Users it cannot place are reported, to be linked
+        /// with `hydrascale users link`.
+        #[arg(long)]
+        oidc_issuer: Option<String>,
     },
 }
 
@@ -161,15 +166,21 @@ enum ClusterCmd {
     },
     /// Build a Raft snapshot now (compacts the log).
     Snapshot,
-    /// Create the cluster CA (or reuse the one in --out) and a certificate and key per
-    /// replica, for mutual TLS between replicas (cluster.tls_* settings). Offline.
+    /// Create the cluster CA (or reuse one) and a directory per replica holding only the CA
+    /// certificate and that replica's certificate and key: give replica N the directory
+    /// OUT/replica-N as cluster.tls_dir. Offline.
     Certs {
-        /// Directory for ca.pem, ca.key, replica-ID.pem and replica-ID.key.
+        /// Where OUT/ca (the CA: keep it off the replicas) and OUT/replica-ID go.
         #[arg(long)]
         out: PathBuf,
         /// Replica node_ids to issue certificates for, e.g. 1,2,3.
         #[arg(long, value_delimiter = ',', required = true)]
         ids: Vec<u64>,
+        /// An existing CA directory (ca.pem, ca.key) to issue from, e.g. the data
+        /// directory's raft-ca of a replica that started alone; default OUT/ca (made if
+        /// missing).
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Start a new cluster on the replica at --admin-addr, which must have been started with
     /// cluster.join = true and an empty data directory. Alone, or with --peers (also
@@ -261,6 +272,23 @@ enum UsersCmd {
     Delete {
         name: String,
     },
+    /// Bind user NAME to an OIDC identity: an OIDC login as exactly this issuer and
+    /// subject (the `sub` claim; shown on the page of a refused login) then reaches it.
+    /// A first OIDC login never joins an existing user by itself.
+    Link {
+        #[arg(long)]
+        name: String,
+        /// The provider's issuer URL, as in oidc.issuer.
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        subject: String,
+    },
+    /// Remove user NAME's OIDC identity: no OIDC login reaches it any more.
+    Unlink {
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,6 +356,10 @@ enum NodesCmd {
 }
 
 pub fn main_entry() -> Result<()> {
+    // Every file this process makes (RocksDB's, keys, backups) is its owner's alone: the
+    // data directory holds the tailnet's keys.
+    // SAFETY: umask only sets the process's file creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -370,48 +402,58 @@ fn emit<T: serde::Serialize>(json: bool, v: &T, human: impl FnOnce()) -> Result<
     Ok(())
 }
 
-fn make_certs(out: &std::path::Path, ids: &[u64]) -> Result<()> {
+fn make_certs(out: &std::path::Path, ids: &[u64], ca_dir: Option<&Path>) -> Result<()> {
     use hydrascale_raft::tls;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let (ca_cert, ca_key) = (out.join("ca.pem"), out.join("ca.key"));
-    let ca = if ca_cert.exists() && ca_key.exists() {
-        println!("Using the existing CA in {}", out.display());
-        tls::CaPem {
-            cert_pem: std::fs::read_to_string(&ca_cert)
-                .with_context(|| format!("reading {}", ca_cert.display()))?,
-            key_pem: std::fs::read_to_string(&ca_key)
-                .with_context(|| format!("reading {}", ca_key.display()))?,
-        }
+    let default_ca = out.join("ca");
+    let ca_dir = ca_dir.unwrap_or(&default_ca);
+    // Certificates of earlier versions kept the CA beside them, as OUT/ca.pem and ca.key.
+    let (flat_cert, flat_key) = (out.join(tls::CA_CERT_FILE), out.join(tls::CA_KEY_FILE));
+    let ca = if ca_dir.join(tls::CA_KEY_FILE).exists() {
+        println!("Using the existing CA in {}", ca_dir.display());
+        tls::CaPem::load_dir(ca_dir)?
+    } else if ca_dir == default_ca && flat_cert.exists() && flat_key.exists() {
+        println!(
+            "Using the existing CA {} (moving it to {})",
+            flat_cert.display(),
+            default_ca.display()
+        );
+        let ca = tls::CaPem {
+            cert_pem: std::fs::read_to_string(&flat_cert)
+                .with_context(|| format!("reading {}", flat_cert.display()))?,
+            key_pem: std::fs::read_to_string(&flat_key)
+                .with_context(|| format!("reading {}", flat_key.display()))?,
+        };
+        ca.write_dir(&default_ca)?;
+        std::fs::remove_file(&flat_key)
+            .with_context(|| format!("removing {}", flat_key.display()))?;
+        ca
+    } else if ca_dir != default_ca {
+        anyhow::bail!(
+            "{} holds no CA (ca.pem and ca.key); leave out --ca to make a new one in {}",
+            ca_dir.display(),
+            default_ca.display()
+        );
     } else {
         let ca = tls::generate_ca()?;
-        std::fs::write(&ca_cert, &ca.cert_pem)?;
-        write_private(&ca_key, ca.key_pem.as_bytes())?;
+        ca.write_dir(ca_dir)?;
         println!(
-            "Created the cluster CA: {} (keep {} offline; it can certify new replicas)",
-            ca_cert.display(),
-            ca_key.display()
+            "Created the cluster CA in {} (keep ca.key off the replicas: it can certify new ones)",
+            ca_dir.display()
         );
         ca
     };
     for id in ids {
-        let (cert, key) = tls::issue_replica(&ca, *id).with_context(|| {
+        let dir = out.join(format!("replica-{id}"));
+        tls::write_replica_dir(&ca, *id, &dir).with_context(|| {
             format!(
                 "issuing the certificate of replica {id} (is {} the key of {}?)",
-                ca_key.display(),
-                ca_cert.display()
+                ca_dir.join(tls::CA_KEY_FILE).display(),
+                ca_dir.join(tls::CA_CERT_FILE).display()
             )
         })?;
-        let (cp, kp) = (
-            out.join(format!("replica-{id}.pem")),
-            out.join(format!("replica-{id}.key")),
-        );
-        std::fs::write(&cp, cert)?;
-        write_private(&kp, key.as_bytes())?;
         println!(
-            "Replica {id}: cluster.tls_ca_file = {}, cluster.tls_cert_file = {}, cluster.tls_key_file = {}",
-            ca_cert.display(),
-            cp.display(),
-            kp.display()
+            "Replica {id}: cluster.tls_dir = \"{}\" (give replica {id} only this directory)",
+            dir.display()
         );
     }
     Ok(())
@@ -422,10 +464,14 @@ fn migrate_headscale(
     db: &std::path::Path,
     noise_key: &std::path::Path,
     out: &std::path::Path,
+    oidc_issuer: Option<&str>,
     cfg: &crate::config::Config,
     json: bool,
 ) -> Result<()> {
-    let (tailnet, report) = crate::migrate::from_headscale(db, noise_key, &cfg.prefixes)?;
+    let issuer = oidc_issuer
+        .or(Some(cfg.oidc.issuer.as_str()))
+        .filter(|i| !i.is_empty());
+    let (tailnet, report) = crate::migrate::from_headscale(db, noise_key, &cfg.prefixes, issuer)?;
     let b = crate::cluster::encode_backup(&tailnet, 0)?;
     write_private(out, &b.bytes)
         .with_context(|| format!("writing the backup to {}", out.display()))?;
@@ -443,6 +489,15 @@ fn migrate_headscale(
         }
         if let Some(owner) = &report.tagged_owner {
             println!("Tagged nodes now belong to user {owner}");
+        }
+        if report.oidc_linked > 0 {
+            println!(
+                "{} OIDC users keep their identity (issuer and subject)",
+                report.oidc_linked
+            );
+        }
+        for u in &report.oidc_unlinked {
+            println!("OIDC user not linked: {u}");
         }
         if report.preauth_keys_skipped > 0 {
             println!(
@@ -608,12 +663,19 @@ fn read_policy(file: &Path) -> Result<String> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Cmd::Cluster(ClusterCmd::Certs { out, ids }) = &cli.command {
-        return make_certs(out, ids);
+    if let Cmd::Cluster(ClusterCmd::Certs { out, ids, ca }) = &cli.command {
+        return make_certs(out, ids, ca.as_deref());
     }
-    if let Cmd::Migrate(MigrateCmd::Headscale { db, noise_key, out }) = &cli.command {
+    if let Cmd::Migrate(MigrateCmd::Headscale {
+        db,
+        noise_key,
+        out,
+        oidc_issuer,
+    }) = &cli.command
+    {
         let cfg = crate::config::Config::load(cli.config.as_deref())?;
-        return migrate_headscale(db, noise_key, out, &cfg, cli.output == Output::Json);
+        let json = cli.output == Output::Json;
+        return migrate_headscale(db, noise_key, out, oidc_issuer.as_deref(), &cfg, json);
     }
     if let Cmd::Cluster(ClusterCmd::Recover { out, data_dir }) = &cli.command {
         let data_dir = match data_dir {
@@ -629,13 +691,15 @@ async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     if let Cmd::Serve { set } = &cli.command {
-        let mut cfg = crate::config::Config::load(cli.config.as_deref())?;
+        let mut overrides = Vec::new();
         for kv in set {
             let (k, v) = kv
                 .split_once('=')
                 .with_context(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
-            cfg.set(k, v)?;
+            overrides.push((k.to_string(), v.to_string()));
         }
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let cfg = crate::config::Config::load_with(cli.config.as_deref(), &env, &overrides)?;
         let handle = crate::server::run_server(cfg).await?;
         println!(
             "Hydrascale is running. Log in with: tailscale up --login-server={}",
@@ -667,14 +731,19 @@ async fn run(cli: Cli) -> Result<()> {
                     .map_err(grpc_error)?
                     .into_inner();
                 emit(json, &r.users, || {
-                    println!("{:<6} {:<24} {:<24} CREATED", "ID", "NAME", "DISPLAY NAME");
+                    println!(
+                        "{:<6} {:<24} {:<24} {:<20} {:<10} OIDC SUBJECT",
+                        "ID", "NAME", "DISPLAY NAME", "CREATED", "ORIGIN"
+                    );
                     for u in &r.users {
                         println!(
-                            "{:<6} {:<24} {:<24} {}",
+                            "{:<6} {:<24} {:<24} {:<20} {:<10} {}",
                             u.id,
                             u.name,
                             u.display_name,
-                            fmt_ms(Some(u.created_ms))
+                            fmt_ms(Some(u.created_ms)),
+                            u.origin,
+                            u.oidc_subject
                         );
                     }
                 })?;
@@ -691,6 +760,46 @@ async fn run(cli: Cli) -> Result<()> {
                 let u = r.user.context("no user in reply")?;
                 emit(json, &u, || {
                     println!("User renamed to {}", u.name);
+                })?;
+            }
+            UsersCmd::Link {
+                name,
+                issuer,
+                subject,
+            } => {
+                if issuer.trim().is_empty() || subject.trim().is_empty() {
+                    anyhow::bail!("--issuer and --subject must not be empty (to unbind a user, use `hydrascale users unlink`)");
+                }
+                let r = c
+                    .link_user(proto::LinkUserRequest {
+                        name,
+                        issuer,
+                        subject,
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!(
+                        "User {} is now the OIDC identity {} of {}",
+                        u.name, u.oidc_subject, u.oidc_issuer
+                    );
+                })?;
+            }
+            UsersCmd::Unlink { name } => {
+                let r = c
+                    .link_user(proto::LinkUserRequest {
+                        name,
+                        issuer: String::new(),
+                        subject: String::new(),
+                    })
+                    .await
+                    .map_err(grpc_error)?
+                    .into_inner();
+                let u = r.user.context("no user in reply")?;
+                emit(json, &u, || {
+                    println!("User {} has no OIDC identity now", u.name);
                 })?;
             }
             UsersCmd::Delete { name } => {
@@ -1058,7 +1167,7 @@ async fn run(cli: Cli) -> Result<()> {
                 c.snapshot(proto::Empty {}).await.map_err(grpc_error)?;
                 println!("Snapshot taken");
             }
-            ClusterCmd::Certs { out, ids } => make_certs(&out, &ids)?,
+            ClusterCmd::Certs { out, ids, ca } => make_certs(&out, &ids, ca.as_deref())?,
             ClusterCmd::Recover { .. } => unreachable!("offline; handled before connecting"),
             ClusterCmd::Init { peers } => {
                 let r = c

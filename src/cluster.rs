@@ -235,6 +235,20 @@ pub fn mesh_key(control: &ControlKey) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Which relays may mesh with this one: those whose key a replica of the cluster
+/// announced in the registry. While a replica of a version before keys were announced is
+/// registered (a rolling upgrade; it announces no command level either), the mesh key
+/// alone still admits, as it did then.
+pub fn mesh_peer_verifier(db: Db) -> crate::derp::ClientVerifier {
+    std::sync::Arc::new(move |key: &[u8; 32]| {
+        let text = hex::encode(key);
+        let t = db.store.read();
+        t.replicas
+            .values()
+            .any(|r| r.derp_key == text || (r.derp_key.is_empty() && r.command_level == 0))
+    })
+}
+
 /// Spawns the replica's cluster tasks into `tasks`; they end when `stop` turns true.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_tasks(
@@ -461,6 +475,14 @@ async fn mesh_with_replicas(
             }
             keep
         });
+        // A relay that left the registry (a removed replica) keeps no link it already had.
+        let closed = derp.revalidate_mesh();
+        if closed > 0 {
+            tracing::info!(
+                closed,
+                "closed relay connections the replica registry no longer admits"
+            );
+        }
         for (id, url) in wanted {
             if let std::collections::hash_map::Entry::Vacant(e) = links.entry(id) {
                 let (tx, rx) = watch::channel(false);

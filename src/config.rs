@@ -57,6 +57,9 @@ pub struct Config {
     pub prefixes: crate::state::Prefixes,
     /// Taildrop (`tailscale file cp`) between nodes of the same user.
     pub taildrop: bool,
+    /// Let clients upload their logs to Tailscale's log service (log.tailscale.io). Off:
+    /// every full map tells them not to (`Debug.DisableLogTail`), as headscale does.
+    pub client_log_upload: bool,
     /// DNS settings pushed to every client (keep them the same on every replica).
     pub dns: DnsConfig,
     pub oidc: OidcConfig,
@@ -149,6 +152,16 @@ impl OidcConfig {
                 "must be the provider's https:// issuer URL",
             ));
         }
+        // Over plain HTTP anyone on the path could answer discovery and the JWKS with keys
+        // of their own and log in as anyone; only a provider on this machine is spared.
+        if let Some(rest) = self.issuer.strip_prefix("http://") {
+            if !loopback_authority(rest.split(['/', '?', '#']).next().unwrap_or_default()) {
+                return Err(invalid(
+                    "issuer",
+                    "must be an https:// URL: http:// is accepted only for a provider on this machine (localhost, 127.0.0.0/8 or [::1])",
+                ));
+            }
+        }
         if self.client_id.is_empty() {
             return Err(invalid(
                 "client_id",
@@ -166,6 +179,25 @@ impl OidcConfig {
         }
         Ok(())
     }
+}
+
+/// Whether a URL's authority (`host[:port]`, `[v6]:port`, no user info) names this
+/// machine: `localhost`, an address in 127.0.0.0/8 or `::1`.
+fn loopback_authority(authority: &str) -> bool {
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, rest)) if rest.is_empty() || rest.starts_with(':') => h,
+            _ => return false,
+        },
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// DNS settings clients get in their map (Tailscale's `DNSConfig`).
@@ -322,11 +354,19 @@ pub struct ClusterConfig {
     /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
     /// has state, and by the other replicas.
     pub restore_from: Option<std::path::PathBuf>,
-    /// Mutual TLS for Raft traffic (all three or none): the cluster CA certificate and this
-    /// replica's certificate and key, e.g. from `hydrascale cluster certs`.
+    /// Mutual TLS for Raft traffic: a directory holding the cluster CA certificate
+    /// (`ca.pem`) and this replica's certificate and key (`replica.pem`, `replica.key`), as
+    /// `hydrascale cluster certs` writes it for each replica. Without it (or the three
+    /// files below), a replica alone makes its own CA and certificate in its data
+    /// directory; a cluster does not start.
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// The same as three files (all three or none), instead of `tls_dir`.
     pub tls_ca_file: Option<std::path::PathBuf>,
     pub tls_cert_file: Option<std::path::PathBuf>,
     pub tls_key_file: Option<std::path::PathBuf>,
+    /// Raft between replicas without TLS: anyone who reaches `raft_listen_addr` can then
+    /// rewrite the tailnet. Only for a network where nothing else can reach that port.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for ClusterConfig {
@@ -338,9 +378,11 @@ impl Default for ClusterConfig {
             advertise_admin_addr: None,
             isolation_timeout: "8s".into(),
             restore_from: None,
+            tls_dir: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -459,6 +501,7 @@ impl Default for Config {
             ephemeral_inactivity_timeout: "30m".into(),
             prefixes: crate::state::Prefixes::default(),
             taildrop: true,
+            client_log_upload: false,
             dns: DnsConfig::default(),
             oidc: OidcConfig::default(),
             derp: DerpConfig::default(),
@@ -481,6 +524,17 @@ impl Config {
         path: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
+        Self::load_with(path, env, &[])
+    }
+
+    /// The file, then the environment, then `overrides` (`hydrascale serve --set KEY=VALUE`,
+    /// dotted keys), and only then the checks: settings that belong together (the three
+    /// `cluster.tls_*_file`) may come from separate flags.
+    pub fn load_with(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
         let mut table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -499,8 +553,13 @@ impl Config {
             let Some(rest) = var.strip_prefix("HYDRASCALE_") else {
                 continue;
             };
-            // Variables the CLI reads for itself are not server settings.
-            if matches!(rest, "ADMIN_ADDR" | "API_KEY" | "LOG" | "CONFIG") {
+            // Variables the CLI reads for itself are not server settings, nor are the test
+            // harness's (`HYDRASCALE_TEST_*`, `HYDRASCALE_INTEROP`, `HYDRASCALE_TOOLS_DIR`).
+            if matches!(
+                rest,
+                "ADMIN_ADDR" | "API_KEY" | "LOG" | "CONFIG" | "INTEROP" | "TOOLS_DIR"
+            ) || rest.starts_with("TEST_")
+            {
                 continue;
             }
             let key_path: Vec<String> = rest.split("__").map(|s| s.to_lowercase()).collect();
@@ -510,13 +569,23 @@ impl Config {
                 message,
             })?;
         }
+        for (key, value) in overrides {
+            let key_path: Vec<String> = key.split('.').map(str::to_string).collect();
+            set_path(&mut table, &key_path, value).map_err(|message| ConfigError::Invalid {
+                key: key.clone(),
+                message,
+            })?;
+        }
         let config: Config =
             toml::Value::Table(table)
                 .try_into()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: path
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "<environment>".into()),
+                    path: match (path, overrides.is_empty()) {
+                        (Some(p), true) => p.display().to_string(),
+                        (Some(p), false) => format!("{} with --set", p.display()),
+                        (None, true) => "<environment>".into(),
+                        (None, false) => "<environment and --set>".into(),
+                    },
                     message: e.to_string(),
                 })?;
         config.validate()?;
@@ -609,7 +678,28 @@ impl Config {
         if tls_set != 0 && tls_set != 3 {
             return Err(ConfigError::Invalid {
                 key: "cluster.tls_ca_file".into(),
-                message: "set cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file together (or none); `hydrascale cluster certs` makes all three".into(),
+                message: "set cluster.tls_ca_file, cluster.tls_cert_file and cluster.tls_key_file together (or none), or cluster.tls_dir alone; `hydrascale cluster certs` makes a directory per replica".into(),
+            });
+        }
+        if tls_set != 0 && c.tls_dir.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_dir".into(),
+                message:
+                    "set either cluster.tls_dir or the three cluster.tls_*_file settings, not both"
+                        .into(),
+            });
+        }
+        let tls = tls_set != 0 || c.tls_dir.is_some();
+        if tls && c.insecure_plaintext {
+            return Err(ConfigError::Invalid {
+                key: "cluster.insecure_plaintext".into(),
+                message: "is set together with Raft TLS settings; remove one of them".into(),
+            });
+        }
+        if !tls && !c.insecure_plaintext && (peers.len() > 1 || c.join) {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tls_dir".into(),
+                message: "a cluster needs mutual TLS between its replicas: make certificates with `hydrascale cluster certs --out certs --ids 1,2,3` and set cluster.tls_dir = \"certs/replica-N\" on replica N (see docs/operations.md, \"A cluster\"); only on a network where nothing else reaches raft_listen_addr, cluster.insecure_plaintext = true runs it without".into(),
             });
         }
         if !peers.is_empty() && self.cluster.join {
@@ -880,6 +970,8 @@ mod tests {
     #[test]
     fn cluster_peers_are_parsed_and_checked() {
         let mut c = Config::default();
+        c.set("cluster.tls_dir", "certs/replica-1")
+            .expect("a TLS dir");
         c.set(
             "cluster.peers",
             "1=127.0.0.1:50444, 2=127.0.0.2:50444,3=[::1]:7",
@@ -914,8 +1006,31 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(ok.oidc.scopes, vec!["openid", "profile", "email"]);
+        for local in [
+            "http://127.0.0.1:9000",
+            "http://127.8.0.1/realms/x",
+            "http://localhost",
+            "http://[::1]:8443/",
+        ] {
+            load(&format!(
+                "[oidc]\nissuer = \"{local}\"\nclient_id = \"h\"\nclient_secret = \"s\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{local}: {e}"));
+        }
         for (toml, key) in [
             ("[oidc]\nissuer = \"idp.example\"", "oidc.issuer"),
+            (
+                "[oidc]\nissuer = \"http://idp.example\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
+            (
+                "[oidc]\nissuer = \"http://127.0.0.1.evil.example/\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
+            (
+                "[oidc]\nissuer = \"http://localhost@evil.example\"\nclient_id = \"h\"\nclient_secret = \"s\"",
+                "oidc.issuer",
+            ),
             ("[oidc]\nissuer = \"https://i\"\nclient_secret = \"s\"", "oidc.client_id"),
             ("[oidc]\nissuer = \"https://i\"\nclient_id = \"h\"", "oidc.client_secret"),
             (
@@ -978,6 +1093,59 @@ extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "10
         assert!(err.contains("node_expiry"), "{err}");
         c.set("derp.region_id", "950").expect("set");
         assert_eq!(c.derp.region_id, 950);
+    }
+
+    /// Settings that belong together may come from separate `--set` flags: they are
+    /// checked once all are in, not one at a time.
+    #[test]
+    fn overrides_are_checked_together() {
+        let sets: Vec<(String, String)> = [
+            ("node_id", "2"),
+            ("cluster.peers", "1=127.0.0.1:1,2=127.0.0.1:2"),
+            ("cluster.tls_ca_file", "c/ca.pem"),
+            ("cluster.tls_cert_file", "c/r.pem"),
+            ("cluster.tls_key_file", "c/r.key"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::load_with(None, &[], &sets).expect("valid together");
+        assert_eq!(c.node_id, 2);
+        assert!(c.cluster.tls_files().is_some());
+        // Still checked: one missing is refused, naming what to do.
+        let err = Config::load_with(None, &[], &sets[..4])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.tls_ca_file"), "{err}");
+    }
+
+    /// A cluster never starts with Raft in plaintext unless told to, loudly; a replica
+    /// alone needs nothing (it makes its own CA).
+    #[test]
+    fn a_cluster_needs_raft_tls() {
+        let peers = (
+            "cluster.peers".to_string(),
+            "1=127.0.0.1:1,2=127.0.0.1:2".to_string(),
+        );
+        let err = Config::load_with(None, &[], std::slice::from_ref(&peers))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mutual TLS") && err.contains("cluster certs"),
+            "{err}"
+        );
+        let join = ("cluster.join".to_string(), "true".to_string());
+        assert!(Config::load_with(None, &[], &[join]).is_err());
+        let plain = ("cluster.insecure_plaintext".to_string(), "true".to_string());
+        Config::load_with(None, &[], &[peers.clone(), plain.clone()])
+            .expect("explicitly plaintext");
+        let dir = ("cluster.tls_dir".to_string(), "certs/replica-1".to_string());
+        Config::load_with(None, &[], &[peers, dir.clone()]).expect("a TLS directory");
+        let err = Config::load_with(None, &[], &[dir, plain])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("insecure_plaintext"), "{err}");
+        Config::load_with(None, &[], &[]).expect("one replica on defaults");
     }
 
     #[test]

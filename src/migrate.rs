@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 
 use crate::noise::ControlKey;
 use crate::state::{
-    sanitize_hostname, valid_label, valid_user_name, Node, PolicyRecord, PreAuthKey, Prefixes,
-    Tailnet, User,
+    sanitize_hostname, valid_label, valid_user_name, Node, OidcIdentity, PolicyRecord, PreAuthKey,
+    Prefixes, Tailnet, User, UserOrigin,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,12 @@ pub struct Report {
     pub renamed: Vec<String>,
     /// Tagged nodes (owned by no user in headscale) were given to this user.
     pub tagged_owner: Option<String>,
+    /// Users that headscale's OIDC logins made and that keep their OIDC identity here
+    /// (issuer and subject), so their next OIDC login reaches them.
+    pub oidc_linked: usize,
+    /// OIDC users whose identity could not be taken over, "user: why"; an administrator
+    /// links them with `hydrascale users link` (until then their OIDC login is refused).
+    pub oidc_unlinked: Vec<String>,
 }
 
 /// Column names of `table`, to read every schema version headscale has had since 0.23.
@@ -206,13 +212,28 @@ fn parse_time_ms(text: &str) -> Result<Option<i64>, String> {
     ))
 }
 
+/// headscale's `provider_identifier` of an OIDC user (its issuer and `sub` joined as a
+/// URL path, `<issuer>/<sub>`) split back into issuer and subject, given the issuer
+/// headscale used.
+fn split_provider_identifier(identifier: &str, issuer: &str) -> Option<OidcIdentity> {
+    let issuer = issuer.trim().trim_end_matches('/');
+    let subject = identifier.trim().strip_prefix(issuer)?.strip_prefix('/')?;
+    (!issuer.is_empty() && !subject.is_empty()).then(|| OidcIdentity {
+        issuer: issuer.to_string(),
+        subject: subject.to_string(),
+    })
+}
+
 /// Reads headscale's database at `db_path` and Noise key at `noise_key_path` into a
 /// tailnet; node addresses outside `prefixes` are refused (set `prefixes` in the config
-/// to headscale's `prefixes` first).
+/// to headscale's `prefixes` first). Users headscale's OIDC logins made keep their
+/// identity when their `provider_identifier` is under `oidc_issuer` (headscale's
+/// `oidc.issuer`); the others are reported.
 pub fn from_headscale(
     db_path: &Path,
     noise_key_path: &Path,
     prefixes: &Prefixes,
+    oidc_issuer: Option<&str>,
 ) -> Result<(Tailnet, Report), MigrateError> {
     let key_text = std::fs::read_to_string(noise_key_path).map_err(|e| MigrateError::NoiseKey {
         path: noise_key_path.display().to_string(),
@@ -243,7 +264,14 @@ pub fn from_headscale(
     for r in rows(
         &db,
         "users",
-        &["id", "name", "display_name", "email", "created_at"],
+        &[
+            "id",
+            "name",
+            "display_name",
+            "email",
+            "created_at",
+            "provider_identifier",
+        ],
     )? {
         let id = r["id"]
             .id()
@@ -258,6 +286,24 @@ pub fn from_headscale(
             report.renamed.push(format!("user {original} -> {name}"));
         }
         taken_names.insert(name.clone());
+        // An OIDC user keeps its identity when it can be read back; otherwise it is left
+        // for an administrator to link, never bound by its name or e-mail.
+        let (oidc, origin) = match r["provider_identifier"].text() {
+            None => (None, UserOrigin::Admin),
+            Some(pid) => match oidc_issuer.and_then(|i| split_provider_identifier(pid, i)) {
+                Some(identity) => {
+                    report.oidc_linked += 1;
+                    (Some(identity), UserOrigin::Oidc)
+                }
+                None => {
+                    report.oidc_unlinked.push(format!(
+                        "{name}: its identity {pid:?} is not under the OIDC issuer {}; link it with `hydrascale users link --name {name} --issuer ISSUER --subject SUB`",
+                        oidc_issuer.map_or_else(|| "(none given: --oidc-issuer or oidc.issuer)".to_string(), |i| format!("{i:?}"))
+                    ));
+                    (None, UserOrigin::Unrecorded)
+                }
+            },
+        };
         users.insert(
             id,
             User {
@@ -265,6 +311,8 @@ pub fn from_headscale(
                 display_name: r["display_name"].text().unwrap_or(&name).to_string(),
                 name,
                 created: r["created_at"].time_ms()?.unwrap_or(0),
+                oidc,
+                origin,
             },
         );
     }
@@ -584,6 +632,8 @@ fn tagged_owner(
             name: name.clone(),
             display_name: "Tagged devices (from headscale)".into(),
             created: 0,
+            oidc: None,
+            origin: UserOrigin::Admin,
         },
     );
     report.tagged_owner = Some(name);
@@ -592,7 +642,36 @@ fn tagged_owner(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_time_ms;
+    use super::{parse_time_ms, split_provider_identifier};
+
+    #[test]
+    fn provider_identifiers_split_under_their_issuer() {
+        let id = |i: &str, s: &str| {
+            Some(crate::state::OidcIdentity {
+                issuer: i.into(),
+                subject: s.into(),
+            })
+        };
+        let i = "https://idp.example/realms/x";
+        assert_eq!(
+            split_provider_identifier("https://idp.example/realms/x/abc-1", i),
+            id(i, "abc-1")
+        );
+        assert_eq!(
+            split_provider_identifier("https://idp.example/realms/x/abc-1", &format!("{i}/")),
+            id(i, "abc-1")
+        );
+        // Another issuer's identity, or a prefix that is not a path segment, is not split.
+        assert_eq!(
+            split_provider_identifier("https://evil.example/abc", i),
+            None
+        );
+        assert_eq!(
+            split_provider_identifier("https://idp.example/realms/xy/abc", i),
+            None
+        );
+        assert_eq!(split_provider_identifier(i, i), None);
+    }
 
     #[test]
     fn gorm_times_parse() {

@@ -35,6 +35,10 @@ pub enum ServerError {
         path: String,
         source: std::io::Error,
     },
+    #[error("data directory {path} can be read by other users (mode {mode:o}): it holds the tailnet's keys. Run `chmod 700 {path}` and start again")]
+    DataDirOpen { path: String, mode: u32 },
+    #[error("{setting}: {message}")]
+    RaftIdentity { setting: String, message: String },
     #[error(transparent)]
     Key(#[from] NoiseError),
     #[error("raft: {0}")]
@@ -49,7 +53,7 @@ pub enum ServerError {
     Oidc(String),
     #[error("cannot start Raft's own threads: {0}")]
     RaftThreads(String),
-    #[error("Raft stopped on this replica ({0}); it cannot take part in the cluster until it is restarted. If the data directory's disk is full, free space before starting it again; the other replicas go on without it")]
+    #[error("Raft stopped on this replica ({0}); it cannot take part in the cluster until it is restarted, and the other replicas go on without it. Remove the cause first: a full disk (free space), or a newer version's command (upgrade this replica)")]
     RaftStopped(String),
 }
 
@@ -125,12 +129,71 @@ fn shutdown_signal(
     }
 }
 
+/// Makes the data directory, owner-only, or checks that an existing one is: it holds the
+/// control key, the Raft CA's key and every node's state.
+fn private_data_dir(dir: &std::path::Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let path = dir.display().to_string();
+    match std::fs::metadata(dir) {
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ServerError::DataDirOpen { path, mode });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| ServerError::DataDir { path, source }),
+        Err(source) => Err(ServerError::DataDir { path, source }),
+    }
+}
+
+/// How this replica's Raft traffic is protected: the certificates it was given; none, if
+/// told so (logged loudly); or, for a replica alone (the config refuses a cluster without
+/// TLS), a CA and certificate it makes itself in its data directory.
+fn raft_tls(config: &Config) -> Result<Option<hydrascale_raft::RaftTls>, ServerError> {
+    let c = &config.cluster;
+    let (tls, setting) = if let Some(dir) = &c.tls_dir {
+        (hydrascale_raft::RaftTls::load_dir(dir)?, "cluster.tls_dir")
+    } else if let Some((ca, cert, key)) = c.tls_files() {
+        (
+            hydrascale_raft::RaftTls::load(ca, cert, key)?,
+            "cluster.tls_cert_file",
+        )
+    } else if c.insecure_plaintext {
+        tracing::error!(
+            raft = %config.raft_listen_addr,
+            "cluster.insecure_plaintext = true: Raft traffic between replicas is neither encrypted nor authenticated, and anyone who reaches raft_listen_addr can rewrite the tailnet (create API keys, read the control key). Set cluster.tls_dir instead (`hydrascale cluster certs`)"
+        );
+        return Ok(None);
+    } else {
+        let local = hydrascale_raft::tls::LocalTls::under(&config.data_dir);
+        let tls = local.ensure(config.node_id)?;
+        tracing::debug!(ca = %local.ca_dir.display(), "Raft speaks mutual TLS with this replica's own cluster CA");
+        return Ok(Some(tls));
+    };
+    match tls.replica_id() {
+        Ok(id) if id == config.node_id => Ok(Some(tls)),
+        Ok(id) => Err(ServerError::RaftIdentity {
+            setting: setting.into(),
+            message: format!(
+                "the certificate is replica {id}'s, but this is replica {} (node_id); give it its own (`hydrascale cluster certs --ids {}`)",
+                config.node_id, config.node_id
+            ),
+        }),
+        Err(message) => Err(ServerError::RaftIdentity {
+            setting: setting.into(),
+            message,
+        }),
+    }
+}
+
 /// Starts a replica from `config` and returns once every listener is bound.
 pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-        path: config.data_dir.display().to_string(),
-        source,
-    })?;
+    private_data_dir(&config.data_dir)?;
     let local_key = ControlKey::load_or_create(&config.data_dir.join("control.key"))?;
     let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
 
@@ -146,15 +209,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         None => Default::default(),
     };
     let store = StateStore::new();
-    let tls = match config.cluster.tls_files() {
-        Some((ca, cert, key)) => Some(hydrascale_raft::RaftTls::load(ca, cert, key)?),
-        None => {
-            if !config.cluster.peers.trim().is_empty() || config.cluster.join {
-                tracing::warn!("Raft traffic between replicas is neither encrypted nor authenticated: anyone who reaches raft_listen_addr can rewrite the tailnet; set cluster.tls_* (see `hydrascale cluster certs`)");
-            }
-            None
-        }
-    };
+    let tls = raft_tls(&config)?;
     let raft_config = hydrascale_raft::RaftConfig {
         node_id: config.node_id,
         data_dir: config.data_dir.join("raft"),
@@ -299,11 +354,21 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         } else {
             None
         };
-        let derp = crate::derp::DerpServer::with_verifier(
+        let revocations = verifier.clone();
+        let derp = crate::derp::DerpServer::with_verifiers(
             *derp_key.secret(),
             Some(crate::cluster::mesh_key(&control_key)),
             verifier,
+            Some(crate::cluster::mesh_peer_verifier(db.clone())),
         );
+        if let Some(current) = revocations {
+            tasks.spawn(revoke_derp_sessions(
+                derp.clone(),
+                db.clone(),
+                current,
+                shutdown_rx.clone(),
+            ));
+        }
         app = app.merge(crate::derp::router(derp.clone()));
         derp_server = Some(derp);
     }
@@ -313,7 +378,12 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         .advertise_admin_addr
         .clone()
         .unwrap_or_else(|| admin_addr.to_string());
-    let me = control::local_replica(&config, &advertised_admin, control_addr);
+    let mut me = control::local_replica(&config, &advertised_admin, control_addr);
+    me.derp_key = derp_server
+        .as_ref()
+        .map(|d| hex::encode(d.public_key()))
+        .unwrap_or_default();
+    me.command_level = crate::state::COMMAND_LEVEL;
     // The first answer must not wait for the quorum watcher's first tick.
     let serving = db
         .raft
@@ -529,6 +599,88 @@ async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 async fn return_freed_memory(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// How often the relay's sessions are checked against the state for keys that expired
+/// with no command (a command's revocation takes effect at once).
+const DERP_EXPIRY_SWEEP: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Ends this replica's DERP sessions of nodes that stop being current: expired or logged
+/// out (their key is looked up when the change names the node) and deleted (their key is
+/// gone from the state, so every session is checked against `current`, the relay's
+/// verifier). Every replica applies the same commands, so each ends its own sessions
+/// within moments of the write; the client cannot come back, as the verifier refuses it.
+/// Keys that expire by themselves (`node_expiry`), with no command, are swept every
+/// [`DERP_EXPIRY_SWEEP`].
+async fn revoke_derp_sessions(
+    derp: crate::derp::DerpServer,
+    db: Db,
+    current: crate::derp::ClientVerifier,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::state::Change;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let mut changes = db.store.subscribe();
+    let mut timer = tokio::time::interval(DERP_EXPIRY_SWEEP);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            c = changes.recv() => c,
+            _ = timer.tick() => {
+                let ended = derp.disconnect_unless(|k| current(k));
+                if ended > 0 {
+                    tracing::info!(ended, "ended the DERP sessions of expired node keys");
+                }
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut sweep = false;
+        let mut touched = Vec::new();
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Ok((_, Change::NodeUpserted(id))) => touched.push(id),
+                Ok((_, Change::NodeRemoved(_) | Change::Reset)) | Err(RecvError::Lagged(_)) => {
+                    sweep = true
+                }
+                Ok(_) => {}
+                Err(RecvError::Closed) => return,
+            }
+            next = match changes.try_recv() {
+                Ok(c) => Some(Ok(c)),
+                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                Err(_) => None,
+            };
+        }
+        if sweep {
+            let ended = derp.disconnect_unless(|k| current(k));
+            if ended > 0 {
+                tracing::info!(ended, "ended the DERP sessions of removed nodes");
+            }
+            continue;
+        }
+        let now = crate::state::now_ms();
+        let revoked: Vec<[u8; 32]> = {
+            let t = db.store.read();
+            touched
+                .iter()
+                .filter_map(|id| t.nodes.get(id))
+                .filter(|n| n.expiry.is_some_and(|e| e <= now))
+                .filter_map(|n| {
+                    let hex_key = n.node_key.strip_prefix("nodekey:")?;
+                    let mut key = [0u8; 32];
+                    hex::decode_to_slice(hex_key, &mut key).ok()?;
+                    Some(key)
+                })
+                .collect()
+        };
+        for key in revoked {
+            if derp.disconnect(&key) {
+                tracing::info!(key = %hex::encode(key), "ended the DERP session of an expired node");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -34,20 +34,21 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 struct Counter(AtomicU64);
 
 impl Application for Counter {
-    fn apply(&self, _index: u64, _command: &[u8]) -> Vec<u8> {
-        (self.0.fetch_add(1, Ordering::SeqCst) + 1)
+    fn apply(&self, _index: u64, _command: &[u8]) -> Result<Vec<u8>, String> {
+        Ok((self.0.fetch_add(1, Ordering::SeqCst) + 1)
             .to_be_bytes()
-            .to_vec()
+            .to_vec())
     }
     fn snapshot(&self) -> Vec<u8> {
         self.0.load(Ordering::SeqCst).to_be_bytes().to_vec()
     }
-    fn restore(&self, snapshot: &[u8]) {
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
         let n = snapshot
             .try_into()
             .map(u64::from_be_bytes)
             .unwrap_or_default();
         self.0.store(n, Ordering::SeqCst);
+        Ok(())
     }
 }
 

@@ -120,7 +120,7 @@ impl RaftNode {
         let delay = inner.leader_lease + Duration::from_millis(250);
         inner
             .forwarder
-            .timeout_now(&addr, inner.id, delay)
+            .timeout_now(&addr, to, inner.id, delay)
             .await
             .map_err(|message| RaftError::Network {
                 target: to,

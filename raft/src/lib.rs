@@ -42,11 +42,20 @@ openraft::declare_raft_types!(
 /// The replicated application. `apply` must be deterministic: same commands, same state.
 pub trait Application: Send + Sync + 'static {
     /// Applies one committed command at log index `index`; returns an opaque response.
-    fn apply(&self, index: u64, command: &[u8]) -> Vec<u8>;
+    /// `Err` means this replica cannot apply it at all (it cannot read it: a command of a
+    /// newer version): Raft then stops on this replica, the entry not applied, rather than
+    /// let the replica's state part from the others' while its log moves on.
+    fn apply(&self, index: u64, command: &[u8]) -> Result<Vec<u8>, String>;
     /// The full application state, for a snapshot.
     fn snapshot(&self) -> Vec<u8>;
-    /// Replaces the full state with one produced by `snapshot`.
-    fn restore(&self, snapshot: &[u8]);
+    /// Replaces the full state with one produced by `snapshot`. `Err` (it cannot read it)
+    /// stops Raft on this replica, as for `apply`.
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String>;
+    /// Whether a command another replica asks this one, as leader, to propose can be
+    /// applied here: one that cannot is refused before it reaches the log.
+    fn check(&self, _command: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,9 +152,12 @@ impl RaftNode {
     ) -> Result<RaftNode, RaftError> {
         let (db, db_closed) = store::open(&config.data_dir)?;
         let (applied_tx, applied_rx) = watch::channel(0u64);
-        let sm =
-            store::state_machine::StateMachineStore::open(db.clone(), app, Arc::new(applied_tx))
-                .map_err(error::storage)?;
+        let sm = store::state_machine::StateMachineStore::open(
+            db.clone(),
+            app.clone(),
+            Arc::new(applied_tx),
+        )
+        .map_err(error::storage)?;
         let log = store::log::LogStore::new(db);
         let contacts = network::Contacts::default();
         // openraft's own: voters refuse to vote for this long after a leader's last append.
@@ -195,6 +207,8 @@ impl RaftNode {
                 gate: gate.clone(),
                 leader_lease,
                 json_appends_only: config.json_appends_only,
+                app,
+                authenticate: tls.is_some(),
             },
         )
         .max_decoding_message_size(256 * 1024 * 1024)
@@ -416,7 +430,7 @@ impl RaftNode {
                 }
             }
         };
-        let call = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, command));
+        let call = tokio::time::timeout(timeout, self.inner.forwarder.write(addr, leader, command));
         tokio::pin!(call);
         let res = tokio::select! {
             r = &mut call => r,

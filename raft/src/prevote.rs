@@ -114,7 +114,7 @@ async fn decide(inner: &Inner, ask_within: Duration) -> Option<(Decision, String
     let mut refused = Vec::new();
     let mut asks = JoinSet::new();
     for (id, addr) in voters.into_iter().filter(|(id, _)| *id != inner.id) {
-        let channel = match inner.forwarder.channel(&addr) {
+        let channel = match inner.forwarder.channel(&addr, id) {
             Ok(c) => c,
             Err(e) => {
                 refused.push(format!("replica {id}: {e}"));

@@ -7,23 +7,33 @@ use hydrascale_raft::{Application, RaftConfig, RaftNode};
 
 mod support;
 
-/// A log of every applied command: apply returns the number of commands so far.
+/// A log of every applied command: apply returns the number of commands so far. An "old
+/// version" cannot read commands that start with `future:`.
 #[derive(Default)]
 struct Recorder {
     applied: Mutex<Vec<Vec<u8>>>,
+    old: bool,
 }
 
 impl Application for Recorder {
-    fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
+    fn apply(&self, _index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+        self.check(command)?;
         let mut a = self.applied.lock().expect("lock");
         a.push(command.to_vec());
-        (a.len() as u64).to_be_bytes().to_vec()
+        Ok((a.len() as u64).to_be_bytes().to_vec())
     }
     fn snapshot(&self) -> Vec<u8> {
         serde_json::to_vec(&*self.applied.lock().expect("lock")).expect("json")
     }
-    fn restore(&self, snapshot: &[u8]) {
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
         *self.applied.lock().expect("lock") = serde_json::from_slice(snapshot).expect("json");
+        Ok(())
+    }
+    fn check(&self, command: &[u8]) -> Result<(), String> {
+        if self.old && command.starts_with(b"future:") {
+            return Err("a command of a newer version".into());
+        }
+        Ok(())
     }
 }
 
@@ -444,4 +454,110 @@ async fn recover_committed_reads_a_stopped_nodes_state() {
             .expect_err("no store");
     assert!(missing.to_string().contains("no Raft store"), "{missing}");
     assert!(!dir.path().join("nothing").exists(), "nothing is created");
+}
+
+/// A committed command a replica cannot read stops Raft there, before the entry: its
+/// applied index stays below it (no silent skip while the log moves on), a restart stops
+/// at the same entry again, and the replicas that read it go on. A leader that cannot
+/// read a command a follower forwards refuses it before it reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_command_stops_the_replica_instead_of_being_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = Arc::new(Recorder {
+        old: true,
+        ..Recorder::default()
+    });
+    let apps: Vec<Arc<Recorder>> = vec![
+        Arc::new(Recorder::default()),
+        Arc::new(Recorder::default()),
+        old.clone(),
+    ];
+    let mut nodes = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        nodes.push(
+            RaftNode::start(config(i as u64 + 1, dir.path()), app.clone())
+                .await
+                .expect("start"),
+        );
+    }
+    nodes[0].initialize_single().await.expect("init");
+    support::add_voters(&nodes[0], &nodes[1..]).await;
+    nodes[0].write(b"before".to_vec()).await.expect("write");
+    wait_for("all applied", || old.commands().len() == 1).await;
+    let before = nodes[2].status().last_applied.expect("applied");
+
+    let resp = nodes[0].write(b"future:x".to_vec()).await.expect("write");
+    assert_eq!(count(&resp), 2);
+    let why = tokio::time::timeout(Duration::from_secs(10), nodes[2].stopped())
+        .await
+        .expect("the old replica stops");
+    assert!(why.contains("cannot be applied"), "{why}");
+    assert_eq!(old.commands(), vec![b"before".to_vec()]);
+    assert_eq!(
+        nodes[2].status().last_applied,
+        Some(before),
+        "the unreadable entry was counted as applied"
+    );
+    // The others go on.
+    nodes[0].write(b"after".to_vec()).await.expect("write");
+    wait_for("the new replica applies", || apps[1].commands().len() == 3).await;
+    let _ = nodes[2].shutdown().await;
+
+    // Restarted, the old replica refuses to start at the same entry again: it replays
+    // its committed log as it starts.
+    let again = Arc::new(Recorder {
+        old: true,
+        ..Recorder::default()
+    });
+    let why = match RaftNode::start(config(3, dir.path()), again.clone()).await {
+        Ok(n3) => {
+            let why = tokio::time::timeout(Duration::from_secs(10), n3.stopped())
+                .await
+                .expect("stops again");
+            let _ = n3.shutdown().await;
+            why
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        why.contains("log entry") && why.contains("cannot be applied"),
+        "{why}"
+    );
+    assert_eq!(again.commands(), vec![b"before".to_vec()]);
+
+    for n in &nodes[..2] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A leader that cannot read what a follower forwards refuses it: nothing reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_refuses_a_forwarded_command_it_cannot_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = Arc::new(Recorder {
+        old: true,
+        ..Recorder::default()
+    });
+    let new = Arc::new(Recorder::default());
+    let n1 = RaftNode::start(config(1, dir.path()), old.clone())
+        .await
+        .expect("start");
+    let n2 = RaftNode::start(config(2, dir.path()), new.clone())
+        .await
+        .expect("start");
+    n1.initialize_single().await.expect("init");
+    support::add_voters(&n1, std::slice::from_ref(&n2)).await;
+    let last = n1.status().last_log_index;
+    let err = n2
+        .write(b"future:y".to_vec())
+        .await
+        .expect_err("forwarded to a leader that cannot read it")
+        .to_string();
+    assert!(
+        err.contains("cannot apply") && err.contains("upgrade"),
+        "{err}"
+    );
+    assert_eq!(n1.status().last_log_index, last, "it reached the log");
+    n2.shutdown().await.expect("shutdown");
+    n1.shutdown().await.expect("shutdown");
 }

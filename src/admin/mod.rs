@@ -31,7 +31,9 @@ fn status(e: DbError) -> Status {
             match s {
                 StateError::UserExists(_)
                 | StateError::NodeNameTaken(_)
-                | StateError::NodeKeyInUse(_) => Status::already_exists(msg),
+                | StateError::NodeKeyInUse(_)
+                | StateError::IdentityTaken(_)
+                | StateError::UserLinked { .. } => Status::already_exists(msg),
                 StateError::UserNotFound(_)
                 | StateError::ApiKeyNotFound(_)
                 | StateError::PreAuthKeyNotFound { .. }
@@ -49,15 +51,29 @@ fn status(e: DbError) -> Status {
         DbError::Replication(r) => {
             Status::unavailable(format!("the cluster cannot take writes: {r}"))
         }
+        DbError::Upgrade(u) => Status::failed_precondition(u),
     }
 }
 
 fn user_msg(u: &crate::state::User) -> proto::User {
+    let (oidc_issuer, oidc_subject) = u
+        .oidc
+        .as_ref()
+        .map(|o| (o.issuer.clone(), o.subject.clone()))
+        .unwrap_or_default();
     proto::User {
         id: u.id,
         name: u.name.clone(),
         display_name: u.display_name.clone(),
         created_ms: u.created,
+        oidc_issuer,
+        oidc_subject,
+        origin: match u.origin {
+            crate::state::UserOrigin::Admin => "admin",
+            crate::state::UserOrigin::Oidc => "oidc",
+            crate::state::UserOrigin::Unrecorded => "unrecorded",
+        }
+        .into(),
     }
 }
 
@@ -263,14 +279,21 @@ impl AdminService for Admin {
         req: Request<proto::CreateUserRequest>,
     ) -> Result<Response<proto::UserReply>, Status> {
         let r = req.into_inner();
-        match self
-            .write(Command::CreateUser {
-                name: r.name,
-                display_name: r.display_name,
-                now: now_ms(),
-            })
-            .await?
-        {
+        let mut cmd = Command::CreateUser {
+            name: r.name,
+            display_name: r.display_name,
+            now: now_ms(),
+            by_admin: true,
+        };
+        // During a rolling upgrade, replicas of the earlier version would drop the origin
+        // and their state would part from the others': propose the user as those versions
+        // do. Its origin then stays unrecorded, so no OIDC login ever binds to it by name.
+        if self.db.check_level(&cmd).is_err() {
+            if let Command::CreateUser { by_admin, .. } = &mut cmd {
+                *by_admin = false;
+            }
+        }
+        match self.write(cmd).await? {
             CommandOutput::User(u) => Ok(Response::new(proto::UserReply {
                 user: Some(user_msg(&u)),
             })),
@@ -316,6 +339,32 @@ impl AdminService for Admin {
         })
         .await?;
         Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn link_user(
+        &self,
+        req: Request<proto::LinkUserRequest>,
+    ) -> Result<Response<proto::UserReply>, Status> {
+        let r = req.into_inner();
+        let identity = match (r.issuer.trim(), r.subject.trim()) {
+            ("", "") => None,
+            (issuer, subject) => Some(crate::state::OidcIdentity {
+                issuer: issuer.trim_end_matches('/').to_string(),
+                subject: subject.to_string(),
+            }),
+        };
+        match self
+            .write(Command::LinkUser {
+                name: r.name,
+                identity,
+            })
+            .await?
+        {
+            CommandOutput::User(u) => Ok(Response::new(proto::UserReply {
+                user: Some(user_msg(&u)),
+            })),
+            _ => Err(Status::internal("command returned no user")),
+        }
     }
 
     async fn create_pre_auth_key(

@@ -384,6 +384,32 @@ pub async fn reconcile_online(st: Arc<ControlState>, mut stop: tokio::sync::watc
     }
 }
 
+/// Whether node `id` may no longer stream at `now`: deleted, expired or logged out.
+fn revoked_at(t: &crate::state::Tailnet, id: u64, now: i64) -> bool {
+    t.nodes
+        .get(&id)
+        .is_none_or(|n| n.expiry.is_some_and(|e| e <= now))
+}
+
+/// When to look at node `id`'s key expiry again: at the expiry, or in a day if it is
+/// further off (a timer need not be exact over months); `None` when it never expires.
+fn key_deadline(t: &crate::state::Tailnet, id: u64, now: i64) -> Option<tokio::time::Instant> {
+    let left = match t.nodes.get(&id) {
+        None => 0,
+        Some(n) => n.expiry?.saturating_sub(now).clamp(0, 86_400_000),
+    };
+    let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+    Some(tokio::time::Instant::now() + left)
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_stream(
     st: Arc<ControlState>,
     mut view: StreamView,
@@ -402,7 +428,12 @@ async fn run_stream(
     let _counted = StreamGauge::open(&metrics);
     let mut last_update = tokio::time::Instant::now();
     let epoch = update_epoch();
+    // The node's key expiry: the stream ends when it passes, or as soon as a change
+    // expires, logs out or deletes the node (revocation ends the stream at once, on every
+    // replica, instead of leaving the client its map until it reconnects).
+    let mut expires = key_deadline(&st.db.store.read(), id, now_ms());
     loop {
+        let mut revoked = false;
         // Let changes gather while the last update is recent (see MIN_UPDATE_INTERVAL).
         let ready_at = next_update_at(epoch, last_update);
         if tokio::time::Instant::now() < ready_at {
@@ -419,6 +450,15 @@ async fn run_stream(
         let mut share_as: Option<(u64, u64)> = None;
         let resp: Option<MapResponse> = tokio::select! {
             _ = tx.closed() => break,
+            _ = until(expires) => {
+                let t = st.db.store.read();
+                if revoked_at(&t, id, now_ms()) {
+                    tracing::info!(node = id, "closing map stream: the node key has expired");
+                    break;
+                }
+                expires = key_deadline(&t, id, now_ms());
+                continue;
+            }
             // Cut off from the quorum: end the stream so the client reconnects elsewhere.
             lost = serving.wait_for(|ok| !*ok) => {
                 if lost.is_ok() {
@@ -457,6 +497,8 @@ async fn run_stream(
                 }
                 let t = st.db.store.read();
                 let now = now_ms();
+                expires = key_deadline(&t, id, now);
+                revoked = revoked_at(&t, id, now);
                 let key = if full || derp_changed {
                     None
                 } else {
@@ -543,6 +585,13 @@ async fn run_stream(
                 if let Some(key) = share_as {
                     st.deltas.put(key, None);
                 }
+                if revoked {
+                    tracing::info!(
+                        node = id,
+                        "closing map stream: the node was expired or logged out"
+                    );
+                    break;
+                }
                 continue;
             }
         };
@@ -560,6 +609,14 @@ async fn run_stream(
         metrics.map_bytes.fetch_add(len, Ordering::Relaxed);
         if let Some(at) = oldest_change {
             metrics.update_fanout.observe(at.elapsed());
+        }
+        if revoked {
+            // The last message told the client its node expired; nothing more follows.
+            tracing::info!(
+                node = id,
+                "closing map stream: the node was expired or logged out"
+            );
+            break;
         }
     }
     tracing::debug!(node = id, seq = view.synced(), "map: stream ended");

@@ -61,6 +61,9 @@ pub fn local_replica(config: &Config, admin_addr: &str, control_addr: SocketAddr
         derp_port: d.port.unwrap_or(port),
         stun_port: d.stun_listen_addr.port(),
         mesh_url: format!("http://{mesh_host}:{}/derp", control_addr.port()),
+        // The relay's key and the command level are the server's to fill in.
+        derp_key: String::new(),
+        command_level: 0,
     }
 }
 
@@ -479,6 +482,10 @@ impl StreamView {
             user_profiles: Some(user_profiles(t)),
             collect_services: Some(false),
             control_time: Some(rfc3339(now)),
+            // Privacy by default: the client keeps its logs to itself (headscale does
+            // the same); `client_log_upload = true` leaves its own setting alone.
+            debug: (!config.client_log_upload)
+                .then(|| serde_json::json!({ "DisableLogTail": true })),
             ..Default::default()
         };
         if peers.is_empty() {

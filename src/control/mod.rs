@@ -206,10 +206,31 @@ pub fn router(state: Arc<ControlState>) -> Router {
         )
         .route("/oidc/callback", get(login_page::oidc_callback))
         .route(
+            "/oidc/confirm",
+            axum::routing::post(login_page::oidc_confirm),
+        )
+        .route(
             "/ssh/check/{auth_id}",
             get(login_page::show_ssh_check).post(login_page::decide_ssh_check),
         )
+        .layer(axum::middleware::map_response(no_framing))
         .with_state(state)
+}
+
+/// No page of this listener may be shown inside another site's frame (clickjacking a
+/// login confirmation or an administrator's form): `X-Frame-Options` for old browsers,
+/// CSP `frame-ancestors` for the others. Pages that set a fuller policy keep it.
+async fn no_framing(mut r: Response) -> Response {
+    use axum::http::{header, HeaderValue};
+    let h = r.headers_mut();
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        );
+    }
+    r
 }
 
 #[derive(Deserialize)]

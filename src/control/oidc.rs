@@ -8,6 +8,13 @@
 //! Any replica can finish a login another replica started: the PKCE verifier and the
 //! nonce are derived from the login's `state` with the cluster's shared control key, so
 //! nothing is stored between the redirect and the callback.
+//!
+//! Who logged in is the pair (issuer, `sub`): users are found by it, never by e-mail or
+//! `preferred_username`, which providers let people choose or change. An e-mail address
+//! counts (for the allow lists and as the name a new user is given) only when the
+//! provider says `email_verified: true`, the JSON boolean. The confirmation the person
+//! gives before a machine joins their account travels as a [`Ticket`], sealed with the
+//! control key and bound to the browser's login cookie.
 
 use std::sync::Arc;
 
@@ -39,9 +46,97 @@ pub enum OidcError {
 /// Who the provider says logged in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
-    /// The Hydrascale user: the verified e-mail address, else `preferred_username`, else `sub`.
-    pub user: String,
+    /// The provider's issuer (without a trailing '/') and the subject it gives the person:
+    /// the identity itself.
+    pub issuer: String,
+    pub subject: String,
+    /// The e-mail address, only when the provider verified it (lowercase).
+    pub email: Option<String>,
+    /// The name a new user for this identity is given (made unique when applied): the
+    /// verified e-mail address, else `preferred_username`, else the subject.
+    pub name: String,
     pub display_name: String,
+}
+
+/// What the confirmation page hands to its own form: who logged in, for which waiting
+/// machine, in which browser session (`session`, the login cookie's value), until when.
+/// Sealed with the control key, so any replica can take the form and none can be fooled
+/// into another identity.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Ticket {
+    pub auth_id: String,
+    pub session: String,
+    pub issuer: String,
+    pub subject: String,
+    pub name: String,
+    pub display_name: String,
+    /// Unix milliseconds after which the ticket is refused.
+    pub expires: i64,
+}
+
+/// How long the person has to confirm after logging in at the provider.
+pub const TICKET_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// HMAC-SHA256 of `label` and `data` under `secret`; `None` never happens (HMAC takes
+/// keys of any length) but is not unwrapped.
+fn mac(secret: &[u8], label: &str, data: &str) -> Option<hmac::Hmac<Sha256>> {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<Sha256>::new_from_slice(secret).ok()?;
+    m.update(label.as_bytes());
+    m.update(&[0]);
+    m.update(data.as_bytes());
+    Some(m)
+}
+
+impl Ticket {
+    /// `<payload>.<mac>`, both base64url.
+    pub fn seal(&self, secret: &[u8]) -> String {
+        use hmac::Mac;
+        let payload = b64(&serde_json::to_vec(self).unwrap_or_default());
+        let tag = mac(secret, "confirm", &payload)
+            .map(|m| b64(&m.finalize().into_bytes()))
+            .unwrap_or_default();
+        format!("{payload}.{tag}")
+    }
+
+    /// The ticket in `text` if this cluster sealed it and it has not expired at `now`.
+    pub fn open(secret: &[u8], text: &str, now: i64) -> Option<Ticket> {
+        use hmac::Mac;
+        let (payload, tag) = text.split_once('.')?;
+        let tag = B64.decode(tag).ok()?;
+        mac(secret, "confirm", payload)?.verify_slice(&tag).ok()?;
+        let t: Ticket = serde_json::from_slice(&B64.decode(payload).ok()?).ok()?;
+        (t.expires > now).then_some(t)
+    }
+}
+
+/// Equality of two secrets without an early exit on the first difference.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && std::hint::black_box(
+            a.bytes()
+                .zip(b.bytes())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y)),
+        ) == 0
+}
+
+/// A new random login session id (the login cookie's value and the `state`'s tail).
+pub fn new_session() -> String {
+    let mut random = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+    b64(&random)
+}
+
+/// The login id and session of a `state`, if it has the shape this server gives it.
+pub fn parse_state(state: &str) -> Option<(&str, &str)> {
+    let (id, session) = state.split_once('.')?;
+    let ok = !id.is_empty()
+        && id.chars().all(|c| c.is_ascii_hexdigit())
+        && !session.is_empty()
+        && session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    ok.then_some((id, session))
 }
 
 struct Provider {
@@ -175,12 +270,16 @@ impl Oidc {
             .await
     }
 
-    /// Where to send the browser for login `auth_id`.
-    pub async fn authorize_url(&self, auth_id: &str, secret: &[u8]) -> Result<String, OidcError> {
+    /// Where to send the browser for login `auth_id`, in the browser session `session`
+    /// (see [`new_session`]; the callback accepts the login only in that session).
+    pub async fn authorize_url(
+        &self,
+        auth_id: &str,
+        session: &str,
+        secret: &[u8],
+    ) -> Result<String, OidcError> {
         let p = self.provider().await?;
-        let mut random = [0u8; 16];
-        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
-        let state = format!("{auth_id}.{}", b64(&random));
+        let state = format!("{auth_id}.{session}");
         let verifier = derive(secret, "pkce", &state);
         let challenge = b64(&Sha256::digest(verifier.as_bytes()));
         let query = serde_urlencoded::to_string([
@@ -210,10 +309,8 @@ impl Oidc {
         secret: &[u8],
         now_s: i64,
     ) -> Result<(String, Identity), OidcError> {
-        let auth_id = state
-            .split_once('.')
+        let auth_id = parse_state(state)
             .map(|(id, _)| id.to_string())
-            .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()))
             .ok_or(OidcError::BadState)?;
         let p = self.provider().await?;
         let form = serde_urlencoded::to_string([
@@ -261,26 +358,19 @@ impl Oidc {
         // Many providers put e-mail and groups only in the userinfo answer.
         if let (Some(url), Some(access)) = (&p.userinfo_endpoint, tokens["access_token"].as_str()) {
             if let Ok(info) = self.get_json(url, Some(access)).await {
-                if info["sub"] == claims["sub"] {
-                    if let (Some(c), Some(i)) = (claims.as_object_mut(), info.as_object()) {
-                        for (k, v) in i {
-                            c.entry(k.clone()).or_insert_with(|| v.clone());
-                        }
-                    }
-                }
+                merge_userinfo(&mut claims, &info);
             }
         }
-        let identity = self.admit(&claims)?;
+        let identity = self.admit(&claims, &p.issuer)?;
         Ok((auth_id, identity))
     }
 
-    /// Applies the allow lists and picks the user name.
-    fn admit(&self, claims: &Value) -> Result<Identity, OidcError> {
-        let email = claims["email"]
+    /// Applies the allow lists and picks the name a new user would get.
+    fn admit(&self, claims: &Value, issuer: &str) -> Result<Identity, OidcError> {
+        let email = verified_email(claims);
+        let username = claims["preferred_username"]
             .as_str()
-            .filter(|_| claims["email_verified"].as_bool() != Some(false))
-            .map(str::to_lowercase);
-        let username = claims["preferred_username"].as_str();
+            .filter(|u| !u.is_empty());
         let sub = claims["sub"].as_str().unwrap_or_default();
         let who = email
             .clone()
@@ -297,11 +387,13 @@ impl Oidc {
                 return Err(OidcError::NotAllowed(who));
             }
         }
+        // A verified address or the subject: `preferred_username` is whatever the person
+        // or the provider's other tenants chose, and lets nobody in.
         if !c.allowed_users.is_empty()
-            && !c.allowed_users.iter().any(|u| {
-                email.as_deref().is_some_and(|e| u.eq_ignore_ascii_case(e))
-                    || Some(u.as_str()) == username
-            })
+            && !c
+                .allowed_users
+                .iter()
+                .any(|u| email.as_deref().is_some_and(|e| u.eq_ignore_ascii_case(e)) || u == sub)
         {
             return Err(OidcError::NotAllowed(who));
         }
@@ -317,20 +409,55 @@ impl Oidc {
                 return Err(OidcError::NotAllowed(who));
             }
         }
-        if !crate::state::valid_user_name(&who) {
-            return Err(OidcError::BadToken(format!(
-                "{who:?} cannot be a user name here (letters, digits, '.', '_', '-', '@'; at most 63)"
-            )));
-        }
+        // A name that cannot be a user name here becomes one the state machine makes
+        // up (`user-<id>`); the identity, not the name, is who this is.
+        let name = [email.as_deref(), username, Some(sub)]
+            .into_iter()
+            .flatten()
+            .find(|n| crate::state::valid_user_name(n))
+            .unwrap_or_default()
+            .to_string();
         let display_name = claims["name"]
             .as_str()
             .or(claims.pointer("/attributes/name").and_then(Value::as_str))
             .unwrap_or_default()
             .to_string();
         Ok(Identity {
-            user: who,
+            issuer: issuer.trim_end_matches('/').to_string(),
+            subject: sub.to_string(),
+            email,
+            name,
             display_name,
         })
+    }
+}
+
+/// The e-mail address of `claims` if, and only if, the provider verified it: the
+/// `email_verified` claim is the JSON boolean `true` (absent, `false`, and the string
+/// `"true"` some providers send all leave the address unverified).
+pub fn verified_email(claims: &Value) -> Option<String> {
+    let verified = claims.get("email_verified") == Some(&Value::Bool(true));
+    claims["email"]
+        .as_str()
+        .filter(|e| verified && !e.is_empty())
+        .map(str::to_lowercase)
+}
+
+/// Adds to the ID token's `claims` what the userinfo answer `info` has and they lack,
+/// if `info` is about the same subject. `email` and `email_verified` come as a pair from
+/// one source, so one source's address is never vouched for by the other's flag.
+pub fn merge_userinfo(claims: &mut Value, info: &Value) {
+    if info["sub"] != claims["sub"] {
+        return;
+    }
+    let own_email = claims.get("email").is_some();
+    if let (Some(c), Some(i)) = (claims.as_object_mut(), info.as_object()) {
+        for (k, v) in i {
+            if own_email && k == "email_verified" {
+                continue;
+            }
+            c.entry(k.clone()).or_insert_with(|| v.clone());
+        }
     }
 }
 
@@ -447,6 +574,162 @@ pub fn verify_id_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_boolean_true_verifies_an_email() {
+        let with = |v: Option<Value>| {
+            let mut c = serde_json::json!({"sub": "s", "email": "Ann@Example.com"});
+            if let Some(v) = v {
+                c["email_verified"] = v;
+            }
+            verified_email(&c)
+        };
+        assert_eq!(
+            with(Some(Value::Bool(true))),
+            Some("ann@example.com".into())
+        );
+        for v in [
+            None,
+            Some(Value::Bool(false)),
+            Some(Value::String("true".into())),
+            Some(serde_json::json!(1)),
+            Some(Value::Null),
+        ] {
+            assert_eq!(with(v.clone()), None, "{v:?}");
+        }
+        assert_eq!(
+            verified_email(&serde_json::json!({"email": "", "email_verified": true})),
+            None
+        );
+    }
+
+    fn provider_with(edit: impl FnOnce(&mut OidcConfig)) -> Arc<Oidc> {
+        let mut c = crate::config::Config::default();
+        c.oidc.issuer = "https://idp.example".into();
+        c.oidc.client_id = "h".into();
+        c.oidc.client_secret = "s".into();
+        edit(&mut c.oidc);
+        Oidc::new(&c).expect("config").expect("oidc on")
+    }
+
+    #[test]
+    fn allow_lists_and_names_count_only_verified_addresses() {
+        let claims = |sub: &str, verified: Option<Value>| {
+            let mut c = serde_json::json!({
+                "sub": sub, "email": "ann@example.com", "preferred_username": "ann"
+            });
+            if let Some(v) = verified {
+                c["email_verified"] = v;
+            }
+            c
+        };
+        let unverified = [None, Some(Value::Bool(false)), Some(Value::from("true"))];
+        let domains = provider_with(|c| c.allowed_domains = vec!["example.com".into()]);
+        let users = provider_with(|c| {
+            c.allowed_users = vec!["ann@example.com".into(), "ann".into(), "s-9".into()]
+        });
+        for v in &unverified {
+            for o in [&domains, &users] {
+                let e = o.admit(&claims("s-1", v.clone()), "https://idp.example/");
+                assert!(matches!(e, Err(OidcError::NotAllowed(_))), "{v:?}: {e:?}");
+            }
+        }
+        // The subject is an identity the provider vouches for; preferred_username is not.
+        let by_sub = users
+            .admit(&claims("s-9", None), "https://idp.example/")
+            .expect("listed subject");
+        assert_eq!(
+            by_sub.name, "ann",
+            "an unverified address does not name the user"
+        );
+        assert_eq!(by_sub.email, None);
+        assert_eq!(
+            (by_sub.issuer.as_str(), by_sub.subject.as_str()),
+            ("https://idp.example", "s-9")
+        );
+        let verified = domains
+            .admit(
+                &claims("s-1", Some(Value::Bool(true))),
+                "https://idp.example",
+            )
+            .expect("verified address in the domain");
+        assert_eq!(verified.name, "ann@example.com");
+        assert_eq!(verified.email.as_deref(), Some("ann@example.com"));
+    }
+
+    #[test]
+    fn userinfo_never_vouches_for_the_id_tokens_email() {
+        let mut claims = serde_json::json!({"sub": "s", "email": "a@x.test"});
+        merge_userinfo(
+            &mut claims,
+            &serde_json::json!({"sub": "s", "email": "b@y.test", "email_verified": true, "name": "A"}),
+        );
+        assert_eq!(verified_email(&claims), None);
+        assert_eq!(claims["name"], "A");
+        // Without an address of its own, the pair comes from userinfo.
+        let mut claims = serde_json::json!({"sub": "s"});
+        merge_userinfo(
+            &mut claims,
+            &serde_json::json!({"sub": "s", "email": "b@y.test", "email_verified": true}),
+        );
+        assert_eq!(verified_email(&claims), Some("b@y.test".into()));
+        // Another subject's answer is ignored.
+        let mut claims = serde_json::json!({"sub": "s"});
+        merge_userinfo(
+            &mut claims,
+            &serde_json::json!({"sub": "t", "email": "b@y.test", "email_verified": true}),
+        );
+        assert_eq!(verified_email(&claims), None);
+    }
+
+    #[test]
+    fn tickets_open_only_with_the_key_unchanged_and_in_time() {
+        let t = Ticket {
+            auth_id: "ab12".into(),
+            session: "sess".into(),
+            issuer: "https://idp".into(),
+            subject: "s".into(),
+            name: "n".into(),
+            display_name: String::new(),
+            expires: 1000,
+        };
+        let sealed = t.seal(b"k1");
+        assert_eq!(Ticket::open(b"k1", &sealed, 999), Some(t.clone()));
+        assert_eq!(Ticket::open(b"k1", &sealed, 1000), None);
+        assert_eq!(Ticket::open(b"k2", &sealed, 0), None);
+        // Another identity in the payload, with the old tag, does not open.
+        let (_, tag) = sealed.split_once('.').unwrap();
+        let forged = Ticket {
+            subject: "admin".into(),
+            ..t
+        };
+        let (payload, _) = forged
+            .seal(b"other")
+            .split_once('.')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap();
+        assert_eq!(Ticket::open(b"k1", &format!("{payload}.{tag}"), 0), None);
+        assert_eq!(Ticket::open(b"k1", "garbage", 0), None);
+        assert!(
+            same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("ab", "abc")
+        );
+    }
+
+    #[test]
+    fn states_have_an_id_and_a_session() {
+        assert_eq!(parse_state("0a1b.xY-_9"), Some(("0a1b", "xY-_9")));
+        for bad in [
+            "",
+            "zz.forged",
+            "0a1b.",
+            ".abc",
+            "0a1b",
+            "0a1b.a b",
+            "0a1b.a.b",
+        ] {
+            assert_eq!(parse_state(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn derived_secrets_depend_on_key_label_and_state() {

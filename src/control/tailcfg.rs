@@ -153,6 +153,10 @@ pub struct MapResponse {
     pub collect_services: Option<bool>,
     #[serde(rename = "ControlTime", skip_serializing_if = "Option::is_none")]
     pub control_time: Option<String>,
+    /// `tailcfg.Debug`; only its `DisableLogTail` is sent (the client then uploads no logs
+    /// to Tailscale's log service for the rest of its process's life).
+    #[serde(rename = "Debug", skip_serializing_if = "Option::is_none")]
+    pub debug: Option<Value>,
 }
 
 /// `tailcfg.DERPMap` with one self-hosted region per cluster.

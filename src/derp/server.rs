@@ -144,6 +144,8 @@ struct Inner {
     stats: DerpStats,
     next_id: AtomicU64,
     verifier: Option<ClientVerifier>,
+    /// Which relays may mesh: holding the mesh key is not enough, their key must pass this.
+    mesh_verifier: Option<ClientVerifier>,
 }
 
 /// The DERP relay. Cheap to clone; all clones share one registry.
@@ -253,6 +255,19 @@ impl DerpServer {
         mesh_key: Option<[u8; 32]>,
         verifier: Option<ClientVerifier>,
     ) -> Self {
+        Self::with_verifiers(private_key, mesh_key, verifier, None)
+    }
+
+    /// As [`DerpServer::with_verifier`], and a relay that proves the mesh key meshes only
+    /// if `mesh_verifier` accepts its key too (one of the cluster's registered relays): the
+    /// mesh key alone stays with whoever ever held the control key (a removed replica, a
+    /// backup), the registry follows the cluster.
+    pub fn with_verifiers(
+        private_key: [u8; 32],
+        mesh_key: Option<[u8; 32]>,
+        verifier: Option<ClientVerifier>,
+        mesh_verifier: Option<ClientVerifier>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 public_key: public_key_of(&private_key),
@@ -262,6 +277,7 @@ impl DerpServer {
                 stats: DerpStats::default(),
                 next_id: AtomicU64::new(1),
                 verifier,
+                mesh_verifier,
             }),
         }
     }
@@ -440,7 +456,18 @@ impl DerpServer {
             }
             _ => false,
         };
-        if !is_mesh {
+        if is_mesh {
+            if let Some(verify) = &self.inner.mesh_verifier {
+                if !verify(&key) {
+                    self.inner
+                        .stats
+                        .clients_rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(key = %hex::encode(key), "a relay with the mesh key but no place in the replica registry tried to mesh; refused");
+                    return Err(DerpError::UnknownClient);
+                }
+            }
+        } else {
             if let Some(verify) = &self.inner.verifier {
                 if !verify(&key) {
                     self.inner
@@ -656,6 +683,53 @@ impl DerpServer {
             }
         }
         reg.watchers.insert(conn_id, watcher);
+    }
+
+    /// Ends the connections of the regular clients (mesh peers stay) whose key `keep`
+    /// refuses, as when their node was expired, logged out or deleted; how many ended.
+    /// `keep` runs without the registry locked.
+    pub fn disconnect_unless(&self, keep: impl Fn(&Key) -> bool) -> usize {
+        self.disconnect_unless_of(false, keep)
+    }
+
+    /// Ends the connections of mesh peers the mesh verifier no longer admits (a relay
+    /// that left the replica registry); returns how many.
+    pub fn revalidate_mesh(&self) -> usize {
+        match &self.inner.mesh_verifier {
+            Some(admit) => self.disconnect_unless_of(true, |k| admit(k)),
+            None => 0,
+        }
+    }
+
+    /// Ends the connections of regular clients (`mesh`: of mesh peers) that `keep`
+    /// refuses, checked outside the registry's lock.
+    fn disconnect_unless_of(&self, mesh: bool, keep: impl Fn(&Key) -> bool) -> usize {
+        let clients: Vec<(Key, CancellationToken)> = self
+            .lock()
+            .clients
+            .iter()
+            .filter(|(_, c)| (c.flags & PEER_PRESENT_IS_MESH_PEER != 0) == mesh)
+            .map(|(k, c)| (*k, c.cancel.clone()))
+            .collect();
+        let mut ended = 0;
+        for (key, cancel) in clients {
+            if !keep(&key) {
+                cancel.cancel();
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Ends the connection of the regular client `key`, if one is here; whether it was.
+    pub fn disconnect(&self, key: &Key) -> bool {
+        match self.lock().clients.get(key) {
+            Some(c) if c.flags & PEER_PRESENT_IS_MESH_PEER == 0 => {
+                c.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
     }
 
     fn close_peer(&self, key: &Key) {

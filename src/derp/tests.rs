@@ -501,6 +501,29 @@ async fn verify_clients_admits_only_known_keys_and_mesh_peers() {
     assert_eq!(server.client_count(), 2);
 }
 
+/// Revocation: the relay ends the sessions of keys that are no longer current, and only
+/// those; mesh peers and the other clients keep relaying.
+#[tokio::test]
+async fn disconnect_ends_only_revoked_regular_clients() {
+    let mesh = rand_key();
+    let (server, addr) = start(Some(mesh)).await;
+    let mut revoked = connect(addr).await;
+    let mut kept = connect(addr).await;
+    let peer = DerpClient::connect(&addr.to_string(), rand_key(), Some(mesh))
+        .await
+        .unwrap();
+    let gone = revoked.public_key();
+    let ended = server.disconnect_unless(|k| *k != gone);
+    assert_eq!(ended, 1);
+    assert_closed(&mut revoked).await;
+    assert_relay(&peer, &mut kept, 100).await;
+    // The same by key; a mesh peer's key is never disconnected this way.
+    assert!(server.disconnect(&kept.public_key()));
+    assert_closed(&mut kept).await;
+    assert!(!server.disconnect(&peer.public_key()));
+    assert_eq!(server.disconnect_unless(|_| false), 0);
+}
+
 /// A client that pings without ever reading: the relay keeps at most a small queue of
 /// pongs for it, drops (and counts) the rest instead of holding them, and goes on
 /// relaying for everyone else.

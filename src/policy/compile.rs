@@ -393,6 +393,7 @@ pub(crate) fn sample_tailnet() -> Tailnet {
             name: name.into(),
             display_name: String::new(),
             now: 1,
+            by_admin: true,
         })
         .0
         .unwrap();

@@ -70,4 +70,20 @@ pub enum StateError {
     BadPolicy(String),
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]
     TooManyPendingLogins,
+    #[error("user {name:?} was stored before this server recorded who created its users, so it cannot tell whether this OIDC login is that user; an administrator who knows it is links them with `hydrascale users link --name {name} --issuer {issuer} --subject {subject}` (or renames the user), then log in again")]
+    UnlinkedUser {
+        name: String,
+        issuer: String,
+        subject: String,
+    },
+    #[error("that OIDC identity already belongs to user {0:?}; unlink it there first (`hydrascale users unlink --name {0}`)")]
+    IdentityTaken(String),
+    #[error("user {name:?} is already linked to the OIDC identity {subject:?} of {issuer}; unlink it first (`hydrascale users unlink --name {name}`)")]
+    UserLinked {
+        name: String,
+        issuer: String,
+        subject: String,
+    },
+    #[error("an OIDC identity needs both the issuer URL and the subject (the `sub` claim)")]
+    BadIdentity,
 }

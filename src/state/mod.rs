@@ -16,7 +16,7 @@ pub use error::StateError;
 pub use store::{now_ms, Db, DbError, Observer, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};
 pub use types::{
-    is_exit_route, routes_in_hostinfo, ApiKey, Change, Command, CommandOutput, Node, PendingLogin,
-    PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, User, LOGIN_TTL_MS,
-    MAX_PENDING_LOGINS, SSH_CHECK_TTL_MS,
+    is_exit_route, routes_in_hostinfo, ApiKey, Change, Command, CommandOutput, Node, OidcIdentity,
+    PendingLogin, PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, User,
+    UserOrigin, COMMAND_LEVEL, LOGIN_TTL_MS, MAX_PENDING_LOGINS, SSH_CHECK_TTL_MS,
 };

@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 
 use super::error::StateError;
 use super::tailnet::Tailnet;
-use super::types::{Change, Command, CommandOutput};
+use super::types::{Change, Command, CommandOutput, COMMAND_LEVEL};
 
 /// Wall-clock milliseconds, read by callers when they build a command (never by `apply`).
 pub fn now_ms() -> i64 {
@@ -111,56 +111,58 @@ impl StateStore {
 
 type Encoded = Result<CommandOutput, StateError>;
 
+/// Why a command or snapshot from the log cannot be read by this version.
+fn unreadable(what: &str, e: &serde_json::Error) -> String {
+    format!(
+        "the {what} cannot be read by this version of Hydrascale ({e}); if another replica runs a newer version, upgrade this one to it (docs/operations.md, \"Upgrade\")"
+    )
+}
+
 impl hydrascale_raft::Application for StateStore {
-    fn apply(&self, _index: u64, command: &[u8]) -> Vec<u8> {
-        let result: Encoded = match serde_json::from_slice::<Command>(command) {
-            Ok(cmd) => {
-                // Timed out here, around the pure `Tailnet::apply`: the duration only feeds
-                // the metric, never the state.
-                let started = std::time::Instant::now();
-                let (result, changes) = {
-                    let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
-                    let (result, changes) = t.apply(&cmd);
-                    self.changed();
-                    // Looked up under the state's lock, as `observe` installs it: looked up
-                    // before, it could be none yet while `observe` built its first view
-                    // from the state without this command, and the view never learnt of it.
-                    if let Some(o) = self.observer() {
-                        o.applied(&t, &changes);
-                    }
-                    (result, changes)
-                };
-                self.metrics.apply.observe(started.elapsed());
-                self.metrics
-                    .applied_entries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.publish(changes);
-                result
+    fn apply(&self, _index: u64, command: &[u8]) -> Result<Vec<u8>, String> {
+        let cmd =
+            serde_json::from_slice::<Command>(command).map_err(|e| unreadable("command", &e))?;
+        // Timed out here, around the pure `Tailnet::apply`: the duration only feeds the
+        // metric, never the state.
+        let started = std::time::Instant::now();
+        let (result, changes) = {
+            let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
+            let (result, changes) = t.apply(&cmd);
+            self.changed();
+            // Looked up under the state's lock, as `observe` installs it: looked up before,
+            // it could be none yet while `observe` built its first view from the state
+            // without this command, and the view never learnt of it.
+            if let Some(o) = self.observer() {
+                o.applied(&t, &changes);
             }
-            // A command this version cannot decode changes nothing, identically everywhere.
-            Err(e) => {
-                tracing::error!(error = %e, "undecodable command in the log");
-                Ok(CommandOutput::Done)
-            }
+            (result, changes)
         };
-        serde_json::to_vec(&result).unwrap_or_default()
+        self.metrics.apply.observe(started.elapsed());
+        self.metrics
+            .applied_entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish(changes);
+        let result: Encoded = result;
+        Ok(serde_json::to_vec(&result).unwrap_or_default())
     }
 
     fn snapshot(&self) -> Vec<u8> {
         serde_json::to_vec(&*self.read()).unwrap_or_default()
     }
 
-    fn restore(&self, snapshot: &[u8]) {
+    fn restore(&self, snapshot: &[u8]) -> Result<(), String> {
         let restored: Tailnet = if snapshot.is_empty() {
             Tailnet::default()
         } else {
-            match serde_json::from_slice(snapshot) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "snapshot does not decode; keeping current state");
-                    return;
-                }
+            let t: Tailnet =
+                serde_json::from_slice(snapshot).map_err(|e| unreadable("snapshot", &e))?;
+            if t.level > COMMAND_LEVEL {
+                return Err(format!(
+                    "the snapshot holds commands of level {} and this version of Hydrascale reads up to level {COMMAND_LEVEL}; upgrade this replica (docs/operations.md, \"Upgrade\")",
+                    t.level
+                ));
             }
+            t
         };
         {
             let mut t = self.tailnet.write().unwrap_or_else(|p| p.into_inner());
@@ -171,6 +173,13 @@ impl hydrascale_raft::Application for StateStore {
             }
         }
         self.publish(vec![Change::Reset]);
+        Ok(())
+    }
+
+    fn check(&self, command: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<Command>(command)
+            .map(|_| ())
+            .map_err(|e| unreadable("command", &e))
     }
 }
 
@@ -185,6 +194,9 @@ pub enum DbError {
     /// A batched write failed as a whole (the Raft error, as text, for every member).
     #[error("replication: {0}")]
     Replication(String),
+    /// The version gate: a member would stop on a command it cannot read.
+    #[error("{0}")]
+    Upgrade(String),
 }
 
 /// Proposes commands through Raft and returns their outcome once applied here.
@@ -196,12 +208,68 @@ pub struct Db {
 
 impl Db {
     pub async fn write(&self, cmd: Command) -> Result<CommandOutput, DbError> {
+        self.check_level(&cmd)?;
         let bytes = serde_json::to_vec(&cmd).map_err(|e| DbError::Codec(e.to_string()))?;
         let resp = self.raft.write(bytes).await?;
         let result: Encoded =
             serde_json::from_slice(&resp).map_err(|e| DbError::Codec(e.to_string()))?;
         Ok(result?)
     }
+}
+
+impl Db {
+    /// The version gate: a command of a kind introduced at level L is proposed only once
+    /// every member of the cluster has announced (in the replica registry) that it reads
+    /// level L, so a rolling upgrade never puts in the log what a replica not yet upgraded
+    /// would stop on. A member not yet announced counts as not reading it.
+    pub fn check_level(&self, cmd: &Command) -> Result<(), DbError> {
+        let need = cmd.level();
+        if need <= 1 {
+            return Ok(());
+        }
+        // This replica reads every level it can propose, announced yet or not.
+        let me = self.raft.node_id();
+        let members: Vec<u64> = self
+            .raft
+            .status()
+            .membership
+            .iter()
+            .map(|(id, _, _)| *id)
+            .filter(|id| *id != me)
+            .collect();
+        let state = self.store.read();
+        refuse_below(need, &members, &state.replicas, cmd)
+            .map_or(Ok(()), |e| Err(DbError::Upgrade(e)))
+    }
+}
+
+/// Why `cmd` (of level `need`) may not be proposed to a cluster of `members` whose
+/// registry is `replicas`, if it may not.
+pub(crate) fn refuse_below(
+    need: u32,
+    members: &[u64],
+    replicas: &std::collections::BTreeMap<u64, super::types::Replica>,
+    cmd: &Command,
+) -> Option<String> {
+    let behind: Vec<String> = members
+        .iter()
+        .filter_map(|id| match replicas.get(id) {
+            Some(r) if r.command_level() >= need => None,
+            Some(r) => Some(format!(
+                "replica {id} (reads up to level {})",
+                r.command_level()
+            )),
+            None => Some(format!("replica {id} (not announced yet)")),
+        })
+        .collect();
+    if behind.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{} needs every replica at command level {need} or later, and {} not: upgrade every replica first (docs/operations.md, \"Upgrade\"), or wait until a restarted one has announced itself",
+        cmd.kind(),
+        behind.join(", ")
+    ))
 }
 
 #[cfg(test)]
@@ -246,20 +314,23 @@ mod tests {
     fn an_observer_installed_while_commands_apply_misses_none() {
         let store = StateStore::new();
         let encode = |c: &Command| serde_json::to_vec(c).unwrap();
-        store.apply(
-            1,
-            &encode(&Command::CreateUser {
-                name: "u".into(),
-                display_name: String::new(),
-                now: 1,
-            }),
-        );
+        store
+            .apply(
+                1,
+                &encode(&Command::CreateUser {
+                    name: "u".into(),
+                    display_name: String::new(),
+                    now: 1,
+                    by_admin: true,
+                }),
+            )
+            .expect("applies");
         // One reusable key, so that every command of the loop below adds a node.
         let [mut key, _] = sample::registration("u", vec![], 0, "n0".into(), "{}".into());
         if let Command::CreatePreAuthKey { reusable, .. } = &mut key {
             *reusable = true;
         }
-        store.apply(2, &encode(&key));
+        store.apply(2, &encode(&key)).expect("applies");
         let stop = AtomicBool::new(false);
         let ids = Arc::new(Ids::default());
         std::thread::scope(|s| {
@@ -272,7 +343,7 @@ mod tests {
                     if let Command::RegisterNode { auth, .. } = &mut reg {
                         *auth = crate::state::RegisterAuth::PreAuthKey { hash: "h0".into() };
                     }
-                    store.apply(n + 2, &encode(&reg));
+                    store.apply(n + 2, &encode(&reg)).expect("applies");
                 }
             });
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -289,5 +360,114 @@ mod tests {
             missing.is_empty(),
             "the observer never saw nodes {missing:?}"
         );
+    }
+
+    /// A command this version cannot read stops the replica (Raft gets an error and stops
+    /// there) instead of being skipped as "done"; so does a snapshot of a newer level.
+    #[test]
+    fn what_this_version_cannot_read_is_an_error_not_a_no_op() {
+        let store = StateStore::new();
+        let err = store
+            .apply(1, br#"{"SomeFutureCommand":{"x":1}}"#)
+            .expect_err("an unknown command");
+        assert!(err.contains("cannot be read by this version"), "{err}");
+        assert!(store.check(br#"{"SomeFutureCommand":{}}"#).is_err());
+        assert_eq!(store.version(), 0, "the state changed");
+        let mut newer = Tailnet::default();
+        newer.level = COMMAND_LEVEL + 1;
+        let err = store
+            .restore(&serde_json::to_vec(&newer).unwrap())
+            .expect_err("a snapshot of a newer level");
+        assert!(err.contains("upgrade"), "{err}");
+        assert!(store.restore(b"not json").is_err());
+        let ok = serde_json::to_vec(&Tailnet::default()).unwrap();
+        store.restore(&ok).expect("a snapshot of this level");
+    }
+
+    fn replica(id: u64, command_level: u32) -> crate::state::Replica {
+        crate::state::Replica {
+            id,
+            admin_addr: String::new(),
+            derp_host: String::new(),
+            derp_ipv4: None,
+            derp_port: 0,
+            stun_port: 0,
+            mesh_url: String::new(),
+            derp_key: String::new(),
+            command_level,
+        }
+    }
+
+    /// The version gate: a command of level 2 goes to the log only once every member has
+    /// announced level 2; a replica of an earlier version (which announces none) or one
+    /// not yet announced holds it back, named in the refusal.
+    #[test]
+    fn a_new_kind_of_command_waits_for_every_member() {
+        let cmd = Command::CreateUser {
+            name: "u".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin: false,
+        };
+        let mut registry = std::collections::BTreeMap::new();
+        registry.insert(1, replica(1, 2));
+        registry.insert(2, replica(2, 0));
+        let why = refuse_below(2, &[1, 2, 3], &registry, &cmd).expect("refused");
+        assert!(why.contains("CreateUser"), "{why}");
+        assert!(why.contains("replica 2 (reads up to level 1)"), "{why}");
+        assert!(why.contains("replica 3 (not announced yet)"), "{why}");
+        assert!(!why.contains("replica 1"), "{why}");
+        registry.insert(2, replica(2, 2));
+        registry.insert(3, replica(3, 3));
+        assert_eq!(refuse_below(2, &[1, 2, 3], &registry, &cmd), None);
+        // Level-1 commands are what every version reads.
+        assert_eq!(cmd.level(), 1);
+        assert_eq!(
+            Command::Batch {
+                commands: vec![cmd.clone()]
+            }
+            .level(),
+            1
+        );
+    }
+
+    /// The kinds of command this version introduced are level 2: OIDC identities.
+    #[test]
+    fn oidc_identity_commands_are_level_two() {
+        let by = |by_admin| Command::CreateUser {
+            name: "u".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin,
+        };
+        assert_eq!(by(true).level(), 2);
+        assert_eq!(by(false).level(), 1);
+        assert_eq!(
+            Command::Batch {
+                commands: vec![by(false), by(true)]
+            }
+            .level(),
+            2
+        );
+    }
+
+    /// A snapshot records the highest level it holds, as applied (deterministically).
+    #[test]
+    fn the_state_records_the_highest_level_applied() {
+        let mut t = Tailnet::default();
+        let _ = t.apply(&Command::CreateUser {
+            name: "u".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin: false,
+        });
+        assert_eq!(t.level, 1);
+        let _ = t.apply(&Command::CreateUser {
+            name: "v".into(),
+            display_name: String::new(),
+            now: 1,
+            by_admin: true,
+        });
+        assert_eq!(t.level, 2);
     }
 }

@@ -11,9 +11,9 @@ use sha2::{Digest, Sha256};
 use super::error::StateError;
 use super::ipam;
 use super::types::{
-    ApiKey, Change, Command, CommandOutput, Node, PendingLogin, PolicyRecord, PreAuthKey, Prefixes,
-    RegisterAuth, Replica, SshCheck, User, LOGIN_TTL_MS, MAX_PENDING_LOGINS, MAX_SSH_CHECKS,
-    SSH_CHECK_TTL_MS,
+    ApiKey, Change, Command, CommandOutput, Node, OidcIdentity, PendingLogin, PolicyRecord,
+    PreAuthKey, Prefixes, RegisterAuth, Replica, SshCheck, User, UserOrigin, LOGIN_TTL_MS,
+    MAX_PENDING_LOGINS, MAX_SSH_CHECKS, SSH_CHECK_TTL_MS,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -41,6 +41,10 @@ pub struct Tailnet {
     /// (source id → destination id → time); cleared when the policy changes.
     #[serde(default)]
     pub ssh_approvals: BTreeMap<u64, BTreeMap<u64, i64>>,
+    /// The highest command level applied so far ([`super::types::COMMAND_LEVEL`]): a
+    /// replica of a version that reads less refuses a snapshot of this state.
+    #[serde(default)]
+    pub level: u32,
     #[serde(default)]
     next_api_key_id: u64,
     next_user_id: u64,
@@ -144,6 +148,73 @@ impl Tailnet {
             .ok_or_else(|| StateError::UserNotFound(name.to_string()))
     }
 
+    /// The user an OIDC login as (`issuer`, `subject`) reaches.
+    pub fn user_by_identity(&self, issuer: &str, subject: &str) -> Option<&User> {
+        self.users
+            .values()
+            .find(|u| u.oidc.as_ref().is_some_and(|o| o.same(issuer, subject)))
+    }
+
+    /// `wanted` if no user has that name, else the first free `wanted-2`, `wanted-3`, ...
+    /// (shortened to stay a valid name); a name that is not valid becomes `user-<id>`.
+    pub fn free_user_name(&self, wanted: &str) -> String {
+        let base = if valid_user_name(wanted) {
+            wanted.to_string()
+        } else {
+            format!("user-{}", self.next_user_id + 1)
+        };
+        if self.user_by_name(&base).is_none() {
+            return base;
+        }
+        (2u64..)
+            .map(|i| {
+                let suffix = format!("-{i}");
+                let mut stem = base.clone();
+                stem.truncate(63 - suffix.len());
+                stem + &suffix
+            })
+            .find(|c| self.user_by_name(c).is_none())
+            .unwrap_or(base)
+    }
+
+    /// The interactive login `auth_id`, if it is still waiting at `now`.
+    fn pending_login(&self, auth_id: &str, now: i64) -> Result<PendingLogin, StateError> {
+        self.pending_logins
+            .get(auth_id)
+            .filter(|p| p.created > now.saturating_sub(LOGIN_TTL_MS))
+            .cloned()
+            .ok_or_else(|| StateError::LoginNotFound(auth_id.to_string()))
+    }
+
+    /// Registers the machine of login `p` as a node of user `user_id` and drops the login.
+    fn complete_login(
+        &mut self,
+        p: &PendingLogin,
+        user_id: u64,
+        now: i64,
+    ) -> Result<(CommandOutput, Vec<Change>), StateError> {
+        let grant = Grant {
+            user_id,
+            tags: Vec::new(),
+            ephemeral: p.ephemeral,
+            key_id: None,
+        };
+        let out = self.register(
+            &p.machine_key,
+            &p.node_key,
+            None,
+            &p.hostname,
+            &p.hostinfo,
+            Some(grant),
+            p.key_lifetime.map(|l| now.saturating_add(l)),
+            p.ephemeral,
+            &p.prefixes,
+            now,
+        )?;
+        self.pending_logins.remove(&p.auth_id);
+        Ok(out)
+    }
+
     fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
         let index = self.index.get(&self.nodes);
         let taken = |n: &str| index.name_taken(n, except);
@@ -213,12 +284,17 @@ impl Tailnet {
                 | Command::SetTags { .. }
                 | Command::ApproveRoutes { .. }
                 | Command::ExpireNode { .. }
+                | Command::LinkUser { .. }
         );
         if !keeps_index {
             self.index.clear();
         }
         match self.apply_inner(cmd) {
-            Ok((out, changes)) => (Ok(out), changes),
+            Ok((out, changes)) => {
+                // After the command: a `Restore` replaces the whole state, this included.
+                self.level = self.level.max(cmd.level());
+                (Ok(out), changes)
+            }
             Err(e) => (Err(e), Vec::new()),
         }
     }
@@ -229,6 +305,7 @@ impl Tailnet {
                 name,
                 display_name,
                 now,
+                by_admin,
             } => {
                 if !valid_user_name(name) {
                     return Err(StateError::BadUserName(name.clone()));
@@ -242,6 +319,12 @@ impl Tailnet {
                     name: name.clone(),
                     display_name: display_name.clone(),
                     created: *now,
+                    oidc: None,
+                    origin: if *by_admin {
+                        UserOrigin::Admin
+                    } else {
+                        UserOrigin::Unrecorded
+                    },
                 };
                 self.users.insert(u.id, u.clone());
                 Ok((
@@ -386,7 +469,7 @@ impl Tailnet {
             } => {
                 let grant = match auth {
                     RegisterAuth::PreAuthKey { hash } => {
-                        Some(self.key_grant(hash, machine_key, *now)?)
+                        Some(self.key_grant(hash, machine_key, node_key, *now)?)
                     }
                     RegisterAuth::Existing => None,
                 };
@@ -416,33 +499,89 @@ impl Tailnet {
                 Ok((CommandOutput::Done, Vec::new()))
             }
             Command::CompleteLogin { auth_id, user, now } => {
-                let p = self
-                    .pending_logins
-                    .get(auth_id)
-                    .filter(|p| p.created > now.saturating_sub(LOGIN_TTL_MS))
-                    .cloned()
-                    .ok_or_else(|| StateError::LoginNotFound(auth_id.clone()))?;
+                let p = self.pending_login(auth_id, *now)?;
                 let user_id = self.user_id(user)?;
-                let grant = Grant {
-                    user_id,
-                    tags: Vec::new(),
-                    ephemeral: p.ephemeral,
-                    key_id: None,
+                self.complete_login(&p, user_id, *now)
+            }
+            Command::OidcLogin {
+                auth_id,
+                issuer,
+                subject,
+                name,
+                display_name,
+                now,
+            } => {
+                let p = self.pending_login(auth_id, *now)?;
+                if let Some(id) = self.user_by_identity(issuer, subject).map(|u| u.id) {
+                    return self.complete_login(&p, id, *now);
+                }
+                if let Some(u) = self
+                    .user_by_name(name)
+                    .filter(|u| u.origin == UserOrigin::Unrecorded && u.oidc.is_none())
+                {
+                    return Err(StateError::UnlinkedUser {
+                        name: u.name.clone(),
+                        issuer: issuer.clone(),
+                        subject: subject.clone(),
+                    });
+                }
+                let user = User {
+                    id: self.next_user_id + 1,
+                    name: self.free_user_name(name),
+                    display_name: display_name.clone(),
+                    created: *now,
+                    oidc: Some(OidcIdentity {
+                        issuer: issuer.clone(),
+                        subject: subject.clone(),
+                    }),
+                    origin: UserOrigin::Oidc,
                 };
-                let out = self.register(
-                    &p.machine_key,
-                    &p.node_key,
-                    None,
-                    &p.hostname,
-                    &p.hostinfo,
-                    Some(grant),
-                    p.key_lifetime.map(|l| now.saturating_add(l)),
-                    p.ephemeral,
-                    &p.prefixes,
-                    *now,
-                )?;
-                self.pending_logins.remove(auth_id);
-                Ok(out)
+                let id = user.id;
+                // The registration validates before it changes anything; if it refuses,
+                // the user made for it goes too, so the command changes nothing.
+                self.users.insert(id, user);
+                self.next_user_id = id;
+                match self.complete_login(&p, id, *now) {
+                    Ok((out, mut changes)) => {
+                        changes.insert(0, Change::UserChanged(id));
+                        Ok((out, changes))
+                    }
+                    Err(e) => {
+                        self.users.remove(&id);
+                        self.next_user_id = id - 1;
+                        Err(e)
+                    }
+                }
+            }
+            Command::LinkUser { name, identity } => {
+                let id = self.user_id(name)?;
+                if let Some(want) = identity {
+                    if want.issuer.is_empty() || want.subject.is_empty() {
+                        return Err(StateError::BadIdentity);
+                    }
+                    if let Some(other) = self.user_by_identity(&want.issuer, &want.subject) {
+                        if other.id != id {
+                            return Err(StateError::IdentityTaken(other.name.clone()));
+                        }
+                    }
+                    let current = self.users.get(&id).and_then(|u| u.oidc.as_ref());
+                    if let Some(cur) = current.filter(|c| !c.same(&want.issuer, &want.subject)) {
+                        return Err(StateError::UserLinked {
+                            name: name.clone(),
+                            issuer: cur.issuer.clone(),
+                            subject: cur.subject.clone(),
+                        });
+                    }
+                }
+                let u = self
+                    .users
+                    .get_mut(&id)
+                    .ok_or_else(|| StateError::UserNotFound(name.clone()))?;
+                u.oidc = identity.clone();
+                Ok((
+                    CommandOutput::User(u.clone()),
+                    vec![Change::UserChanged(id)],
+                ))
             }
             Command::UpdateNode {
                 node_key,
@@ -749,8 +888,15 @@ impl Tailnet {
         }
     }
 
-    /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register with it now.
-    fn key_grant(&self, hash: &str, machine_key: &str, now: i64) -> Result<Grant, StateError> {
+    /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register `node_key`
+    /// with it now.
+    fn key_grant(
+        &self,
+        hash: &str,
+        machine_key: &str,
+        node_key: &str,
+        now: i64,
+    ) -> Result<Grant, StateError> {
         let k = self
             .preauth_keys
             .values()
@@ -759,10 +905,15 @@ impl Tailnet {
         if k.expiration.is_some_and(|e| e <= now) {
             return Err(StateError::AuthKeyExpired);
         }
-        // A single-use key may be presented again by the machine it registered.
-        let reuse_by_owner = self
-            .node_by_machine_key(machine_key)
-            .is_some_and(|n| n.auth_key_id == Some(k.id));
+        // A used single-use key is refused, except for the very registration it made
+        // coming again (a client that retries because the answer was lost: same machine,
+        // same node key, node still valid). It never brings back a node that was expired
+        // or logged out, nor registers a new node key.
+        let reuse_by_owner = self.node_by_machine_key(machine_key).is_some_and(|n| {
+            n.auth_key_id == Some(k.id)
+                && n.node_key == node_key
+                && n.expiry.is_none_or(|e| e > now)
+        });
         if k.used && !k.reusable && !reuse_by_owner {
             return Err(StateError::AuthKeyUsed);
         }

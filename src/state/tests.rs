@@ -17,6 +17,7 @@ fn setup() -> Tailnet {
             name: "alice".into(),
             display_name: String::new(),
             now: NOW,
+            by_admin: true,
         },
     );
     for (k, reusable, exp) in [
@@ -146,10 +147,188 @@ fn reregistration_keeps_addresses_and_rotation_works() {
     let rotated = node(ok(&mut t, rotate));
     assert_eq!(rotated.node_key, format!("nodekey:{:064x}", 10));
     assert_eq!(rotated.ipv4, first.ipv4);
-    // The single-use key can be presented again by the machine it registered.
+    // The single-use key's own registration may come again (a retry whose answer was
+    // lost), but it registers no other node key and never revives a revoked node.
     let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "single")));
     node(ok(&mut t, reg(1, 1, "single")));
-    node(ok(&mut t, reg(1, 1, "single")));
+    assert_eq!(
+        refused(&mut t, reg(1, 2, "single")),
+        StateError::AuthKeyUsed
+    );
+    ok(&mut t, Command::ExpireNode { id: n.id, now: NOW });
+    assert_eq!(
+        refused(&mut t, reg(1, 1, "single")),
+        StateError::AuthKeyUsed
+    );
+}
+
+/// A replayed log decides a race of two uses of one single-use key the same way on
+/// every replica: the first applied wins, the second is refused and changes nothing.
+#[test]
+fn single_use_key_race_is_decided_by_the_log() {
+    let mut a = setup();
+    let mut b = setup();
+    for t in [&mut a, &mut b] {
+        node(ok(t, reg(1, 1, "single")));
+        assert_eq!(refused(t, reg(2, 2, "single")), StateError::AuthKeyUsed);
+    }
+    assert_eq!(a, b);
+}
+
+fn oidc_login(auth_id: &str, sub: &str, name: &str) -> Command {
+    Command::OidcLogin {
+        auth_id: auth_id.into(),
+        issuer: "https://idp.example".into(),
+        subject: sub.into(),
+        name: name.into(),
+        display_name: String::new(),
+        now: NOW,
+    }
+}
+
+/// Applies `c` (which must succeed) and returns the owner of the node it registered.
+fn owner(t: &mut Tailnet, c: Command) -> User {
+    let n = node(ok(t, c));
+    t.users.get(&n.user_id).cloned().expect("owner")
+}
+
+#[test]
+fn oidc_logins_reach_users_by_issuer_and_subject_only() {
+    let mut t = setup();
+    // A first login whose name is a CLI user's gets a user of its own.
+    ok(&mut t, pending("a1", 1, 1, NOW));
+    let u = owner(&mut t, oidc_login("a1", "s-1", "alice"));
+    assert_eq!(u.name, "alice-2");
+    assert_eq!(u.origin, UserOrigin::Oidc);
+    let cli = t.user_by_name("alice").cloned().expect("alice");
+    assert_eq!((cli.origin, cli.oidc), (UserOrigin::Admin, None));
+    // The same identity comes back to that user whatever name it now brings.
+    ok(&mut t, pending("a2", 2, 2, NOW));
+    let again = owner(&mut t, oidc_login("a2", "s-1", "bob"));
+    assert_eq!(again.id, u.id);
+    // Another subject with the same name is someone else.
+    ok(&mut t, pending("a3", 3, 3, NOW));
+    let other = owner(&mut t, oidc_login("a3", "s-2", "alice"));
+    assert_eq!(other.name, "alice-3");
+    // The same subject at another issuer is someone else too.
+    ok(&mut t, pending("a4", 4, 4, NOW));
+    let mut foreign = oidc_login("a4", "s-1", "alice");
+    if let Command::OidcLogin { issuer, .. } = &mut foreign {
+        *issuer = "https://other.example/".into();
+    }
+    assert_ne!(owner(&mut t, foreign).id, u.id);
+    // An administrator links the CLI user; the identity then reaches it.
+    ok(
+        &mut t,
+        Command::LinkUser {
+            name: "alice".into(),
+            identity: Some(OidcIdentity {
+                issuer: "https://idp.example/".into(),
+                subject: "s-9".into(),
+            }),
+        },
+    );
+    ok(&mut t, pending("a5", 5, 5, NOW));
+    assert_eq!(owner(&mut t, oidc_login("a5", "s-9", "x")).id, cli.id);
+    // One identity belongs to one user, and a linked user is not silently relinked.
+    let link = |name: &str, sub: &str| Command::LinkUser {
+        name: name.into(),
+        identity: Some(OidcIdentity {
+            issuer: "https://idp.example".into(),
+            subject: sub.into(),
+        }),
+    };
+    assert_eq!(
+        refused(&mut t, link("alice-2", "s-9")),
+        StateError::IdentityTaken("alice".into())
+    );
+    assert!(matches!(
+        refused(&mut t, link("alice", "s-new")),
+        StateError::UserLinked { .. }
+    ));
+    ok(
+        &mut t,
+        Command::LinkUser {
+            name: "alice".into(),
+            identity: None,
+        },
+    );
+    assert!(t.user_by_identity("https://idp.example", "s-9").is_none());
+}
+
+#[test]
+fn oidc_login_never_binds_a_user_of_unrecorded_origin() {
+    let mut t = setup();
+    // A user an older version stored (its CreateUser has no `by_admin`): a CLI user or
+    // an early OIDC login alike.
+    let old: Command = serde_json::from_str(
+        r#"{"CreateUser":{"name":"carol@example.com","display_name":"","now":1}}"#,
+    )
+    .expect("old command");
+    ok(&mut t, old);
+    let carol = t.user_by_name("carol@example.com").cloned().expect("carol");
+    assert_eq!(carol.origin, UserOrigin::Unrecorded);
+    ok(&mut t, pending("b1", 1, 1, NOW));
+    assert!(matches!(
+        refused(&mut t, oidc_login("b1", "c", "carol@example.com")),
+        StateError::UnlinkedUser { .. }
+    ));
+    // Once linked, the login reaches it.
+    ok(
+        &mut t,
+        Command::LinkUser {
+            name: "carol@example.com".into(),
+            identity: Some(OidcIdentity {
+                issuer: "https://idp.example".into(),
+                subject: "c".into(),
+            }),
+        },
+    );
+    assert_eq!(
+        owner(&mut t, oidc_login("b1", "c", "carol@example.com")).id,
+        carol.id
+    );
+    // A user record without the new fields (an old snapshot) reads as unrecorded.
+    let u: User =
+        serde_json::from_str(r#"{"id":7,"name":"x","display_name":"","created":0}"#).expect("user");
+    assert_eq!((u.origin, u.oidc), (UserOrigin::Unrecorded, None));
+}
+
+#[test]
+fn refused_oidc_login_creates_no_user() {
+    let mut t = setup();
+    // The machine's node key belongs to another machine's node: registration refuses.
+    node(ok(&mut t, reg(1, 7, "multi")));
+    ok(
+        &mut t,
+        Command::StartLogin {
+            login: PendingLogin {
+                auth_id: "c1".into(),
+                machine_key: format!("mkey:{:064x}", 2),
+                node_key: format!("nodekey:{:064x}", 7),
+                hostname: "h".into(),
+                hostinfo: "{}".into(),
+                ephemeral: false,
+                created: NOW,
+                prefixes: Prefixes::default(),
+                key_lifetime: None,
+            },
+        },
+    );
+    assert!(matches!(
+        refused(&mut t, oidc_login("c1", "s", "dave")),
+        StateError::NodeKeyInUse(_)
+    ));
+    // Names stay valid and unique however long the wanted one is.
+    let long = "x".repeat(63);
+    ok(&mut t, pending("c2", 3, 3, NOW));
+    ok(&mut t, pending("c3", 4, 4, NOW));
+    let first = owner(&mut t, oidc_login("c2", "s1", &long));
+    let second = owner(&mut t, oidc_login("c3", "s2", &long));
+    assert_eq!(first.name, long);
+    assert_eq!(second.name.len(), 63);
+    assert!(second.name.ends_with("-2") && valid_user_name(&second.name));
 }
 
 #[test]
@@ -183,7 +362,8 @@ fn users_and_names() {
             Command::CreateUser {
                 name: "alice".into(),
                 display_name: String::new(),
-                now: NOW
+                now: NOW,
+                by_admin: true
             }
         ),
         StateError::UserExists("alice".into())
@@ -203,7 +383,8 @@ fn users_and_names() {
             Command::CreateUser {
                 name: "bad name".into(),
                 display_name: String::new(),
-                now: NOW
+                now: NOW,
+                by_admin: true
             }
         ),
         StateError::BadUserName(_)
@@ -245,6 +426,7 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
             name: "u".into(),
             display_name: "U".into(),
             now: NOW,
+            by_admin: true,
         }];
         v.push(Command::CreatePreAuthKey {
             user: "u".into(),
@@ -280,12 +462,14 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
     let store = StateStore::new();
     use hydrascale_raft::Application;
     for (i, c) in cmds.iter().enumerate() {
-        store.apply(i as u64 + 1, &serde_json::to_vec(c).expect("json"));
+        store
+            .apply(i as u64 + 1, &serde_json::to_vec(c).expect("json"))
+            .expect("applies");
     }
     assert_eq!(*store.read(), a);
     let snap = store.snapshot();
     let other = StateStore::new();
-    other.restore(&snap);
+    other.restore(&snap).expect("restores");
     assert_eq!(*other.read(), a);
 }
 
@@ -345,6 +529,8 @@ fn first_control_key_wins_and_replicas_register() {
         derp_port: 443,
         stun_port: 3478,
         mesh_url: "http://10.0.0.2:8080/derp".into(),
+        derp_key: "ab".repeat(32),
+        command_level: super::COMMAND_LEVEL,
     };
     let reg = Command::RegisterReplica { replica: r.clone() };
     assert_eq!(t.apply(&reg).1, vec![Change::ReplicasChanged]);
@@ -388,6 +574,8 @@ fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
         derp_port: 443,
         stun_port: 3478,
         mesh_url: "http://r7/derp".into(),
+        derp_key: String::new(),
+        command_level: 0,
     };
     ok(&mut fresh, Command::RegisterReplica { replica: me });
     let (r, changes) = fresh.apply(&Command::Restore {
@@ -409,6 +597,7 @@ fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
             name: "bob".into(),
             display_name: String::new(),
             now: NOW,
+            by_admin: true,
         },
     );
     assert_eq!(fresh.users.len(), old.users.len() + 1);
@@ -967,6 +1156,7 @@ fn node_index_answers_what_a_scan_would() {
             name: "carol".into(),
             display_name: String::new(),
             now: 9,
+            by_admin: true,
         },
     ] {
         ok(&mut t, cmd);

@@ -29,6 +29,42 @@ pub struct User {
     pub name: String,
     pub display_name: String,
     pub created: i64,
+    /// The OIDC identity this user is: an OIDC login reaches this user only with exactly
+    /// this issuer and subject, never by e-mail or user name. Set when an OIDC login
+    /// created the user, by `users link`, or by a migration that carried it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcIdentity>,
+    /// Who made the user; users stored before this was recorded are `Unrecorded`.
+    #[serde(default)]
+    pub origin: UserOrigin,
+}
+
+/// An identity at an OIDC provider: the provider's issuer URL and the `sub` it gives the
+/// person, which the provider never reassigns (OIDC Core 5.7).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcIdentity {
+    pub issuer: String,
+    pub subject: String,
+}
+
+impl OidcIdentity {
+    /// Issuers compare without a trailing '/', as discovery and ID tokens are checked.
+    pub fn same(&self, issuer: &str, subject: &str) -> bool {
+        self.subject == subject && self.issuer.trim_end_matches('/') == issuer.trim_end_matches('/')
+    }
+}
+
+/// How a user came to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserOrigin {
+    /// Stored by a version that did not record it (a CLI user or an early OIDC login
+    /// alike): no OIDC login is bound to it by name; an administrator links it.
+    #[default]
+    Unrecorded,
+    /// Created by an administrator (CLI, admin or REST API) or carried over by a migration.
+    Admin,
+    /// Created by the first OIDC login of its identity.
+    Oidc,
 }
 
 /// A pre-auth key; only its SHA-256 hash is stored, the key itself is shown once.
@@ -183,7 +219,30 @@ pub struct Replica {
     pub derp_port: u16,
     pub stun_port: u16,
     pub mesh_url: String,
+    /// Its relay's public key (hex): the only key the other relays let mesh with them.
+    /// Empty from replicas of versions before it.
+    #[serde(default)]
+    pub derp_key: String,
+    /// The highest command level it reads ([`COMMAND_LEVEL`] of its version; 0 from
+    /// versions before levels, which read level 1).
+    #[serde(default)]
+    pub command_level: u32,
 }
+
+impl Replica {
+    /// The highest command level this replica reads.
+    pub fn command_level(&self) -> u32 {
+        self.command_level.max(1)
+    }
+}
+
+/// The highest level of command this version reads. Every kind of [`Command`] belongs to
+/// the level of the version that introduced it ([`Command::level`]); a replica announces
+/// its level in the registry, and a command is proposed only once every member reads its
+/// level (`Db::check_level`), so a rolling upgrade never stops a replica not yet upgraded.
+/// Raise it with the first new kind of command of a version (or a new field whose loss
+/// an older replica would not notice), and give that kind the new level.
+pub const COMMAND_LEVEL: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RegisterAuth {
@@ -201,6 +260,10 @@ pub enum Command {
         name: String,
         display_name: String,
         now: i64,
+        /// Set by this version's administrator paths; absent in commands older versions
+        /// wrote (some of which an OIDC login proposed), whose users stay `Unrecorded`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        by_admin: bool,
     },
     RenameUser {
         old_name: String,
@@ -368,6 +431,53 @@ pub enum Command {
         by: String,
         now: i64,
     },
+    /// The person at the browser logged in at the OIDC provider as (`issuer`, `subject`)
+    /// and confirmed that the machine waiting as `auth_id` joins their account: the
+    /// machine is registered for the user bound to that identity, or for a new user
+    /// created for it, named `name` or, when that is taken, `name-2`, `name-3`, ...
+    /// Refused (changing nothing) when `name` is a user stored before user origins were
+    /// recorded: only an administrator can say whether it is this person.
+    OidcLogin {
+        auth_id: String,
+        issuer: String,
+        subject: String,
+        name: String,
+        display_name: String,
+        now: i64,
+    },
+    /// An administrator binds user `name` to an OIDC identity (an OIDC login as that
+    /// identity then reaches this user), or unbinds it (`identity: None`).
+    LinkUser {
+        name: String,
+        identity: Option<OidcIdentity>,
+    },
+}
+
+impl Command {
+    /// The command level this kind of command was introduced at ([`COMMAND_LEVEL`]): a
+    /// replica that reads a lower level cannot apply it.
+    pub fn level(&self) -> u32 {
+        match self {
+            Command::Batch { commands } => commands.iter().map(Command::level).max().unwrap_or(1),
+            // OIDC identities: users bound to (issuer, subject) and how they came to be.
+            Command::CreateUser { by_admin: true, .. }
+            | Command::OidcLogin { .. }
+            | Command::LinkUser { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The command's kind as written in the log, e.g. `CreateUser`, for messages.
+    pub fn kind(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| match v {
+                serde_json::Value::Object(o) => o.keys().next().cloned(),
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .unwrap_or_else(|| "this command".into())
+    }
 }
 
 /// The tailnet policy as the administrator wrote it (comments included), and its parsed

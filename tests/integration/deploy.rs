@@ -120,21 +120,8 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
         );
         let stun = cfg.derp.stun_listen_addr.port();
         assert_eq!(published(svc, stun, "udp"), Some(stun), "{name}: STUN port");
-        // Its certificate pair is the one issued for its id, on the shared certs volume.
-        let (ca, cert, key) = (
-            cfg.cluster.tls_ca_file.clone().expect("ca"),
-            cfg.cluster.tls_cert_file.clone().expect("cert"),
-            cfg.cluster.tls_key_file.clone().expect("key"),
-        );
-        assert_eq!(ca, PathBuf::from("/certs/ca.pem"));
-        assert_eq!(
-            cert,
-            PathBuf::from(format!("/certs/replica-{}.pem", cfg.node_id))
-        );
-        assert_eq!(
-            key,
-            PathBuf::from(format!("/certs/replica-{}.key", cfg.node_id))
-        );
+        // Its Raft TLS directory is its own volume, holding only its own key.
+        let tls_dir = cfg.cluster.tls_dir.clone().expect("cluster.tls_dir");
         let volumes = svc["volumes"].as_array().expect("volumes");
         let mount = |target: &Path| {
             volumes
@@ -142,7 +129,30 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
                 .find(|v| Path::new(str_of(&v["target"], "target")) == target)
                 .map(|v| str_of(&v["source"], "source").to_string())
         };
-        assert_eq!(mount(Path::new("/certs")).as_deref(), Some("certs"));
+        assert_eq!(
+            mount(&tls_dir),
+            Some(format!("raft-tls-{}", cfg.node_id)),
+            "{name}: its Raft TLS directory is not its own volume"
+        );
+        for v in volumes {
+            let source = str_of(&v["source"], "source");
+            assert!(
+                source == format!("raft-tls-{}", cfg.node_id) || !source.starts_with("raft-"),
+                "{name} mounts {source}: another replica's key or the CA"
+            );
+        }
+        // Admin, Raft and metrics stay on the Compose network.
+        for (what, port) in [
+            ("admin", cfg.admin_listen_addr.port()),
+            ("Raft", cfg.raft_listen_addr.port()),
+            ("metrics", cfg.metrics_listen_addr.port()),
+        ] {
+            assert_eq!(
+                published(svc, port, "tcp"),
+                None,
+                "{name} publishes its {what} port"
+            );
+        }
         let data = mount(&cfg.data_dir).expect("data_dir is on a volume");
         assert!(data_volumes.insert(data), "{name} shares its data volume");
         // /ready is probed on the metrics listener.
@@ -191,7 +201,24 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
             &ids.join(",")
         ]
     );
-    assert_eq!(certs["volumes"][0]["source"], "certs");
+    // ... the CA into `raft-ca` (mounted by no replica) and replica N's directory into
+    // `raft-tls-N`.
+    let job_mounts: BTreeMap<String, String> = certs["volumes"]
+        .as_array()
+        .expect("certs volumes")
+        .iter()
+        .map(|v| {
+            (
+                str_of(&v["target"], "target").to_string(),
+                str_of(&v["source"], "source").to_string(),
+            )
+        })
+        .collect();
+    let mut want = BTreeMap::from([("/certs/ca".to_string(), "raft-ca".to_string())]);
+    for id in replicas.keys() {
+        want.insert(format!("/certs/replica-{id}"), format!("raft-tls-{id}"));
+    }
+    assert_eq!(job_mounts, want);
 
     // HAProxy runs the shipped config against the replicas' control listeners.
     let lb = &services["loadbalancer"];
@@ -299,7 +326,15 @@ fn kubernetes_manifests_validate_and_each_pod_derives_its_replica() {
         PathBuf::from(str_of(&m["mountPath"], "mountPath"))
     };
     let config_dir = mount_of("configMap");
-    let tls_dir = mount_of("secret");
+    let tls_dir = mount_of("emptyDir");
+    // The server container sees no Secret: only its own key, copied by the init container
+    // into a memory volume.
+    assert!(
+        !mounts.iter().any(|m| m["name"] == "raft-tls-secrets"),
+        "the server container mounts every replica's key"
+    );
+    let init = &pod["initContainers"][0];
+    let init_script = str_of(&init["args"][0], "init script").to_string();
     let config_map_name = pod["volumes"]
         .as_array()
         .and_then(|vs| vs.iter().find_map(|v| v["configMap"]["name"].as_str()))
@@ -387,16 +422,52 @@ fn kubernetes_manifests_validate_and_each_pod_derives_its_replica() {
         let cfg = load(&config_file, env);
         let id = ordinal + 1;
         assert_eq!(cfg.node_id, id, "{pod_name}");
+        assert_eq!(cfg.cluster.tls_dir.as_deref(), Some(&*tls_dir));
+        // The init container, run by a real shell for this pod over stand-in secrets,
+        // copies replica `id`'s files and no other's.
+        let secrets = work.path().join(format!("{pod_name}-secrets"));
+        let own = work.path().join(format!("{pod_name}-tls"));
+        std::fs::create_dir_all(&own).expect("tls dir");
+        for r in 1..=replicas {
+            let d = secrets.join(format!("replica-{r}"));
+            std::fs::create_dir_all(&d).expect("secret dir");
+            for f in ["ca.pem", "replica.pem", "replica.key"] {
+                std::fs::write(d.join(f), format!("{r}/{f}")).expect("secret");
+            }
+        }
+        let script = init_script
+            .replace("/secrets", secrets.to_str().expect("utf-8"))
+            .replace(
+                tls_dir.to_str().expect("utf-8"),
+                own.to_str().expect("utf-8"),
+            );
+        let status = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&script)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("POD_NAME", &pod_name)
+            .status()
+            .expect("init script");
+        assert!(status.success(), "init script failed for {pod_name}");
+        let mut copied: Vec<String> = std::fs::read_dir(&own)
+            .expect("read tls dir")
+            .map(|e| {
+                let p = e.expect("entry").path();
+                std::fs::read_to_string(&p).expect("read")
+            })
+            .collect();
+        copied.sort();
         assert_eq!(
-            cfg.cluster.tls_cert_file,
-            Some(tls_dir.join(format!("replica-{id}.pem")))
+            copied,
+            [
+                format!("{id}/ca.pem"),
+                format!("{id}/replica.key"),
+                format!("{id}/replica.pem")
+            ],
+            "{pod_name} got other files than replica {id}'s"
         );
-        assert_eq!(
-            cfg.cluster.tls_key_file,
-            Some(tls_dir.join(format!("replica-{id}.key")))
-        );
-        assert_eq!(cfg.cluster.tls_ca_file, Some(tls_dir.join("ca.pem")));
-        assert_eq!(cfg.data_dir, data_mount);
+        assert!(cfg.data_dir.starts_with(&data_mount) && cfg.data_dir != data_mount);
         let raft_addr = format!("{pod_name}.{raft_service}:{}", port_named("raft"));
         let peers = cfg.cluster.peer_list().expect("peers");
         assert_eq!(peers.len() as u64, replicas, "one voter per pod");
@@ -420,6 +491,28 @@ fn kubernetes_manifests_validate_and_each_pod_derives_its_replica() {
     assert_eq!(peer_lists.len(), 1, "pods disagree on the voters");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(container["readinessProbe"]["httpGet"]["port"], "metrics");
+    // Only replicas reach the Raft port.
+    let policy = &get("NetworkPolicy", "hydrascale")["spec"];
+    assert_eq!(
+        policy["podSelector"]["matchLabels"],
+        spec["template"]["metadata"]["labels"]
+    );
+    let raft_rules: Vec<&Value> = policy["ingress"]
+        .as_array()
+        .expect("ingress rules")
+        .iter()
+        .filter(|r| {
+            r["ports"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["port"] == "raft"))
+        })
+        .collect();
+    assert_eq!(raft_rules.len(), 1, "one rule admits Raft traffic");
+    assert_eq!(
+        raft_rules[0]["from"],
+        serde_json::json!([{"podSelector": {"matchLabels": spec["template"]["metadata"]["labels"]}}]),
+        "Raft is reachable from more than the replicas"
+    );
     let login = &get("Service", "hydrascale")["spec"];
     assert_eq!(
         login["ports"]

@@ -168,7 +168,8 @@ pub fn cli_in(netns: Option<&str>, admin: &str, args: &[&str]) -> std::process::
         .expect("run hydrascale CLI")
 }
 
-/// Issues cluster certificates (CA reused if `dir` has one) for `ids` into `dir`.
+/// Issues cluster certificates (CA reused if `dir` has one) for `ids` into `dir`:
+/// `dir/ca` and `dir/replica-ID`.
 pub fn make_certs(dir: &Path, ids: &[u64]) {
     let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
@@ -370,7 +371,8 @@ pub struct ReplicaProc {
     pub stun: String,
     /// Prometheus metrics and probes.
     pub metrics: String,
-    /// Directory made by `hydrascale cluster certs`: Raft runs over mutual TLS.
+    /// Directory made by `hydrascale cluster certs` (its `replica-ID` is this replica's
+    /// `cluster.tls_dir`); unset, a replica of a cluster gets one from its test's own CA.
     pub tls_dir: Option<PathBuf>,
     /// Network namespace the process runs in (see [`Lan`]); the CLI runs there too.
     pub netns: Option<String>,
@@ -447,12 +449,21 @@ isolation_timeout = "8s"
 "#,
             data = self.dir.join("data").display(),
         );
-        let toml = match &self.tls_dir {
+        // A replica of a cluster needs a certificate from the cluster's CA: unless the test
+        // made them, one CA per test directory (the replicas' common parent) issues them.
+        let certs = match &self.tls_dir {
+            Some(d) => Some(d.clone()),
+            None if join || !peers.is_empty() => {
+                let root = self.dir.parent().unwrap_or(&self.dir).join("certs");
+                make_certs(&root, &[id]);
+                Some(root)
+            }
+            None => None,
+        };
+        let toml = match certs {
             Some(d) => format!(
-                "{toml}tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
-                d.join("ca.pem").display(),
-                d.join(format!("replica-{id}.pem")).display(),
-                d.join(format!("replica-{id}.key")).display(),
+                "{toml}tls_dir = \"{}\"\n",
+                d.join(format!("replica-{id}")).display(),
             ),
             None => toml,
         };
@@ -656,6 +667,27 @@ pub async fn start_as_cluster(replicas: &mut [ReplicaProc], server_url: &str) {
     for r in replicas.iter() {
         r.wait_ready().await;
     }
+    // Every replica has announced itself in the registry (its relay, its command level),
+    // as a cluster in service has: what a test does next does not race the announcements.
+    let first = &replicas[0];
+    let ids: Vec<u64> = replicas.iter().map(|r| r.id).collect();
+    wait_for("every replica announced", Duration::from_secs(30), || {
+        let out = first.cli(&["-o", "json", "cluster", "status"]);
+        let announced = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|s| {
+                let members = s["members"].as_array()?.clone();
+                Some(ids.iter().all(|id| {
+                    members.iter().any(|m| {
+                        m["id"].as_u64() == Some(*id)
+                            && m["admin_addr"].as_str().is_some_and(|a| !a.is_empty())
+                    })
+                }))
+            })
+            .unwrap_or(false);
+        async move { announced.then_some(()) }
+    })
+    .await;
 }
 
 /// The leader as the first running replica of `replicas` that answers `cluster status`.
@@ -888,13 +920,20 @@ impl Tailscaled {
 
     /// Like `start`, with extra environment (the client's debug switches).
     pub fn start_with_env(bin: &Path, root: &Path, name: &str, env: &[(&str, &str)]) -> Tailscaled {
-        Self::start_full(bin, root, name, env, None)
+        Self::start_full(bin, root, name, env, None, None)
     }
 
     /// Like `start`, inside network namespace `netns` (a host of a [`Lan`]); its CLI still
     /// talks to it through the socket in its state directory.
     pub fn start_in(bin: &Path, root: &Path, name: &str, netns: &str) -> Tailscaled {
-        Self::start_full(bin, root, name, &[], Some(netns))
+        Self::start_full(bin, root, name, &[], Some(netns), None)
+    }
+
+    /// Like `start`, with its log upload left on (the others run with
+    /// `--no-logs-no-support`), sent to `log_target` (`TS_LOG_TARGET`) instead of
+    /// Tailscale's log service, so that what the control server tells it can be seen.
+    pub fn start_logging(bin: &Path, root: &Path, name: &str, log_target: &str) -> Tailscaled {
+        Self::start_full(bin, root, name, &[], None, Some(log_target))
     }
 
     fn start_full(
@@ -903,21 +942,31 @@ impl Tailscaled {
         name: &str,
         env: &[(&str, &str)],
         netns: Option<&str>,
+        log_target: Option<&str>,
     ) -> Tailscaled {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("state dir");
         let log = std::fs::File::create(dir.join("tailscaled.log")).expect("log file");
         let log2 = log.try_clone().expect("log clone");
         let daemon = bin.join("tailscaled");
-        let child = command_in(netns, &daemon.display().to_string())
-            .arg("--tun=userspace-networking")
+        let mut cmd = command_in(netns, &daemon.display().to_string());
+        cmd.arg("--tun=userspace-networking")
             .arg(format!("--statedir={}", dir.display()))
             .arg(format!("--socket={}", dir.join("ts.sock").display()))
-            .arg("--port=0")
-            .arg("--no-logs-no-support")
+            .arg("--port=0");
+        match log_target {
+            None => {
+                cmd.arg("--no-logs-no-support")
+                    .env("TS_NO_LOGS_NO_SUPPORT", "true");
+            }
+            Some(target) => {
+                // Its log buffer and log id stay in its own directory, not /var/lib/tailscale.
+                cmd.env("TS_LOG_TARGET", target).env("TS_LOGS_DIR", &dir);
+            }
+        }
+        let child = cmd
             // Our DERP runs on the plain-HTTP control listener.
             .env("TS_DEBUG_USE_DERP_HTTP", "1")
-            .env("TS_NO_LOGS_NO_SUPPORT", "true")
             .env("TS_ASSUME_NETWORK_UP_FOR_TEST", "1")
             .env("TS_DISABLE_PORTMAPPER", "1")
             .env("TS_PANIC_IF_HIT_MAIN_CONTROL", "1")

@@ -3,6 +3,7 @@
 mod cluster;
 mod deploy;
 mod fixtures;
+mod identity;
 mod interop;
 mod limits;
 mod migration;
@@ -12,6 +13,8 @@ mod packaging;
 mod partition;
 mod policy;
 mod protocol;
+mod raft_security;
 mod rest_api;
+mod revocation;
 mod routes;
 mod ssh;

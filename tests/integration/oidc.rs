@@ -10,16 +10,20 @@ use std::time::Duration;
 
 use crate::fixtures::{free_port, http_get, require_tailscale, wait_for, Tailscaled, TestServer};
 
-/// nanoidp running on loopback with two users; killed when dropped.
-struct Provider {
+/// nanoidp running on loopback (with, optionally, `tests/tools/claims_proxy.py` in front
+/// of it); both killed when dropped.
+pub struct Provider {
     child: Child,
-    issuer: String,
+    proxy: Option<Child>,
+    pub issuer: String,
 }
 
 impl Drop for Provider {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in std::iter::once(&mut self.child).chain(self.proxy.as_mut()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -27,7 +31,24 @@ fn tools() -> Option<PathBuf> {
     std::env::var_os("HYDRASCALE_TOOLS_DIR").map(PathBuf::from)
 }
 
+/// The two users of the first tests: alice (group eng) and mallory.
+const USERS: &str = "config_version: 1\nusers:\n  alice:\n    password: \"alice-pass\"\n    email: \"alice@example.com\"\n    \
+         groups:\n      - \"eng\"\n    attributes:\n      name: \"Alice Example\"\n  \
+         mallory:\n    password: \"mallory-pass\"\n    email: \"mallory@evil.test\"\n";
+
 async fn start_provider(dir: &std::path::Path, redirect: &str) -> Option<Provider> {
+    start_provider_with(dir, &[redirect], USERS, None).await
+}
+
+/// nanoidp with `users_yaml`, accepting logins for the callbacks `redirects`. With
+/// `rules` (claims_proxy.py's: subject -> its userinfo's `email_verified`, or "absent"),
+/// the claims proxy stands in front and is the issuer.
+pub async fn start_provider_with(
+    dir: &std::path::Path,
+    redirects: &[&str],
+    users_yaml: &str,
+    rules: Option<&str>,
+) -> Option<Provider> {
     let bin = tools()?.join("oidcvenv/bin/nanoidp");
     if !bin.exists() {
         assert!(
@@ -38,28 +59,27 @@ async fn start_provider(dir: &std::path::Path, redirect: &str) -> Option<Provide
         return None;
     }
     let port = free_port();
-    let issuer = format!("http://127.0.0.1:{port}");
+    let proxy_port = rules.map(|_| free_port());
+    let issuer = format!("http://127.0.0.1:{}", proxy_port.unwrap_or(port));
     let conf = dir.join("idp");
     std::fs::create_dir_all(conf.join("keys")).expect("idp dir");
+    let redirect_uris: String = redirects
+        .iter()
+        .map(|r| format!("        - \"{r}\"\n"))
+        .collect();
     std::fs::write(
         conf.join("settings.yaml"),
         format!(
             "config_version: 1\nserver:\n  host: \"127.0.0.1\"\n  port: {port}\n\
              oauth:\n  issuer: \"{issuer}\"\n  audience: \"hydrascale\"\n  token_expiry_minutes: 60\n  \
              clients:\n    - client_id: \"hydrascale\"\n      client_secret: \"hydrascale-secret\"\n      \
-             redirect_uris:\n        - \"{redirect}\"\n      token_endpoint_auth_method: \"client_secret_basic\"\n\
+             redirect_uris:\n{redirect_uris}      token_endpoint_auth_method: \"client_secret_basic\"\n\
              jwt:\n  keys_dir: \"{keys}\"\nsession:\n  secret_key: \"test-session-secret\"\n",
             keys = conf.join("keys").display()
         ),
     )
     .expect("settings");
-    std::fs::write(
-        conf.join("users.yaml"),
-        "config_version: 1\nusers:\n  alice:\n    password: \"alice-pass\"\n    email: \"alice@example.com\"\n    \
-         groups:\n      - \"eng\"\n    attributes:\n      name: \"Alice Example\"\n  \
-         mallory:\n    password: \"mallory-pass\"\n    email: \"mallory@evil.test\"\n",
-    )
-    .expect("users");
+    std::fs::write(conf.join("users.yaml"), users_yaml).expect("users");
     let log = std::fs::File::create(dir.join("idp.log")).expect("log");
     let child = Command::new(bin)
         .args([
@@ -74,8 +94,26 @@ async fn start_provider(dir: &std::path::Path, redirect: &str) -> Option<Provide
         .stderr(Stdio::from(log))
         .spawn()
         .expect("start nanoidp");
-    let provider = Provider { child, issuer };
-    let addr = format!("127.0.0.1:{port}");
+    let mut provider = Provider {
+        child,
+        proxy: None,
+        issuer,
+    };
+    if let (Some(rules), Some(pp)) = (rules, proxy_port) {
+        let python = tools().expect("tools dir").join("oidcvenv/bin/python");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/claims_proxy.py");
+        let log = std::fs::File::create(dir.join("claims-proxy.log")).expect("log");
+        provider.proxy = Some(
+            Command::new(python)
+                .arg(script)
+                .args([&pp.to_string(), &format!("http://127.0.0.1:{port}"), rules])
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("start claims_proxy.py"),
+        );
+    }
+    let addr = provider.issuer.trim_start_matches("http://").to_string();
     wait_for(
         "nanoidp to serve discovery",
         Duration::from_secs(60),
@@ -89,13 +127,29 @@ async fn start_provider(dir: &std::path::Path, redirect: &str) -> Option<Provide
     Some(provider)
 }
 
-/// The browser's part, as tests/tools/oidc_browser.py plays it: (status, page).
-fn browse(login_url: &str, user: &str, password: &str) -> (u64, String) {
+/// What the browser (tests/tools/oidc_browser.py) ended with.
+pub struct Browsed {
+    /// "callback" (stopped at, or refused at, Hydrascale's callback) or "confirm" (the
+    /// device form was sent).
+    pub step: String,
+    pub status: u64,
+    pub body: String,
+    /// The device form's ticket, when the callback showed the form.
+    pub ticket: Option<String>,
+    /// Hydrascale's login cookies, `name=value`.
+    pub cookies: Vec<String>,
+    /// Every Hydrascale answer on the way: `{url, status, headers}`.
+    pub pages: Vec<serde_json::Value>,
+}
+
+/// The person at the browser logs in as `user` and then does `decision` ("approve",
+/// "cancel" or "stop") on the device form.
+pub fn browse_as(login_url: &str, user: &str, password: &str, decision: &str) -> Browsed {
     let python = tools().expect("tools dir").join("oidcvenv/bin/python");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/oidc_browser.py");
     let out = Command::new(python)
         .arg(script)
-        .args([login_url, user, password])
+        .args([login_url, user, password, decision])
         .output()
         .expect("run oidc_browser.py");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -105,14 +159,32 @@ fn browse(login_url: &str, user: &str, password: &str) -> (u64, String) {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    assert_eq!(v["step"], "callback", "{v}");
-    (
-        v["status"].as_u64().unwrap_or(0),
-        v["body"].as_str().unwrap_or_default().to_string(),
-    )
+    let step = v["step"].as_str().unwrap_or_default().to_string();
+    assert!(step == "callback" || step == "confirm", "{v}");
+    Browsed {
+        step,
+        status: v["status"].as_u64().unwrap_or(0),
+        body: v["body"].as_str().unwrap_or_default().to_string(),
+        ticket: v["ticket"].as_str().map(str::to_string),
+        cookies: v["cookies"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        pages: v["pages"].as_array().cloned().unwrap_or_default(),
+    }
 }
 
-fn up_without_key(c: &Tailscaled, bin: &std::path::Path, url: &str) -> Child {
+/// The browser's part, approving the device: (status, page).
+fn browse(login_url: &str, user: &str, password: &str) -> (u64, String) {
+    let b = browse_as(login_url, user, password, "approve");
+    (b.status, b.body)
+}
+
+pub fn up_without_key(c: &Tailscaled, bin: &std::path::Path, url: &str) -> Child {
     Command::new(bin.join("tailscale"))
         .arg(format!("--socket={}", c.dir.join("ts.sock").display()))
         .args([
@@ -127,7 +199,7 @@ fn up_without_key(c: &Tailscaled, bin: &std::path::Path, url: &str) -> Child {
         .expect("tailscale up")
 }
 
-async fn login_url(c: &Tailscaled) -> String {
+pub async fn login_url(c: &Tailscaled) -> String {
     wait_for(
         &format!("{} shows a login URL", c.name),
         Duration::from_secs(30),

@@ -253,6 +253,7 @@ async fn concurrent_updates_share_log_entries() {
                 name,
                 display_name: String::new(),
                 now: 1_800_000_000_000,
+                by_admin: true,
             })
             .await
         });

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Plays the person at the browser for an OIDC login test (stdlib only).
 
-Usage: oidc_browser.py LOGIN_URL USERNAME PASSWORD
+Usage: oidc_browser.py LOGIN_URL USERNAME PASSWORD [approve|cancel|stop]
 
 Opens the machine's login URL on Hydrascale, follows its redirect to the identity
 provider, submits the provider's login form (nanoidp's: username, password and its
 hidden fields, with its session cookie), follows the provider's redirect back to
-Hydrascale's /oidc/callback and prints one JSON line: the final status and page text.
+Hydrascale's /oidc/callback and, when that shows the "Add this device?" form, presses
+Approve (the default) or Cancel, or stops there ("stop"). Prints one JSON line: the step
+it ended at, the final status and page text, and what a test needs to play the form
+itself: the ticket, Hydrascale's login cookie, and the headers of every Hydrascale page.
 """
 import html.parser
 import http.cookiejar
@@ -26,16 +29,22 @@ jar = http.cookiejar.CookieJar()
 opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect)
 
 
-def call(req):
+PAGES = []  # (url, status, headers) of Hydrascale's answers
+
+
+def call(req, ours=False):
+    url = req if isinstance(req, str) else req.full_url
     try:
         r = opener.open(req, timeout=30)
-        return r.status, r.headers, r.read().decode(errors="replace")
+        out = r.status, r.headers, r.read().decode(errors="replace")
     except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read().decode(errors="replace")
+        out = e.code, e.headers, e.read().decode(errors="replace")
     except urllib.error.URLError as e:
-        url = req if isinstance(req, str) else req.full_url
         print(json.dumps({"step": "connect", "status": 0, "body": f"{url}: {e.reason}"}))
         sys.exit(0)
+    if ours:
+        PAGES.append({"url": url, "status": out[0], "headers": dict(out[1].items())})
+    return out
 
 
 class Form(html.parser.HTMLParser):
@@ -55,8 +64,19 @@ class Form(html.parser.HTMLParser):
             self.inside = False
 
 
-def main(login_url, username, password):
-    status, headers, body = call(login_url)
+def login_cookie():
+    return ["%s=%s" % (c.name, c.value) for c in jar if c.name.startswith("hydrascale_login_")]
+
+
+def main(login_url, username, password, decision="approve"):
+    out = run(login_url, username, password, decision)
+    out["pages"] = PAGES
+    out["cookies"] = login_cookie()
+    return out
+
+
+def run(login_url, username, password, decision):
+    status, headers, body = call(login_url, ours=True)
     if status != 303 and status != 302 and status != 307:
         return {"step": "login url", "status": status, "body": body}
     authorize = headers["Location"]
@@ -71,9 +91,20 @@ def main(login_url, username, password):
     status, headers, body = call(urllib.request.Request(target, data=data, method="POST"))
     if status != 302:
         return {"step": "provider login", "status": status, "body": body}
-    status, headers, body = call(headers["Location"])
-    return {"step": "callback", "status": status, "body": body}
+    callback = headers["Location"]
+    status, headers, body = call(callback, ours=True)
+    form = Form()
+    form.feed(body)
+    if status != 200 or "ticket" not in form.fields or decision == "stop":
+        return {"step": "callback", "status": status, "body": body,
+                "ticket": form.fields.get("ticket"), "action": form.action}
+    target = urllib.parse.urljoin(callback, form.action)
+    data = urllib.parse.urlencode(dict(form.fields, decision=decision)).encode()
+    origin = "%s://%s" % urllib.parse.urlsplit(callback)[:2]
+    req = urllib.request.Request(target, data=data, method="POST", headers={"Origin": origin})
+    status, headers, body = call(req, ours=True)
+    return {"step": "confirm", "status": status, "body": body, "ticket": form.fields["ticket"]}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*sys.argv[1:4])))
+    print(json.dumps(main(*sys.argv[1:5])))

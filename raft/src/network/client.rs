@@ -18,8 +18,9 @@ use tonic::transport::{Channel, Endpoint};
 use super::proto::raft_service_client::RaftServiceClient;
 use super::proto::Payload;
 use super::ForwardResult;
-use crate::tls::RaftTls;
+use crate::tls::{RaftTls, RAFT_TLS_NAME};
 use crate::TypeConfig;
+use rustls::pki_types::ServerName;
 
 #[derive(Clone, Default)]
 pub struct NetworkFactory {
@@ -37,29 +38,98 @@ pub struct Connection {
     compact: bool,
 }
 
-/// A channel that connects on first use, so creating a connection never blocks. With
-/// `tls` it speaks mutual TLS and only trusts replicas certified by the cluster CA.
-pub fn channel(addr: &str, tls: Option<&RaftTls>) -> Result<Channel, tonic::transport::Error> {
+/// A channel to replica `target` that connects on first use, so creating a connection
+/// never blocks. With `tls` it speaks mutual TLS and accepts only the certificate of
+/// `target` from the cluster CA (`tls::RaftTls::client_config`).
+pub fn channel(
+    addr: &str,
+    tls: Option<&RaftTls>,
+    target: u64,
+) -> Result<Channel, tonic::transport::Error> {
     let host = addr
         .strip_prefix("http://")
         .or_else(|| addr.strip_prefix("https://"))
         .unwrap_or(addr);
-    let scheme = if tls.is_some() { "https" } else { "http" };
     // HTTP/2 pings find a connection that died silently (a replica cut off by a partition):
     // it is dropped within seconds and the next call dials afresh. Without them, the
     // channel kept the dead connection, and after the partition healed its packets waited
     // on TCP's retransmission backoff, seconds more before the replica was back.
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{host}"))?
-        .connect_timeout(Duration::from_secs(1))
+    let ep = Endpoint::from_shared(format!("http://{host}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
-    if let Some(tls) = tls {
-        ep = ep.tls_config(tls.client_config())?;
-    }
-    Ok(ep.connect_lazy())
+    let Some(tls) = tls else {
+        return Ok(ep.connect_lazy());
+    };
+    // tonic's own TLS checks a name only; the replica's identity needs our verifier, so
+    // the connector does TCP and TLS itself and tonic speaks HTTP/2 over what it returns.
+    let config = match tls.client_config(target) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            // Checked when the replica started (its own material loaded); if it fails
+            // here anyway, every call to this target fails and says why.
+            let message = e.to_string();
+            return Ok(
+                ep.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                    let message = message.clone();
+                    async move { Err::<TlsIo, _>(std::io::Error::other(message)) }
+                })),
+            );
+        }
+    };
+    let dial = host.to_string();
+    Ok(
+        ep.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+            let (config, dial) = (config.clone(), dial.clone());
+            async move {
+                let connect = async {
+                    let tcp = tokio::net::TcpStream::connect(&dial).await?;
+                    tcp.set_nodelay(true)?;
+                    let name =
+                        ServerName::try_from(RAFT_TLS_NAME).map_err(std::io::Error::other)?;
+                    let tls = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                };
+                tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {dial} timed out"),
+                        )
+                    })?
+            }
+        })),
+    )
 }
+
+/// The most command bytes one append carries (a single larger command still goes alone):
+/// a follower behind by a long log catches up in bounded pieces instead of one message
+/// that both ends hold whole in memory.
+pub(crate) const MAX_APPEND_BYTES: usize = 4 << 20;
+
+/// `None` if `entries` fit in `max` command bytes; else how many of the first ones do
+/// (at least one).
+fn entries_within(entries: &[openraft::Entry<TypeConfig>], max: usize) -> Option<u64> {
+    let mut total = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        if let openraft::EntryPayload::Normal(cmd) = &e.payload {
+            total = total.saturating_add(cmd.len());
+        }
+        if total > max {
+            return Some(u64::try_from(i.max(1)).unwrap_or(1));
+        }
+    }
+    None
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Connection;
@@ -68,7 +138,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         Connection {
             target,
             contacts: self.contacts.clone(),
-            client: channel(&node.addr, self.tls.as_deref())
+            client: channel(&node.addr, self.tls.as_deref(), target)
                 .ok()
                 .map(RaftServiceClient::new),
             addr: node.addr.clone(),
@@ -193,6 +263,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         let ttl = option.hard_ttl();
+        if let Some(fit) = entries_within(&rpc.entries, MAX_APPEND_BYTES) {
+            // openraft sends again at once with at most `fit` entries.
+            return Err(RPCError::PayloadTooLarge(
+                openraft::error::PayloadTooLarge::new_entries_hint(fit),
+            ));
+        }
         let res = if self.compact {
             match self.append_compact(rpc, ttl).await {
                 Ok(res) => res,
@@ -232,7 +308,7 @@ impl RaftNetwork<TypeConfig> for Connection {
 #[derive(Default)]
 pub struct WriteForwarder {
     pub tls: Option<Arc<RaftTls>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<(String, u64), Channel>>,
 }
 
 impl WriteForwarder {
@@ -243,27 +319,30 @@ impl WriteForwarder {
         }
     }
 
-    /// The channel to the replica at `addr`, dialled on first use and kept.
-    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, String> {
+    /// The channel to replica `id` at `addr`, dialled on first use and kept.
+    pub(crate) fn channel(&self, addr: &str, id: u64) -> Result<Channel, String> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(addr) {
+        let key = (addr.to_string(), id);
+        match map.get(&key) {
             Some(ch) => Ok(ch.clone()),
             None => {
-                let ch = channel(addr, self.tls.as_deref()).map_err(|e| e.to_string())?;
-                map.insert(addr.to_string(), ch.clone());
+                let ch = channel(addr, self.tls.as_deref(), id).map_err(|e| e.to_string())?;
+                map.insert(key, ch.clone());
                 Ok(ch)
             }
         }
     }
 
-    /// Asks the replica at `addr` to start an election after `delay` (leadership handover).
+    /// Asks replica `target` at `addr` to start an election after `delay` (leadership
+    /// handover).
     pub async fn timeout_now(
         &self,
         addr: &str,
+        target: u64,
         leader: u64,
         delay: Duration,
     ) -> Result<(), String> {
-        let mut c = RaftServiceClient::new(self.channel(addr)?);
+        let mut c = RaftServiceClient::new(self.channel(addr, target)?);
         c.timeout_now(super::proto::TimeoutNowRequest {
             leader,
             delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
@@ -273,8 +352,14 @@ impl WriteForwarder {
         .map_err(|s| with_causes(&s))
     }
 
-    pub async fn write(&self, addr: &str, cmd: Vec<u8>) -> Result<ForwardResult, String> {
-        let mut c = RaftServiceClient::new(self.channel(addr)?);
+    /// Hands a client write to the leader, replica `leader` at `addr`.
+    pub async fn write(
+        &self,
+        addr: &str,
+        leader: u64,
+        cmd: Vec<u8>,
+    ) -> Result<ForwardResult, String> {
+        let mut c = RaftServiceClient::new(self.channel(addr, leader)?);
         let resp = c
             .client_write(Payload { data: cmd })
             .await
@@ -298,4 +383,27 @@ fn with_causes(status: &tonic::Status) -> String {
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64, bytes: usize) -> openraft::Entry<TypeConfig> {
+        openraft::Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(vec![0; bytes]),
+        }
+    }
+
+    #[test]
+    fn appends_are_cut_to_a_byte_budget() {
+        let small: Vec<_> = (0..10).map(|i| entry(i, 100)).collect();
+        assert_eq!(entries_within(&small, 1000), None);
+        assert_eq!(entries_within(&small, 999), Some(9));
+        // One command larger than the budget still goes, alone.
+        let big = vec![entry(0, 5000), entry(1, 10)];
+        assert_eq!(entries_within(&big, 1000), Some(1));
+        assert_eq!(entries_within(&[], 1), None);
+    }
 }

@@ -42,7 +42,8 @@ pub fn recover_committed(path: &Path, app: &dyn Application) -> Result<Recovered
     // openraft's first entry (the initial membership) is at index 0.
     let mut start = 0;
     if let Some(snap) = snapshot {
-        app.restore(&snap.data);
+        app.restore(&snap.data)
+            .map_err(|e| RaftError::Storage(format!("the snapshot cannot be read: {e}")))?;
         if let Some(last) = snap.meta.last_log_id {
             applied = last.index;
             start = last.index + 1;
@@ -66,7 +67,12 @@ pub fn recover_committed(path: &Path, app: &dyn Application) -> Result<Recovered
         }
         match entry.payload {
             EntryPayload::Normal(cmd) => {
-                app.apply(entry.log_id.index, &cmd);
+                app.apply(entry.log_id.index, &cmd).map_err(|e| {
+                    RaftError::Storage(format!(
+                        "log entry {} cannot be applied: {e}",
+                        entry.log_id.index
+                    ))
+                })?;
             }
             EntryPayload::Membership(m) => {
                 membership = StoredMembership::new(Some(entry.log_id), m);

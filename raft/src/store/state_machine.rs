@@ -48,7 +48,12 @@ impl StateMachineStore {
             applied_tx,
         };
         if let Some(snap) = get_json::<StoredSnapshot>(&sm.db, CF_SM, b"snapshot")? {
-            sm.app.restore(&snap.data);
+            sm.app.restore(&snap.data).map_err(|e| {
+                super::io_read(format!(
+                    "the stored snapshot (up to {:?}) cannot be read: {e}",
+                    snap.meta.last_log_id.map(|l| l.index)
+                ))
+            })?;
             sm.last_applied = snap.meta.last_log_id;
             sm.membership = snap.meta.last_membership.clone();
             sm.publish();
@@ -100,15 +105,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut out = Vec::new();
         for e in entries {
-            self.last_applied = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => out.push(Vec::new()),
-                EntryPayload::Normal(cmd) => out.push(self.app.apply(e.log_id.index, &cmd)),
+                EntryPayload::Normal(cmd) => match self.app.apply(e.log_id.index, &cmd) {
+                    Ok(r) => out.push(r),
+                    Err(why) => {
+                        // `last_applied` stays before this entry: on the next start the
+                        // replica stops here again instead of skipping it.
+                        self.publish();
+                        tracing::error!(index = e.log_id.index, error = %why, "cannot apply a committed entry; stopping Raft on this replica");
+                        return Err(super::io_read(format!(
+                            "log entry {} cannot be applied: {why}",
+                            e.log_id.index
+                        )));
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(e.log_id), m);
                     out.push(Vec::new());
                 }
             }
+            self.last_applied = Some(e.log_id);
         }
         self.publish();
         Ok(out)
@@ -146,7 +163,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let data = snapshot.into_inner();
-        self.app.restore(&data);
+        self.app.restore(&data).map_err(|e| {
+            super::io_read(format!(
+                "the snapshot sent by the leader (up to {:?}) cannot be read: {e}",
+                meta.last_log_id.map(|l| l.index)
+            ))
+        })?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         put_json(
