@@ -49,6 +49,9 @@ const LOGINS_PER_SEC: f64 = 1.0;
 /// Addresses with a login bucket kept before the full ones (nothing started lately)
 /// are forgotten.
 const KEPT_BUCKETS: usize = 4096;
+/// A login admitted but not (yet) known to be written counts this long at most: longer
+/// than a write may take, in case its request was dropped before it was told either way.
+const IN_FLIGHT_MS: i64 = 60_000;
 
 /// A request over a cap: what to tell the client, and which limit it was.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,8 +229,14 @@ impl LoginLimiter {
         let per_address_rate = per_address / LOGIN_WINDOW.as_secs_f64();
         let at = Instant::now();
         let mut l = self.logins.lock().unwrap_or_else(|p| p.into_inner());
-        l.started
-            .retain(|id, s| live(s.created) && (!s.committed || t.pending_logins.contains_key(id)));
+        l.started.retain(|id, s| {
+            live(s.created)
+                && if s.committed {
+                    t.pending_logins.contains_key(id)
+                } else {
+                    s.created > now.saturating_sub(IN_FLIGHT_MS)
+                }
+        });
         let from_here = l
             .started
             .values()
@@ -435,6 +444,23 @@ mod tests {
         l.failed("x2");
         let r = l
             .admit(&t, ip("192.0.2.1"), "mkey:n", "x4", NOW)
+            .unwrap_err();
+        assert!(r.message.contains("lately"), "{}", r.message);
+    }
+
+    #[test]
+    fn a_login_never_told_written_or_failed_stops_counting_after_a_minute() {
+        let l = LoginLimiter::new(1);
+        let t = Tailnet::default();
+        l.admit(&t, ip("192.0.2.1"), "mkey:a", "a", NOW).unwrap();
+        let r = l
+            .admit(&t, ip("192.0.2.1"), "mkey:b", "b", NOW + 1000)
+            .unwrap_err();
+        assert!(r.message.contains("already waiting"), "{}", r.message);
+        // Its request was dropped: after a minute it is no longer waiting (the address's
+        // starts are still spent, so the refusal says so instead).
+        let r = l
+            .admit(&t, ip("192.0.2.1"), "mkey:b", "b", NOW + IN_FLIGHT_MS + 1)
             .unwrap_err();
         assert!(r.message.contains("lately"), "{}", r.message);
     }
