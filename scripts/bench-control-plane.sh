@@ -44,6 +44,10 @@ stun_listen_addr = "127.0.0.1:$((p + 5))"
 
 [cluster]
 peers = "$peers"
+
+[limits]
+# Every simulated node connects from 127.0.0.1: one client address for all of them.
+max_connections_per_address = 0
 TOML
   HYDRASCALE_LOG="${HYDRASCALE_LOG:-warn}" "$BIN/hydrascale" serve --config "$d/hydrascale.toml" > "$d/log" 2>&1 &
   pids+=($!)

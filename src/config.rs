@@ -66,6 +66,11 @@ pub struct Config {
     pub derp: DerpConfig,
     pub cluster: ClusterConfig,
     pub tls: TlsConfig,
+    /// Load balancers whose connections to `listen_addr` may start with a PROXY protocol
+    /// header (v1 or v2) naming the client, as CIDR ranges (`10.0.0.5/32`). Empty: none,
+    /// and every connection's client is its TCP peer.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub limits: LimitsConfig,
 }
 
 /// The ACME directory of Let's Encrypt's production CA, the default `tls.acme_directory`.
@@ -238,6 +243,35 @@ impl TlsConfig {
             Some(server_host.to_string())
         } else {
             None
+        }
+    }
+}
+
+/// Bounds on what one client address can hold or start (`[limits]`); see
+/// `docs/security.md` for every limit, including the fixed ones.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once to the control listener from one client address (an
+    /// IPv4 address, or an IPv6 /64); 0: no limit. Every node holds two (its Noise
+    /// session and its DERP connection), so a NAT with many nodes behind it, or a load
+    /// balancer that does not send the PROXY protocol, needs more.
+    pub max_connections_per_address: usize,
+    /// Interactive logins (`tailscale up` without an auth key) waiting at once from one
+    /// client address; as many may be started from it per 10 minutes.
+    pub max_pending_logins_per_address: usize,
+    /// Noise sessions on this replica that have not yet identified themselves (a
+    /// registration or a map request of a node of this tailnet); a new one beyond this
+    /// is refused with 503 and the client retries.
+    pub max_unidentified_sessions: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections_per_address: 512,
+            max_pending_logins_per_address: 10,
+            max_unidentified_sessions: 1024,
         }
     }
 }
@@ -648,6 +682,8 @@ impl Default for Config {
             derp: DerpConfig::default(),
             cluster: ClusterConfig::default(),
             tls: TlsConfig::default(),
+            trusted_proxies: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -884,6 +920,18 @@ impl Config {
                 message: "must be a DNS domain such as tailnet.example.com".into(),
             });
         }
+        if self.limits.max_pending_logins_per_address == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_pending_logins_per_address".into(),
+                message: "must be at least 1 (or nobody can log in without an auth key)".into(),
+            });
+        }
+        if self.limits.max_unidentified_sessions == 0 {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_unidentified_sessions".into(),
+                message: "must be at least 1 (or no client can connect)".into(),
+            });
+        }
         self.dns.validate()?;
         self.oidc.validate()?;
         self.tls.validate(url)
@@ -974,6 +1022,14 @@ fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), S
 
 /// Environment values are text; numbers and booleans are recognised so `node_id=2` works.
 fn guess_value(raw: &str) -> toml::Value {
+    // A TOML array, e.g. `trusted_proxies=["10.0.0.5/32"]`.
+    if raw.trim_start().starts_with('[') {
+        if let Ok(mut t) = format!("v = {raw}").parse::<toml::Table>() {
+            if let Some(v) = t.remove("v") {
+                return v;
+            }
+        }
+    }
     if let Ok(i) = raw.parse::<i64>() {
         return toml::Value::Integer(i);
     }
@@ -1014,6 +1070,24 @@ mod tests {
         assert_eq!(c.derp.region_id, 901);
         assert_eq!(c.derp.region_code, "x");
         assert_eq!(c.server_host_port(), ("login.example.com".to_string(), 443));
+    }
+
+    #[test]
+    fn trusted_proxies_and_limits_are_set_from_flags() {
+        let mut c = Config::default();
+        c.set("trusted_proxies", r#"["10.0.0.5/32", "2001:db8::/64"]"#)
+            .expect("a TOML array");
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.trusted_proxies[0].contains(&"10.0.0.5".parse::<std::net::IpAddr>().unwrap()));
+        assert!(c.set("trusted_proxies", r#"["not a range"]"#).is_err());
+        c.set("limits.max_connections_per_address", "0")
+            .expect("0 = off");
+        assert_eq!(c.limits.max_connections_per_address, 0);
+        let err = c
+            .set("limits.max_pending_logins_per_address", "0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 1"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod derp;
+pub mod listener;
 pub mod metrics;
 pub mod migrate;
 pub mod noise;

@@ -73,6 +73,13 @@ pub struct Metrics {
     pub noise_sessions_closed: AtomicU64,
     pub noise_sessions_failed: AtomicU64,
     pub noise_sessions_silent: AtomicU64,
+    /// Closed because they did not identify themselves in time (`control::limits`).
+    pub noise_sessions_unidentified: AtomicU64,
+    /// Connections refused or closed by the listeners' limits, by listener and reason
+    /// (`listener`): indexed by [`Listener`] and [`ConnRefusal`].
+    pub connections_refused: [[AtomicU64; ConnRefusal::ALL.len()]; Listener::ALL.len()],
+    /// Requests refused by a bound on what clients control, by [`Limit`].
+    pub limit_refusals: [AtomicU64; Limit::ALL.len()],
     pub registrations: AtomicU64,
     pub registrations_refused: AtomicU64,
     /// Open streaming map long-polls on this replica.
@@ -116,6 +123,99 @@ pub enum SessionEnd {
     Failed,
     /// The peer sent nothing for the silence limit, so the replica closed it.
     Silent,
+    /// The peer did not identify itself (a registration, a map request of its node)
+    /// within the deadline, so the replica closed it.
+    Unidentified,
+}
+
+/// A listener whose connections are admitted under limits (`listener`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Control,
+    Admin,
+    Metrics,
+}
+
+impl Listener {
+    pub const ALL: [Listener; 3] = [Listener::Control, Listener::Admin, Listener::Metrics];
+
+    fn label(self) -> &'static str {
+        match self {
+            Listener::Control => "control",
+            Listener::Admin => "admin",
+            Listener::Metrics => "metrics",
+        }
+    }
+}
+
+/// Why a listener refused or closed a connection before serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRefusal {
+    /// Its client address already had the most connections allowed.
+    PerAddress,
+    /// It sent no (complete) request head within the header timeout.
+    HeaderTimeout,
+    /// A trusted proxy sent a PROXY protocol header that does not parse.
+    ProxyHeader,
+}
+
+impl ConnRefusal {
+    pub const ALL: [ConnRefusal; 3] = [
+        ConnRefusal::PerAddress,
+        ConnRefusal::HeaderTimeout,
+        ConnRefusal::ProxyHeader,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ConnRefusal::PerAddress => "per_address",
+            ConnRefusal::HeaderTimeout => "header_timeout",
+            ConnRefusal::ProxyHeader => "proxy_header",
+        }
+    }
+}
+
+/// A bound on what a client controls in its requests (`control::limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A `/machine/register` or `/machine/map` body over its size cap.
+    Body,
+    /// A Hostinfo over its size cap.
+    Hostinfo,
+    /// Too many Endpoints, or one too long.
+    Endpoints,
+    /// Interactive logins from one client address (waiting at once, or started lately).
+    LoginsPerAddress,
+    /// Interactive logins on the whole server (waiting at once, or started lately).
+    LoginsTotal,
+    /// Map streams of one node open at once on this replica.
+    MapStreamsPerNode,
+    /// Noise sessions not yet identified on this replica.
+    UnidentifiedSessions,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Limit::Body,
+        Limit::Hostinfo,
+        Limit::Endpoints,
+        Limit::LoginsPerAddress,
+        Limit::LoginsTotal,
+        Limit::MapStreamsPerNode,
+        Limit::UnidentifiedSessions,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Limit::Body => "body_size",
+            Limit::Hostinfo => "hostinfo_size",
+            Limit::Endpoints => "endpoints",
+            Limit::LoginsPerAddress => "logins_per_address",
+            Limit::LoginsTotal => "logins_total",
+            Limit::MapStreamsPerNode => "map_streams_per_node",
+            Limit::UnidentifiedSessions => "unidentified_sessions",
+        }
+    }
 }
 
 fn add(c: &AtomicU64) {
@@ -136,7 +236,22 @@ impl Metrics {
             SessionEnd::Closed => &self.noise_sessions_closed,
             SessionEnd::Failed => &self.noise_sessions_failed,
             SessionEnd::Silent => &self.noise_sessions_silent,
+            SessionEnd::Unidentified => &self.noise_sessions_unidentified,
         });
+    }
+
+    pub fn connection_refused(&self, listener: Listener, why: ConnRefusal) {
+        let l = Listener::ALL
+            .iter()
+            .position(|x| *x == listener)
+            .unwrap_or(0);
+        let r = ConnRefusal::ALL.iter().position(|x| *x == why).unwrap_or(0);
+        add(&self.connections_refused[l][r]);
+    }
+
+    pub fn refused(&self, limit: Limit) {
+        let i = Limit::ALL.iter().position(|x| *x == limit).unwrap_or(0);
+        add(&self.limit_refusals[i]);
     }
 
     pub fn registration(&self, ok: bool) {
@@ -408,7 +523,39 @@ pub fn render(src: &Sources) -> String {
                     "reason=\"silent\"".to_string(),
                     load(&m.noise_sessions_silent),
                 ),
+                (
+                    "reason=\"unidentified\"".to_string(),
+                    load(&m.noise_sessions_unidentified),
+                ),
             ],
+        );
+        f.labelled(
+            "hydrascale_connections_refused_total",
+            "counter",
+            "Connections a listener refused or closed before serving them, by listener and \
+             reason: too many from the client's address, no request head within the header \
+             timeout, or an invalid PROXY protocol header from a trusted proxy.",
+            Listener::ALL.iter().enumerate().flat_map(|(l, listener)| {
+                ConnRefusal::ALL.iter().enumerate().map(move |(r, why)| {
+                    (
+                        format!(
+                            "listener=\"{}\",reason=\"{}\"",
+                            listener.label(),
+                            why.label()
+                        ),
+                        load(&m.connections_refused[l][r]),
+                    )
+                })
+            }),
+        );
+        f.labelled(
+            "hydrascale_limit_refusals_total",
+            "counter",
+            "Requests refused by a bound on what clients control, by limit (docs/security.md).",
+            Limit::ALL
+                .iter()
+                .zip(&m.limit_refusals)
+                .map(|(l, c)| (format!("limit=\"{}\"", l.label()), load(c))),
         );
     }
     m.update_fanout.render(
@@ -476,6 +623,26 @@ pub fn render(src: &Sources) -> String {
                     load(&s.packets_dropped_unknown_dest),
                 ),
             ],
+        );
+        f.labelled(
+            "hydrascale_derp_control_frames_dropped_total",
+            "counter",
+            "Control frames not queued to a client whose queue was full (it pings faster \
+             than it reads), by frame.",
+            [
+                ("frame=\"pong\"".to_string(), load(&s.pongs_dropped)),
+                (
+                    "frame=\"peer_gone\"".to_string(),
+                    load(&s.peer_gone_dropped),
+                ),
+            ],
+        );
+        f.one(
+            "hydrascale_derp_mesh_watchers_cut_total",
+            "counter",
+            "Mesh peers disconnected because they fell too far behind on peer presence frames \
+             (they reconnect and start over).",
+            load(&s.watchers_cut),
         );
     }
     if let Some(store) = &src.tls {

@@ -256,8 +256,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         let db = db.clone();
         let join = config.cluster.join;
         let stop = shutdown_signal(&shutdown_rx);
+        let incoming = crate::listener::incoming(
+            admin_listener,
+            crate::listener::Limits {
+                listener: crate::metrics::Listener::Admin,
+                per_address: crate::listener::SMALL_LISTENER_PER_ADDRESS,
+                trusted_proxies: Vec::new(),
+            },
+            db.store.metrics().clone(),
+            shutdown_rx.clone(),
+        );
         tasks.spawn(async move {
-            if let Err(e) = crate::admin::serve_admin(admin_listener, db, join, stop).await {
+            if let Err(e) = crate::admin::serve_admin(incoming, db, join, stop).await {
                 tracing::error!(error = %e, "admin API stopped");
             }
         });
@@ -430,14 +440,18 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
             serving: serving_rx.clone(),
             tls: tls_store.clone(),
         };
-        let stop = shutdown_signal(&shutdown_rx);
-        tasks.spawn(async move {
-            let serve = axum::serve(metrics_listener, crate::metrics::router(sources))
-                .with_graceful_shutdown(stop);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "metrics listener stopped");
-            }
-        });
+        let limits = crate::listener::Limits {
+            listener: crate::metrics::Listener::Metrics,
+            per_address: crate::listener::SMALL_LISTENER_PER_ADDRESS,
+            trusted_proxies: Vec::new(),
+        };
+        tasks.spawn(crate::listener::serve_http(
+            metrics_listener,
+            crate::metrics::router(sources),
+            limits,
+            db.store.metrics().clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let oidc = control::oidc::Oidc::new(&config).map_err(ServerError::Oidc)?;
     let state = ControlState::new(
@@ -465,26 +479,21 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     });
     app = app.merge(control::router(state));
     app = app.merge(crate::api::router(db.clone()));
+    let control_limits = crate::listener::Limits {
+        listener: crate::metrics::Listener::Control,
+        per_address: config.limits.max_connections_per_address,
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
     let mut http_addr = None;
+    let mut tls_side = None;
     if let (Some(store), Some(plain_app)) = (&tls_store, plain_app) {
         app = app.merge(crate::tls::challenge_routes(db.clone()));
         let alpn_challenge = config.tls.acme() && !config.tls.http01();
         let server_config = Arc::new(store.server_config(alpn_challenge)?);
-        let (plain, secure) =
-            crate::tls::listener::split(control_listener, server_config, shutdown_rx.clone())
-                .map_err(|source| ServerError::Bind {
-                    what: "control",
-                    addr: config.listen_addr,
-                    source,
-                })?;
-        serve_on(
-            &mut tasks,
-            plain,
+        tls_side = Some(Arc::new(crate::listener::TlsSide {
+            acceptor: tokio_rustls::TlsAcceptor::from(server_config),
             plain_app,
-            "control (plain HTTP)",
-            &shutdown_rx,
-        );
-        serve_on(&mut tasks, secure, app, "control (TLS)", &shutdown_rx);
+        }));
         match (&config.tls.cert_file, &config.tls.key_file) {
             (Some(cert), Some(key)) => {
                 tasks.spawn(crate::tls::watch_files(
@@ -510,27 +519,23 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
             let listener = bind("HTTP (tls.http_listen_addr)", addr).await?;
             http_addr = listener.local_addr().ok();
             let router = crate::tls::http_listener_router(db.clone(), &config);
-            serve_on(&mut tasks, listener, router, "HTTP (port 80)", &shutdown_rx);
-        }
-    } else {
-        let stop = shutdown_signal(&shutdown_rx);
-        tasks.spawn(async move {
-            use axum::serve::ListenerExt;
-            // Nagle plus the client's delayed ACKs would hold small DERP frames and map
-            // deltas back by up to 40 ms; Go (the official client and derper) disables it too.
-            let listener = control_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(
+            tasks.spawn(crate::listener::serve_http(
                 listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "control listener stopped");
-            }
-        });
+                router,
+                control_limits.clone(),
+                db.store.metrics().clone(),
+                shutdown_rx.clone(),
+            ));
+        }
     }
+    tasks.spawn(crate::listener::serve_http_tls(
+        control_listener,
+        app,
+        tls_side,
+        control_limits,
+        db.store.metrics().clone(),
+        shutdown_rx.clone(),
+    ));
     tracing::info!(
         login_server = %config.server_url(),
         control = %control_addr,
@@ -556,32 +561,6 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks,
         raft_threads,
     })
-}
-
-/// Serves `app` on `listener` (with the peer's address as `ConnectInfo`) until shutdown.
-fn serve_on<L>(
-    tasks: &mut JoinSet<()>,
-    listener: L,
-    app: axum::Router,
-    what: &'static str,
-    shutdown_rx: &watch::Receiver<bool>,
-) where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
-    use axum::serve::ListenerExt;
-    let stop = shutdown_signal(shutdown_rx);
-    tasks.spawn(async move {
-        // tap_io: axum gives `ConnectInfo<SocketAddr>` to any listener wrapped so.
-        let listener = listener.tap_io(|_| {});
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop);
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "{what} listener stopped");
-        }
-    });
 }
 
 impl ServerHandle {

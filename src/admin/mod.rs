@@ -927,7 +927,7 @@ impl Admin {
 /// (`authorization: Bearer KEY`); without one it is refused before it reaches a handler,
 /// so it changes nothing.
 pub async fn serve_admin(
-    listener: tokio::net::TcpListener,
+    incoming: impl tokio_stream::Stream<Item = std::io::Result<crate::listener::Conn>> + Send + 'static,
     db: Db,
     may_init: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -954,12 +954,14 @@ pub async fn serve_admin(
             Ok(req)
         },
     );
+    // Connections are admitted under the listener's limits (`crate::listener`); a peer
+    // that stops answering pings is closed.
+    let (ping_every, ping_timeout) = crate::listener::h2_keepalive();
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_timeout))
         .add_service(authed)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -17,6 +18,7 @@ use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
 use super::frames::{encode_frame, keep_alive_frame};
+use super::limits::{self, MAX_MAP_BODY, MAX_STREAMS_PER_NODE};
 use super::mapper::{Resync, StreamView};
 use super::register::parse_node_key;
 use super::tailcfg::{MapRequest, MapResponse};
@@ -54,12 +56,40 @@ fn update_epoch() -> tokio::time::Instant {
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
     Extension(peer): Extension<NoisePeer>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return super::register::body_refused(&st, "/machine/map", MAX_MAP_BODY, e)
+                .into_response()
+        }
+    };
     match map(st, peer, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// What a map request may change, checked against the limits before anything is: the
+/// Hostinfo as it would be stored. A refused request changes nothing.
+fn checked_hostinfo(st: &ControlState, req: &MapRequest) -> Result<Option<String>, ControlError> {
+    if let Some(e) = &req.endpoints {
+        limits::check_endpoints(e).map_err(|r| st.refuse(r))?;
+    }
+    if !req.disco_key.is_empty() {
+        let hex_part = req.disco_key.strip_prefix("discokey:").unwrap_or("");
+        if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ControlError::BadRequest(
+                "DiscoKey must be discokey: and 64 hex digits".into(),
+            ));
+        }
+    }
+    req.hostinfo
+        .as_ref()
+        .map(limits::hostinfo_text)
+        .transpose()
+        .map_err(|r| st.refuse(r))
 }
 
 async fn map(
@@ -92,7 +122,23 @@ async fn map(
             "node key expired; log in again with `tailscale up`".into(),
         ));
     }
-    apply_client_update(&st, &node, &req, now).await?;
+    // A node of this tailnet, on its own machine's session.
+    peer.identity.identified();
+    let hostinfo = checked_hostinfo(&st, &req)?;
+    // Taken before the full map is made, so streams over the limit cost nothing more.
+    let slot = if req.stream {
+        Some(StreamSlot::take(&st, node.id).ok_or_else(|| {
+            st.refuse(limits::Refusal {
+                limit: crate::metrics::Limit::MapStreamsPerNode,
+                message: format!(
+                    "this node already has {MAX_STREAMS_PER_NODE} map streams open on this replica; close one first"
+                ),
+            })
+        })?)
+    } else {
+        None
+    };
+    apply_client_update(&st, &node, &req, hostinfo, now).await?;
     if !req.stream && req.omit_peers {
         return Ok(StatusCode::OK.into_response());
     }
@@ -118,14 +164,14 @@ async fn map(
     metrics
         .map_bytes
         .fetch_add(first.len() as u64, Ordering::Relaxed);
-    if !req.stream {
+    let Some(slot) = slot else {
         return Ok(Response::new(Body::from(first)));
-    }
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     if tx.send(first).await.is_err() {
         return Ok(StatusCode::OK.into_response());
     }
-    tokio::spawn(run_stream(st, view, changes, tx));
+    tokio::spawn(run_stream(st, view, changes, tx, slot));
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx))
     });
@@ -138,12 +184,12 @@ async fn apply_client_update(
     st: &ControlState,
     node: &Node,
     req: &MapRequest,
+    hostinfo: Option<String>,
     now: i64,
 ) -> Result<(), ControlError> {
     let disco = Some(req.disco_key.clone()).filter(|d| !d.is_empty() && *d != node.disco_key);
     let endpoints = req.endpoints.clone().filter(|e| *e != node.endpoints);
-    let hostinfo_text = req.hostinfo.as_ref().map(|h| h.to_string());
-    let hostinfo = hostinfo_text.clone().filter(|h| *h != node.hostinfo);
+    let hostinfo = hostinfo.filter(|h| *h != node.hostinfo);
     let home_derp = req
         .hostinfo
         .as_ref()
@@ -206,12 +252,46 @@ impl Drop for StreamGauge {
     }
 }
 
-fn open_session(st: &ControlState, id: u64) -> bool {
-    let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
-    st.sessions_changed.fetch_add(1, Ordering::AcqRel);
-    let c = s.entry(id).or_insert(0);
-    *c += 1;
-    *c == 1
+/// One of a node's map streams on this replica (at most [`MAX_STREAMS_PER_NODE`]); the
+/// place is given back when the stream ends, however it ends.
+struct StreamSlot {
+    st: Arc<ControlState>,
+    id: u64,
+    /// The node's first stream here: it goes online when the stream starts.
+    first: bool,
+    closed: bool,
+}
+
+impl StreamSlot {
+    fn take(st: &Arc<ControlState>, id: u64) -> Option<StreamSlot> {
+        let mut s = st.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let c = s.entry(id).or_insert(0);
+        if *c >= MAX_STREAMS_PER_NODE {
+            return None;
+        }
+        *c += 1;
+        st.sessions_changed.fetch_add(1, Ordering::AcqRel);
+        Some(StreamSlot {
+            st: st.clone(),
+            id,
+            first: *c == 1,
+            closed: false,
+        })
+    }
+
+    /// Gives the place back; true if it was the node's last stream here.
+    fn close(&mut self) -> bool {
+        self.closed = true;
+        close_session(&self.st, self.id)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if !self.closed {
+            close_session(&self.st, self.id);
+        }
+    }
 }
 
 fn close_session(st: &ControlState, id: u64) -> bool {
@@ -335,9 +415,10 @@ async fn run_stream(
     mut view: StreamView,
     mut changes: broadcast::Receiver<crate::state::StampedChange>,
     tx: mpsc::Sender<Bytes>,
+    mut slot: StreamSlot,
 ) {
     let id = view.self_id;
-    if open_session(&st, id) {
+    if slot.first {
         set_online(&st, id, true).await;
     }
     let mut keepalive =
@@ -540,7 +621,7 @@ async fn run_stream(
         }
     }
     tracing::debug!(node = id, seq = view.synced(), "map: stream ended");
-    if close_session(&st, id) && st.db.store.read().nodes.contains_key(&id) {
+    if slot.close() && st.db.store.read().nodes.contains_key(&id) {
         set_online(&st, id, false).await;
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod frames;
+pub mod limits;
 mod login_page;
 mod map;
 pub mod mapper;
@@ -50,6 +51,10 @@ pub enum ControlError {
     Forbidden(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("the cluster cannot take writes right now ({0}); retry shortly")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -63,6 +68,8 @@ impl IntoResponse for ControlError {
             ControlError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ControlError::Forbidden(_) => StatusCode::FORBIDDEN,
             ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControlError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ControlError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ControlError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -107,6 +114,12 @@ pub struct ControlState {
     pub frames: frames::FrameCache,
     /// Delta messages many streams send alike, made once.
     pub deltas: frames::SharedDeltas,
+    /// Interactive logins per client address and overall, checked before they are proposed.
+    pub logins: limits::LoginLimiter,
+    /// Places for Noise sessions that have not identified themselves yet
+    /// (`limits.max_unidentified_sessions`), and such sessions per client address.
+    pub unidentified: Arc<tokio::sync::Semaphore>,
+    pub unidentified_by_address: crate::listener::Slots,
 }
 
 impl ControlState {
@@ -124,7 +137,6 @@ impl ControlState {
         db.store.observe(peers.clone());
         let frames = frames::FrameCache::new(db.store.metrics().clone());
         Arc::new(Self {
-            config,
             key,
             db,
             me,
@@ -137,6 +149,12 @@ impl ControlState {
             peers,
             frames,
             deltas: frames::SharedDeltas::default(),
+            logins: limits::LoginLimiter::new(config.limits.max_pending_logins_per_address),
+            unidentified: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_unidentified_sessions,
+            )),
+            unidentified_by_address: crate::listener::Slots::default(),
+            config,
         })
     }
 
@@ -145,6 +163,24 @@ impl ControlState {
     }
 
     /// Refuses work while this replica is cut off from the quorum.
+    /// Counts a refusal by one of the `limits`. Not logged at info: a flood must not
+    /// grow the log files either.
+    pub fn count_refusal(&self, r: &limits::Refusal) {
+        self.db.store.metrics().refused(r.limit);
+        tracing::debug!(limit = ?r.limit, "{}", r.message);
+    }
+
+    /// Counts a refusal by one of the `limits` and turns it into the client's error.
+    pub fn refuse(&self, r: limits::Refusal) -> ControlError {
+        self.count_refusal(&r);
+        match r.limit {
+            crate::metrics::Limit::Body
+            | crate::metrics::Limit::Hostinfo
+            | crate::metrics::Limit::Endpoints => ControlError::TooLarge(r.message),
+            _ => ControlError::TooMany(r.message),
+        }
+    }
+
     pub fn check_serving(&self) -> Result<(), ControlError> {
         if *self.serving.borrow() {
             Ok(())

@@ -7,11 +7,13 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sha2::{Digest, Sha256};
 
+use super::limits::{self, MAX_REGISTER_BODY};
 use super::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
 use super::ts2021::NoisePeer;
 use super::{mapper, ControlError, ControlState};
@@ -20,16 +22,38 @@ use crate::state::{now_ms, Command, CommandOutput, DbError, Node, PendingLogin, 
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
     Extension(peer): Extension<NoisePeer>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let res = register(&st, &peer, &body).await;
+    let res = match body {
+        Ok(body) => register(&st, &peer, &body).await,
+        Err(e) => Err(body_refused(&st, "/machine/register", MAX_REGISTER_BODY, e)),
+    };
     st.db
         .store
         .metrics()
         .registration(matches!(&res, Ok(r) if r.error.is_empty()));
+    // The session said who it is: a node that is logged in, or a login under way (which
+    // the login limits bound).
+    if matches!(&res, Ok(r) if r.machine_authorized || !r.auth_url.is_empty()) {
+        peer.identity.identified();
+    }
     match res {
         Ok(resp) => Json(resp).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+/// A body that could not be read: over `max`, or cut off.
+pub(super) fn body_refused(
+    st: &ControlState,
+    route: &str,
+    max: usize,
+    e: BytesRejection,
+) -> ControlError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        st.refuse(limits::body_too_large(route, max))
+    } else {
+        ControlError::BadRequest(format!("{route}: {e}"))
     }
 }
 
@@ -86,11 +110,14 @@ async fn register(
         Some(parse_node_key(&req.old_node_key)?)
     };
     let now = now_ms();
-    let hostinfo = req
-        .hostinfo
-        .as_ref()
-        .map(|h| h.to_string())
-        .unwrap_or_else(|| "{}".into());
+    let hostinfo = match req.hostinfo.as_ref().map(limits::hostinfo_text) {
+        None => "{}".to_string(),
+        Some(Ok(text)) => text,
+        Some(Err(r)) => {
+            st.count_refusal(&r);
+            return Ok(user_error(r.message));
+        }
+    };
     let hostname = req
         .hostinfo
         .as_ref()
@@ -283,6 +310,8 @@ async fn interactive_login(
                 if !waiting {
                     break;
                 }
+                // Waiting on its own login, which the login limits let in.
+                peer.identity.identified();
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(RegisterResponse {
@@ -297,7 +326,37 @@ async fn interactive_login(
             }
         }
     }
+    // The same machine asking again with the same key (`tailscale up` run twice) gets
+    // its waiting login back: nothing to write.
+    {
+        let t = st.db.store.read();
+        let waiting = t.pending_logins.values().find(|p| {
+            p.machine_key == peer.machine_key
+                && p.node_key == node_key
+                && p.ephemeral == req.ephemeral
+                && p.created > now.saturating_sub(crate::state::LOGIN_TTL_MS)
+        });
+        if let Some(p) = waiting {
+            return Ok(RegisterResponse {
+                auth_url: url_of(&p.auth_id),
+                ..Default::default()
+            });
+        }
+    }
     let auth_id = new_auth_id();
+    // Checked here, before anything is proposed: a refused login never reaches the log.
+    let admitted = st.logins.admit(
+        &st.db.store.read(),
+        peer.addr.ip(),
+        &peer.machine_key,
+        &auth_id,
+        now,
+    );
+    if let Err(r) = admitted {
+        tracing::debug!(machine = %peer.machine_key, addr = %peer.addr, "interactive login refused");
+        st.count_refusal(&r);
+        return Ok(user_error(r.message));
+    }
     let login = PendingLogin {
         auth_id: auth_id.clone(),
         machine_key: peer.machine_key.clone(),
@@ -310,9 +369,15 @@ async fn interactive_login(
         key_lifetime: st.config.node_expiry_ms(),
     };
     match st.db.write(Command::StartLogin { login }).await {
-        Ok(_) => {}
-        Err(DbError::State(e)) => return Ok(user_error(e.to_string())),
-        Err(e) => return Err(e.into()),
+        Ok(_) => st.logins.committed(&auth_id),
+        Err(DbError::State(e)) => {
+            st.logins.failed(&auth_id);
+            return Ok(user_error(e.to_string()));
+        }
+        Err(e) => {
+            st.logins.failed(&auth_id);
+            return Err(e.into());
+        }
     }
     tracing::info!(machine = %peer.machine_key, auth_id, "interactive login started");
     Ok(RegisterResponse {

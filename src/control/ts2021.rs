@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -13,6 +13,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
+use super::limits::{
+    session_places, SessionIdentity, IDENTIFY_WITHIN, MAX_MAP_BODY, MAX_REGISTER_BODY,
+};
 use super::{map, register, ssh_check, ControlState};
 use crate::metrics::SessionEnd;
 use crate::noise::{accept_initiation, until_silent, NoiseStream};
@@ -28,8 +31,8 @@ const SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
 /// hyper's own limit on an unanswered ping, only a backstop now: a ping queued behind a
 /// full write buffer to a peer that reads slowly is late, not lost (see `noise::Heard`).
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
-/// headscale's limit; clients never send bodies near it.
-const MAX_BODY: usize = 1 << 20;
+/// Bodies of the other routes inside a session (none takes one today).
+const MAX_OTHER_BODY: usize = 16 << 10;
 
 /// Who is on the other end of a Noise session, learned from the handshake.
 #[derive(Clone, Debug)]
@@ -37,9 +40,17 @@ pub struct NoisePeer {
     /// `mkey:<hex>` of the client's machine key.
     pub machine_key: String,
     pub version: u16,
+    /// The client's address (from the PROXY header behind a trusted load balancer).
+    pub addr: std::net::SocketAddr,
+    /// Whether the session has said who it is (see `limits::SessionIdentity`).
+    pub identity: Arc<SessionIdentity>,
 }
 
-pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> Response {
+pub async fn upgrade(
+    State(st): State<Arc<ControlState>>,
+    ConnectInfo(addr): ConnectInfo<std::net::SocketAddr>,
+    mut req: Request,
+) -> Response {
     let wants_upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -73,18 +84,31 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
                 .into_response()
         }
     };
+    // A place among the sessions not yet identified, before the handshake's work.
+    let place = match session_places(&st.unidentified, &st.unidentified_by_address, addr.ip()) {
+        Ok(p) => p,
+        Err(r) => {
+            st.count_refusal(&r);
+            return (StatusCode::SERVICE_UNAVAILABLE, r.message).into_response();
+        }
+    };
     let accepted = match accept_initiation(&st.key, &init) {
         Ok(a) => a,
         Err(e) => {
             st.db.store.metrics().handshake(false);
-            tracing::info!(error = %e, "noise handshake refused");
+            // Counted (`hydrascale_noise_handshakes_total{result="failed"}`); anyone can
+            // send these, so they are not logged at info.
+            tracing::debug!(error = %e, "noise handshake refused");
             return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
         }
     };
     st.db.store.metrics().handshake(true);
+    let identity = SessionIdentity::new(place);
     let peer = NoisePeer {
         machine_key: format!("mkey:{}", hex::encode(accepted.machine_key)),
         version: accepted.version,
+        addr,
+        identity: identity.clone(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state = st.clone();
@@ -116,7 +140,21 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
             .keep_alive_interval(Some(PING_EVERY))
             .keep_alive_timeout(PING_TIMEOUT);
         let conn = builder.serve_connection(TokioIo::new(plain), svc);
-        match until_silent(conn, &heard, SILENCE).await {
+        let unidentified = async {
+            tokio::select! {
+                _ = identity.wait() => std::future::pending::<()>().await,
+                _ = tokio::time::sleep(IDENTIFY_WITHIN) => {}
+            }
+        };
+        let ended = tokio::select! {
+            r = until_silent(conn, &heard, SILENCE) => r,
+            _ = unidentified => {
+                metrics.session_ended(SessionEnd::Unidentified);
+                tracing::debug!(within = ?IDENTIFY_WITHIN, "noise session closed: it did not identify itself");
+                return;
+            }
+        };
+        match ended {
             // hyper shows only "http2 error"; its Debug names the cause (a keep-alive
             // that timed out, the peer going away, an I/O error).
             Some(Err(e)) => {
@@ -142,8 +180,14 @@ pub async fn upgrade(State(st): State<Arc<ControlState>>, mut req: Request) -> R
 /// The HTTP/2 routes available inside one Noise session.
 fn noise_router(st: Arc<ControlState>, peer: NoisePeer) -> Router {
     Router::new()
-        .route("/machine/register", post(register::handle))
-        .route("/machine/map", post(map::handle))
+        .route(
+            "/machine/register",
+            post(register::handle).layer(axum::extract::DefaultBodyLimit::max(MAX_REGISTER_BODY)),
+        )
+        .route(
+            "/machine/map",
+            post(map::handle).layer(axum::extract::DefaultBodyLimit::max(MAX_MAP_BODY)),
+        )
         .route(
             "/machine/ssh/action/{src}/to/{dst}",
             axum::routing::get(ssh_check::action),
@@ -154,7 +198,7 @@ fn noise_router(st: Arc<ControlState>, peer: NoisePeer) -> Router {
                 "not implemented by this control server",
             )
         })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_OTHER_BODY))
         .layer(Extension(peer))
         .with_state(st)
 }

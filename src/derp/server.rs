@@ -4,9 +4,13 @@
 //!
 //! Each connection gets a reader (this task) and a writer task. Packets for a
 //! client go through a small bounded queue and are dropped when it is full,
-//! so one slow receiver never stalls senders; control frames (pongs, peer
-//! presence for mesh watchers) go through an unbounded queue because losing
-//! them would desynchronise the peer.
+//! so one slow receiver never stalls senders. Control frames go through a
+//! bounded queue too, so a client that pings without reading cannot grow the
+//! relay's memory: a pong or a "peer not here" that does not fit is dropped
+//! (the client's own ping times out, as on a lossy path). A mesh peer
+//! watching presence gets a much larger queue, since a lost presence frame
+//! would desynchronise it; one that still falls behind is disconnected and
+//! starts over with a full flood when it reconnects.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +38,13 @@ use super::DerpError;
 
 /// Packets queued per client before further ones are dropped.
 pub const PER_CLIENT_QUEUE: usize = 32;
+/// Control frames (pongs, peer-gone) queued per regular client. Go's derper keeps
+/// one pending pong; a client answered this far behind is pinging faster than it reads.
+pub const CONTROL_QUEUE: usize = 16;
+/// Control frames queued per mesh peer: one presence frame per client of this relay
+/// when it starts watching, then one per connect or disconnect. A queue this long is
+/// about 7 MiB; the memory is taken only as frames queue up.
+pub const MESH_CONTROL_QUEUE: usize = 1 << 17;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that does not drain its socket for this long is cut off rather
 /// than left holding a writer task forever.
@@ -64,6 +75,12 @@ pub struct DerpStats {
     pub packets_dropped_unknown_dest: AtomicU64,
     /// Counter: handshakes refused because the client is not a node of the tailnet.
     pub clients_rejected: AtomicU64,
+    /// Counter: pongs and peer-gone frames not queued because the client's control queue
+    /// was full.
+    pub pongs_dropped: AtomicU64,
+    pub peer_gone_dropped: AtomicU64,
+    /// Counter: mesh watchers disconnected because their control queue was full.
+    pub watchers_cut: AtomicU64,
 }
 
 /// Decides whether a client key (a node key) may use the relay.
@@ -85,11 +102,37 @@ pub(crate) struct Forwarder {
     pub tx: mpsc::Sender<Bytes>,
 }
 
+/// A mesh connection watching who connects: its control queue, and how to cut it off
+/// when that is full.
+struct Watcher {
+    ctrl: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+}
+
+impl Watcher {
+    /// Queues `frame`; a watcher too far behind to take it is disconnected (it resyncs
+    /// when it reconnects), never waited for. False if it was cut off.
+    fn send(&self, frame: Bytes, stats: &DerpStats) -> bool {
+        match self.ctrl.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.cancel.is_cancelled() {
+                    stats.watchers_cut.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("mesh peer fell behind on presence frames; disconnecting it");
+                }
+                self.cancel.cancel();
+                false
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Registry {
     clients: HashMap<Key, ClientHandle>,
     /// Mesh connections that sent WatchConns, by connection id.
-    watchers: HashMap<u64, mpsc::UnboundedSender<Bytes>>,
+    watchers: HashMap<u64, Watcher>,
     forwarders: HashMap<Key, Forwarder>,
 }
 
@@ -332,11 +375,15 @@ impl DerpServer {
         let conn_id = self.next_id();
         let cancel = CancellationToken::new();
         let (ptx, prx) = mpsc::channel(PER_CLIENT_QUEUE);
-        let (ctx, crx) = mpsc::unbounded_channel();
+        let (ctx, crx) = mpsc::channel(if is_mesh {
+            MESH_CONTROL_QUEUE
+        } else {
+            CONTROL_QUEUE
+        });
         // ServerInfo goes out through the writer, after registration, so a
         // client that has finished its handshake is guaranteed reachable.
         let sealed = seal(&self.inner.private_key, &key, br#"{"version":2}"#);
-        let _ = ctx.send(Frame::ServerInfo { sealed }.encode());
+        let _ = ctx.try_send(Frame::ServerInfo { sealed }.encode());
         self.register(
             key,
             ClientHandle {
@@ -448,9 +495,10 @@ impl DerpServer {
         key: Key,
         conn_id: u64,
         is_mesh: bool,
-        ctrl: &mpsc::UnboundedSender<Bytes>,
+        ctrl: &mpsc::Sender<Bytes>,
         cancel: &CancellationToken,
     ) -> Result<(), DerpError> {
+        let stats = &self.inner.stats;
         let mut gone = GoneLimiter::new();
         loop {
             let (typ, payload) = tokio::select! {
@@ -476,13 +524,13 @@ impl DerpServer {
                         return Err(DerpError::UnexpectedFrame(typ));
                     };
                     if !self.route(&key, &dst, &packet, true) && gone.allow() {
-                        let _ = ctrl.send(
-                            Frame::PeerGone {
-                                key: dst,
-                                reason: PeerGoneReason::NotHere,
-                            }
-                            .encode(),
-                        );
+                        let gone = Frame::PeerGone {
+                            key: dst,
+                            reason: PeerGoneReason::NotHere,
+                        };
+                        if ctrl.try_send(gone.encode()).is_err() {
+                            stats.peer_gone_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 FRAME_FORWARD_PACKET => {
@@ -499,14 +547,22 @@ impl DerpServer {
                 }
                 FRAME_PING => {
                     if let Frame::Ping(data) = Frame::parse(typ, payload)? {
-                        let _ = ctrl.send(Frame::Pong(data).encode());
+                        if ctrl.try_send(Frame::Pong(data).encode()).is_err() {
+                            stats.pongs_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 FRAME_WATCH_CONNS => {
                     if !is_mesh {
                         return Err(DerpError::NotPermitted("WatchConns"));
                     }
-                    self.add_watcher(conn_id, ctrl.clone());
+                    self.add_watcher(
+                        conn_id,
+                        Watcher {
+                            ctrl: ctrl.clone(),
+                            cancel: cancel.clone(),
+                        },
+                    );
                 }
                 FRAME_CLOSE_PEER => {
                     if !is_mesh {
@@ -588,7 +644,7 @@ impl DerpServer {
             }
         }
         for w in reg.watchers.values() {
-            let _ = w.send(present.clone());
+            w.send(present.clone(), &self.inner.stats);
         }
     }
 
@@ -608,25 +664,25 @@ impl DerpServer {
             }
             .encode();
             for w in reg.watchers.values() {
-                let _ = w.send(gone.clone());
+                w.send(gone.clone(), &self.inner.stats);
             }
         }
     }
 
-    fn add_watcher(&self, conn_id: u64, ctrl: mpsc::UnboundedSender<Bytes>) {
+    fn add_watcher(&self, conn_id: u64, watcher: Watcher) {
         // Flood and subscribe under one lock so no change falls in between.
         let mut reg = self.lock();
         for (key, c) in &reg.clients {
-            let _ = ctrl.send(
-                Frame::PeerPresent {
-                    key: *key,
-                    addr: c.addr,
-                    flags: c.flags,
-                }
-                .encode(),
-            );
+            let present = Frame::PeerPresent {
+                key: *key,
+                addr: c.addr,
+                flags: c.flags,
+            };
+            if !watcher.send(present.encode(), &self.inner.stats) {
+                return;
+            }
         }
-        reg.watchers.insert(conn_id, ctrl);
+        reg.watchers.insert(conn_id, watcher);
     }
 
     /// Ends the connections of the regular clients (mesh peers stay) whose key `keep`
@@ -710,7 +766,7 @@ impl DerpServer {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: BufWriter<W>,
     mut packets: mpsc::Receiver<Bytes>,
-    mut ctrl: mpsc::UnboundedReceiver<Bytes>,
+    mut ctrl: mpsc::Receiver<Bytes>,
     cancel: &CancellationToken,
 ) -> Result<(), DerpError> {
     let ka = tokio::time::sleep(keepalive_interval());

@@ -523,3 +523,43 @@ async fn disconnect_ends_only_revoked_regular_clients() {
     assert!(!server.disconnect(&peer.public_key()));
     assert_eq!(server.disconnect_unless(|_| false), 0);
 }
+
+/// A client that pings without ever reading: the relay keeps at most a small queue of
+/// pongs for it, drops (and counts) the rest instead of holding them, and goes on
+/// relaying for everyone else.
+#[tokio::test]
+async fn a_client_that_pings_without_reading_cannot_queue_pongs_without_bound() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (server, addr) = start(None).await;
+    let pinger = connect(addr).await.writer();
+    let a = connect(addr).await;
+    let mut b = connect(addr).await;
+    let ping = Frame::Ping(*b"pingpong").encode();
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 10_000)
+        .collect();
+    // 2,000,000 pings (26 MB): far more pongs than the sockets' buffers hold.
+    let sender = tokio::spawn(async move {
+        for _ in 0..200 {
+            if pinger.send_encoded(&batch).await.is_err() {
+                break;
+            }
+        }
+    });
+    let stats = server.stats();
+    for _ in 0..200 {
+        if stats.pongs_dropped.load(Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stats.pongs_dropped.load(Relaxed) > 0,
+        "pongs were queued, not dropped"
+    );
+    assert_relay(&a, &mut b, 1400).await;
+    sender.abort();
+}

@@ -54,10 +54,21 @@ pub async fn connect(
     server_public: &[u8; 32],
     machine_secret: &[u8; 32],
 ) -> Result<ControlClient, NoiseError> {
+    let s = TcpStream::connect(addr).await?;
+    connect_over(s, addr, server_public, machine_secret).await
+}
+
+/// Like [`connect`], over a TCP connection the caller opened (from a source address of
+/// its choosing, or through a load balancer); `addr` is the `Host` it asks for.
+pub async fn connect_over(
+    mut s: TcpStream,
+    addr: &str,
+    server_public: &[u8; 32],
+    machine_secret: &[u8; 32],
+) -> Result<ControlClient, NoiseError> {
     use base64::Engine;
     let (init, mut hs) = initiation(server_public, machine_secret, CLIENT_VERSION)?;
     let b64 = base64::engine::general_purpose::STANDARD.encode(&init);
-    let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     let req = format!(
         "POST /ts2021 HTTP/1.1\r\nHost: {addr}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {b64}\r\nContent-Length: 0\r\n\r\n"

@@ -11,13 +11,13 @@
 //! - With ACME (`tls.acme_hostname`) the certificate lives in the replicated state
 //!   (`Tailnet::tls`), private key included: one replica orders it ([`acme`]) and every
 //!   replica serves what it has applied ([`follow_state`]).
-//! - [`listener`] accepts the control listener's connections and tells TLS from plain
-//!   HTTP by the first byte, so relays, probes and clients configured with `http://` keep
-//!   working on the same port; [`plain_routes`] decides what plain HTTP may still reach.
+//! - `crate::listener` accepts the control listener's connections (under the same
+//!   limits with TLS on or off) and tells TLS from plain HTTP by the first byte, so
+//!   relays, probes and clients configured with `http://` keep working on the same port;
+//!   `control::plain_router` decides what plain HTTP may still reach.
 
 pub mod acme;
 pub mod der;
-pub mod listener;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

@@ -5,6 +5,7 @@ mod deploy;
 mod fixtures;
 mod identity;
 mod interop;
+mod limits;
 mod migration;
 mod monitoring;
 mod oidc;
