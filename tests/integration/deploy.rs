@@ -76,12 +76,13 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
     let Some(deploycheck) = require_tool("bin/deploycheck") else {
         return;
     };
-    let public_host = "127.0.0.5";
+    let login_host = "login.example.test";
     let project = run_json(
         Command::new(&deploycheck)
             .arg("compose")
             .arg(manifest_dir().join("deploy/compose/compose.yaml"))
-            .env("HYDRASCALE_PUBLIC_HOST", public_host)
+            .env("HYDRASCALE_LOGIN_HOST", login_host)
+            .env_remove("HYDRASCALE_ACME_DIRECTORY")
             .env_remove("HYDRASCALE_SERVER_URL"),
     );
     let services = project["services"].as_object().expect("services");
@@ -109,9 +110,19 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
             .collect();
         let cfg = load(&config_file, env);
         assert_eq!(str_of(&svc["hostname"], "hostname"), name);
-        assert_eq!(cfg.server_url(), format!("http://{public_host}:8080"));
+        // HTTPS with a certificate by ACME for the login name, DERP over TLS.
+        assert_eq!(cfg.server_url(), format!("https://{login_host}"));
+        assert_eq!(cfg.tls.acme_hostname, login_host);
         // Clients reach this replica's relay and STUN directly, on the published ports.
-        assert_eq!(cfg.derp.hostname.as_deref(), Some(public_host));
+        assert_eq!(cfg.derp.hostname.as_deref(), Some(login_host));
+        // Only the load balancer may name the client (PROXY protocol).
+        let lb_ip = services["loadbalancer"]["networks"]["default"]["ipv4_address"]
+            .as_str()
+            .expect("the load balancer has a fixed address");
+        assert_eq!(
+            cfg.trusted_proxies,
+            vec![format!("{lb_ip}/32").parse::<ipnet::IpNet>().expect("cidr")]
+        );
         let derp_port = cfg.derp.port.expect("each replica names its DERP port");
         assert_eq!(
             published(svc, cfg.listen_addr.port(), "tcp"),
@@ -236,7 +247,7 @@ fn compose_file_makes_three_replicas_that_find_each_other_behind_haproxy() {
     }
     let bind = str_of(&lb["environment"]["HYDRASCALE_LB_BIND"], "bind");
     let lb_port: u16 = bind.trim_start_matches(':').parse().expect("bind port");
-    assert_eq!(published(lb, lb_port, "tcp"), Some(8080), "login URL port");
+    assert_eq!(published(lb, lb_port, "tcp"), Some(443), "login URL port");
 }
 
 #[test]
@@ -486,6 +497,10 @@ fn kubernetes_manifests_validate_and_each_pod_derives_its_replica() {
             u64::from(cfg.derp.stun_listen_addr.port()),
             port_named("stun")
         );
+        // HTTPS served by the replicas themselves, DERP over TLS on the login port.
+        assert!(cfg.server_url().starts_with("https://"), "{pod_name}");
+        assert!(cfg.tls.enabled(), "{pod_name}: no [tls]");
+        assert_eq!(cfg.derp.port, Some(443));
         peer_lists.insert(format!("{peers:?}"));
     }
     assert_eq!(peer_lists.len(), 1, "pods disagree on the voters");
@@ -514,11 +529,11 @@ fn kubernetes_manifests_validate_and_each_pod_derives_its_replica() {
         "Raft is reachable from more than the replicas"
     );
     let login = &get("Service", "hydrascale")["spec"];
-    assert_eq!(
-        login["ports"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["targetPort"] == "control"))
-            .map(|p| p["protocol"].clone()),
-        Some(Value::from("TCP"))
-    );
+    let control = login["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["targetPort"] == "control"))
+        .expect("the login Service forwards to the control port");
+    assert_eq!(control["protocol"], "TCP");
+    assert_eq!(control["port"], 443);
+    assert_eq!(login["externalTrafficPolicy"], "Local");
 }

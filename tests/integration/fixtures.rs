@@ -376,6 +376,12 @@ pub struct ReplicaProc {
     pub tls_dir: Option<PathBuf>,
     /// Network namespace the process runs in (see [`Lan`]); the CLI runs there too.
     pub netns: Option<String>,
+    /// Where a load balancer in front of it (`Haproxy`, in the test's own namespace)
+    /// connects from: its `trusted_proxies` when it is started behind one.
+    pub lb_source: String,
+    /// `trusted_proxies` written into its config (the shipped HAProxy configs send the
+    /// PROXY protocol): set by [`start_as_cluster`].
+    pub trusted_proxies: Vec<String>,
     child: Option<Child>,
 }
 
@@ -394,6 +400,8 @@ impl ReplicaProc {
             metrics: format!("127.0.0.1:{}", free_port()),
             tls_dir: None,
             netns: None,
+            lb_source: "127.0.0.1".into(),
+            trusted_proxies: Vec::new(),
             child: None,
         }
     }
@@ -413,6 +421,7 @@ impl ReplicaProc {
         r.raft = format!("{ip}:{}", port(&r.raft));
         r.stun = format!("{ip}:{}", port(&r.stun));
         r.netns = Some(lan.netns(host).to_string());
+        r.lb_source = lan.gateway();
         r
     }
 
@@ -428,8 +437,15 @@ impl ReplicaProc {
             self.id,
         );
         let (control_host, control_port) = control.rsplit_once(':').unwrap_or(("127.0.0.1", "0"));
+        let trusted: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .map(|p| format!("{p:?}"))
+            .collect();
+        let trusted = trusted.join(", ");
         let toml = format!(
             r#"server_url = "{server_url}"
+trusted_proxies = [{trusted}]
 listen_addr = "{control}"
 admin_listen_addr = "{admin}"
 raft_listen_addr = "{raft}"
@@ -666,6 +682,8 @@ pub async fn start_as_cluster_with(replicas: &mut [ReplicaProc], server_url: &st
         .collect::<Vec<_>>()
         .join(",");
     for r in replicas.iter_mut() {
+        // The shipped HAProxy configs send the PROXY protocol: trust where they connect from.
+        r.trusted_proxies = vec![format!("{}/32", r.lb_source)];
         r.write_config(server_url, &peers, false);
         if !extra.is_empty() {
             let path = r.dir.join("hydrascale.toml");
