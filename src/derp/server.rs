@@ -463,7 +463,9 @@ impl DerpServer {
                         .stats
                         .clients_rejected
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(key = %hex::encode(key), "a relay with the mesh key but no place in the replica registry tried to mesh; refused");
+                    // For a moment while a replica starts, its peers may not have applied
+                    // its announcement yet (it retries); a removed replica stays refused.
+                    tracing::info!(key = %hex::encode(key), "a relay with the mesh key but no place in the replica registry tried to mesh; refused");
                     return Err(DerpError::UnknownClient);
                 }
             }

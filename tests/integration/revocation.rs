@@ -73,12 +73,17 @@ fn until_sessions(r: &ReplicaProc, mesh: f64, want: (f64, f64), what: &str) -> D
     }
 }
 
-/// For `span`, replica `r`'s sessions never differ from `want`: the revoked node does not
-/// get back in.
+/// For `span`, replica `r`'s sessions never rise above `want`: the revoked node does not
+/// get back in. (A remaining client may reconnect its relay meanwhile, on a busy machine:
+/// its count dips for a moment, which says nothing about the revoked one.)
 fn stays(r: &ReplicaProc, mesh: f64, want: (f64, f64), span: Duration, what: &str) {
     let start = Instant::now();
     while start.elapsed() < span {
-        assert_eq!(sessions(r, mesh), want, "{what}");
+        let now = sessions(r, mesh);
+        assert!(
+            now.0 <= want.0 && now.1 <= want.1,
+            "{what}: (streams, DERP clients) {now:?}, more than {want:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -613,9 +613,20 @@ async fn acme_single(challenge: &str) {
                     .contains(&format!("location: {url}/some/page?x=1")),
             "{head}"
         );
-        // A restart serves the replicated certificate at once and orders nothing.
+        // A restart serves the replicated certificate (once it has replayed the state,
+        // without a new order).
         server.restart().await;
-        assert_eq!(served_serial(&addr, "localhost", &roots), Some(serial));
+        let want = Some(serial);
+        wait_for(
+            "the restarted replica to serve the stored certificate",
+            Duration::from_secs(15),
+            || {
+                let got = served_serial(&addr, "localhost", &roots);
+                let ok = got == want;
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
         assert_eq!(pebble.orders(), 1);
     } else {
         let key = create_key(&server, "alice");
