@@ -345,6 +345,8 @@ pub fn main_entry() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run(cli))
@@ -435,6 +437,68 @@ fn make_certs(out: &std::path::Path, ids: &[u64], ca_dir: Option<&Path>) -> Resu
         );
     }
     Ok(())
+}
+
+/// `nodes list` as a table. Tags and routes are lists of any length, so every column is as
+/// wide as its longest cell. A route column shows "-" for none.
+fn nodes_table(nodes: &[proto::Node]) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let header = [
+        "ID",
+        "NAME",
+        "USER",
+        "IPV4",
+        "IPV6",
+        "ONLINE",
+        "EXPIRES",
+        "TAGS",
+        "ROUTES APPROVED",
+        "ROUTES ADVERTISED",
+    ];
+    let rows: Vec<[String; 10]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.id.to_string(),
+                n.given_name.clone(),
+                n.user.clone(),
+                n.ipv4.clone(),
+                n.ipv6.clone(),
+                n.online.to_string(),
+                fmt_ms(n.expiry_ms),
+                list(&n.tags),
+                list(&n.approved_routes),
+                list(&n.available_routes),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = cells
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line(&mut header.iter().copied());
+    for row in &rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    out
 }
 
 /// `migrate headscale`: headscale's tailnet as a backup file.
@@ -618,6 +682,53 @@ async fn connect(cli: &Cli) -> Result<AdminClient> {
     )
 }
 
+/// What the admin commands need to find this replica's admin socket, beyond the defaults:
+/// the same --config, or (settings given only as --set) the socket itself.
+fn admin_flag(config: Option<&Path>, cfg: &crate::config::Config) -> Option<String> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if let Some(file) = config {
+        return Some(format!("--config {}", abs(file).display()));
+    }
+    let default = crate::config::Config::default();
+    (cfg.data_dir != default.data_dir).then(|| {
+        format!(
+            "--admin-addr unix:{}",
+            abs(&cfg.data_dir.join("admin.sock")).display()
+        )
+    })
+}
+
+/// What `serve` prints once the replica is up: the login URL and the next three commands
+/// (a user, a pre-auth key, a client), written the way this process was started: under
+/// `cargo run` (`manifest_dir`: cargo sets CARGO_MANIFEST_DIR for what it runs) as cargo
+/// commands, otherwise as `hydrascale` ones.
+fn next_steps(server_url: &str, manifest_dir: Option<&Path>, admin: Option<&str>) -> String {
+    let (prefix, place) = match manifest_dir {
+        Some(dir) => (
+            "cargo run -q --".to_string(),
+            format!(" in {}", dir.display()),
+        ),
+        None => ("hydrascale".to_string(), String::new()),
+    };
+    let prefix = match admin {
+        Some(flag) => format!("{prefix} {flag}"),
+        None => prefix,
+    };
+    let mut out = format!(
+        "Hydrascale is running: clients log in at {server_url}\n\
+         Next, in another shell{place}:\n  \
+         {prefix} users create alice\n  \
+         {prefix} preauthkeys create --user alice --reusable --expiration 24h\n  \
+         tailscale up --login-server={server_url} --auth-key=KEY   (KEY: the key the previous command printed)\n"
+    );
+    if server_url.starts_with("http://") {
+        out.push_str(
+            "This server has no TLS, so its DERP relay speaks plain HTTP: start each client's tailscaled with TS_DEBUG_USE_DERP_HTTP=1 in its environment (README.md shows two clients on one machine).\n",
+        );
+    }
+    out
+}
+
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
@@ -658,10 +769,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         let env: Vec<(String, String)> = std::env::vars().collect();
         let cfg = crate::config::Config::load_with(cli.config.as_deref(), &env, &overrides)?;
+        let admin = admin_flag(cli.config.as_deref(), &cfg);
         let handle = crate::server::run_server(cfg).await?;
-        println!(
-            "Hydrascale is running. Log in with: tailscale up --login-server={}",
-            handle.server_url
+        let cargo = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+        print!(
+            "{}",
+            next_steps(&handle.server_url, cargo.as_deref(), admin.as_deref())
         );
         handle.wait_for_shutdown_signal().await?;
         return Ok(());
@@ -847,24 +960,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(grpc_error)?
                     .into_inner();
-                emit(json, &r.nodes, || {
-                    println!(
-                        "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} EXPIRES",
-                        "ID", "NAME", "USER", "IPV4", "IPV6", "ONLINE"
-                    );
-                    for n in &r.nodes {
-                        println!(
-                            "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} {}",
-                            n.id,
-                            n.given_name,
-                            n.user,
-                            n.ipv4,
-                            n.ipv6,
-                            n.online,
-                            fmt_ms(n.expiry_ms)
-                        );
-                    }
-                })?;
+                emit(json, &r.nodes, || print!("{}", nodes_table(&r.nodes)))?;
             }
             NodesCmd::Delete { identifier } => {
                 c.delete_node(proto::NodeIdRequest { id: identifier })
