@@ -729,8 +729,26 @@ fn next_steps(server_url: &str, manifest_dir: Option<&Path>, admin: Option<&str>
     out
 }
 
+/// An admin call's failure as the user sees it. The server's statuses already say what
+/// happened and what to do (`admin::raft_status` and the state errors); a status tonic
+/// made itself, from a transport error, means the call got no answer at all.
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
+    let mut cause = std::error::Error::source(&e);
+    if cause.is_none() {
+        return anyhow::anyhow!("{}", e.message());
+    }
+    let mut causes = vec![e.message().to_string()];
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !causes.iter().any(|seen| seen.contains(&text)) {
+            causes.push(text);
+        }
+        cause = c.source();
+    }
+    anyhow::anyhow!(
+        "the admin API gave no answer ({}): is the replica still running? Retry, or ask another replica (--admin-addr, or --config of another replica)",
+        causes.join(": ")
+    )
 }
 
 fn read_policy(file: &Path) -> Result<String> {

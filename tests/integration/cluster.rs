@@ -770,3 +770,64 @@ async fn recover_a_cluster_that_lost_its_majority() {
     // The new cluster takes writes.
     fresh.cli_json(&["users", "create", "carol"]);
 }
+
+/// During an election (the leader killed with `kill -9`), a write sent to a follower
+/// fails with what is going on and what to do, "no leader yet ... retry", not with advice
+/// about certificates, and succeeds once a new leader is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_an_election_says_no_leader_yet_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut replicas = start_cluster(tmp.path(), "http://127.0.0.1:9").await;
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas);
+        async move { l }
+    })
+    .await;
+    let li = replicas
+        .iter()
+        .position(|r| r.id == leader)
+        .expect("leader");
+    let fi = (li + 1) % 3;
+    create_user_retrying(&replicas[fi], "before", Duration::from_secs(30)).await;
+    replicas[li].kill();
+    let killed_at = Instant::now();
+    let mut refusals = Vec::new();
+    let mut n = 0;
+    let ok_after = loop {
+        n += 1;
+        let out = replicas[fi].cli(&["users", "create", &format!("during{n}")]);
+        if out.status.success() {
+            break killed_at.elapsed();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The message, without a backtrace (RUST_BACKTRACE in a developer's environment).
+        let message = stderr
+            .split("\n\nStack backtrace")
+            .next()
+            .unwrap_or_default();
+        refusals.push(message.trim().to_string());
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "no write succeeded within 60 s of the leader's death: {refusals:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "leader {leader} killed; {} writes refused, the next succeeded after {ok_after:?}; refusals: {refusals:#?}",
+        refusals.len()
+    );
+    assert!(
+        !refusals.is_empty(),
+        "a write right after the leader's death found a leader already"
+    );
+    for r in &refusals {
+        assert!(
+            r.contains("no leader yet") && r.contains("retry"),
+            "a refusal during the election does not say so: {r}"
+        );
+        assert!(
+            !r.contains("certificate") && !r.contains(" CA"),
+            "a refusal during the election blames certificates: {r}"
+        );
+    }
+}
