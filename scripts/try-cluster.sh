@@ -39,7 +39,7 @@ http_status() {
 
 # Whether process PID runs with MARK in its command line (a process that has exited but
 # is not yet reaped has none).
-runs() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"; }
+runs() { tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline" | grep -qF -- "$2"; }
 
 # The PID in FILE if that process is still the one this script started (its command line
 # names MARK), else nothing: a PID file outlives its process, and PIDs are reused.

@@ -501,6 +501,73 @@ fn nodes_table(nodes: &[proto::Node]) -> String {
     out
 }
 
+/// `cluster status` in words and a table: this replica's Raft state, then every member
+/// with its lag and last contact as the leader sees them, and DOWN for one that does not
+/// answer.
+fn cluster_status_text(r: &proto::ClusterStatusReply) -> String {
+    use std::fmt::Write;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "replica {} is {} in term {}; leader {}; log {} applied {} snapshot {}",
+        r.id,
+        r.role,
+        r.term,
+        opt(r.leader),
+        opt(r.last_log_index),
+        opt(r.applied_index),
+        opt(r.snapshot_index)
+    );
+    match r.view_of {
+        Some(l) if l != r.id => {
+            let _ = writeln!(
+                out,
+                "lag, contact and state as the leader, replica {l}, sees them (asked over Raft)"
+            );
+        }
+        _ => {}
+    }
+    if !r.note.is_empty() {
+        let _ = writeln!(out, "{}", r.note);
+    }
+    let _ = writeln!(
+        out,
+        "{:<4} {:<8} {:<6} {:<22} {:<22} {:<22} {:<6} CONTACT",
+        "ID", "ROLE", "STATE", "RAFT", "ADMIN", "DERP", "LAG"
+    );
+    for m in &r.members {
+        let role = if Some(m.id) == r.leader {
+            "leader"
+        } else if m.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        let state = if m.down {
+            "DOWN"
+        } else if r.view_of.is_some() {
+            "up"
+        } else {
+            "?"
+        };
+        let contact = m
+            .last_contact_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        // Entries the leader has that the member does not.
+        let lag = match (r.view_last_log_index, m.matched_index) {
+            (Some(last), Some(matched)) => last.saturating_sub(matched).to_string(),
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<4} {:<8} {:<6} {:<22} {:<22} {:<22} {lag:<6} {contact}",
+            m.id, role, state, m.raft_addr, m.admin_addr, m.derp
+        );
+    }
+    out
+}
+
 /// `migrate headscale`: headscale's tailnet as a backup file.
 fn migrate_headscale(
     db: &std::path::Path,
@@ -1130,44 +1197,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(grpc_error)?
                     .into_inner();
-                emit(json, &r, || {
-                    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-                    println!(
-                        "replica {} is {} in term {}; leader {}; log {} applied {} snapshot {}",
-                        r.id,
-                        r.role,
-                        r.term,
-                        opt(r.leader),
-                        opt(r.last_log_index),
-                        opt(r.applied_index),
-                        opt(r.snapshot_index)
-                    );
-                    println!(
-                        "{:<4} {:<8} {:<22} {:<22} {:<22} {:<6} CONTACT",
-                        "ID", "ROLE", "RAFT", "ADMIN", "DERP", "LAG"
-                    );
-                    for m in &r.members {
-                        let role = if Some(m.id) == r.leader {
-                            "leader"
-                        } else if m.voter {
-                            "voter"
-                        } else {
-                            "learner"
-                        };
-                        let contact = m
-                            .last_contact_ms
-                            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
-                        // Entries the leader has that the member does not (leader's view only).
-                        let lag = match (r.last_log_index, m.matched_index) {
-                            (Some(last), Some(matched)) => last.saturating_sub(matched).to_string(),
-                            _ => "-".to_string(),
-                        };
-                        println!(
-                            "{:<4} {:<8} {:<22} {:<22} {:<22} {lag:<6} {contact}",
-                            m.id, role, m.raft_addr, m.admin_addr, m.derp
-                        );
-                    }
-                })?;
+                emit(json, &r, || print!("{}", cluster_status_text(&r)))?;
             }
             ClusterCmd::AddLearner { id, raft_addr } => {
                 c.add_learner(proto::AddLearnerRequest {
@@ -1288,4 +1318,143 @@ async fn run(cli: Cli) -> Result<()> {
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_prints_the_next_commands_as_it_was_started() {
+        let url = "http://127.0.0.1:8080";
+        let cargo = next_steps(url, Some(Path::new("/src/hydrascale")), None);
+        assert!(
+            cargo.starts_with("Hydrascale is running: clients log in at http://127.0.0.1:8080\n")
+        );
+        assert!(cargo.contains("in another shell in /src/hydrascale:"));
+        assert!(cargo.contains("\n  cargo run -q -- users create alice\n"));
+        assert!(cargo.contains(
+            "\n  cargo run -q -- preauthkeys create --user alice --reusable --expiration 24h\n"
+        ));
+        assert!(cargo.contains("tailscale up --login-server=http://127.0.0.1:8080 --auth-key=KEY"));
+        assert!(cargo.contains("TS_DEBUG_USE_DERP_HTTP=1"));
+        let installed = next_steps(
+            "https://login.example.com",
+            None,
+            Some("--config /etc/hydrascale/config.toml"),
+        );
+        assert!(installed
+            .contains("\n  hydrascale --config /etc/hydrascale/config.toml users create alice\n"));
+        assert!(
+            !installed.contains("TS_DEBUG_USE_DERP_HTTP"),
+            "with TLS the client needs no DERP-over-HTTP switch"
+        );
+        let cfg = crate::config::Config {
+            data_dir: PathBuf::from("/var/tmp/hs"),
+            ..Default::default()
+        };
+        assert_eq!(
+            admin_flag(None, &cfg).as_deref(),
+            Some("--admin-addr unix:/var/tmp/hs/admin.sock")
+        );
+        assert_eq!(admin_flag(None, &crate::config::Config::default()), None);
+    }
+
+    #[test]
+    fn nodes_table_shows_tags_and_routes() {
+        let node = |id: u64, name: &str, tags: &[&str], approved: &[&str], adv: &[&str]| {
+            let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            proto::Node {
+                id,
+                given_name: name.into(),
+                user: "alice".into(),
+                ipv4: format!("100.64.0.{id}"),
+                ipv6: format!("fd7a:115c:a1e0::{id}"),
+                online: true,
+                tags: v(tags),
+                approved_routes: v(approved),
+                available_routes: v(adv),
+                ..Default::default()
+            }
+        };
+        let table = nodes_table(&[
+            node(
+                1,
+                "router",
+                &["tag:router", "tag:prod"],
+                &["10.0.0.0/24"],
+                &["10.0.0.0/24", "192.168.1.0/24"],
+            ),
+            node(2, "laptop", &[], &[], &[]),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        for h in ["TAGS", "ROUTES APPROVED", "ROUTES ADVERTISED"] {
+            assert!(lines[0].contains(h), "{table}");
+        }
+        assert!(
+            lines[1].ends_with("tag:router,tag:prod  10.0.0.0/24      10.0.0.0/24,192.168.1.0/24"),
+            "{table}"
+        );
+        // Columns line up: every row's TAGS cell starts where the header's does.
+        let col = lines[0].find("TAGS").expect("TAGS");
+        assert_eq!(lines[1].find("tag:router"), Some(col), "{table}");
+        assert_eq!(&lines[2][col..col + 1], "-", "{table}");
+    }
+
+    #[test]
+    fn cluster_status_on_a_follower_names_whose_view_it_shows() {
+        let member =
+            |id: u64, down: bool, matched: Option<u64>, contact: Option<u64>| proto::Member {
+                id,
+                raft_addr: format!("10.0.0.{id}:50444"),
+                admin_addr: format!("10.0.0.{id}:50443"),
+                derp: format!("10.0.0.{id}:443"),
+                voter: true,
+                matched_index: matched,
+                last_contact_ms: contact,
+                down,
+            };
+        let reply = proto::ClusterStatusReply {
+            id: 2,
+            role: "Follower".into(),
+            term: 3,
+            leader: Some(1),
+            last_log_index: Some(40),
+            view_of: Some(1),
+            view_last_log_index: Some(42),
+            members: vec![
+                member(1, false, Some(42), None),
+                member(2, false, Some(40), Some(120)),
+                member(3, true, Some(30), Some(9000)),
+            ],
+            ..Default::default()
+        };
+        let text = cluster_status_text(&reply);
+        assert!(
+            text.contains("as the leader, replica 1, sees them"),
+            "{text}"
+        );
+        let row = |id: &str| {
+            text.lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row("1 ")[1..3], ["leader", "up"]);
+        assert_eq!(row("2 ")[2], "up");
+        // Lag counts from the leader's last index, not this follower's.
+        assert_eq!(row("2 ")[6], "2");
+        assert_eq!(row("3 ")[2], "DOWN");
+        assert_eq!(row("3 ")[6..], ["12", "9000", "ms", "ago"]);
+        let lost = proto::ClusterStatusReply {
+            view_of: None,
+            note: "replica 2 knows no leader".into(),
+            ..reply
+        };
+        let text = cluster_status_text(&lost);
+        assert!(text.contains("replica 2 knows no leader"), "{text}");
+        assert!(!text.contains("sees them"), "{text}");
+    }
 }

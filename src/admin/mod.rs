@@ -875,16 +875,49 @@ fn network_failure(message: &str) -> NetworkFailure {
 }
 
 impl Admin {
+    /// This replica's Raft state, with every member's lag, last contact and whether it
+    /// answers as the leader sees them: this replica's own view if it leads, otherwise
+    /// asked of the leader over the Raft channel (mutual TLS between members; the admin
+    /// API over TCP would need an API key on every replica). A leader that does not answer
+    /// is marked down, and `note` says why the view is missing.
     async fn cluster_status(&self) -> proto::ClusterStatusReply {
         let st = self.db.raft.status();
-        let ages = self.db.raft.peer_answer_ages().unwrap_or_default();
-        let matched = self.db.raft.matched_indexes().unwrap_or_default();
+        let view = self
+            .db
+            .raft
+            .leader_view(std::time::Duration::from_secs(2))
+            .await;
+        let (view, note, leader_down) = match view {
+            Ok(v) => (Some(v), String::new(), None),
+            Err(hydrascale_raft::RaftError::NotLeader { leader: None }) => (
+                None,
+                format!(
+                    "replica {} knows no leader (an election is under way, or it is cut off from the majority): lag, contact and down are unknown here",
+                    st.id
+                ),
+                None,
+            ),
+            Err(hydrascale_raft::RaftError::Network { target, message }) => (
+                None,
+                format!(
+                    "the leader, replica {target}, does not answer replica {} ({message}): lag and contact are unknown here",
+                    st.id
+                ),
+                Some(target),
+            ),
+            Err(e) => (
+                None,
+                format!("the leader's view is unavailable: {e}"),
+                None,
+            ),
+        };
         let t = self.db.store.read();
         let members = st
             .membership
             .iter()
             .map(|(id, addr, voter)| {
                 let r = t.replicas.get(id);
+                let progress = view.as_ref().and_then(|v| v.members.get(id));
                 proto::Member {
                     id: *id,
                     raft_addr: addr.clone(),
@@ -893,18 +926,11 @@ impl Admin {
                     derp: r
                         .map(|r| format!("{}:{}", r.derp_host, r.derp_port))
                         .unwrap_or_default(),
-                    last_contact_ms: if *id == st.id {
-                        None
-                    } else {
-                        ages.get(id)
-                            .copied()
-                            .flatten()
-                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    },
-                    matched_index: if *id == st.id && st.current_leader == Some(st.id) {
-                        st.last_log_index
-                    } else {
-                        matched.get(id).copied().flatten()
+                    last_contact_ms: progress.and_then(|p| p.answered_ms_ago),
+                    matched_index: progress.and_then(|p| p.matched_index),
+                    down: match progress {
+                        Some(p) => !p.answering,
+                        None => leader_down == Some(*id),
                     },
                 }
             })
@@ -923,6 +949,9 @@ impl Admin {
                 .raft
                 .quorum_contact_age()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            view_of: view.as_ref().map(|v| v.leader),
+            view_last_log_index: view.as_ref().and_then(|v| v.last_log_index),
+            note,
         }
     }
 }
