@@ -749,15 +749,22 @@ async fn connect(cli: &Cli) -> Result<AdminClient> {
     )
 }
 
-/// What the admin commands need to find this replica's admin socket, beyond the defaults:
-/// the same --config, or (settings given only as --set) the socket itself.
-fn admin_flag(config: Option<&Path>, cfg: &crate::config::Config) -> Option<String> {
+/// What the admin commands need to find this replica's admin socket, beyond the defaults,
+/// when run in `run_dir` (this process's directory if `None`): the same --config, or
+/// (settings given only as --set or environment, or a relative data directory seen from
+/// another directory) the socket itself.
+fn admin_flag(
+    config: Option<&Path>,
+    cfg: &crate::config::Config,
+    run_dir: Option<&Path>,
+) -> Option<String> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     if let Some(file) = config {
         return Some(format!("--config {}", abs(file).display()));
     }
-    let default = crate::config::Config::default();
-    (cfg.data_dir != default.data_dir).then(|| {
+    let elsewhere = cfg.data_dir.is_relative()
+        && run_dir.is_some_and(|d| std::env::current_dir().ok().as_deref() != Some(d));
+    (cfg.data_dir != crate::config::Config::default().data_dir || elsewhere).then(|| {
         format!(
             "--admin-addr unix:{}",
             abs(&cfg.data_dir.join("admin.sock")).display()
@@ -854,9 +861,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
         let env: Vec<(String, String)> = std::env::vars().collect();
         let cfg = crate::config::Config::load_with(cli.config.as_deref(), &env, &overrides)?;
-        let admin = admin_flag(cli.config.as_deref(), &cfg);
-        let handle = crate::server::run_server(cfg).await?;
         let cargo = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+        let admin = admin_flag(cli.config.as_deref(), &cfg, cargo.as_deref());
+        let handle = crate::server::run_server(cfg).await?;
         print!(
             "{}",
             next_steps(&handle.server_url, cargo.as_deref(), admin.as_deref())
@@ -1354,10 +1361,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            admin_flag(None, &cfg).as_deref(),
+            admin_flag(None, &cfg, None).as_deref(),
             Some("--admin-addr unix:/var/tmp/hs/admin.sock")
         );
-        assert_eq!(admin_flag(None, &crate::config::Config::default()), None);
+        let defaults = crate::config::Config::default();
+        assert_eq!(admin_flag(None, &defaults, None), None);
+        let here = std::env::current_dir().expect("cwd");
+        assert_eq!(admin_flag(None, &defaults, Some(&here)), None);
+        // `cargo run --manifest-path` from elsewhere: the commands run in the checkout, and
+        // the data directory is relative to here.
+        assert_eq!(
+            admin_flag(None, &defaults, Some(Path::new("/elsewhere"))),
+            Some(format!(
+                "--admin-addr unix:{}",
+                here.join("hydrascale-data/admin.sock").display()
+            ))
+        );
     }
 
     #[test]
