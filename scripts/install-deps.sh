@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TAILSCALE_VERSION="${TAILSCALE_VERSION:-v1.102.3}"
 TOOLS_DIR="${HYDRASCALE_TOOLS_DIR:-$PWD/.tools}"
 
 need_apt=()
@@ -31,15 +30,8 @@ fi
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.85) is required: install it with rustup" >&2; exit 1; }
 command -v go >/dev/null || { echo "Go >= 1.26 is required to build the official Tailscale client" >&2; exit 1; }
 
-mkdir -p "$TOOLS_DIR/bin"
-stamp="$TOOLS_DIR/bin/.tailscale-$TAILSCALE_VERSION"
-if [ ! -x "$TOOLS_DIR/bin/tailscaled" ] || [ ! -f "$stamp" ]; then
-  echo "building the official Tailscale client $TAILSCALE_VERSION with go install" >&2
-  GOBIN="$TOOLS_DIR/bin" GOFLAGS=-mod=mod go install \
-    "tailscale.com/cmd/tailscale@$TAILSCALE_VERSION" "tailscale.com/cmd/tailscaled@$TAILSCALE_VERSION"
-  touch "$stamp"
-fi
-"$TOOLS_DIR/bin/tailscale" version | head -1
+# The official Tailscale client, as README.md tells a newcomer to install it.
+./scripts/install-tailscale.sh
 
 # Pebble, Let's Encrypt's ACME test server, for the TLS tests (certificates by ACME for
 # one replica and for a cluster), built from the Go module proxy like the client above.

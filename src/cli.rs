@@ -367,6 +367,8 @@ pub fn main_entry() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(run(cli))
@@ -457,6 +459,135 @@ fn make_certs(out: &std::path::Path, ids: &[u64], ca_dir: Option<&Path>) -> Resu
         );
     }
     Ok(())
+}
+
+/// `nodes list` as a table. Tags and routes are lists of any length, so every column is as
+/// wide as its longest cell. A route column shows "-" for none.
+fn nodes_table(nodes: &[proto::Node]) -> String {
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let header = [
+        "ID",
+        "NAME",
+        "USER",
+        "IPV4",
+        "IPV6",
+        "ONLINE",
+        "EXPIRES",
+        "TAGS",
+        "ROUTES APPROVED",
+        "ROUTES ADVERTISED",
+    ];
+    let rows: Vec<[String; 10]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.id.to_string(),
+                n.given_name.clone(),
+                n.user.clone(),
+                n.ipv4.clone(),
+                n.ipv6.clone(),
+                n.online.to_string(),
+                fmt_ms(n.expiry_ms),
+                list(&n.tags),
+                list(&n.approved_routes),
+                list(&n.available_routes),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = cells
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l.push('\n');
+        l
+    };
+    let mut out = line(&mut header.iter().copied());
+    for row in &rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    }
+    out
+}
+
+/// `cluster status` in words and a table: this replica's Raft state, then every member
+/// with its lag and last contact as the leader sees them, and DOWN for one that does not
+/// answer.
+fn cluster_status_text(r: &proto::ClusterStatusReply) -> String {
+    use std::fmt::Write;
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "replica {} is {} in term {}; leader {}; log {} applied {} snapshot {}",
+        r.id,
+        r.role,
+        r.term,
+        opt(r.leader),
+        opt(r.last_log_index),
+        opt(r.applied_index),
+        opt(r.snapshot_index)
+    );
+    match r.view_of {
+        Some(l) if l != r.id => {
+            let _ = writeln!(
+                out,
+                "lag, contact and state as the leader, replica {l}, sees them (asked over Raft)"
+            );
+        }
+        _ => {}
+    }
+    if !r.note.is_empty() {
+        let _ = writeln!(out, "{}", r.note);
+    }
+    let _ = writeln!(
+        out,
+        "{:<4} {:<8} {:<6} {:<22} {:<22} {:<22} {:<6} CONTACT",
+        "ID", "ROLE", "STATE", "RAFT", "ADMIN", "DERP", "LAG"
+    );
+    for m in &r.members {
+        let role = if Some(m.id) == r.leader {
+            "leader"
+        } else if m.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        let state = if m.down {
+            "DOWN"
+        } else if r.view_of.is_some() {
+            "up"
+        } else {
+            "?"
+        };
+        let contact = m
+            .last_contact_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        // Entries the leader has that the member does not.
+        let lag = match (r.view_last_log_index, m.matched_index) {
+            (Some(last), Some(matched)) => last.saturating_sub(matched).to_string(),
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<4} {:<8} {:<6} {:<22} {:<22} {:<22} {lag:<6} {contact}",
+            m.id, role, state, m.raft_addr, m.admin_addr, m.derp
+        );
+    }
+    out
 }
 
 /// `migrate headscale`: headscale's tailnet as a backup file.
@@ -653,8 +784,80 @@ async fn connect(cli: &Cli) -> Result<AdminClient> {
     )
 }
 
+/// What the admin commands need to find this replica's admin socket, beyond the defaults,
+/// when run in `run_dir` (this process's directory if `None`): the same --config, or
+/// (settings given only as --set or environment, or a relative data directory seen from
+/// another directory) the socket itself.
+fn admin_flag(
+    config: Option<&Path>,
+    cfg: &crate::config::Config,
+    run_dir: Option<&Path>,
+) -> Option<String> {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if let Some(file) = config {
+        return Some(format!("--config {}", abs(file).display()));
+    }
+    let elsewhere = cfg.data_dir.is_relative()
+        && run_dir.is_some_and(|d| std::env::current_dir().ok().as_deref() != Some(d));
+    (cfg.data_dir != crate::config::Config::default().data_dir || elsewhere).then(|| {
+        format!(
+            "--admin-addr unix:{}",
+            abs(&cfg.data_dir.join("admin.sock")).display()
+        )
+    })
+}
+
+/// What `serve` prints once the replica is up: the login URL and the next three commands
+/// (a user, a pre-auth key, a client), written the way this process was started: under
+/// `cargo run` (`manifest_dir`: cargo sets CARGO_MANIFEST_DIR for what it runs) as cargo
+/// commands, otherwise as `hydrascale` ones.
+fn next_steps(server_url: &str, manifest_dir: Option<&Path>, admin: Option<&str>) -> String {
+    let (prefix, place) = match manifest_dir {
+        Some(dir) => (
+            "cargo run -q --".to_string(),
+            format!(" in {}", dir.display()),
+        ),
+        None => ("hydrascale".to_string(), String::new()),
+    };
+    let prefix = match admin {
+        Some(flag) => format!("{prefix} {flag}"),
+        None => prefix,
+    };
+    let mut out = format!(
+        "Hydrascale is running: clients log in at {server_url}\n\
+         Next, in another shell{place}:\n  \
+         {prefix} users create alice\n  \
+         {prefix} preauthkeys create --user alice --reusable --expiration 24h\n  \
+         tailscale up --login-server={server_url} --auth-key=KEY   (KEY: the key the previous command printed)\n"
+    );
+    if server_url.starts_with("http://") {
+        out.push_str(
+            "This server has no TLS, so its DERP relay speaks plain HTTP: start each client's tailscaled with TS_DEBUG_USE_DERP_HTTP=1 in its environment (README.md shows two clients on one machine).\n",
+        );
+    }
+    out
+}
+
+/// An admin call's failure as the user sees it. The server's statuses already say what
+/// happened and what to do (`admin::raft_status` and the state errors); a status tonic
+/// made itself, from a transport error, means the call got no answer at all.
 fn grpc_error(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", e.message())
+    let mut cause = std::error::Error::source(&e);
+    if cause.is_none() {
+        return anyhow::anyhow!("{}", e.message());
+    }
+    let mut causes = vec![e.message().to_string()];
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !causes.iter().any(|seen| seen.contains(&text)) {
+            causes.push(text);
+        }
+        cause = c.source();
+    }
+    anyhow::anyhow!(
+        "the admin API gave no answer ({}): is the replica still running? Retry, or ask another replica (--admin-addr, or --config of another replica)",
+        causes.join(": ")
+    )
 }
 
 fn read_policy(file: &Path) -> Result<String> {
@@ -700,10 +903,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         let env: Vec<(String, String)> = std::env::vars().collect();
         let cfg = crate::config::Config::load_with(cli.config.as_deref(), &env, &overrides)?;
+        let cargo = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+        let admin = admin_flag(cli.config.as_deref(), &cfg, cargo.as_deref());
         let handle = crate::server::run_server(cfg).await?;
-        println!(
-            "Hydrascale is running. Log in with: tailscale up --login-server={}",
-            handle.server_url
+        print!(
+            "{}",
+            next_steps(&handle.server_url, cargo.as_deref(), admin.as_deref())
         );
         handle.wait_for_shutdown_signal().await?;
         return Ok(());
@@ -934,24 +1139,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(grpc_error)?
                     .into_inner();
-                emit(json, &r.nodes, || {
-                    println!(
-                        "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} EXPIRES",
-                        "ID", "NAME", "USER", "IPV4", "IPV6", "ONLINE"
-                    );
-                    for n in &r.nodes {
-                        println!(
-                            "{:<6} {:<20} {:<14} {:<16} {:<24} {:<7} {}",
-                            n.id,
-                            n.given_name,
-                            n.user,
-                            n.ipv4,
-                            n.ipv6,
-                            n.online,
-                            fmt_ms(n.expiry_ms)
-                        );
-                    }
-                })?;
+                emit(json, &r.nodes, || print!("{}", nodes_table(&r.nodes)))?;
             }
             NodesCmd::Delete { identifier } => {
                 c.delete_node(proto::NodeIdRequest { id: identifier })
@@ -1103,44 +1291,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(grpc_error)?
                     .into_inner();
-                emit(json, &r, || {
-                    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
-                    println!(
-                        "replica {} is {} in term {}; leader {}; log {} applied {} snapshot {}",
-                        r.id,
-                        r.role,
-                        r.term,
-                        opt(r.leader),
-                        opt(r.last_log_index),
-                        opt(r.applied_index),
-                        opt(r.snapshot_index)
-                    );
-                    println!(
-                        "{:<4} {:<8} {:<22} {:<22} {:<22} {:<6} CONTACT",
-                        "ID", "ROLE", "RAFT", "ADMIN", "DERP", "LAG"
-                    );
-                    for m in &r.members {
-                        let role = if Some(m.id) == r.leader {
-                            "leader"
-                        } else if m.voter {
-                            "voter"
-                        } else {
-                            "learner"
-                        };
-                        let contact = m
-                            .last_contact_ms
-                            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
-                        // Entries the leader has that the member does not (leader's view only).
-                        let lag = match (r.last_log_index, m.matched_index) {
-                            (Some(last), Some(matched)) => last.saturating_sub(matched).to_string(),
-                            _ => "-".to_string(),
-                        };
-                        println!(
-                            "{:<4} {:<8} {:<22} {:<22} {:<22} {lag:<6} {contact}",
-                            m.id, role, m.raft_addr, m.admin_addr, m.derp
-                        );
-                    }
-                })?;
+                emit(json, &r, || print!("{}", cluster_status_text(&r)))?;
             }
             ClusterCmd::AddLearner { id, raft_addr } => {
                 c.add_learner(proto::AddLearnerRequest {
@@ -1261,4 +1412,155 @@ async fn run(cli: Cli) -> Result<()> {
         },
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_prints_the_next_commands_as_it_was_started() {
+        let url = "http://127.0.0.1:8080";
+        let cargo = next_steps(url, Some(Path::new("/src/hydrascale")), None);
+        assert!(
+            cargo.starts_with("Hydrascale is running: clients log in at http://127.0.0.1:8080\n")
+        );
+        assert!(cargo.contains("in another shell in /src/hydrascale:"));
+        assert!(cargo.contains("\n  cargo run -q -- users create alice\n"));
+        assert!(cargo.contains(
+            "\n  cargo run -q -- preauthkeys create --user alice --reusable --expiration 24h\n"
+        ));
+        assert!(cargo.contains("tailscale up --login-server=http://127.0.0.1:8080 --auth-key=KEY"));
+        assert!(cargo.contains("TS_DEBUG_USE_DERP_HTTP=1"));
+        let installed = next_steps(
+            "https://login.example.com",
+            None,
+            Some("--config /etc/hydrascale/config.toml"),
+        );
+        assert!(installed
+            .contains("\n  hydrascale --config /etc/hydrascale/config.toml users create alice\n"));
+        assert!(
+            !installed.contains("TS_DEBUG_USE_DERP_HTTP"),
+            "with TLS the client needs no DERP-over-HTTP switch"
+        );
+        let cfg = crate::config::Config {
+            data_dir: PathBuf::from("/var/tmp/hs"),
+            ..Default::default()
+        };
+        assert_eq!(
+            admin_flag(None, &cfg, None).as_deref(),
+            Some("--admin-addr unix:/var/tmp/hs/admin.sock")
+        );
+        let defaults = crate::config::Config::default();
+        assert_eq!(admin_flag(None, &defaults, None), None);
+        let here = std::env::current_dir().expect("cwd");
+        assert_eq!(admin_flag(None, &defaults, Some(&here)), None);
+        // `cargo run --manifest-path` from elsewhere: the commands run in the checkout, and
+        // the data directory is relative to here.
+        assert_eq!(
+            admin_flag(None, &defaults, Some(Path::new("/elsewhere"))),
+            Some(format!(
+                "--admin-addr unix:{}",
+                here.join("hydrascale-data/admin.sock").display()
+            ))
+        );
+    }
+
+    #[test]
+    fn nodes_table_shows_tags_and_routes() {
+        let node = |id: u64, name: &str, tags: &[&str], approved: &[&str], adv: &[&str]| {
+            let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            proto::Node {
+                id,
+                given_name: name.into(),
+                user: "alice".into(),
+                ipv4: format!("100.64.0.{id}"),
+                ipv6: format!("fd7a:115c:a1e0::{id}"),
+                online: true,
+                tags: v(tags),
+                approved_routes: v(approved),
+                available_routes: v(adv),
+                ..Default::default()
+            }
+        };
+        let table = nodes_table(&[
+            node(
+                1,
+                "router",
+                &["tag:router", "tag:prod"],
+                &["10.0.0.0/24"],
+                &["10.0.0.0/24", "192.168.1.0/24"],
+            ),
+            node(2, "laptop", &[], &[], &[]),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        for h in ["TAGS", "ROUTES APPROVED", "ROUTES ADVERTISED"] {
+            assert!(lines[0].contains(h), "{table}");
+        }
+        assert!(
+            lines[1].ends_with("tag:router,tag:prod  10.0.0.0/24      10.0.0.0/24,192.168.1.0/24"),
+            "{table}"
+        );
+        // Columns line up: every row's TAGS cell starts where the header's does.
+        let col = lines[0].find("TAGS").expect("TAGS");
+        assert_eq!(lines[1].find("tag:router"), Some(col), "{table}");
+        assert_eq!(&lines[2][col..col + 1], "-", "{table}");
+    }
+
+    #[test]
+    fn cluster_status_on_a_follower_names_whose_view_it_shows() {
+        let member =
+            |id: u64, down: bool, matched: Option<u64>, contact: Option<u64>| proto::Member {
+                id,
+                raft_addr: format!("10.0.0.{id}:50444"),
+                admin_addr: format!("10.0.0.{id}:50443"),
+                derp: format!("10.0.0.{id}:443"),
+                voter: true,
+                matched_index: matched,
+                last_contact_ms: contact,
+                down,
+            };
+        let reply = proto::ClusterStatusReply {
+            id: 2,
+            role: "Follower".into(),
+            term: 3,
+            leader: Some(1),
+            last_log_index: Some(40),
+            view_of: Some(1),
+            view_last_log_index: Some(42),
+            members: vec![
+                member(1, false, Some(42), None),
+                member(2, false, Some(40), Some(120)),
+                member(3, true, Some(30), Some(9000)),
+            ],
+            ..Default::default()
+        };
+        let text = cluster_status_text(&reply);
+        assert!(
+            text.contains("as the leader, replica 1, sees them"),
+            "{text}"
+        );
+        let row = |id: &str| {
+            text.lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row("1 ")[1..3], ["leader", "up"]);
+        assert_eq!(row("2 ")[2], "up");
+        // Lag counts from the leader's last index, not this follower's.
+        assert_eq!(row("2 ")[6], "2");
+        assert_eq!(row("3 ")[2], "DOWN");
+        assert_eq!(row("3 ")[6..], ["12", "9000", "ms", "ago"]);
+        let lost = proto::ClusterStatusReply {
+            view_of: None,
+            note: "replica 2 knows no leader".into(),
+            ..reply
+        };
+        let text = cluster_status_text(&lost);
+        assert!(text.contains("replica 2 knows no leader"), "{text}");
+        assert!(!text.contains("sees them"), "{text}");
+    }
 }

@@ -14,6 +14,7 @@ mod network;
 mod prevote;
 mod store;
 pub mod tls;
+mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 // `declare_raft_types!` names `Cursor` unqualified for the snapshot type.
@@ -31,6 +32,7 @@ use tokio::task::JoinHandle;
 pub use error::RaftError;
 pub use store::recover::{recover_committed, Recovered};
 pub use tls::RaftTls;
+pub use view::{LeaderView, MemberProgress};
 
 openraft::declare_raft_types!(
     /// openraft types of Hydrascale: commands and responses are opaque bytes.
@@ -542,6 +544,45 @@ impl RaftNode {
                 .map(|id| (id, self.inner.contacts.last_answer(id).map(|t| now - t)))
                 .collect(),
         )
+    }
+
+    /// The leader's view of every member's replication: this replica's own if it leads,
+    /// else asked of the leader it follows (over the Raft channel, within `timeout`).
+    /// `NotLeader { leader: None }` when it knows no leader; `Network` when the leader
+    /// does not answer; `Unsupported` from a leader of an older version.
+    pub async fn leader_view(&self, timeout: Duration) -> Result<LeaderView, RaftError> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if let Some(v) = view::of_leader(&m, &self.inner.contacts, self.inner.leader_lease) {
+            return Ok(v);
+        }
+        let st = self.status();
+        let leader = st
+            .current_leader
+            .ok_or(RaftError::NotLeader { leader: None })?;
+        let addr = st
+            .membership
+            .iter()
+            .find(|(id, _, _)| *id == leader)
+            .map(|(_, addr, _)| addr.clone())
+            .ok_or(RaftError::NotLeader { leader: None })?;
+        let ask = self.inner.forwarder.leader_view(&addr, leader);
+        match tokio::time::timeout(timeout, ask).await {
+            Ok(Ok(Some(v))) if v.leader == leader => Ok(v),
+            Ok(Ok(Some(v))) => Err(RaftError::NotLeader {
+                leader: Some(v.leader),
+            }),
+            Ok(Ok(None)) => Err(RaftError::Unsupported(format!(
+                "the leader, replica {leader}, runs an older version that cannot share its view; ask it directly"
+            ))),
+            Ok(Err(message)) => Err(RaftError::Network {
+                target: leader,
+                message,
+            }),
+            Err(_) => Err(RaftError::Network {
+                target: leader,
+                message: format!("no answer within {timeout:?}"),
+            }),
+        }
     }
 
     pub fn is_leader(&self) -> bool {

@@ -46,7 +46,7 @@ fn status(e: DbError) -> Status {
                 _ => Status::invalid_argument(msg),
             }
         }
-        DbError::Raft(r) => Status::unavailable(format!("the cluster cannot take writes: {r}")),
+        DbError::Raft(r) => raft_status(r),
         DbError::Codec(c) => Status::internal(c),
         DbError::Replication(r) => {
             Status::unavailable(format!("the cluster cannot take writes: {r}"))
@@ -252,7 +252,7 @@ impl Admin {
                 }
             }
             None => format!(
-                "replica {} knows no leader right now; check that a majority of replicas is running and retry",
+                "no leader yet: replica {} knows none (an election is under way, or a majority of replicas is down); retry in a few seconds; if this persists, check that a majority of replicas is running",
                 st.id
             ),
         };
@@ -862,24 +862,110 @@ impl AdminService for Admin {
     }
 }
 
+/// Maps a replication error to what the caller (the CLI, the REST API) is told: the real
+/// cause and what to do, once for every admin call. An election (the leader stopped, or
+/// this replica lost it) is the common case, and it only needs a retry; the raft crate's
+/// generic network hint (certificates) applies only when TLS is what failed.
 fn raft_status(e: hydrascale_raft::RaftError) -> Status {
+    use hydrascale_raft::RaftError as E;
+    const RETRY: &str = "retry in a few seconds";
     match e {
-        hydrascale_raft::RaftError::Unsupported(m) => Status::not_found(m),
+        E::NotLeader { leader: None } => Status::unavailable(format!(
+            "no leader yet: the replicas are electing one (a replica stopped, or this one lost contact with the leader); {RETRY}"
+        )),
+        E::NotLeader { leader: Some(l) } => Status::unavailable(format!(
+            "no leader yet: replica {l} has just stepped down and a new leader is taking over; {RETRY}"
+        )),
+        E::LeaderLost { leader } => Status::unavailable(format!(
+            "no leader yet: leader {leader} was lost while this write was in flight, so it may or may not have been applied; check, then {RETRY}"
+        )),
+        E::Network { target, message } => match network_failure(&message) {
+            NetworkFailure::Tls => Status::unavailable(format!(
+                "replica {target} (the leader) and this replica do not accept each other's TLS ({message}): both need certificates from the same cluster CA (cluster.tls_dir, `hydrascale cluster certs`)"
+            )),
+            NetworkFailure::Unreachable(cause) => Status::unavailable(format!(
+                "no leader yet: the leader, replica {target}, does not answer ({cause}); if it stopped, the others elect a new leader within seconds: {RETRY}. If this persists, check that replica {target} is running and reachable from this one"
+            )),
+        },
+        E::NoQuorum(m) if m.contains("not heard from a leader") => Status::unavailable(format!(
+            "no leader yet: {m} (an election is under way, or this replica is cut off from the majority); {RETRY}; if this persists, check that a majority of replicas is running and reachable"
+        )),
+        E::Unsupported(m) => Status::not_found(m),
         other => other.into(),
     }
 }
 
+/// Why a call to another replica failed, from the causes tonic and hyper give as text.
+#[derive(Debug, PartialEq)]
+enum NetworkFailure {
+    /// The TLS handshake: a certificate from another CA, or another replica's.
+    Tls,
+    /// Nothing (or nothing sane) answers: refused, reset, timed out, gone mid-call. The
+    /// first cause, shortened, for the message.
+    Unreachable(String),
+}
+
+fn network_failure(message: &str) -> NetworkFailure {
+    let lower = message.to_ascii_lowercase();
+    if ["certificate", "tls", "handshake", "fatal alert"]
+        .iter()
+        .any(|w| lower.contains(w))
+    {
+        return NetworkFailure::Tls;
+    }
+    let cause = message
+        .split(": ")
+        .next()
+        .unwrap_or(message)
+        .trim()
+        .to_string();
+    NetworkFailure::Unreachable(cause)
+}
+
 impl Admin {
+    /// This replica's Raft state, with every member's lag, last contact and whether it
+    /// answers as the leader sees them: this replica's own view if it leads, otherwise
+    /// asked of the leader over the Raft channel (mutual TLS between members; the admin
+    /// API over TCP would need an API key on every replica). A leader that does not answer
+    /// is marked down, and `note` says why the view is missing.
     async fn cluster_status(&self) -> proto::ClusterStatusReply {
         let st = self.db.raft.status();
-        let ages = self.db.raft.peer_answer_ages().unwrap_or_default();
-        let matched = self.db.raft.matched_indexes().unwrap_or_default();
+        let view = self
+            .db
+            .raft
+            .leader_view(std::time::Duration::from_secs(2))
+            .await;
+        let (view, note, leader_down) = match view {
+            Ok(v) => (Some(v), String::new(), None),
+            Err(hydrascale_raft::RaftError::NotLeader { leader: None }) => (
+                None,
+                format!(
+                    "replica {} knows no leader (an election is under way, or it is cut off from the majority): lag, contact and down are unknown here",
+                    st.id
+                ),
+                None,
+            ),
+            Err(hydrascale_raft::RaftError::Network { target, message }) => (
+                None,
+                format!(
+                    "the leader, replica {target}, does not answer replica {} ({message}): lag and contact are unknown here",
+                    st.id
+                ),
+                Some(target),
+            ),
+            Err(e) => (
+                None,
+                format!("the leader's view is unavailable: {e}"),
+                None,
+            ),
+        };
         let t = self.db.store.read();
         let members = st
             .membership
             .iter()
             .map(|(id, addr, voter)| {
                 let r = t.replicas.get(id);
+                let progress = view.as_ref().and_then(|v| v.members.get(id));
                 proto::Member {
                     id: *id,
                     raft_addr: addr.clone(),
@@ -888,18 +974,11 @@ impl Admin {
                     derp: r
                         .map(|r| format!("{}:{}", r.derp_host, r.derp_port))
                         .unwrap_or_default(),
-                    last_contact_ms: if *id == st.id {
-                        None
-                    } else {
-                        ages.get(id)
-                            .copied()
-                            .flatten()
-                            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    },
-                    matched_index: if *id == st.id && st.current_leader == Some(st.id) {
-                        st.last_log_index
-                    } else {
-                        matched.get(id).copied().flatten()
+                    last_contact_ms: progress.and_then(|p| p.answered_ms_ago),
+                    matched_index: progress.and_then(|p| p.matched_index),
+                    down: match progress {
+                        Some(p) => !p.answering,
+                        None => leader_down == Some(*id),
                     },
                 }
             })
@@ -918,6 +997,9 @@ impl Admin {
                 .raft
                 .quorum_contact_age()
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            view_of: view.as_ref().map(|v| v.leader),
+            view_last_log_index: view.as_ref().and_then(|v| v.last_log_index),
+            note,
         }
     }
 }
@@ -985,4 +1067,53 @@ pub async fn serve_admin_socket(
         )
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{network_failure, raft_status, NetworkFailure};
+    use hydrascale_raft::RaftError;
+
+    /// Texts as the raft crate passes them on (tonic's message and causes).
+    #[test]
+    fn a_leader_that_does_not_answer_means_no_leader_yet_and_tls_means_certificates() {
+        let refused =
+            "Connection refused (os error 111): transport error: Connection refused (os error 111)";
+        assert_eq!(
+            network_failure(refused),
+            NetworkFailure::Unreachable("Connection refused (os error 111)".into())
+        );
+        for tls in [
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "transport error: received fatal alert: BadCertificate",
+            "transport error: the replica at this address holds the certificate of replica 3, not of replica 2",
+        ] {
+            assert_eq!(network_failure(tls), NetworkFailure::Tls, "{tls}");
+        }
+        let s = raft_status(RaftError::Network {
+            target: 1,
+            message: refused.into(),
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().starts_with("no leader yet"), "{}", s.message());
+        assert!(!s.message().contains("certificate"), "{}", s.message());
+        let s = raft_status(RaftError::Network {
+            target: 1,
+            message: "transport error: invalid peer certificate: UnknownIssuer".into(),
+        });
+        assert!(s.message().contains("same cluster CA"), "{}", s.message());
+        for e in [
+            RaftError::NotLeader { leader: None },
+            RaftError::NotLeader { leader: Some(2) },
+            RaftError::LeaderLost { leader: 2 },
+            RaftError::NoQuorum("this replica has not heard from a leader for 2.1s, so it is probably cut off from the majority".into()),
+        ] {
+            let s = raft_status(e);
+            assert!(
+                s.message().starts_with("no leader yet") && s.message().contains("retry"),
+                "{}",
+                s.message()
+            );
+        }
+    }
 }

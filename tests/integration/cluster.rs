@@ -770,3 +770,162 @@ async fn recover_a_cluster_that_lost_its_majority() {
     // The new cluster takes writes.
     fresh.cli_json(&["users", "create", "carol"]);
 }
+
+/// During an election (the leader killed with `kill -9`), a write sent to a follower
+/// fails with what is going on and what to do, "no leader yet ... retry", not with advice
+/// about certificates, and succeeds once a new leader is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_an_election_says_no_leader_yet_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut replicas = start_cluster(tmp.path(), "http://127.0.0.1:9").await;
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas);
+        async move { l }
+    })
+    .await;
+    let li = replicas
+        .iter()
+        .position(|r| r.id == leader)
+        .expect("leader");
+    let fi = (li + 1) % 3;
+    create_user_retrying(&replicas[fi], "before", Duration::from_secs(30)).await;
+    replicas[li].kill();
+    let killed_at = Instant::now();
+    let mut refusals = Vec::new();
+    let mut n = 0;
+    let ok_after = loop {
+        n += 1;
+        let out = replicas[fi].cli(&["users", "create", &format!("during{n}")]);
+        if out.status.success() {
+            break killed_at.elapsed();
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The message, without a backtrace (RUST_BACKTRACE in a developer's environment).
+        let message = stderr
+            .split("\n\nStack backtrace")
+            .next()
+            .unwrap_or_default();
+        refusals.push(message.trim().to_string());
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "no write succeeded within 60 s of the leader's death: {refusals:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "leader {leader} killed; {} writes refused, the next succeeded after {ok_after:?}; refusals: {refusals:#?}",
+        refusals.len()
+    );
+    assert!(
+        !refusals.is_empty(),
+        "a write right after the leader's death found a leader already"
+    );
+    for r in &refusals {
+        assert!(
+            r.contains("no leader yet") && r.contains("retry"),
+            "a refusal during the election does not say so: {r}"
+        );
+        assert!(
+            !r.contains("certificate") && !r.contains(" CA"),
+            "a refusal during the election blames certificates: {r}"
+        );
+    }
+}
+
+/// `cluster status` asked on a follower shows the leader's view (asked over the Raft
+/// channel): every member's lag and last contact, and a member that stopped answering as
+/// DOWN; once the leader itself is gone, it says so instead of showing stale numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_on_a_follower_shows_the_leaders_view_and_down_members() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut replicas = start_cluster(tmp.path(), "http://127.0.0.1:9").await;
+    let leader = wait_for("a leader", Duration::from_secs(30), || {
+        let l = leader_of(&replicas);
+        async move { l }
+    })
+    .await;
+    let li = replicas
+        .iter()
+        .position(|r| r.id == leader)
+        .expect("leader");
+    let (fi, gi) = ((li + 1) % 3, (li + 2) % 3);
+    let (f, g) = (replicas[fi].id, replicas[gi].id);
+    // Every member answers and has a contact age in the leader's view, seen from f.
+    let st = wait_for(
+        "the leader's view on a follower",
+        Duration::from_secs(30),
+        || {
+            let st = replicas[fi].cli_json(&["cluster", "status"]);
+            let complete = st["view_of"].as_u64() == Some(leader)
+                && st["members"].as_array().is_some_and(|m| {
+                    m.len() == 3
+                        && m.iter().all(|m| {
+                            m["down"].as_bool() == Some(false)
+                                && m["matched_index"].as_u64().is_some()
+                                && (m["id"].as_u64() == Some(leader)
+                                    || m["last_contact_ms"].as_u64().is_some())
+                        })
+                });
+            async move { complete.then_some(st) }
+        },
+    )
+    .await;
+    assert_eq!(st["id"].as_u64(), Some(f), "{st}");
+    let text =
+        String::from_utf8_lossy(&replicas[fi].cli(&["cluster", "status"]).stdout).to_string();
+    assert!(
+        text.contains(&format!("as the leader, replica {leader}, sees them")),
+        "{text}"
+    );
+
+    // g stops answering: the leader's view, asked on f, marks it DOWN.
+    replicas[gi].kill();
+    let text = wait_for("g marked down on f", Duration::from_secs(30), || {
+        let st = replicas[fi].cli_json(&["cluster", "status"]);
+        let down: Vec<u64> = st["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["down"].as_bool() == Some(true))
+                    .filter_map(|m| m["id"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text =
+            String::from_utf8_lossy(&replicas[fi].cli(&["cluster", "status"]).stdout).to_string();
+        async move { (down == [g]).then_some(text) }
+    })
+    .await;
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{g} ")))
+        .unwrap_or_else(|| panic!("no row for replica {g}: {text}"));
+    assert!(row.contains("DOWN"), "{text}");
+
+    // The leader goes too: f has no leader's view, says why, and shows no lag or contact.
+    replicas[li].kill();
+    let st = wait_for("f without its leader", Duration::from_secs(30), || {
+        let st = replicas[fi].cli_json(&["cluster", "status"]);
+        let gone = st["view_of"].is_null() && !st["note"].as_str().unwrap_or("").is_empty();
+        async move { gone.then_some(st) }
+    })
+    .await;
+    let note = st["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("does not answer") || note.contains("knows no leader"),
+        "{note}"
+    );
+    for m in st["members"].as_array().expect("members") {
+        assert!(
+            m["last_contact_ms"].is_null() && m["matched_index"].is_null(),
+            "{st}"
+        );
+    }
+    if note.contains("does not answer") {
+        let leader_row = st["members"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["id"].as_u64() == Some(leader)))
+            .expect("leader row");
+        assert_eq!(leader_row["down"].as_bool(), Some(true), "{st}");
+    }
+}

@@ -376,6 +376,13 @@ async fn dns_settings_and_admin_tags_reach_the_client() {
             .map(|p| p["Tags"].clone())
             .unwrap_or_default()
     };
+    let table = String::from_utf8_lossy(&server.cli(&["nodes", "list"]).stdout).to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("d2") && l.contains(" tag:db,tag:web ")),
+        "nodes list shows d2's tags: {table}"
+    );
     wait_for("d1 sees d2's tags", Duration::from_secs(30), || {
         let ok = peer_tags(&nodes[0]) == serde_json::json!(["tag:db", "tag:web"]);
         async move { ok.then_some(()) }

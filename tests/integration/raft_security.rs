@@ -1,8 +1,9 @@
 //! Attacks on the Raft port of real `hydrascale serve` processes: a forged `ClientWrite`,
-//! `AppendEntries`, `InstallSnapshot` and `TimeoutNow`, sent without a certificate, with
-//! a certificate from a foreign CA, in another member's name, and from a replica removed
-//! from the cluster. Each is refused, and nothing in the tailnet changes. Also what a lone
-//! replica on embedded defaults leaves on disk: an owner-only data directory.
+//! `AppendEntries`, `InstallSnapshot` and `TimeoutNow`, and a `LeaderView` read, sent
+//! without a certificate, with a certificate from a foreign CA, in another member's name,
+//! and from a replica removed from the cluster. Each is refused, and nothing in the
+//! tailnet changes. Also what a lone replica on embedded defaults leaves on disk: an
+//! owner-only data directory.
 
 use std::path::Path;
 use std::time::Duration;
@@ -159,6 +160,17 @@ async fn attack(
                 caller,
                 "/hydrascale.raft.v1.RaftService/ClientWrite",
                 Payload { data: create_key },
+            )
+            .await,
+        ));
+        // A read, but of the cluster's replication state: members only, like the rest.
+        outcomes.push((
+            "LeaderView",
+            raft_call(
+                addr,
+                caller,
+                "/hydrascale.raft.v1.RaftService/LeaderView",
+                Payload { data: Vec::new() },
             )
             .await,
         ));

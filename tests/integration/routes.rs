@@ -106,6 +106,17 @@ async fn subnet_routes_fail_over_and_exit_nodes_carry_traffic() {
         "{out}"
     );
     reaches(&c1, "10.199.0.1", port, "c1 reaches the subnet through r1").await;
+    // The table shows both: r1 approved and advertising it, r2 only advertising it.
+    let table = String::from_utf8_lossy(&server.cli(&["nodes", "list"]).stdout).to_string();
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .map(|l| l.split_whitespace().rev().take(2).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no row for {name}: {table}"))
+    };
+    assert_eq!(row("r1"), ["10.199.0.0/24", "10.199.0.0/24"], "{table}");
+    assert_eq!(row("r2"), ["10.199.0.0/24", "-"], "{table}");
 
     // r2 approved too (REST, headscale's shape) stands by; r1 stays primary.
     let api_key = server.cli_json(&["apikeys", "create"])["key"]

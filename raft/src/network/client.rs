@@ -368,6 +368,25 @@ impl WriteForwarder {
     }
 }
 
+impl WriteForwarder {
+    /// Asks replica `leader` at `addr` for its view of replication (`crate::view`);
+    /// `None` from a replica of a version without it.
+    pub async fn leader_view(
+        &self,
+        addr: &str,
+        leader: u64,
+    ) -> Result<Option<crate::view::LeaderView>, String> {
+        let mut c = RaftServiceClient::new(self.channel(addr, leader)?);
+        match c.leader_view(Payload { data: Vec::new() }).await {
+            Ok(resp) => serde_json::from_slice(&resp.into_inner().data)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(with_causes(&s)),
+        }
+    }
+}
+
 /// A failed call's message and its causes: for a broken connection tonic's message is
 /// hyper's bare "http2 error", and only the causes say why (a keep-alive ping unanswered,
 /// a reset, the peer gone).

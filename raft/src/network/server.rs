@@ -209,4 +209,18 @@ impl RaftService for RaftGrpc {
             reason: refusal.unwrap_or_default(),
         }))
     }
+
+    /// The leader's view of replication, for `cluster status` on a follower. Read-only,
+    /// and like every other call only for current members (mutual TLS).
+    async fn leader_view(&self, req: Request<Payload>) -> Result<Response<Payload>, Status> {
+        self.admit(&req, None)?;
+        let m = self.raft.metrics().borrow().clone();
+        match crate::view::of_leader(&m, &self.contacts, self.leader_lease) {
+            Some(v) => encode(&v),
+            None => Err(Status::failed_precondition(format!(
+                "replica {} is not the leader",
+                m.id
+            ))),
+        }
+    }
 }
