@@ -135,7 +135,8 @@ impl TestServer {
 pub fn hydrascale_command() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hydrascale"));
     c.env_remove("HYDRASCALE_INTEROP")
-        .env_remove("HYDRASCALE_TOOLS_DIR");
+        .env_remove("HYDRASCALE_TOOLS_DIR")
+        .env_remove("HYDRASCALE_TEST_PORT_BASE");
     c
 }
 
@@ -486,6 +487,7 @@ isolation_timeout = "8s"
             .env_remove("HYDRASCALE_INTEROP")
             .env_remove("HYDRASCALE_TEST_LOG")
             .env_remove("HYDRASCALE_TOOLS_DIR")
+            .env_remove("HYDRASCALE_TEST_PORT_BASE")
             .env_remove("HYDRASCALE_ADMIN_ADDR")
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
