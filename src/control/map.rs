@@ -140,6 +140,14 @@ async fn apply_client_update(
     req: &MapRequest,
     now: i64,
 ) -> Result<(), ControlError> {
+    if let Some(cmd) = client_update(node, req, now) {
+        st.updates.write(cmd).await?;
+    }
+    Ok(())
+}
+
+/// The update a map request makes to `node`, if it changes anything.
+pub(crate) fn client_update(node: &Node, req: &MapRequest, now: i64) -> Option<Command> {
     let disco = Some(req.disco_key.clone()).filter(|d| !d.is_empty() && *d != node.disco_key);
     let endpoints = req.endpoints.clone().filter(|e| *e != node.endpoints);
     let hostinfo_text = req.hostinfo.as_ref().map(|h| h.to_string());
@@ -159,20 +167,17 @@ async fn apply_client_update(
         .map(str::to_string)
         .filter(|h| *h != node.hostname);
     if disco.is_none() && endpoints.is_none() && hostinfo.is_none() && home_derp.is_none() {
-        return Ok(());
+        return None;
     }
-    st.updates
-        .write(Command::UpdateNode {
-            node_key: node.node_key.clone(),
-            disco_key: disco,
-            endpoints,
-            hostinfo,
-            hostname,
-            home_derp,
-            now,
-        })
-        .await?;
-    Ok(())
+    Some(Command::UpdateNode {
+        node_key: node.node_key.clone(),
+        disco_key: disco,
+        endpoints,
+        hostinfo,
+        hostname,
+        home_derp,
+        now,
+    })
 }
 
 async fn set_online(st: &ControlState, node_id: u64, online: bool) {

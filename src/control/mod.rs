@@ -7,11 +7,11 @@
 pub mod batch;
 pub mod frames;
 mod login_page;
-mod map;
+pub(crate) mod map;
 pub mod mapper;
 pub mod oidc;
 pub mod peers;
-mod register;
+pub(crate) mod register;
 mod ssh_check;
 pub mod tailcfg;
 mod ts2021;
