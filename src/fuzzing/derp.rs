@@ -146,7 +146,7 @@ pub fn derp_server(data: &[u8]) {
             let _ = wr.write_all(&wire).await;
             // Until the last pong, or the end, or (the relay still inside a frame the
             // script cut short) long enough for every task to have run dry.
-            for _ in 0..1000 {
+            for _ in 0..200 {
                 let answered = ended.get() || contains(&out.borrow(), &last_pong);
                 if answered {
                     break;
