@@ -215,7 +215,7 @@ mod tests {
     /// Stand-in for `cargo fuzz run raft_compact`.
     #[test]
     fn raft_compact_stand_in() {
-        stand_in("raft_compact", 4000, raft_compact);
+        stand_in("raft_compact", 50_000, raft_compact);
     }
 
     #[test]

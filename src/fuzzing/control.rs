@@ -290,6 +290,6 @@ mod tests {
     /// Stand-in for `cargo fuzz run control_requests`.
     #[test]
     fn control_requests_stand_in() {
-        stand_in("control_requests", 1500, control_requests);
+        stand_in("control_requests", 3000, control_requests);
     }
 }

@@ -251,12 +251,12 @@ mod tests {
     /// Stand-in for `cargo fuzz run derp_frames`.
     #[test]
     fn derp_frames_stand_in() {
-        stand_in("derp_frames", 4000, derp_frames);
+        stand_in("derp_frames", 100_000, derp_frames);
     }
 
     /// Stand-in for `cargo fuzz run derp_server`.
     #[test]
     fn derp_server_stand_in() {
-        stand_in("derp_server", 1500, derp_server);
+        stand_in("derp_server", 4000, derp_server);
     }
 }

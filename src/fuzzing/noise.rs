@@ -311,12 +311,12 @@ mod tests {
     /// Stand-in for `cargo fuzz run noise_handshake`.
     #[test]
     fn noise_handshake_stand_in() {
-        stand_in("noise_handshake", 3000, noise_handshake);
+        stand_in("noise_handshake", 10_000, noise_handshake);
     }
 
     /// Stand-in for `cargo fuzz run noise_records`.
     #[test]
     fn noise_records_stand_in() {
-        stand_in("noise_records", 1000, noise_records);
+        stand_in("noise_records", 5000, noise_records);
     }
 }

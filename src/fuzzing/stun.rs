@@ -117,7 +117,7 @@ mod tests {
     /// Stand-in for `cargo fuzz run stun`.
     #[test]
     fn stun_stand_in() {
-        stand_in("stun", 4000, stun);
+        stand_in("stun", 100_000, stun);
     }
 
     #[test]
