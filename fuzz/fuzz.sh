@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `cargo +nightly fuzz "$@"` in fuzz/, linking the RocksDB library the repository's debug
-# build already compiled instead of compiling RocksDB's C++ again (most of an hour on two
+# build already compiled instead of compiling RocksDB's C++ again (about 20 minutes on two
 # cores). Build the server once first (`cargo build` or `cargo test --no-run` at the top).
 set -euo pipefail
 cd "$(dirname "$0")"
