@@ -10,6 +10,8 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod derp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listener;
 pub mod metrics;
 pub mod migrate;

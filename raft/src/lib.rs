@@ -9,6 +9,8 @@
 #![allow(clippy::result_large_err)]
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handover;
 mod network;
 mod prevote;

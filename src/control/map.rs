@@ -74,14 +74,28 @@ pub async fn handle(
 /// What a map request may change, checked against the limits before anything is: the
 /// Hostinfo as it would be stored. A refused request changes nothing.
 fn checked_hostinfo(st: &ControlState, req: &MapRequest) -> Result<Option<String>, ControlError> {
+    check_map_request(req).map_err(|e| match e {
+        MapRequestError::Limit(r) => st.refuse(r),
+        MapRequestError::Malformed(m) => ControlError::BadRequest(m.into()),
+    })
+}
+
+/// Why [`check_map_request`] refused a request.
+pub(crate) enum MapRequestError {
+    Limit(limits::Refusal),
+    Malformed(&'static str),
+}
+
+/// The handler's checks without the metrics: the fuzz harness runs exactly these.
+pub(crate) fn check_map_request(req: &MapRequest) -> Result<Option<String>, MapRequestError> {
     if let Some(e) = &req.endpoints {
-        limits::check_endpoints(e).map_err(|r| st.refuse(r))?;
+        limits::check_endpoints(e).map_err(MapRequestError::Limit)?;
     }
     if !req.disco_key.is_empty() {
         let hex_part = req.disco_key.strip_prefix("discokey:").unwrap_or("");
         if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ControlError::BadRequest(
-                "DiscoKey must be discokey: and 64 hex digits".into(),
+            return Err(MapRequestError::Malformed(
+                "DiscoKey must be discokey: and 64 hex digits",
             ));
         }
     }
@@ -89,7 +103,7 @@ fn checked_hostinfo(st: &ControlState, req: &MapRequest) -> Result<Option<String
         .as_ref()
         .map(limits::hostinfo_text)
         .transpose()
-        .map_err(|r| st.refuse(r))
+        .map_err(MapRequestError::Limit)
 }
 
 async fn map(
@@ -187,6 +201,19 @@ async fn apply_client_update(
     hostinfo: Option<String>,
     now: i64,
 ) -> Result<(), ControlError> {
+    if let Some(cmd) = client_update(node, req, hostinfo, now) {
+        st.updates.write(cmd).await?;
+    }
+    Ok(())
+}
+
+/// The update a map request makes to `node`, if it changes anything.
+pub(crate) fn client_update(
+    node: &Node,
+    req: &MapRequest,
+    hostinfo: Option<String>,
+    now: i64,
+) -> Option<Command> {
     let disco = Some(req.disco_key.clone()).filter(|d| !d.is_empty() && *d != node.disco_key);
     let endpoints = req.endpoints.clone().filter(|e| *e != node.endpoints);
     let hostinfo = hostinfo.filter(|h| *h != node.hostinfo);
@@ -205,20 +232,17 @@ async fn apply_client_update(
         .map(str::to_string)
         .filter(|h| *h != node.hostname);
     if disco.is_none() && endpoints.is_none() && hostinfo.is_none() && home_derp.is_none() {
-        return Ok(());
+        return None;
     }
-    st.updates
-        .write(Command::UpdateNode {
-            node_key: node.node_key.clone(),
-            disco_key: disco,
-            endpoints,
-            hostinfo,
-            hostname,
-            home_derp,
-            now,
-        })
-        .await?;
-    Ok(())
+    Some(Command::UpdateNode {
+        node_key: node.node_key.clone(),
+        disco_key: disco,
+        endpoints,
+        hostinfo,
+        hostname,
+        home_derp,
+        now,
+    })
 }
 
 async fn set_online(st: &ControlState, node_id: u64, online: bool) {

@@ -77,14 +77,14 @@ pub fn parse_node_key(text: &str) -> Result<String, ControlError> {
     Ok(format!("nodekey:{}", hex::encode(bytes)))
 }
 
-fn is_zero_key(k: &str) -> bool {
+pub(crate) fn is_zero_key(k: &str) -> bool {
     k.is_empty()
         || k.split_once(':')
             .is_some_and(|(_, h)| h.bytes().all(|b| b == b'0'))
 }
 
 /// `Expiry` in the past means logout; the zero time (year 1) means "no request".
-fn requested_expiry_ms(expiry: &Option<String>) -> Option<i64> {
+pub(crate) fn requested_expiry_ms(expiry: &Option<String>) -> Option<i64> {
     let text = expiry.as_deref()?;
     let t =
         time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
@@ -270,7 +270,7 @@ fn authorized(st: &ControlState, node: &Node) -> RegisterResponse {
 const FOLLOWUP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The auth id in an `AuthURL` this server handed out (`<server_url>/register/<id>`).
-fn auth_id_of(url: &str) -> Option<&str> {
+pub(crate) fn auth_id_of(url: &str) -> Option<&str> {
     let id = PendingLogin::id_from(url.split_once("/register/")?.1);
     (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
         .then_some(id)
