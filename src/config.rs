@@ -50,9 +50,9 @@ pub struct Config {
     /// MagicDNS base domain: nodes are named `<name>.<base_domain>`.
     pub base_domain: String,
     /// How long a node key stays valid after registration, e.g. "180d"; "0" = never expires.
-    pub node_expiry: String,
+    pub node_expiry: ConfigDuration,
     /// An ephemeral node offline this long is removed, e.g. "30m".
-    pub ephemeral_inactivity_timeout: String,
+    pub ephemeral_inactivity_timeout: ConfigDuration,
     /// Where node addresses come from: subsets of 100.64.0.0/10 and fd7a:115c:a1e0::/48.
     pub prefixes: crate::state::Prefixes,
     /// Taildrop (`tailscale file cp`) between nodes of the same user.
@@ -100,7 +100,7 @@ pub struct TlsConfig {
     /// private CA; the public roots are always trusted.
     pub acme_ca_file: Option<PathBuf>,
     /// Renew this long before the certificate expires.
-    pub acme_renew_before: String,
+    pub acme_renew_before: ConfigDuration,
     /// A plain-HTTP listener (port 80) that answers ACME HTTP-01 challenges and redirects
     /// every other request to `server_url`; none by default.
     pub http_listen_addr: Option<SocketAddr>,
@@ -116,7 +116,7 @@ impl Default for TlsConfig {
             acme_directory: LETS_ENCRYPT_DIRECTORY.into(),
             acme_challenge: "tls-alpn-01".into(),
             acme_ca_file: None,
-            acme_renew_before: "30d".into(),
+            acme_renew_before: ConfigDuration::days(30),
             http_listen_addr: None,
         }
     }
@@ -137,9 +137,9 @@ impl TlsConfig {
         self.acme_challenge == "http-01"
     }
 
-    /// `acme_renew_before` in milliseconds (checked by `validate`).
+    /// `acme_renew_before` in milliseconds.
     pub fn renew_before_ms(&self) -> i64 {
-        parse_duration_ms(&self.acme_renew_before).unwrap_or(30 * 86_400_000)
+        self.acme_renew_before.ms()
     }
 
     fn validate(&self, server_url: &str) -> Result<(), ConfigError> {
@@ -224,14 +224,13 @@ impl TlsConfig {
                 ));
             }
         }
-        match parse_duration_ms(&self.acme_renew_before) {
-            Ok(ms) if ms >= 60_000 => Ok(()),
-            Ok(_) => Err(invalid(
+        if self.acme_renew_before.ms() < 60_000 {
+            return Err(invalid(
                 "acme_renew_before",
                 "must be at least 1m (the default is 30d)".into(),
-            )),
-            Err(message) => Err(invalid("acme_renew_before", message)),
+            ));
         }
+        Ok(())
     }
 
     /// The name clients check the certificate against: `acme_hostname`, or the host of
@@ -524,7 +523,7 @@ pub struct ClusterConfig {
     pub advertise_admin_addr: Option<String>,
     /// A replica that has not heard from a quorum for this long stops serving clients, and
     /// the leader marks the nodes of a replica silent for this long offline.
-    pub isolation_timeout: String,
+    pub isolation_timeout: ConfigDuration,
     /// A file written by `hydrascale cluster backup`: the replica that starts a new cluster
     /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
     /// has state, and by the other replicas.
@@ -551,7 +550,7 @@ impl Default for ClusterConfig {
             join: false,
             advertise_raft_addr: None,
             advertise_admin_addr: None,
-            isolation_timeout: "8s".into(),
+            isolation_timeout: ConfigDuration::seconds(8),
             restore_from: None,
             tls_dir: None,
             tls_ca_file: None,
@@ -612,8 +611,7 @@ impl ClusterConfig {
     }
 
     pub fn isolation_timeout(&self) -> std::time::Duration {
-        let ms = parse_duration_ms(&self.isolation_timeout).unwrap_or(8_000);
-        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(8_000))
+        self.isolation_timeout.duration()
     }
 }
 
@@ -672,8 +670,8 @@ impl Default for Config {
             data_dir: PathBuf::from("hydrascale-data"),
             node_id: 1,
             base_domain: "hydrascale.internal".into(),
-            node_expiry: "0".into(),
-            ephemeral_inactivity_timeout: "30m".into(),
+            node_expiry: ConfigDuration::zero(),
+            ephemeral_inactivity_timeout: ConfigDuration::minutes(30),
             prefixes: crate::state::Prefixes::default(),
             taildrop: true,
             client_log_upload: false,
@@ -807,10 +805,6 @@ impl Config {
                 message: "must be 1 or more".into(),
             });
         }
-        parse_duration_ms(&self.node_expiry).map_err(|message| ConfigError::Invalid {
-            key: "node_expiry".into(),
-            message,
-        })?;
         let tailscale = crate::state::Prefixes::default();
         if !tailscale.v4.contains(&self.prefixes.v4) || self.prefixes.v4.prefix_len() > 30 {
             return Err(ConfigError::Invalid {
@@ -884,35 +878,17 @@ impl Config {
                 message: "a replica either starts a cluster from cluster.peers or joins one; set only one".into(),
             });
         }
-        match parse_duration_ms(&self.cluster.isolation_timeout) {
-            Ok(ms) if ms >= 1_000 => {}
-            Ok(_) => {
-                return Err(ConfigError::Invalid {
-                    key: "cluster.isolation_timeout".into(),
-                    message: "must be at least 1s (longer than a leader election, e.g. 8s)".into(),
-                })
-            }
-            Err(message) => {
-                return Err(ConfigError::Invalid {
-                    key: "cluster.isolation_timeout".into(),
-                    message,
-                })
-            }
+        if self.cluster.isolation_timeout.ms() < 1_000 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.isolation_timeout".into(),
+                message: "must be at least 1s (longer than a leader election, e.g. 8s)".into(),
+            });
         }
-        match parse_duration_ms(&self.ephemeral_inactivity_timeout) {
-            Ok(ms) if ms >= 1_000 => {}
-            Ok(_) => {
-                return Err(ConfigError::Invalid {
-                    key: "ephemeral_inactivity_timeout".into(),
-                    message: "must be at least 1s, e.g. 30m".into(),
-                })
-            }
-            Err(message) => {
-                return Err(ConfigError::Invalid {
-                    key: "ephemeral_inactivity_timeout".into(),
-                    message,
-                })
-            }
+        if self.ephemeral_inactivity_timeout.ms() < 1_000 {
+            return Err(ConfigError::Invalid {
+                key: "ephemeral_inactivity_timeout".into(),
+                message: "must be at least 1s, e.g. 30m".into(),
+            });
         }
         if !valid_domain(&self.base_domain) {
             return Err(ConfigError::Invalid {
@@ -966,18 +942,86 @@ impl Config {
         }
     }
 
-    /// Node key lifetime in milliseconds; `None` = keys do not expire.
-    /// `ephemeral_inactivity_timeout` as a duration (checked by `validate`).
+    /// `ephemeral_inactivity_timeout` as a duration.
     pub fn ephemeral_inactivity_timeout(&self) -> std::time::Duration {
-        let ms = parse_duration_ms(&self.ephemeral_inactivity_timeout).unwrap_or(1_800_000);
-        std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(1_800_000))
+        self.ephemeral_inactivity_timeout.duration()
     }
 
+    /// Node key lifetime in milliseconds; `None` = keys do not expire.
     pub fn node_expiry_ms(&self) -> Option<i64> {
-        match parse_duration_ms(&self.node_expiry) {
-            Ok(0) | Err(_) => None,
-            Ok(ms) => Some(ms),
+        Some(self.node_expiry.ms()).filter(|ms| *ms > 0)
+    }
+}
+
+/// A duration setting ("90s", "15m", "1h", "7d", or "0"), parsed once when the
+/// configuration is read: a value [`parse_duration_ms`] refuses fails the load, with its
+/// message and the setting's name. Written back (`Config::set`) as it was given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigDuration {
+    text: String,
+    ms: i64,
+}
+
+impl ConfigDuration {
+    fn of(n: i64, unit: &str, ms_per_unit: i64) -> Self {
+        Self {
+            text: format!("{n}{unit}"),
+            ms: n.saturating_mul(ms_per_unit),
         }
+    }
+
+    pub fn zero() -> Self {
+        Self {
+            text: "0".into(),
+            ms: 0,
+        }
+    }
+
+    pub fn seconds(n: i64) -> Self {
+        Self::of(n, "s", 1_000)
+    }
+
+    pub fn minutes(n: i64) -> Self {
+        Self::of(n, "m", 60_000)
+    }
+
+    pub fn days(n: i64) -> Self {
+        Self::of(n, "d", 86_400_000)
+    }
+
+    /// In milliseconds (never negative).
+    pub fn ms(&self) -> i64 {
+        self.ms
+    }
+
+    pub fn duration(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::try_from(self.ms).unwrap_or(0))
+    }
+}
+
+impl std::str::FromStr for ConfigDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        Ok(Self {
+            ms: parse_duration_ms(text)?,
+            text: text.to_string(),
+        })
+    }
+}
+
+impl Serialize for ConfigDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // The caller (toml) adds the setting's name to the message.
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1404,5 +1448,44 @@ extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "10
         assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
         assert!(parse_duration_ms("2w").is_err());
         assert!(parse_duration_ms("h").is_err());
+        let d: ConfigDuration = "90d".parse().expect("90d");
+        assert_eq!(d.ms(), 90 * 86_400_000);
+        assert_eq!(ConfigDuration::minutes(30).ms(), 1_800_000);
+        assert_eq!(ConfigDuration::seconds(8).duration().as_secs(), 8);
+        let defaults = Config::default();
+        assert_eq!(defaults.node_expiry_ms(), None);
+        assert_eq!(defaults.tls.renew_before_ms(), 30 * 86_400_000);
+        // Written back as given, so `Config::set` round-trips every other duration.
+        let mut c = Config::default();
+        c.set("node_expiry", "90d").expect("90d");
+        c.set("derp.region_id", "950").expect("set");
+        assert_eq!(c.node_expiry.text, "90d");
+        assert_eq!(c.node_expiry_ms(), Some(90 * 86_400_000));
+        // A bad value names the setting when it comes from a file, too.
+        let dir = std::env::temp_dir().join(format!("hs-durations-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("config.toml");
+        for (text, key) in [
+            ("node_expiry = \"5w\"\n", "node_expiry"),
+            (
+                "[cluster]\nisolation_timeout = \"10\"\n",
+                "cluster.isolation_timeout",
+            ),
+            (
+                "[tls]\nacme_renew_before = \"30 days\"\n",
+                "tls.acme_renew_before",
+            ),
+            (
+                "ephemeral_inactivity_timeout = 30\n",
+                "ephemeral_inactivity_timeout",
+            ),
+        ] {
+            std::fs::write(&file, text).expect("write config");
+            let err = Config::load_with_env(Some(&file), &[])
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

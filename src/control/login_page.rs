@@ -443,7 +443,7 @@ pub async fn oidc_confirm(
 /// The page refusing an administrator's form whose API key is not valid, titled `title`;
 /// `None` when the key is good.
 fn bad_api_key(st: &ControlState, api_key: &str, now: i64, title: &str) -> Option<Response> {
-    let checked = crate::admin::check_api_key(&st.db.store.read(), api_key.trim(), now);
+    let checked = st.db.store.read().check_api_key(api_key.trim(), now);
     checked.err().map(|why| {
         page(
             StatusCode::UNAUTHORIZED,

@@ -426,7 +426,10 @@ async fn ephemeral_node_is_removed_after_inactivity() {
     let Some(bin) = require_tailscale() else {
         return;
     };
-    let server = TestServer::start_with(|c| c.ephemeral_inactivity_timeout = "3s".into()).await;
+    let server = TestServer::start_with(|c| {
+        c.ephemeral_inactivity_timeout = hydrascale::config::ConfigDuration::seconds(3)
+    })
+    .await;
     let url = server.url();
     server.cli_json(&["users", "create", "alice"]);
     let key = create_key(&server, "alice", true);

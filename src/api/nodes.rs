@@ -1,0 +1,179 @@
+//! `/api/v1/node`: headscale's node objects; list, get, delete, expire, rename, tag nodes,
+//! approve their routes, and register a machine waiting on an interactive login.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tonic::Request;
+
+use super::users::user_of;
+use super::{
+    input, opt_time, path_id, resolve_user, strings, time, user_name, ApiError, ApiResult, ApiState,
+};
+use crate::admin::proto::admin_service_server::AdminService;
+use crate::admin::{convert, proto};
+use crate::state::Tailnet;
+
+/// headscale's node object: the admin API's node message, with the owner as a whole user
+/// object and the disco key, which the message does not carry.
+fn node_json(t: &Tailnet, n: &crate::state::Node) -> Value {
+    let m = convert::node_msg(t, n);
+    json!({
+        "id": m.id.to_string(),
+        "machineKey": m.machine_key,
+        "nodeKey": m.node_key,
+        "discoKey": n.disco_key,
+        "ipAddresses": [m.ipv4, m.ipv6],
+        "name": m.hostname,
+        "givenName": m.given_name,
+        "user": user_of(t, n.user_id),
+        "lastSeen": opt_time(m.last_seen_ms),
+        "expiry": opt_time(m.expiry_ms),
+        "createdAt": time(m.created_ms),
+        "registerMethod": "REGISTER_METHOD_AUTH_KEY",
+        "online": m.online,
+        "tags": m.tags,
+        "forcedTags": m.tags,
+        "validTags": m.tags,
+        "invalidTags": [],
+        "approvedRoutes": m.approved_routes,
+        "availableRoutes": m.available_routes,
+        "subnetRoutes": m.subnet_routes,
+        "preAuthKey": Value::Null,
+    })
+}
+
+#[derive(Deserialize)]
+pub(super) struct NodeQuery {
+    user: Option<String>,
+}
+
+pub(super) async fn list_nodes(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<NodeQuery>,
+) -> ApiResult {
+    let t = st.db.store.read();
+    let user = match q.user.as_deref().filter(|u| !u.is_empty()) {
+        None => None,
+        Some(name) => Some(t.user_by_name(name).map(|u| u.id).ok_or_else(|| {
+            ApiError(tonic::Status::not_found(format!(
+                "user {name:?} does not exist"
+            )))
+        })?),
+    };
+    let nodes: Vec<Value> = t
+        .nodes
+        .values()
+        .filter(|n| user.is_none_or(|u| n.user_id == u))
+        .map(|n| node_json(&t, n))
+        .collect();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+fn node_reply(st: &ApiState, id: u64) -> ApiResult {
+    let t = st.db.store.read();
+    let n = t.nodes.get(&id).ok_or_else(|| {
+        ApiError(tonic::Status::not_found(format!(
+            "node {id} does not exist"
+        )))
+    })?;
+    Ok(Json(json!({ "node": node_json(&t, n) })))
+}
+
+pub(super) async fn get_node(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> ApiResult {
+    node_reply(&st, path_id(&id, "node id")?)
+}
+
+pub(super) async fn delete_node(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    st.admin
+        .delete_node(Request::new(proto::NodeIdRequest { id }))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+pub(super) async fn expire_node(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    st.admin
+        .expire_node(Request::new(proto::NodeIdRequest { id }))
+        .await?;
+    node_reply(&st, id)
+}
+
+pub(super) async fn rename_node(
+    State(st): State<Arc<ApiState>>,
+    Path((id, new_name)): Path<(String, String)>,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    st.admin
+        .rename_node(Request::new(proto::RenameNodeRequest { id, new_name }))
+        .await?;
+    node_reply(&st, id)
+}
+
+/// `POST /api/v1/node/{id}/tags` with `{"tags": [...]}`: replaces the node's tags.
+pub(super) async fn set_tags(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    let body = input(q, &body)?;
+    let tags = strings(&body["tags"]);
+    st.admin
+        .set_tags(Request::new(proto::SetTagsRequest { id, tags }))
+        .await?;
+    node_reply(&st, id)
+}
+
+/// `POST /api/v1/node/{id}/approve_routes` with `{"routes": [...]}` (replaces the list).
+pub(super) async fn approve_routes(
+    State(st): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let id = path_id(&id, "node id")?;
+    let body = input(q, &body)?;
+    let routes = strings(&body["routes"]);
+    st.admin
+        .approve_routes(Request::new(proto::ApproveRoutesRequest { id, routes }))
+        .await?;
+    node_reply(&st, id)
+}
+
+/// headscale's `POST /api/v1/node/register?user=U&key=ID`: finishes an interactive login
+/// (`key` is the id at the end of the URL the machine shows).
+pub(super) async fn register_node(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    let user = {
+        let t = st.db.store.read();
+        let id = resolve_user(&t, &body["user"])?;
+        user_name(&t, id)?
+    };
+    let auth_id = crate::state::PendingLogin::id_from(body["key"].as_str().unwrap_or_default());
+    let r = st
+        .admin
+        .complete_login(Request::new(proto::CompleteLoginRequest {
+            auth_id: auth_id.to_string(),
+            user,
+        }))
+        .await?
+        .into_inner();
+    let id = r.node.map(|n| n.id).unwrap_or_default();
+    node_reply(&st, id)
+}
