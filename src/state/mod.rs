@@ -1,6 +1,7 @@
 //! The replicated tailnet state: its records, the commands that change it, the pure
 //! `apply`, and the glue that runs commands through Raft (`Db`).
 
+mod apply;
 mod error;
 mod index;
 pub mod ipam;

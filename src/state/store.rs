@@ -373,8 +373,10 @@ mod tests {
         assert!(err.contains("cannot be read by this version"), "{err}");
         assert!(store.check(br#"{"SomeFutureCommand":{}}"#).is_err());
         assert_eq!(store.version(), 0, "the state changed");
-        let mut newer = Tailnet::default();
-        newer.level = COMMAND_LEVEL + 1;
+        let newer = Tailnet {
+            level: COMMAND_LEVEL + 1,
+            ..Tailnet::default()
+        };
         let err = store
             .restore(&serde_json::to_vec(&newer).unwrap())
             .expect_err("a snapshot of a newer level");
