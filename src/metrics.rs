@@ -19,7 +19,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::derp::DerpServer;
-use crate::state::Db;
+use crate::state::{Db, Meters, StateStore};
 
 /// Upper bounds (seconds) shared by every latency histogram: 100 µs to 10 s.
 const BUCKETS: [f64; 14] = [
@@ -111,6 +111,24 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+}
+
+impl Meters for Metrics {
+    fn applied(&self, took: Duration) {
+        self.apply.observe(took);
+        self.applied_entries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl StateStore {
+    /// This replica's metrics: the store is the one thing every plane already holds, so
+    /// it carries them ([`StateStore::with_meters`]). A store made without them
+    /// ([`StateStore::new`]: tools, tests) counts into a registry that nobody serves.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        static UNSERVED: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
+        self.meters::<Metrics>()
+            .unwrap_or_else(|| UNSERVED.get_or_init(Metrics::new))
     }
 }
 

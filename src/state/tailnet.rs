@@ -122,6 +122,20 @@ impl Tailnet {
         self.nodes.get(&id)
     }
 
+    /// What the policy knows about `n`: its user (unless tagged), tags and addresses.
+    pub fn principal(&self, n: &Node) -> hydrascale_policy::Principal {
+        hydrascale_policy::Principal {
+            user: if n.tags.is_empty() {
+                self.users.get(&n.user_id).map(|u| u.name.clone())
+            } else {
+                None
+            },
+            tags: n.tags.clone(),
+            ips: vec![n.ipv4.into(), n.ipv6.into()],
+            routes: n.served_routes(),
+        }
+    }
+
     pub fn user_by_name(&self, name: &str) -> Option<&User> {
         self.users.values().find(|u| u.name == name)
     }

@@ -14,7 +14,7 @@ impl Tailnet {
             None
         } else {
             let parsed =
-                crate::policy::parse(text).map_err(|e| StateError::BadPolicy(e.to_string()))?;
+                hydrascale_policy::parse(text).map_err(|e| StateError::BadPolicy(e.to_string()))?;
             Some(PolicyRecord::new(text.to_string(), now, parsed))
         };
         // A new policy may have new check periods: check again.
@@ -37,7 +37,7 @@ impl Tailnet {
             return false;
         };
         let policy = record.policy();
-        let who = crate::policy::compile::principal(self, n);
+        let who = self.principal(n);
         let new: Vec<ipnet::IpNet> = n
             .advertised_routes
             .iter()
