@@ -911,6 +911,40 @@ mod tests {
     }
 
     #[test]
+    fn a_store_counts_its_entries_into_the_registry_it_was_made_with() {
+        use hydrascale_raft::Application;
+        let apply = |store: &StateStore, name: &str| {
+            let cmd = crate::state::Command::CreateUser {
+                name: name.into(),
+                display_name: String::new(),
+                now: 1,
+                by_admin: true,
+            };
+            let bytes = serde_json::to_vec(&cmd).expect("encode");
+            store.apply(1, &bytes).expect("applied");
+        };
+        let metrics = Metrics::new();
+        let store = StateStore::with_meters(metrics.clone());
+        assert!(Arc::ptr_eq(store.metrics(), &metrics));
+        apply(&store, "alice");
+        apply(&store, "bob");
+        assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
+        let mut out = String::new();
+        metrics
+            .apply
+            .render(&mut out, "hydrascale_raft_apply_seconds", "help");
+        assert!(
+            out.contains("hydrascale_raft_apply_seconds_count 2\n"),
+            "{out}"
+        );
+        // A store made without a registry counts into none of another store's.
+        let unmetered = StateStore::new();
+        apply(&unmetered, "carol");
+        assert!(!Arc::ptr_eq(unmetered.metrics(), &metrics));
+        assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
     fn histogram_buckets_are_cumulative_and_sum_is_seconds() {
         let h = Histogram::default();
         h.observe(Duration::from_micros(50));
