@@ -19,7 +19,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::derp::DerpServer;
-use crate::state::Db;
+use crate::state::{Db, Meters, StateStore};
 
 /// Upper bounds (seconds) shared by every latency histogram: 100 µs to 10 s.
 const BUCKETS: [f64; 14] = [
@@ -111,6 +111,24 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+}
+
+impl Meters for Metrics {
+    fn applied(&self, took: Duration) {
+        self.apply.observe(took);
+        self.applied_entries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl StateStore {
+    /// This replica's metrics: the store is the one thing every plane already holds, so
+    /// it carries them ([`StateStore::with_meters`]). A store made without them
+    /// ([`StateStore::new`]: tools, tests) counts into a registry that nobody serves.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        static UNSERVED: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
+        self.meters::<Metrics>()
+            .unwrap_or_else(|| UNSERVED.get_or_init(Metrics::new))
     }
 }
 
@@ -890,6 +908,40 @@ mod tests {
         assert_eq!(stat_fields("no command name"), None);
         assert!(process_cpu_seconds(std::process::id()).is_some_and(|c| c >= 0.0));
         assert_eq!(process_cpu_seconds(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_store_counts_its_entries_into_the_registry_it_was_made_with() {
+        use hydrascale_raft::Application;
+        let apply = |store: &StateStore, name: &str| {
+            let cmd = crate::state::Command::CreateUser {
+                name: name.into(),
+                display_name: String::new(),
+                now: 1,
+                by_admin: true,
+            };
+            let bytes = serde_json::to_vec(&cmd).expect("encode");
+            store.apply(1, &bytes).expect("applied");
+        };
+        let metrics = Metrics::new();
+        let store = StateStore::with_meters(metrics.clone());
+        assert!(Arc::ptr_eq(store.metrics(), &metrics));
+        apply(&store, "alice");
+        apply(&store, "bob");
+        assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
+        let mut out = String::new();
+        metrics
+            .apply
+            .render(&mut out, "hydrascale_raft_apply_seconds", "help");
+        assert!(
+            out.contains("hydrascale_raft_apply_seconds_count 2\n"),
+            "{out}"
+        );
+        // A store made without a registry counts into none of another store's.
+        let unmetered = StateStore::new();
+        apply(&unmetered, "carol");
+        assert!(!Arc::ptr_eq(unmetered.metrics(), &metrics));
+        assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
     }
 
     #[test]

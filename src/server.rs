@@ -216,7 +216,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         })?,
         None => Default::default(),
     };
-    let store = StateStore::new();
+    let store = StateStore::with_meters(crate::metrics::Metrics::new());
     let tls = raft_tls(&config)?;
     let raft_config = hydrascale_raft::RaftConfig {
         node_id: config.node_id,

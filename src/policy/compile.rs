@@ -18,18 +18,10 @@ use super::{Alias, Policy, Principal, Rule, SshAction, SshUsers};
 use crate::control::tailcfg::{FilterRule, PacketFilter};
 use crate::state::{Node, Tailnet};
 
-/// What the policy knows about `n`: its user (unless tagged), tags and addresses.
+/// What the policy knows about `n` ([`Tailnet::principal`], which the state's own
+/// route auto-approval uses too).
 pub fn principal(t: &Tailnet, n: &Node) -> Principal {
-    Principal {
-        user: if n.tags.is_empty() {
-            t.users.get(&n.user_id).map(|u| u.name.clone())
-        } else {
-            None
-        },
-        tags: n.tags.clone(),
-        ips: vec![n.ipv4.into(), n.ipv6.into()],
-        routes: n.served_routes(),
-    }
+    t.principal(n)
 }
 
 /// The public internet as prefixes: everything but private, shared (CGNAT, where

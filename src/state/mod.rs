@@ -2,6 +2,7 @@
 //! `apply`, and the glue that runs commands through Raft (`Db`).
 
 mod api_keys;
+mod apply;
 mod error;
 mod index;
 pub mod ipam;
@@ -16,7 +17,7 @@ mod tests_acme;
 mod types;
 
 pub use error::StateError;
-pub use store::{now_ms, Db, DbError, Observer, StampedChange, StateStore};
+pub use store::{now_ms, Db, DbError, Meters, Observer, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};
 pub use types::{
     is_exit_route, routes_in_hostinfo, AcmeAccountRecord, AcmeChallengeKind, AcmeChallengeRecord,

@@ -1,7 +1,9 @@
 //! `StateStore` (the in-memory state, its change feed, and the Raft `Application`) and
 //! `Db` (how the rest of the server proposes commands).
 
+use std::any::Any;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 
@@ -30,11 +32,27 @@ pub trait Observer: Send + Sync {
     fn reset(&self, t: &Tailnet);
 }
 
+/// What the store counts as it applies, for whoever keeps this replica's metrics (the
+/// server's registry implements it). The store also holds them for every plane, as the
+/// one thing every plane already holds: [`StateStore::meters`] hands them back as their
+/// own type, so the state needs to know nothing else of them.
+pub trait Meters: Send + Sync + 'static {
+    /// One committed entry applied; `took` is how long applying it held the state.
+    fn applied(&self, took: Duration);
+}
+
+/// The meters of a store whose metrics nobody serves (tools, tests).
+impl Meters for () {
+    fn applied(&self, _took: Duration) {}
+}
+
 #[derive(Clone)]
 pub struct StateStore {
     tailnet: Arc<RwLock<Tailnet>>,
     changes: broadcast::Sender<StampedChange>,
-    metrics: Arc<crate::metrics::Metrics>,
+    meters: Arc<dyn Meters>,
+    /// The same meters, an `Arc<M>` of the type they were given as (see `meters`).
+    registry: Arc<dyn Any + Send + Sync>,
     observer: Arc<RwLock<Option<Arc<dyn Observer>>>>,
     /// Commands applied and snapshots restored so far: equal readings mean the same state.
     version: Arc<std::sync::atomic::AtomicU64>,
@@ -47,12 +65,19 @@ impl Default for StateStore {
 }
 
 impl StateStore {
+    /// An empty state whose applying nobody counts.
     pub fn new() -> Self {
+        Self::with_meters(Arc::new(()))
+    }
+
+    /// An empty state that tells `meters` what it applies.
+    pub fn with_meters<M: Meters>(meters: Arc<M>) -> Self {
         let (changes, _) = broadcast::channel(4096);
         Self {
             tailnet: Arc::new(RwLock::new(Tailnet::default())),
             changes,
-            metrics: crate::metrics::Metrics::new(),
+            registry: Arc::new(meters.clone()),
+            meters,
             observer: Arc::new(RwLock::new(None)),
             version: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
@@ -75,9 +100,10 @@ impl StateStore {
             .clone()
     }
 
-    /// This replica's metrics: the store is the one thing every plane already holds.
-    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
-        &self.metrics
+    /// The meters this store was made with, if they are an `M` (`metrics.rs` finds the
+    /// replica's registry this way).
+    pub fn meters<M: Meters>(&self) -> Option<&Arc<M>> {
+        self.registry.downcast_ref::<Arc<M>>()
     }
 
     /// The applied state. Hold the guard briefly: `apply` waits for it.
@@ -137,10 +163,7 @@ impl hydrascale_raft::Application for StateStore {
             }
             (result, changes)
         };
-        self.metrics.apply.observe(started.elapsed());
-        self.metrics
-            .applied_entries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.meters.applied(started.elapsed());
         self.publish(changes);
         let result: Encoded = result;
         Ok(serde_json::to_vec(&result).unwrap_or_default())
@@ -373,8 +396,10 @@ mod tests {
         assert!(err.contains("cannot be read by this version"), "{err}");
         assert!(store.check(br#"{"SomeFutureCommand":{}}"#).is_err());
         assert_eq!(store.version(), 0, "the state changed");
-        let mut newer = Tailnet::default();
-        newer.level = COMMAND_LEVEL + 1;
+        let newer = Tailnet {
+            level: COMMAND_LEVEL + 1,
+            ..Tailnet::default()
+        };
         let err = store
             .restore(&serde_json::to_vec(&newer).unwrap())
             .expect_err("a snapshot of a newer level");

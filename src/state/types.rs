@@ -617,12 +617,12 @@ pub struct PolicyRecord {
     pub updated: i64,
     #[serde(skip)]
     parsed: std::sync::Arc<
-        std::sync::OnceLock<Result<crate::policy::Policy, crate::policy::PolicyError>>,
+        std::sync::OnceLock<Result<hydrascale_policy::Policy, hydrascale_policy::PolicyError>>,
     >,
 }
 
 impl PolicyRecord {
-    pub fn new(text: String, updated: i64, parsed: crate::policy::Policy) -> Self {
+    pub fn new(text: String, updated: i64, parsed: hydrascale_policy::Policy) -> Self {
         Self {
             text,
             updated,
@@ -632,13 +632,17 @@ impl PolicyRecord {
 
     /// The parsed policy. A stored policy that no longer parses (a stricter later
     /// version) denies everything rather than opening the tailnet; the error is logged.
-    pub fn policy(&self) -> &crate::policy::Policy {
-        static DENY_ALL: std::sync::OnceLock<crate::policy::Policy> = std::sync::OnceLock::new();
-        match self.parsed.get_or_init(|| crate::policy::parse(&self.text)) {
+    pub fn policy(&self) -> &hydrascale_policy::Policy {
+        static DENY_ALL: std::sync::OnceLock<hydrascale_policy::Policy> =
+            std::sync::OnceLock::new();
+        match self
+            .parsed
+            .get_or_init(|| hydrascale_policy::parse(&self.text))
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "the stored policy does not parse; denying all traffic until a new one is set");
-                DENY_ALL.get_or_init(crate::policy::Policy::default)
+                DENY_ALL.get_or_init(hydrascale_policy::Policy::default)
             }
         }
     }
