@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use hydrascale::config::Config;
 use hydrascale::control::mapper::StreamView;
 use hydrascale::control::peers::PeerCache;
-use hydrascale::control::tailcfg::encode;
 use hydrascale::state::{sample, Command, Observer, Tailnet};
+use hydrascale::tailcfg::encode;
 
 const USERS: usize = 20;
 

@@ -19,6 +19,7 @@ pub mod noise;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod tailcfg;
 pub mod tls;
 
 pub use config::Config;

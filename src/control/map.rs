@@ -18,13 +18,13 @@ use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
 use super::frames::{encode_frame, keep_alive_frame};
+use super::keys::parse_node_key;
 use super::limits::{self, MAX_MAP_BODY, MAX_STREAMS_PER_NODE};
 use super::mapper::{Resync, StreamView};
-use super::register::parse_node_key;
-use super::tailcfg::{MapRequest, MapResponse};
-use super::ts2021::NoisePeer;
+use super::noise_peer::NoisePeer;
 use super::{ControlError, ControlState};
 use crate::state::{now_ms, Change, Command, Node};
+use crate::tailcfg::{MapRequest, MapResponse};
 
 const KEEPALIVE: Duration = Duration::from_secs(50);
 
@@ -562,7 +562,7 @@ async fn run_stream(
         let (frame, kind, keep_alive) = match (resp, shared) {
             (Some(resp), _) => {
                 if !resp.keep_alive && tracing::enabled!(tracing::Level::TRACE) {
-                    let ids = |l: &Option<Vec<super::tailcfg::Shared>>| {
+                    let ids = |l: &Option<Vec<crate::tailcfg::Shared>>| {
                         l.as_ref()
                             .map(|l| l.iter().map(|p| p.2).collect::<Vec<_>>())
                     };

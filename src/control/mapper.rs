@@ -9,20 +9,10 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 
 use super::peers::{Entry, PeerCache};
-use super::tailcfg::{DerpMap, DerpNode, DerpRegion, MapResponse, PacketFilter, Shared};
 use crate::config::Config;
 use crate::policy::{compile, Policy, Principal};
 use crate::state::{Node, Replica, Tailnet};
-
-pub fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
-}
+use crate::tailcfg::{rfc3339, DerpMap, DerpNode, DerpRegion, MapResponse, PacketFilter, Shared};
 
 /// This replica's own entry in the replica registry, from its configuration and the
 /// addresses it actually bound.
@@ -967,7 +957,7 @@ mod tests {
         assert_eq!(keys[2], None, "node 3 itself changed");
         let text = |v: &mut StreamView| {
             let d = v.delta(&t, &cache, &config, 12).unwrap().unwrap();
-            crate::control::tailcfg::encode(&d).unwrap()
+            crate::tailcfg::encode(&d).unwrap()
         };
         let (a, b) = (text(&mut views[0]), text(&mut views[1]));
         assert_eq!(a, b);

@@ -4,17 +4,19 @@
 //! runs its own HTTP/2 server (`noise_router`) with `/machine/register` and `/machine/map`.
 //! Handlers read the replica's applied state and write through Raft via [`crate::state::Db`].
 
+pub(crate) mod auth_id;
 pub mod batch;
 pub mod frames;
+pub(crate) mod keys;
 pub mod limits;
 mod login_page;
 pub(crate) mod map;
 pub mod mapper;
+mod noise_peer;
 pub mod oidc;
 pub mod peers;
 pub(crate) mod register;
 mod ssh_check;
-pub mod tailcfg;
 mod ts2021;
 
 use std::collections::HashMap;
@@ -37,7 +39,7 @@ pub use mapper::{derp_map, local_replica};
 
 /// RFC 3339 text of a unix-millisecond time, as the CLI and `tailcfg` show times.
 pub fn tailcfg_time(ms: i64) -> String {
-    mapper::rfc3339(ms)
+    crate::tailcfg::rfc3339(ms)
 }
 
 /// Errors of the control plane, each mapped once to an HTTP status.

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::ts2021::NoisePeer;
+use super::noise_peer::NoisePeer;
 use super::{ControlError, ControlState};
 use crate::config::Config;
 use crate::policy::{compile, SshAction};
@@ -188,7 +188,7 @@ async fn start(
     q: &ActionQuery,
     now: i64,
 ) -> Result<Value, ControlError> {
-    let auth_id = super::register::new_auth_id();
+    let auth_id = super::auth_id::new_auth_id();
     st.db
         .write(Command::StartSshCheck {
             auth_id: auth_id.clone(),

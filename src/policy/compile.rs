@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use super::{Alias, Policy, Principal, Rule, SshAction, SshUsers};
-use crate::control::tailcfg::{FilterRule, PacketFilter};
 use crate::state::{Node, Tailnet};
+use crate::tailcfg::{FilterRule, PacketFilter};
 
 /// What the policy knows about `n`: its user (unless tagged), tags and addresses.
 pub fn principal(t: &Tailnet, n: &Node) -> Principal {

@@ -3,12 +3,26 @@
 //! Field names follow Go's JSON encoding (`PascalCase` unless the Go tag says otherwise).
 //! Incoming types are lenient (unknown fields ignored, most fields optional) because
 //! clients add fields over time; outgoing types omit what Go would omit.
+//!
+//! A leaf: it knows the wire only, nothing of the control plane, the map plane or state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// RFC 3339 text of a unix-millisecond time, as `tailcfg` carries times (`Created`,
+/// `KeyExpiry`, `LastSeen`); out-of-range times show as the unix epoch.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
