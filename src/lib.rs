@@ -13,6 +13,7 @@ pub mod derp;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod mapper;
 pub mod metrics;
 pub mod migrate;
 pub mod noise;

@@ -3,21 +3,22 @@
 //! `router` serves `/key` and `/ts2021` on the control listener; each upgraded connection
 //! runs its own HTTP/2 server (`noise_router`) with `/machine/register` and `/machine/map`.
 //! Handlers read the replica's applied state and write through Raft via [`crate::state::Db`].
+//!
+//! This is the HTTP/TS2021 edge only: request checks, limits, sessions, logins (OIDC,
+//! login pages, SSH checks) and the Raft write batcher (`write_batch`). What a map
+//! stream sends is rendered by [`crate::mapper`]; the wire types are [`crate::tailcfg`].
 
 pub(crate) mod auth_id;
-pub mod batch;
-pub mod frames;
 pub(crate) mod keys;
 pub mod limits;
 mod login_page;
 pub(crate) mod map;
-pub mod mapper;
 mod noise_peer;
 pub mod oidc;
-pub mod peers;
 pub(crate) mod register;
 mod ssh_check;
 mod ts2021;
+pub mod write_batch;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,12 +31,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::mapper::shared_frames::{FrameCache, SharedDeltas};
+use crate::mapper::{derp_map, PeerCache};
 use crate::noise::ControlKey;
 use crate::state::{Db, Replica, Tailnet};
 use tokio::sync::watch;
 
 pub use map::reconcile_online;
-pub use mapper::{derp_map, local_replica};
 
 /// RFC 3339 text of a unix-millisecond time, as the CLI and `tailcfg` show times.
 pub fn tailcfg_time(ms: i64) -> String {
@@ -105,17 +107,17 @@ pub struct ControlState {
     /// that nothing changed since it last looked.
     sessions_changed: std::sync::atomic::AtomicU64,
     /// Endpoint/hostinfo updates and online state go through here, batched.
-    pub updates: batch::UpdateBatcher,
+    pub updates: write_batch::UpdateBatcher,
     /// Regions from `derp.extra_regions_file`, merged into every DERP map.
     pub extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
     /// OIDC login, when `[oidc]` is configured.
     pub oidc: Option<Arc<oidc::Oidc>>,
     /// Every node as peers see it, rendered once per change for all map streams.
-    pub peers: Arc<peers::PeerCache>,
+    pub peers: Arc<PeerCache>,
     /// Compressed runs of peers, shared by the map streams that send the same ones.
-    pub frames: frames::FrameCache,
+    pub frames: FrameCache,
     /// Delta messages many streams send alike, made once.
-    pub deltas: frames::SharedDeltas,
+    pub deltas: SharedDeltas,
     /// Interactive logins per client address and overall, checked before they are proposed.
     pub logins: limits::LoginLimiter,
     /// Places for Noise sessions that have not identified themselves yet
@@ -134,10 +136,10 @@ impl ControlState {
         extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
         oidc: Option<Arc<oidc::Oidc>>,
     ) -> Arc<Self> {
-        let updates = batch::UpdateBatcher::spawn(db.clone());
-        let peers = peers::PeerCache::new(config.clone());
+        let updates = write_batch::UpdateBatcher::spawn(db.clone());
+        let peers = PeerCache::new(config.clone());
         db.store.observe(peers.clone());
-        let frames = frames::FrameCache::new(db.store.metrics().clone());
+        let frames = FrameCache::new(db.store.metrics().clone());
         Arc::new(Self {
             key,
             db,
@@ -150,7 +152,7 @@ impl ControlState {
             oidc,
             peers,
             frames,
-            deltas: frames::SharedDeltas::default(),
+            deltas: SharedDeltas::default(),
             logins: limits::LoginLimiter::new(config.limits.max_pending_logins_per_address),
             unidentified: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_unidentified_sessions,
