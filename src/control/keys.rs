@@ -1,7 +1,7 @@
 //! Node keys as clients send them (`nodekey:<hex>`): checked and put in the one form
 //! the state stores, so the register and map handlers agree on what a key is.
 
-use super::ControlError;
+use super::context::ControlError;
 
 /// The canonical `nodekey:<lowercase hex>` of a client's key, or why it is not one.
 pub fn parse_node_key(text: &str) -> Result<String, ControlError> {

@@ -17,10 +17,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
+use super::context::{ControlError, ControlState};
 use super::keys::parse_node_key;
 use super::limits::{self, MAX_MAP_BODY, MAX_STREAMS_PER_NODE};
 use super::noise_peer::NoisePeer;
-use super::{ControlError, ControlState};
 use crate::mapper::shared_frames::{encode_frame, keep_alive_frame};
 use crate::mapper::{Resync, StreamView};
 use crate::state::{now_ms, Change, Command, Node};

@@ -14,10 +14,10 @@ use axum::{Extension, Json};
 use sha2::{Digest, Sha256};
 
 use super::auth_id::{auth_id_of, new_auth_id};
+use super::context::{ControlError, ControlState};
 use super::keys::{is_zero_key, parse_node_key};
 use super::limits::{self, MAX_REGISTER_BODY};
 use super::noise_peer::NoisePeer;
-use super::{ControlError, ControlState};
 use crate::state::{now_ms, Command, CommandOutput, DbError, Node, PendingLogin, RegisterAuth};
 use crate::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
 

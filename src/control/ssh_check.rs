@@ -20,8 +20,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+use super::context::{ControlError, ControlState};
 use super::noise_peer::NoisePeer;
-use super::{ControlError, ControlState};
 use crate::config::Config;
 use crate::mapper::delegate_url;
 use crate::policy::{compile, SshAction};

@@ -13,11 +13,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
+use super::context::ControlState;
 use super::limits::{
     session_places, SessionIdentity, IDENTIFY_WITHIN, MAX_MAP_BODY, MAX_REGISTER_BODY,
 };
 use super::noise_peer::NoisePeer;
-use super::{map, register, ssh_check, ControlState};
+use super::{map, register, ssh_check};
 use crate::metrics::SessionEnd;
 use crate::noise::{accept_initiation, until_silent, NoiseStream};
 
