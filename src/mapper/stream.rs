@@ -10,7 +10,7 @@ use super::peers::{Entry, Kinds, PeerCache, Since};
 use crate::config::Config;
 use crate::policy::{compile, Policy, Principal};
 use crate::state::{Node, Tailnet};
-use crate::tailcfg::{rfc3339, MapResponse, PacketFilter, Shared};
+use crate::tailcfg::{rfc3339, DebugSettings, MapResponse, PacketFilter, Shared};
 
 /// What one map stream has told its client so far: O(1), whatever the tailnet's size.
 /// Which peers the client holds, and in which version, follows from the sequence number
@@ -143,8 +143,9 @@ impl StreamView {
             control_time: Some(rfc3339(now)),
             // Privacy by default: the client keeps its logs to itself (headscale does
             // the same); `client_log_upload = true` leaves its own setting alone.
-            debug: (!config.client_log_upload)
-                .then(|| serde_json::json!({ "DisableLogTail": true })),
+            debug: (!config.client_log_upload).then_some(DebugSettings {
+                disable_log_tail: true,
+            }),
             ..Default::default()
         };
         if peers.is_empty() {
