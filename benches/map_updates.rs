@@ -21,10 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hydrascale::config::Config;
-use hydrascale::control::mapper::StreamView;
-use hydrascale::control::peers::PeerCache;
-use hydrascale::control::tailcfg::encode;
+use hydrascale::mapper::{PeerCache, StreamView};
 use hydrascale::state::{sample, Command, Observer, Tailnet};
+use hydrascale::tailcfg::encode;
 
 const USERS: usize = 20;
 

@@ -13,12 +13,14 @@ pub mod derp;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;
+pub mod mapper;
 pub mod metrics;
 pub mod migrate;
 pub mod noise;
 pub mod policy;
 pub mod server;
 pub mod state;
+pub mod tailcfg;
 pub mod tls;
 
 pub use config::Config;

@@ -90,11 +90,11 @@ pub struct Metrics {
     /// Compressed bytes of map responses handed to clients' connections.
     pub map_bytes: AtomicU64,
     /// Runs of peers in map messages whose compressed frame was reused from another
-    /// stream's message, and those compressed anew (`control::frames`).
+    /// stream's message, and those compressed anew (`mapper::shared_frames`).
     pub map_runs_shared: AtomicU64,
     pub map_runs_compressed: AtomicU64,
     /// Delta responses this replica sent as another stream had made them
-    /// (`control::frames::SharedDeltas`).
+    /// (`mapper::shared_frames::SharedDeltas`).
     pub map_deltas_shared: AtomicU64,
     /// From a change being applied here to the update that carries it being queued on a
     /// client's stream.

@@ -206,7 +206,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
     let derp_key = ControlKey::load_or_create(&config.data_dir.join("derp.key"))?;
 
     let extra_regions = match &config.derp.extra_regions_file {
-        Some(path) => control::mapper::load_extra_regions(
+        Some(path) => crate::mapper::load_extra_regions(
             path,
             config.derp.enabled.then_some(config.derp.region_id),
         )
@@ -402,7 +402,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         .advertise_admin_addr
         .clone()
         .unwrap_or_else(|| admin_addr.to_string());
-    let mut me = control::local_replica(&config, &advertised_admin, control_addr);
+    let mut me = crate::mapper::local_replica(&config, &advertised_admin, control_addr);
     me.derp_key = derp_server
         .as_ref()
         .map(|d| hex::encode(d.public_key()))

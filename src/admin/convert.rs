@@ -80,7 +80,7 @@ pub fn carried_routes(t: &Tailnet, n: &crate::state::Node) -> Vec<String> {
     if n.approved_routes.is_empty() {
         return Vec::new();
     }
-    let primary = crate::control::mapper::primary_routes(t);
+    let primary = crate::mapper::primary_routes(t);
     n.served_routes()
         .iter()
         .filter(|r| crate::state::is_exit_route(r) || primary.get(r) == Some(&n.id))

@@ -180,7 +180,7 @@ const DECODED_BUDGET: usize = 256 << 20;
 /// Frames the generator has already decompressed, by their compressed bytes, decoded.
 ///
 /// The replicas compress a run of peers or a filter's source list once and send the same
-/// frame to every node that gets it (`control::frames`). Ten thousand simulated nodes on
+/// frame to every node that gets it (`mapper::shared_frames`). Ten thousand simulated nodes on
 /// the replicas' own cores decompressed a 72 KB source list each while a policy change
 /// was timed: more than a core's worth of the window, taken from the replicas being
 /// measured. Real clients each decode their copy on their own machine; here the second

@@ -26,8 +26,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::Form;
 use serde::Deserialize;
 
+use super::context::ControlState;
 use super::oidc::{self, Identity, Ticket};
-use super::ControlState;
 use crate::state::{
     now_ms, Command, CommandOutput, DbError, SshCheck, StateError, UserOrigin, LOGIN_TTL_MS,
     SSH_CHECK_TTL_MS,

@@ -17,14 +17,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use tokio::sync::{broadcast, mpsc};
 
-use super::frames::{encode_frame, keep_alive_frame};
+use super::context::{ControlError, ControlState};
+use super::keys::parse_node_key;
 use super::limits::{self, MAX_MAP_BODY, MAX_STREAMS_PER_NODE};
-use super::mapper::{Resync, StreamView};
-use super::register::parse_node_key;
-use super::tailcfg::{MapRequest, MapResponse};
-use super::ts2021::NoisePeer;
-use super::{ControlError, ControlState};
+use super::noise_peer::NoisePeer;
+use crate::mapper::shared_frames::{encode_frame, keep_alive_frame};
+use crate::mapper::{Resync, StreamView};
 use crate::state::{now_ms, Change, Command, Node};
+use crate::tailcfg::{MapRequest, MapResponse};
 
 const KEEPALIVE: Duration = Duration::from_secs(50);
 
@@ -39,8 +39,8 @@ const MIN_UPDATE_INTERVAL: Duration = Duration::from_millis(200);
 /// next slot of [`MIN_UPDATE_INTERVAL`] counted from `epoch` (one for all streams of the
 /// process), so at most one update per slot. In a burst of changes every stream then
 /// wakes at the same instants and reads the same changes, so most send the same peers and
-/// share their compressed runs (`frames`); with streams free-running, each woke at its
-/// own phase and sent its own mix.
+/// share their compressed runs (`mapper::shared_frames`); with streams free-running,
+/// each woke at its own phase and sent its own mix.
 fn next_update_at(epoch: tokio::time::Instant, last: tokio::time::Instant) -> tokio::time::Instant {
     let step = MIN_UPDATE_INTERVAL.as_nanos();
     let slot = last.saturating_duration_since(epoch).as_nanos() / step;
@@ -562,7 +562,7 @@ async fn run_stream(
         let (frame, kind, keep_alive) = match (resp, shared) {
             (Some(resp), _) => {
                 if !resp.keep_alive && tracing::enabled!(tracing::Level::TRACE) {
-                    let ids = |l: &Option<Vec<super::tailcfg::Shared>>| {
+                    let ids = |l: &Option<Vec<crate::tailcfg::Shared>>| {
                         l.as_ref()
                             .map(|l| l.iter().map(|p| p.2).collect::<Vec<_>>())
                     };

@@ -13,11 +13,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use sha2::{Digest, Sha256};
 
+use super::auth_id::{auth_id_of, new_auth_id};
+use super::context::{ControlError, ControlState};
+use super::keys::{is_zero_key, parse_node_key};
 use super::limits::{self, MAX_REGISTER_BODY};
-use super::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
-use super::ts2021::NoisePeer;
-use super::{mapper, ControlError, ControlState};
+use super::noise_peer::NoisePeer;
 use crate::state::{now_ms, Command, CommandOutput, DbError, Node, PendingLogin, RegisterAuth};
+use crate::tailcfg::{Login, RegisterRequest, RegisterResponse, RegisterUser};
 
 pub async fn handle(
     State(st): State<Arc<ControlState>>,
@@ -63,24 +65,6 @@ fn user_error(message: impl Into<String>) -> RegisterResponse {
         error: message.into(),
         ..Default::default()
     }
-}
-
-pub fn parse_node_key(text: &str) -> Result<String, ControlError> {
-    let hex_part = text.strip_prefix("nodekey:").ok_or_else(|| {
-        ControlError::BadRequest(format!("node key {text:?} lacks nodekey: prefix"))
-    })?;
-    let bytes = hex::decode(hex_part)
-        .map_err(|_| ControlError::BadRequest("node key is not hex".into()))?;
-    if bytes.len() != 32 {
-        return Err(ControlError::BadRequest("node key must be 32 bytes".into()));
-    }
-    Ok(format!("nodekey:{}", hex::encode(bytes)))
-}
-
-pub(crate) fn is_zero_key(k: &str) -> bool {
-    k.is_empty()
-        || k.split_once(':')
-            .is_some_and(|(_, h)| h.bytes().all(|b| b == b'0'))
 }
 
 /// `Expiry` in the past means logout; the zero time (year 1) means "no request".
@@ -251,7 +235,7 @@ fn authorized(st: &ControlState, node: &Node) -> RegisterResponse {
             id: node.user_id,
             display_name: display.clone(),
             profile_pic_url: String::new(),
-            created: mapper::rfc3339(created),
+            created: crate::tailcfg::rfc3339(created),
         },
         login: Login {
             id: node.user_id,
@@ -268,13 +252,6 @@ fn authorized(st: &ControlState, node: &Node) -> RegisterResponse {
 /// How long a follow-up request waits for the administrator before the client is told to
 /// ask again (with the same URL, so it keeps showing it).
 const FOLLOWUP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-
-/// The auth id in an `AuthURL` this server handed out (`<server_url>/register/<id>`).
-pub(crate) fn auth_id_of(url: &str) -> Option<&str> {
-    let id = PendingLogin::id_from(url.split_once("/register/")?.1);
-    (!id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
-        .then_some(id)
-}
 
 /// Interactive login: a first request gets an `AuthURL` (the login is recorded in
 /// replicated state, so an administrator can finish it on any replica); the client's
@@ -384,12 +361,4 @@ async fn interactive_login(
         auth_url: url_of(&auth_id),
         ..Default::default()
     })
-}
-
-/// A random id for a login or an SSH check: the last part of the link a user opens.
-pub(super) fn new_auth_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 12];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    hex::encode(b)
 }

@@ -20,30 +20,16 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-use super::ts2021::NoisePeer;
-use super::{ControlError, ControlState};
+use super::context::{ControlError, ControlState};
+use super::noise_peer::NoisePeer;
 use crate::config::Config;
+use crate::mapper::delegate_url;
 use crate::policy::{compile, SshAction};
 use crate::state::{now_ms, Change, Command, SSH_CHECK_TTL_MS};
 
 /// How long one poll is held before the node is told to ask again (it waits up to 30
 /// minutes per hop; shorter hops let a replica restart without stranding it).
 const POLL: Duration = Duration::from_secs(240);
-
-/// The `holdAndDelegate` URL of check rules. The client fills in the `$` placeholders and
-/// sends the request through its Noise session, so only the path matters; it must be an
-/// absolute https URL all the same.
-pub fn delegate_url(config: &Config) -> String {
-    let url = config.server_url();
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    format!(
-        "https://{authority}/machine/ssh/action/$SRC_NODE_ID/to/$DST_NODE_ID?ssh_user=$SSH_USER&local_user=$LOCAL_USER"
-    )
-}
 
 /// Where the connecting user goes to re-authenticate for check `auth_id`.
 pub fn check_page(config: &Config, auth_id: &str) -> String {
@@ -188,7 +174,7 @@ async fn start(
     q: &ActionQuery,
     now: i64,
 ) -> Result<Value, ControlError> {
-    let auth_id = super::register::new_auth_id();
+    let auth_id = super::auth_id::new_auth_id();
     st.db
         .write(Command::StartSshCheck {
             auth_id: auth_id.clone(),

@@ -13,10 +13,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 
+use super::context::ControlState;
 use super::limits::{
     session_places, SessionIdentity, IDENTIFY_WITHIN, MAX_MAP_BODY, MAX_REGISTER_BODY,
 };
-use super::{map, register, ssh_check, ControlState};
+use super::noise_peer::NoisePeer;
+use super::{map, register, ssh_check};
 use crate::metrics::SessionEnd;
 use crate::noise::{accept_initiation, until_silent, NoiseStream};
 
@@ -33,18 +35,6 @@ const SILENCE: std::time::Duration = std::time::Duration::from_secs(90);
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Bodies of the other routes inside a session (none takes one today).
 const MAX_OTHER_BODY: usize = 16 << 10;
-
-/// Who is on the other end of a Noise session, learned from the handshake.
-#[derive(Clone, Debug)]
-pub struct NoisePeer {
-    /// `mkey:<hex>` of the client's machine key.
-    pub machine_key: String,
-    pub version: u16,
-    /// The client's address (from the PROXY header behind a trusted load balancer).
-    pub addr: std::net::SocketAddr,
-    /// Whether the session has said who it is (see `limits::SessionIdentity`).
-    pub identity: Arc<SessionIdentity>,
-}
 
 pub async fn upgrade(
     State(st): State<Arc<ControlState>>,

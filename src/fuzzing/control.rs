@@ -13,15 +13,16 @@ use hydrascale_raft::Application;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
-use crate::control::frames::{encode_frame, FrameCache};
+use crate::control::auth_id::auth_id_of;
+use crate::control::keys::{is_zero_key, parse_node_key};
 use crate::control::map::{check_map_request, client_update};
-use crate::control::mapper::StreamView;
-use crate::control::peers::PeerCache;
-use crate::control::register::{auth_id_of, is_zero_key, parse_node_key, requested_expiry_ms};
-use crate::control::tailcfg::{MapRequest, MapResponse, RegisterRequest};
+use crate::control::register::requested_expiry_ms;
+use crate::mapper::shared_frames::{encode_frame, FrameCache};
+use crate::mapper::{PeerCache, StreamView};
 use crate::state::{
     sample, valid_label, Command, Node, PendingLogin, RegisterAuth, StateStore, Tailnet,
 };
+use crate::tailcfg::{MapRequest, MapResponse, RegisterRequest};
 
 /// The pre-auth key the harness's tailnet holds (reusable); seeds use it as `AuthKey`.
 pub const AUTH_KEY: &str = "hskey-auth-fuzzing-0123456789abcdef";

@@ -15,8 +15,8 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use super::{Alias, Policy, Principal, Rule, SshAction, SshUsers};
-use crate::control::tailcfg::{FilterRule, PacketFilter};
 use crate::state::{Node, Tailnet};
+use crate::tailcfg::{FilterRule, PacketFilter};
 
 /// What the policy knows about `n` ([`Tailnet::principal`], which the state's own
 /// route auto-approval uses too).

@@ -341,7 +341,7 @@ pub enum Command {
     SetControlKey {
         key: String,
     },
-    /// Several commands in one log entry (see `control::batch`); each is applied on its
+    /// Several commands in one log entry (see `control::write_batch`); each is applied on its
     /// own, in order, and has its own outcome.
     Batch {
         commands: Vec<Command>,

@@ -233,7 +233,7 @@ async fn reqwest_get(url: &str) -> String {
 /// own outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_updates_share_log_entries() {
-    use hydrascale::control::batch::UpdateBatcher;
+    use hydrascale::control::write_batch::UpdateBatcher;
     use hydrascale::state::{Command, CommandOutput, StateError};
     let server = TestServer::start().await;
     let db = server.handle().db.clone();

@@ -3,12 +3,26 @@
 //! Field names follow Go's JSON encoding (`PascalCase` unless the Go tag says otherwise).
 //! Incoming types are lenient (unknown fields ignored, most fields optional) because
 //! clients add fields over time; outgoing types omit what Go would omit.
+//!
+//! A leaf: it knows the wire only, nothing of the control plane, the map plane or state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// RFC 3339 text of a unix-millisecond time, as `tailcfg` carries times (`Created`,
+/// `KeyExpiry`, `LastSeen`); out-of-range times show as the unix epoch.
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -117,6 +131,118 @@ pub struct MapRequest {
     pub omit_peers: bool,
 }
 
+/// `tailcfg.Node`: a node as its peers (and the node itself) see it. Rendered into a
+/// [`Value`] once per change (see `mapper::peers`), so it carries only what Go would not
+/// omit.
+#[derive(Debug, Serialize)]
+pub struct Node {
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(rename = "StableID")]
+    pub stable_id: String,
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "User")]
+    pub user: u64,
+    #[serde(rename = "Key")]
+    pub key: String,
+    #[serde(rename = "KeyExpiry", skip_serializing_if = "Option::is_none")]
+    pub key_expiry: Option<String>,
+    /// Set when the key has expired by the renderer's clock.
+    #[serde(rename = "Expired", skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
+    #[serde(rename = "Machine")]
+    pub machine: String,
+    #[serde(rename = "DiscoKey", skip_serializing_if = "String::is_empty")]
+    pub disco_key: String,
+    #[serde(rename = "Addresses")]
+    pub addresses: Vec<String>,
+    #[serde(rename = "AllowedIPs")]
+    pub allowed_ips: Vec<String>,
+    #[serde(rename = "Endpoints")]
+    pub endpoints: Vec<String>,
+    #[serde(rename = "HomeDERP", skip_serializing_if = "Option::is_none")]
+    pub home_derp: Option<i32>,
+    /// The legacy form of `HomeDERP` (`127.3.3.40:<region>`), for older clients.
+    #[serde(rename = "DERP", skip_serializing_if = "Option::is_none")]
+    pub derp: Option<String>,
+    /// The client's own `Hostinfo`, passed on as it sent it.
+    #[serde(rename = "Hostinfo")]
+    pub hostinfo: Value,
+    #[serde(rename = "Created")]
+    pub created: String,
+    #[serde(rename = "Tags", skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(rename = "PrimaryRoutes")]
+    pub primary_routes: Vec<String>,
+    /// Only while offline.
+    #[serde(rename = "LastSeen", skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    #[serde(rename = "Online")]
+    pub online: bool,
+    #[serde(rename = "MachineAuthorized")]
+    pub machine_authorized: bool,
+    #[serde(rename = "CapMap")]
+    pub cap_map: BTreeMap<String, Vec<Value>>,
+}
+
+/// `tailcfg.UserProfile`.
+#[derive(Debug, Serialize)]
+pub struct UserProfile {
+    #[serde(rename = "ID")]
+    pub id: u64,
+    #[serde(rename = "LoginName")]
+    pub login_name: String,
+    #[serde(rename = "DisplayName")]
+    pub display_name: String,
+}
+
+/// `tailcfg.DNSConfig`. Exactly one of `Resolvers` (override the node's own DNS) and
+/// `FallbackResolvers` is sent, even when empty.
+#[derive(Debug, Serialize)]
+pub struct DnsConfig {
+    #[serde(rename = "Resolvers", skip_serializing_if = "Option::is_none")]
+    pub resolvers: Option<Vec<DnsResolver>>,
+    #[serde(rename = "FallbackResolvers", skip_serializing_if = "Option::is_none")]
+    pub fallback_resolvers: Option<Vec<DnsResolver>>,
+    /// Split DNS: resolvers per domain.
+    #[serde(rename = "Routes", skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, Vec<DnsResolver>>,
+    #[serde(rename = "Domains")]
+    pub domains: Vec<String>,
+    /// MagicDNS.
+    #[serde(rename = "Proxied")]
+    pub proxied: bool,
+    #[serde(rename = "ExtraRecords", skip_serializing_if = "Vec::is_empty")]
+    pub extra_records: Vec<DnsRecord>,
+}
+
+/// `dnstype.Resolver`.
+#[derive(Debug, Serialize)]
+pub struct DnsResolver {
+    #[serde(rename = "Addr")]
+    pub addr: String,
+}
+
+/// `tailcfg.DNSRecord`.
+#[derive(Debug, Serialize)]
+pub struct DnsRecord {
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Type")]
+    pub record_type: String,
+    #[serde(rename = "Value")]
+    pub value: String,
+}
+
+/// `tailcfg.Debug`; only its `DisableLogTail` is sent (the client then uploads no logs
+/// to Tailscale's log service for the rest of its process's life).
+#[derive(Debug, Serialize)]
+pub struct DebugSettings {
+    #[serde(rename = "DisableLogTail")]
+    pub disable_log_tail: bool,
+}
+
 /// One message of the map stream. Every field is optional: absent means "unchanged".
 #[derive(Debug, Default, Serialize)]
 pub struct MapResponse {
@@ -139,7 +265,7 @@ pub struct MapResponse {
     #[serde(rename = "PeersChangedPatch", skip_serializing_if = "Option::is_none")]
     pub peers_changed_patch: Option<Vec<Value>>,
     #[serde(rename = "DNSConfig", skip_serializing_if = "Option::is_none")]
-    pub dns_config: Option<Value>,
+    pub dns_config: Option<DnsConfig>,
     #[serde(rename = "Domain", skip_serializing_if = "String::is_empty")]
     pub domain: String,
     /// `PacketFilter`: written by [`encode`] from its parts' text, not by serde.
@@ -148,15 +274,13 @@ pub struct MapResponse {
     #[serde(rename = "SSHPolicy", skip_serializing_if = "Option::is_none")]
     pub ssh_policy: Option<Value>,
     #[serde(rename = "UserProfiles", skip_serializing_if = "Option::is_none")]
-    pub user_profiles: Option<Vec<Value>>,
+    pub user_profiles: Option<Vec<UserProfile>>,
     #[serde(rename = "CollectServices", skip_serializing_if = "Option::is_none")]
     pub collect_services: Option<bool>,
     #[serde(rename = "ControlTime", skip_serializing_if = "Option::is_none")]
     pub control_time: Option<String>,
-    /// `tailcfg.Debug`; only its `DisableLogTail` is sent (the client then uploads no logs
-    /// to Tailscale's log service for the rest of its process's life).
     #[serde(rename = "Debug", skip_serializing_if = "Option::is_none")]
-    pub debug: Option<Value>,
+    pub debug: Option<DebugSettings>,
 }
 
 /// `tailcfg.DERPMap` with one self-hosted region per cluster.

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::tailcfg::{self, MapResponse, Piece};
 use crate::metrics::Metrics;
+use crate::tailcfg::{self, MapResponse, Piece};
 
 /// zstd level: compressed once and sent many times, a run is worth the better ratio.
 const LEVEL: i32 = 3;
@@ -329,7 +329,7 @@ pub fn encode_frame(resp: &MapResponse, cache: &FrameCache) -> Result<Bytes, std
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::tailcfg::Shared;
+    use crate::tailcfg::Shared;
     use serde_json::{json, Value};
 
     fn peer(id: u64) -> Shared {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use serde_json::Value;
 
-use super::mapper::{node_json, primary_routes, Primaries, PATCHABLE};
+use super::node::{node_json, primary_routes, Primaries, PATCHABLE};
 use crate::config::Config;
 use crate::policy::{compile, same_reach, Policy, Principal};
 use crate::state::{Change, Observer, Tailnet};
