@@ -19,7 +19,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::derp::DerpServer;
-use crate::state::{Db, Meters, StateStore};
+use crate::state::{Db, Meters};
 
 /// Upper bounds (seconds) shared by every latency histogram: 100 µs to 10 s.
 const BUCKETS: [f64; 14] = [
@@ -118,17 +118,6 @@ impl Meters for Metrics {
     fn applied(&self, took: Duration) {
         self.apply.observe(took);
         self.applied_entries.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-impl StateStore {
-    /// This replica's metrics: the store is the one thing every plane already holds, so
-    /// it carries them ([`StateStore::with_meters`]). A store made without them
-    /// ([`StateStore::new`]: tools, tests) counts into a registry that nobody serves.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        static UNSERVED: std::sync::OnceLock<Arc<Metrics>> = std::sync::OnceLock::new();
-        self.meters::<Metrics>()
-            .unwrap_or_else(|| UNSERVED.get_or_init(Metrics::new))
     }
 }
 
@@ -912,6 +901,7 @@ mod tests {
 
     #[test]
     fn a_store_counts_its_entries_into_the_registry_it_was_made_with() {
+        use crate::state::StateStore;
         use hydrascale_raft::Application;
         let apply = |store: &StateStore, name: &str| {
             let cmd = crate::state::Command::CreateUser {
@@ -925,7 +915,6 @@ mod tests {
         };
         let metrics = Metrics::new();
         let store = StateStore::with_meters(metrics.clone());
-        assert!(Arc::ptr_eq(store.metrics(), &metrics));
         apply(&store, "alice");
         apply(&store, "bob");
         assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
@@ -940,7 +929,6 @@ mod tests {
         // A store made without a registry counts into none of another store's.
         let unmetered = StateStore::new();
         apply(&unmetered, "carol");
-        assert!(!Arc::ptr_eq(unmetered.metrics(), &metrics));
         assert_eq!(metrics.applied_entries.load(Ordering::Relaxed), 2);
     }
 

@@ -216,7 +216,8 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         })?,
         None => Default::default(),
     };
-    let store = StateStore::with_meters(crate::metrics::Metrics::new());
+    let metrics = crate::metrics::Metrics::new();
+    let store = StateStore::with_meters(metrics.clone());
     let tls = raft_tls(&config)?;
     let raft_config = hydrascale_raft::RaftConfig {
         node_id: config.node_id,
@@ -263,7 +264,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
                 per_address: crate::listener::SMALL_LISTENER_PER_ADDRESS,
                 trusted_proxies: Vec::new(),
             },
-            db.store.metrics().clone(),
+            metrics.clone(),
             shutdown_rx.clone(),
         );
         tasks.spawn(async move {
@@ -326,7 +327,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         )?)),
         _ => None,
     };
-    let acme = crate::tls::acme::Acme::new(&config, db.clone()).map_err(ServerError::Acme)?;
+    let acme = crate::tls::acme::Acme::new(&config, db.clone(), metrics.clone()).map_err(ServerError::Acme)?;
 
     let control_listener = bind("control", config.listen_addr).await?;
     let control_addr = control_listener
@@ -434,7 +435,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         })?;
     {
         let sources = crate::metrics::Sources {
-            metrics: db.store.metrics().clone(),
+            metrics: metrics.clone(),
             db: db.clone(),
             derp: derp_server.clone(),
             serving: serving_rx.clone(),
@@ -449,7 +450,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
             metrics_listener,
             crate::metrics::router(sources),
             limits,
-            db.store.metrics().clone(),
+            metrics.clone(),
             shutdown_rx.clone(),
         ));
     }
@@ -462,6 +463,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         serving_rx,
         extra_regions,
         oidc,
+        metrics.clone(),
     );
     {
         let (state, stop) = (state.clone(), shutdown_rx.clone());
@@ -500,7 +502,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
                     store.clone(),
                     cert.clone(),
                     key.clone(),
-                    db.store.metrics().clone(),
+                    metrics.clone(),
                     shutdown_rx.clone(),
                 ));
             }
@@ -523,7 +525,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
                 listener,
                 router,
                 control_limits.clone(),
-                db.store.metrics().clone(),
+                metrics.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -533,7 +535,7 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         app,
         tls_side,
         control_limits,
-        db.store.metrics().clone(),
+        metrics.clone(),
         shutdown_rx.clone(),
     ));
     tracing::info!(

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::write_batch::UpdateBatcher;
 use crate::config::Config;
 use crate::mapper::shared_frames::{FrameCache, SharedDeltas};
+use crate::metrics::Metrics;
 use crate::mapper::{derp_map, PeerCache};
 use crate::noise::ControlKey;
 use crate::state::{Db, Replica, Tailnet};
@@ -67,6 +68,8 @@ impl From<crate::state::DbError> for ControlError {
 pub struct ControlState {
     pub config: Arc<Config>,
     pub key: ControlKey,
+    /// This replica's metrics registry.
+    pub metrics: Arc<Metrics>,
     pub db: Db,
     /// This replica as the registry (and the DERP map) knows it.
     pub me: Replica,
@@ -108,13 +111,15 @@ impl ControlState {
         serving: watch::Receiver<bool>,
         extra_regions: std::collections::BTreeMap<String, serde_json::Value>,
         oidc: Option<Arc<super::oidc::Oidc>>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let updates = UpdateBatcher::spawn(db.clone());
         let peers = PeerCache::new(config.clone());
         db.store.observe(peers.clone());
-        let frames = FrameCache::new(db.store.metrics().clone());
+        let frames = FrameCache::new(metrics.clone());
         Arc::new(Self {
             key,
+            metrics,
             db,
             me,
             serving,
@@ -143,7 +148,7 @@ impl ControlState {
     /// Counts a refusal by one of the `limits`. Not logged at info: a flood must not
     /// grow the log files either.
     pub fn count_refusal(&self, r: &super::limits::Refusal) {
-        self.db.store.metrics().refused(r.limit);
+        self.metrics.refused(r.limit);
         tracing::debug!(limit = ?r.limit, "{}", r.message);
     }
 

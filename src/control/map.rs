@@ -173,7 +173,7 @@ async fn map(
     );
     let first =
         encode_frame(&first, &st.frames).map_err(|e| ControlError::Internal(e.to_string()))?;
-    let metrics = st.db.store.metrics();
+    let metrics = &st.metrics;
     metrics.map_responses_full.fetch_add(1, Ordering::Relaxed);
     metrics
         .map_bytes
@@ -448,7 +448,7 @@ async fn run_stream(
     let mut keepalive =
         tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
     let mut serving = st.serving.clone();
-    let metrics = st.db.store.metrics().clone();
+    let metrics = st.metrics.clone();
     let _counted = StreamGauge::open(&metrics);
     let mut last_update = tokio::time::Instant::now();
     let epoch = update_epoch();

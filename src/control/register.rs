@@ -30,9 +30,7 @@ pub async fn handle(
         Ok(body) => register(&st, &peer, &body).await,
         Err(e) => Err(body_refused(&st, "/machine/register", MAX_REGISTER_BODY, e)),
     };
-    st.db
-        .store
-        .metrics()
+    st.metrics
         .registration(matches!(&res, Ok(r) if r.error.is_empty()));
     // The session said who it is: a node that is logged in, or a login under way (which
     // the login limits bound).

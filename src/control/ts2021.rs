@@ -85,14 +85,14 @@ pub async fn upgrade(
     let accepted = match accept_initiation(&st.key, &init) {
         Ok(a) => a,
         Err(e) => {
-            st.db.store.metrics().handshake(false);
+            st.metrics.handshake(false);
             // Counted (`hydrascale_noise_handshakes_total{result="failed"}`); anyone can
             // send these, so they are not logged at info.
             tracing::debug!(error = %e, "noise handshake refused");
             return (StatusCode::BAD_REQUEST, e.to_string()).into_response();
         }
     };
-    st.db.store.metrics().handshake(true);
+    st.metrics.handshake(true);
     let identity = SessionIdentity::new(place);
     let peer = NoisePeer {
         machine_key: format!("mkey:{}", hex::encode(accepted.machine_key)),
@@ -118,7 +118,7 @@ pub async fn upgrade(
         let plain = NoiseStream::new(io, accepted.rx_key, accepted.tx_key);
         let heard = plain.heard();
         tracing::debug!(machine = %peer.machine_key, version = peer.version, "noise session open");
-        let metrics = state.db.store.metrics().clone();
+        let metrics = state.metrics.clone();
         let svc = TowerToHyperService::new(noise_router(state, peer));
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // The pings make a live peer speak; `SILENCE` decides when one is dead. hyper's

@@ -43,11 +43,12 @@ impl Replica {
     /// A tailnet with user `alice`, a reusable pre-auth key [`AUTH_KEY`] of hers, and one
     /// node of hers (id 1) to be the client's peer.
     fn new() -> Self {
-        let store = StateStore::with_meters(crate::metrics::Metrics::new());
+        let metrics = crate::metrics::Metrics::new();
+        let store = StateStore::with_meters(metrics.clone());
         let config = Arc::new(Config::default());
         let peers = PeerCache::new(config.clone());
         store.observe(peers.clone());
-        let frames = FrameCache::new(store.metrics().clone());
+        let frames = FrameCache::new(metrics);
         let r = Replica {
             store,
             config,

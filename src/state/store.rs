@@ -1,7 +1,6 @@
 //! `StateStore` (the in-memory state, its change feed, and the Raft `Application`) and
 //! `Db` (how the rest of the server proposes commands).
 
-use std::any::Any;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -33,9 +32,7 @@ pub trait Observer: Send + Sync {
 }
 
 /// What the store counts as it applies, for whoever keeps this replica's metrics (the
-/// server's registry implements it). The store also holds them for every plane, as the
-/// one thing every plane already holds: [`StateStore::meters`] hands them back as their
-/// own type, so the state needs to know nothing else of them.
+/// server's registry implements it), so the state needs to know nothing else of them.
 pub trait Meters: Send + Sync + 'static {
     /// One committed entry applied; `took` is how long applying it held the state.
     fn applied(&self, took: Duration);
@@ -51,8 +48,6 @@ pub struct StateStore {
     tailnet: Arc<RwLock<Tailnet>>,
     changes: broadcast::Sender<StampedChange>,
     meters: Arc<dyn Meters>,
-    /// The same meters, an `Arc<M>` of the type they were given as (see `meters`).
-    registry: Arc<dyn Any + Send + Sync>,
     observer: Arc<RwLock<Option<Arc<dyn Observer>>>>,
     /// Commands applied and snapshots restored so far: equal readings mean the same state.
     version: Arc<std::sync::atomic::AtomicU64>,
@@ -76,7 +71,6 @@ impl StateStore {
         Self {
             tailnet: Arc::new(RwLock::new(Tailnet::default())),
             changes,
-            registry: Arc::new(meters.clone()),
             meters,
             observer: Arc::new(RwLock::new(None)),
             version: Arc::new(std::sync::atomic::AtomicU64::new(0)),
@@ -98,12 +92,6 @@ impl StateStore {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// The meters this store was made with, if they are an `M` (`metrics.rs` finds the
-    /// replica's registry this way).
-    pub fn meters<M: Meters>(&self) -> Option<&Arc<M>> {
-        self.registry.downcast_ref::<Arc<M>>()
     }
 
     /// The applied state. Hold the guard briefly: `apply` waits for it.

@@ -37,6 +37,7 @@ use instant_acme::{
 };
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
 use crate::config::Config;
 use crate::state::{
     now_ms, AcmeAccountRecord, AcmeChallengeKind, AcmeChallengeRecord, AcmeStep, Change, Command,
@@ -182,12 +183,11 @@ fn failure(what: &str) -> impl Fn(instant_acme::Error) -> Failure + '_ {
 
 impl Acme {
     /// `None` when `[tls]` configures no ACME. An unreadable `tls.acme_ca_file` is an error.
-    pub fn new(config: &Config, db: Db) -> Result<Option<Self>, String> {
+    pub fn new(config: &Config, db: Db, metrics: Arc<Metrics>) -> Result<Option<Self>, String> {
         let t = &config.tls;
         if !t.acme() {
             return Ok(None);
         }
-        let metrics = db.store.metrics().clone();
         Ok(Some(Self {
             me: config.node_id,
             hostname: t.acme_hostname.trim().to_ascii_lowercase(),

@@ -113,7 +113,13 @@ fn newcomer_env(cmd: &mut Command, tmp: &Path) {
             || k.starts_with("CARGO_CRATE_")
             || k.starts_with("CARGO_MANIFEST_")
             || k == "CARGO_PRIMARY_PACKAGE"
+            || k.starts_with("CARGO_CFG_")
             || k == "CARGO_TARGET_TMPDIR"
+            || k == "CARGO_RUSTC_CURRENT_DIR"
+            // Cargo sets OUT_DIR for a test of a package with a build script; some build
+            // scripts (ring's) ask to rerun when it changes, so a `cargo run` that saw it
+            // would rebuild them and everything above them, as no newcomer's would.
+            || k == "OUT_DIR"
             || k == "RUST_TEST_THREADS";
         if from_harness {
             cmd.env_remove(&k);
