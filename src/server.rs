@@ -327,7 +327,8 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         )?)),
         _ => None,
     };
-    let acme = crate::tls::acme::Acme::new(&config, db.clone(), metrics.clone()).map_err(ServerError::Acme)?;
+    let acme = crate::tls::acme::Acme::new(&config, db.clone(), metrics.clone())
+        .map_err(ServerError::Acme)?;
 
     let control_listener = bind("control", config.listen_addr).await?;
     let control_addr = control_listener

@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use super::write_batch::UpdateBatcher;
 use crate::config::Config;
 use crate::mapper::shared_frames::{FrameCache, SharedDeltas};
-use crate::metrics::Metrics;
 use crate::mapper::{derp_map, PeerCache};
+use crate::metrics::Metrics;
 use crate::noise::ControlKey;
 use crate::state::{Db, Replica, Tailnet};
 
@@ -103,6 +103,8 @@ pub struct ControlState {
 }
 
 impl ControlState {
+    // Everything the control plane shares, each made once by `run_server`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         key: ControlKey,

@@ -37,8 +37,8 @@ use instant_acme::{
 };
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::state::{
     now_ms, AcmeAccountRecord, AcmeChallengeKind, AcmeChallengeRecord, AcmeStep, Change, Command,
     Db, DbError, Secret, StateError, TlsCertRecord, TlsState,
