@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 use crate::admin::Admin;
-use crate::control::tailcfg_time;
 use crate::state::{now_ms, Db, Tailnet};
+use crate::tailcfg::rfc3339;
 
 /// A refusal in grpc-gateway's shape, with the HTTP status grpc-gateway gives its code.
 pub struct ApiError(tonic::Status);
@@ -156,7 +156,7 @@ async fn not_yet() -> ApiError {
 }
 
 fn time(ms: i64) -> Value {
-    Value::String(tailcfg_time(ms))
+    Value::String(rfc3339(ms))
 }
 
 fn opt_time(ms: Option<i64>) -> Value {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 pub(super) fn fmt_ms(ms: Option<i64>) -> String {
-    ms.map(crate::control::tailcfg_time)
+    ms.map(crate::tailcfg::rfc3339)
         .unwrap_or_else(|| "-".into())
 }
 

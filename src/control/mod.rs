@@ -33,11 +33,6 @@ use serde::Deserialize;
 pub use context::{ControlError, ControlState};
 pub use map::reconcile_online;
 
-/// RFC 3339 text of a unix-millisecond time, as the CLI and `tailcfg` show times.
-pub fn tailcfg_time(ms: i64) -> String {
-    crate::tailcfg::rfc3339(ms)
-}
-
 /// Routes of the public control listener (DERP routes are merged in by the server).
 pub fn router(state: Arc<ControlState>) -> Router {
     plain_router(state.clone()).merge(web_router(state))

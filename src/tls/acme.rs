@@ -317,7 +317,7 @@ impl Acme {
             Ok(cert) => {
                 tracing::info!(
                     serial = %cert.serial,
-                    not_after = %crate::control::tailcfg_time(cert.not_after),
+                    not_after = %crate::tailcfg::rfc3339(cert.not_after),
                     took_ms = started.elapsed().as_millis() as u64,
                     "TLS certificate issued; every replica serves it once applied"
                 );

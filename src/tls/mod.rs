@@ -224,7 +224,7 @@ impl CertStore {
     pub fn set(&self, served: Served) {
         tracing::info!(
             serial = %served.info.serial,
-            not_after = %crate::control::tailcfg_time(served.info.not_after),
+            not_after = %crate::tailcfg::rfc3339(served.info.not_after),
             "serving a new TLS certificate"
         );
         *lock_mut(&self.current) = Some(served);
