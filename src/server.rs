@@ -480,8 +480,13 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         }
         plain
     });
+    let api = crate::api::ApiContext {
+        serving: state.serving.clone(),
+        prefixes: config.prefixes,
+        key_lifetime: config.node_expiry_ms(),
+    };
     app = app.merge(control::router(state));
-    app = app.merge(crate::api::router(db.clone()));
+    app = app.merge(crate::api::router(db.clone(), api));
     let control_limits = crate::listener::Limits {
         listener: crate::metrics::Listener::Control,
         per_address: config.limits.max_connections_per_address,

@@ -85,6 +85,18 @@ pub(super) async fn expire_pre_auth_key(
     }
 }
 
+pub(super) async fn delete_pre_auth_key(
+    admin: &Admin,
+    req: Request<proto::PreAuthKeyIdRequest>,
+) -> Result<Response<proto::Empty>, Status> {
+    admin
+        .write(Command::DeletePreAuthKey {
+            id: req.into_inner().id,
+        })
+        .await?;
+    Ok(Response::new(proto::Empty {}))
+}
+
 pub(super) async fn create_api_key(
     admin: &Admin,
     req: Request<proto::CreateApiKeyRequest>,

@@ -47,6 +47,7 @@ fn status(e: DbError) -> Status {
                 StateError::UserNotFound(_)
                 | StateError::ApiKeyNotFound(_)
                 | StateError::PreAuthKeyNotFound { .. }
+                | StateError::PreAuthKeyIdNotFound(_)
                 | StateError::NodeNotFound(_)
                 | StateError::NodeKeyNotFound
                 | StateError::LoginNotFound(_) => Status::not_found(msg),
@@ -83,6 +84,12 @@ impl Admin {
 
     async fn write(&self, cmd: Command) -> Result<CommandOutput, Status> {
         self.db.write(cmd).await.map_err(status)
+    }
+
+    /// Keeps a made-up machine waiting on an interactive login (headscale's
+    /// `POST /api/v1/debug/node`): an administrator can then register it as a node.
+    pub async fn start_debug_login(&self, login: crate::state::PendingLogin) -> Result<(), Status> {
+        self.write(Command::StartLogin { login }).await.map(|_| ())
     }
 
     /// Membership changes only work on the leader; elsewhere say where it is.
@@ -238,6 +245,27 @@ impl AdminService for Admin {
         req: Request<proto::NodeIdRequest>,
     ) -> Result<Response<proto::NodeReply>, Status> {
         nodes::expire_node(self, req).await
+    }
+
+    async fn set_node_expiry(
+        &self,
+        req: Request<proto::SetNodeExpiryRequest>,
+    ) -> Result<Response<proto::NodeReply>, Status> {
+        nodes::set_node_expiry(self, req).await
+    }
+
+    async fn reject_login(
+        &self,
+        req: Request<proto::AuthIdRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        nodes::reject_login(self, req).await
+    }
+
+    async fn delete_pre_auth_key(
+        &self,
+        req: Request<proto::PreAuthKeyIdRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        keys::delete_pre_auth_key(self, req).await
     }
 
     async fn rename_node(

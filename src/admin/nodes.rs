@@ -58,6 +58,27 @@ pub(super) async fn expire_node(
     admin.node_reply(out)
 }
 
+pub(super) async fn set_node_expiry(
+    admin: &Admin,
+    req: Request<proto::SetNodeExpiryRequest>,
+) -> Result<Response<proto::NodeReply>, Status> {
+    let r = req.into_inner();
+    let expiry = match (r.disable, r.expiry_ms) {
+        (true, Some(_)) => {
+            return Err(Status::invalid_argument(
+                "give either an expiry time or disable expiry, not both",
+            ))
+        }
+        (true, None) => None,
+        (false, Some(at)) => Some(at),
+        (false, None) => Some(now_ms()),
+    };
+    let out = admin
+        .write(Command::SetNodeExpiry { id: r.id, expiry })
+        .await?;
+    admin.node_reply(out)
+}
+
 pub(super) async fn rename_node(
     admin: &Admin,
     req: Request<proto::RenameNodeRequest>,
@@ -113,6 +134,15 @@ pub(super) async fn complete_login(
         })
         .await?;
     admin.node_reply(out)
+}
+
+pub(super) async fn reject_login(
+    admin: &Admin,
+    req: Request<proto::AuthIdRequest>,
+) -> Result<Response<proto::Empty>, Status> {
+    let auth_id = crate::state::PendingLogin::id_from(&req.into_inner().auth_id).to_string();
+    admin.write(Command::RejectLogin { auth_id }).await?;
+    Ok(Response::new(proto::Empty {}))
 }
 
 pub(super) async fn decide_ssh_check(

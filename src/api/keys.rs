@@ -1,5 +1,6 @@
 //! `/api/v1/preauthkey` and `/api/v1/apikey`: headscale's key objects; list, create,
-//! expire (and delete, for API keys).
+//! expire and delete. Pre-auth keys are named by `id` (headscale 0.28+) or, as older
+//! headscale clients do, by `user` and `key`.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use tonic::Request;
 
 use super::users::user_of;
 use super::{
-    flag, input, lifetime_ms, opt_time, resolve_user, strings, time, user_name, ApiError,
+    flag, id_from, input, lifetime_ms, opt_time, resolve_user, strings, time, user_name, ApiError,
     ApiResult, ApiState,
 };
 use crate::admin::proto::admin_service_server::AdminService;
@@ -105,32 +106,71 @@ pub(super) async fn create_preauth_key(
     ))
 }
 
+/// The pre-auth key a request names: `id`, or `user` and the whole `key` (or its prefix).
+fn named_preauth_key(st: &ApiState, body: &Value) -> Result<(u64, String, String), ApiError> {
+    let t = st.db.store.read();
+    let found = if let Some(v) = body
+        .get("id")
+        .filter(|v| !v.is_null() && v.as_str() != Some(""))
+    {
+        let id = id_from(v, "id")?;
+        t.preauth_keys.get(&id).ok_or_else(|| {
+            ApiError(tonic::Status::not_found(format!(
+                "no pre-auth key has the id {id}; list them with GET /api/v1/preauthkey"
+            )))
+        })?
+    } else {
+        let user_id = resolve_user(&t, &body["user"])?;
+        let key = body["key"].as_str().unwrap_or_default();
+        // Keys are named by their stored prefix; the whole key starts with it.
+        t.preauth_keys
+            .values()
+            .find(|k| {
+                k.user_id == user_id
+                    && !key.is_empty()
+                    && (key.starts_with(&k.prefix) || k.prefix.starts_with(key))
+            })
+            .ok_or_else(|| {
+                ApiError(tonic::Status::not_found(format!(
+                    "user {} has no pre-auth key {key:?}; name the key by `id` (GET /api/v1/preauthkey lists them)",
+                    body["user"]
+                )))
+            })?
+    };
+    Ok((
+        found.id,
+        user_name(&t, found.user_id)?,
+        found.prefix.clone(),
+    ))
+}
+
+/// `POST /api/v1/preauthkey/expire` with `{"id"}` (or `{"user", "key"}`).
 pub(super) async fn expire_preauth_key(
     State(st): State<Arc<ApiState>>,
     Query(q): Query<Vec<(String, String)>>,
     body: axum::body::Bytes,
 ) -> ApiResult {
     let body = input(q, &body)?;
-    let (user_id, user) = {
-        let t = st.db.store.read();
-        let id = resolve_user(&t, &body["user"])?;
-        (id, user_name(&t, id)?)
-    };
-    let key = body["key"].as_str().unwrap_or_default();
-    // Keys are named by their stored prefix; the whole key starts with it.
-    let prefix = {
-        let t = st.db.store.read();
-        t.preauth_keys
-            .values()
-            .find(|k| k.user_id == user_id && !key.is_empty() && key.starts_with(&k.prefix))
-            .map(|k| k.prefix.clone())
-            .unwrap_or_else(|| key.to_string())
-    };
+    let (_, user, prefix) = named_preauth_key(&st, &body)?;
     st.admin
         .expire_pre_auth_key(Request::new(proto::ExpirePreAuthKeyRequest {
             user,
             prefix,
         }))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// `DELETE /api/v1/preauthkey?id=N` (or `?user=U&key=K`).
+pub(super) async fn delete_preauth_key(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    let (id, _, _) = named_preauth_key(&st, &body)?;
+    st.admin
+        .delete_pre_auth_key(Request::new(proto::PreAuthKeyIdRequest { id }))
         .await?;
     Ok(Json(json!({})))
 }

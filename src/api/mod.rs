@@ -6,7 +6,9 @@
 //! answered 401 before anything else happens. Writes go through the admin gRPC service's
 //! own handlers (same validation, same Raft commands), reads come from this replica's
 //! applied state. What Hydrascale does not have yet answers 501 saying so.
+//! `openapi.yaml` describes every route; a test checks the two agree.
 
+mod auth;
 mod keys;
 mod nodes;
 mod policy;
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tonic::Code;
@@ -65,68 +67,112 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// What the API needs from the replica besides its state: its readiness (`/health`) and
+/// the settings a machine added with `/debug/node` would have been given at login.
+pub struct ApiContext {
+    pub serving: tokio::sync::watch::Receiver<bool>,
+    pub prefixes: crate::state::Prefixes,
+    pub key_lifetime: Option<i64>,
+}
+
 struct ApiState {
     db: Db,
     admin: Admin,
+    ctx: ApiContext,
 }
 
+/// The OpenAPI document of these routes, served at `/api/v1/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("openapi.yaml");
+
 /// Routes under `/api/v1`, merged into the control listener's router.
-pub fn router(db: Db) -> Router {
+pub fn router(db: Db, ctx: ApiContext) -> Router {
     let state = Arc::new(ApiState {
         admin: Admin::new(db.clone()),
         db,
+        ctx,
     });
-    Router::new()
-        .route(
-            "/api/v1/user",
-            get(users::list_users).post(users::create_user),
-        )
-        .route(
-            "/api/v1/user/{id}",
-            get(users::get_user).delete(users::delete_user),
-        )
-        .route(
-            "/api/v1/user/{old_id}/rename/{new_name}",
-            post(users::rename_user),
-        )
-        .route("/api/v1/node", get(nodes::list_nodes))
-        .route(
-            "/api/v1/node/{id}",
-            get(nodes::get_node).delete(nodes::delete_node),
-        )
-        .route("/api/v1/node/{id}/expire", post(nodes::expire_node))
-        .route(
-            "/api/v1/node/{id}/rename/{new_name}",
-            post(nodes::rename_node),
-        )
-        .route("/api/v1/node/{id}/tags", post(nodes::set_tags))
-        .route(
-            "/api/v1/node/{id}/approve_routes",
-            post(nodes::approve_routes),
-        )
-        .route("/api/v1/node/{id}/user", post(not_yet))
-        .route("/api/v1/node/register", post(nodes::register_node))
-        .route("/api/v1/node/backfillips", post(not_yet))
-        .route(
-            "/api/v1/preauthkey",
-            get(keys::list_preauth_keys).post(keys::create_preauth_key),
-        )
-        .route("/api/v1/preauthkey/expire", post(keys::expire_preauth_key))
-        .route(
-            "/api/v1/apikey",
-            get(keys::list_api_keys).post(keys::create_api_key),
-        )
-        .route("/api/v1/apikey/expire", post(keys::expire_api_key))
-        .route("/api/v1/apikey/{prefix}", delete(keys::delete_api_key))
-        .route(
-            "/api/v1/policy",
-            get(policy::get_policy).put(policy::set_policy),
-        )
+    let open = Router::new().route(
+        "/api/v1/openapi.yaml",
+        get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/yaml")],
+                OPENAPI,
+            )
+        }),
+    );
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ))
         .with_state(state)
+        .merge(open)
+}
+
+/// One route: the method named once, for the router and for the OpenAPI check.
+macro_rules! route {
+    ($method:ident $path:literal => $handler:expr) => {
+        (
+            stringify!($method),
+            $path,
+            axum::routing::on(axum::routing::MethodFilter::$method, $handler),
+        )
+    };
+}
+
+type Route = (
+    &'static str,
+    &'static str,
+    axum::routing::MethodRouter<Arc<ApiState>>,
+);
+
+/// Every route that needs an API key (all but the OpenAPI document).
+fn routes() -> Vec<Route> {
+    vec![
+        route!(GET "/api/v1/user" => users::list_users),
+        route!(POST "/api/v1/user" => users::create_user),
+        route!(GET "/api/v1/user/{id}" => users::get_user),
+        route!(DELETE "/api/v1/user/{id}" => users::delete_user),
+        route!(POST "/api/v1/user/{old_id}/rename/{new_name}" => users::rename_user),
+        route!(GET "/api/v1/node" => nodes::list_nodes),
+        route!(GET "/api/v1/node/{id}" => nodes::get_node),
+        route!(DELETE "/api/v1/node/{id}" => nodes::delete_node),
+        route!(POST "/api/v1/node/{id}/expire" => nodes::expire_node),
+        route!(POST "/api/v1/node/{id}/rename/{new_name}" => nodes::rename_node),
+        route!(POST "/api/v1/node/{id}/tags" => nodes::set_tags),
+        route!(POST "/api/v1/node/{id}/approve_routes" => nodes::approve_routes),
+        route!(POST "/api/v1/node/{id}/user" => not_yet),
+        route!(POST "/api/v1/node/register" => nodes::register_node),
+        route!(POST "/api/v1/node/backfillips" => nodes::backfill_ips),
+        route!(POST "/api/v1/debug/node" => nodes::debug_create_node),
+        route!(POST "/api/v1/auth/register" => auth::register),
+        route!(POST "/api/v1/auth/approve" => auth::approve),
+        route!(POST "/api/v1/auth/reject" => auth::reject),
+        route!(GET "/api/v1/health" => health),
+        route!(GET "/api/v1/preauthkey" => keys::list_preauth_keys),
+        route!(POST "/api/v1/preauthkey" => keys::create_preauth_key),
+        route!(DELETE "/api/v1/preauthkey" => keys::delete_preauth_key),
+        route!(POST "/api/v1/preauthkey/expire" => keys::expire_preauth_key),
+        route!(GET "/api/v1/apikey" => keys::list_api_keys),
+        route!(POST "/api/v1/apikey" => keys::create_api_key),
+        route!(POST "/api/v1/apikey/expire" => keys::expire_api_key),
+        route!(DELETE "/api/v1/apikey/{prefix}" => keys::delete_api_key),
+        route!(GET "/api/v1/policy" => policy::get_policy),
+        route!(PUT "/api/v1/policy" => policy::set_policy),
+        route!(POST "/api/v1/policy/check" => policy::check_policy),
+    ]
+}
+
+/// headscale's health check: `databaseConnectivity` is whether this replica can serve
+/// its state (in contact with the majority and caught up); when not, 503 says why.
+async fn health(State(st): State<Arc<ApiState>>) -> ApiResult {
+    crate::cluster::readiness(&st.db, &st.ctx.serving)
+        .map_err(|why| ApiError(tonic::Status::unavailable(why)))?;
+    Ok(Json(json!({ "databaseConnectivity": true })))
 }
 
 async fn require_api_key(
@@ -251,6 +297,17 @@ fn user_name(t: &Tailnet, id: u64) -> Result<String, ApiError> {
     })
 }
 
+/// An RFC 3339 time field, in ms since the epoch.
+fn rfc3339_ms(s: &str, field: &str) -> Result<i64, ApiError> {
+    let t = ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            ApiError(tonic::Status::invalid_argument(format!(
+                "{field} {s:?} is not an RFC 3339 time (2027-01-31T12:00:00Z): {e}"
+            )))
+        })?;
+    Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+}
+
 /// RFC 3339 time in the future -> lifetime in ms from now (0 = never expires).
 fn lifetime_ms(v: Option<&Value>) -> Result<i64, ApiError> {
     let Some(Value::String(s)) = v else {
@@ -259,13 +316,77 @@ fn lifetime_ms(v: Option<&Value>) -> Result<i64, ApiError> {
     if s.is_empty() {
         return Ok(0);
     }
-    let t = ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
-        .map_err(|e| {
-            ApiError(tonic::Status::invalid_argument(format!(
-                "expiration {s:?} is not an RFC 3339 time: {e}"
-            )))
-        })?;
-    let at = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    let at = rfc3339_ms(s, "expiration")?;
     // At least a millisecond: an expiry in the past still means "expired", not "never".
     Ok(at.saturating_sub(now_ms()).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// (METHOD, path) of every operation in the OpenAPI document: paths are the keys
+    /// indented by two spaces under `paths:`, operations the method keys under them.
+    fn documented() -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        let mut in_paths = false;
+        let mut path = None;
+        for line in super::OPENAPI.lines() {
+            if !line.starts_with(' ') && !line.trim().is_empty() {
+                in_paths = line.trim_end() == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /") {
+                path = Some(format!("/{}", p.trim_end().trim_end_matches(':')));
+            } else if let Some(m) = line.strip_prefix("    ") {
+                let m = m.trim_end().trim_end_matches(':');
+                if ["get", "post", "put", "delete", "patch"].contains(&m) {
+                    let p = path.clone().expect("an operation outside a path");
+                    out.insert((m.to_uppercase(), p));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_route_exists() {
+        let routed: BTreeSet<(String, String)> = super::routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
+            .chain([("GET".into(), "/api/v1/openapi.yaml".into())])
+            .collect();
+        let documented = documented();
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unrouted: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty() && unrouted.is_empty(),
+            "routes without a description in openapi.yaml: {undocumented:?}; described but not routed: {unrouted:?}"
+        );
+        assert!(routed.len() > 30, "{routed:?}");
+    }
+
+    #[test]
+    fn every_operation_has_a_summary_and_responses() {
+        let text = super::OPENAPI;
+        let ops = text
+            .lines()
+            .filter(|l| {
+                ["    get:", "    post:", "    put:", "    delete:"].contains(&l.trim_end())
+            })
+            .count();
+        let summaries = text
+            .lines()
+            .filter(|l| l.starts_with("      summary: "))
+            .count();
+        let responses = text
+            .lines()
+            .filter(|l| l.trim_end() == "      responses:")
+            .count();
+        assert_eq!(ops, summaries, "an operation without a summary");
+        assert_eq!(ops, responses, "an operation without responses");
+    }
 }

@@ -1,5 +1,6 @@
 //! `/api/v1/node`: headscale's node objects; list, get, delete, expire, rename, tag nodes,
-//! approve their routes, and register a machine waiting on an interactive login.
+//! approve their routes, register a machine waiting on an interactive login, and
+//! headscale's debug and maintenance calls (`debug/node`, `backfillips`).
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use tonic::Request;
 
 use super::users::user_of;
 use super::{
-    input, opt_time, path_id, resolve_user, strings, time, user_name, ApiError, ApiResult, ApiState,
+    flag, input, opt_time, path_id, resolve_user, rfc3339_ms, strings, time, user_name, ApiError,
+    ApiResult, ApiState,
 };
 use crate::admin::proto::admin_service_server::AdminService;
 use crate::admin::{convert, proto};
@@ -73,7 +75,7 @@ pub(super) async fn list_nodes(
     Ok(Json(json!({ "nodes": nodes })))
 }
 
-fn node_reply(st: &ApiState, id: u64) -> ApiResult {
+pub(super) fn node_reply(st: &ApiState, id: u64) -> ApiResult {
     let t = st.db.store.read();
     let n = t.nodes.get(&id).ok_or_else(|| {
         ApiError(tonic::Status::not_found(format!(
@@ -98,15 +100,124 @@ pub(super) async fn delete_node(
     Ok(Json(json!({})))
 }
 
+/// `POST /api/v1/node/{id}/expire`: expires the node's key now, or at `expiry` (RFC 3339),
+/// or never (`disableExpiry`), as headscale 0.29.
 pub(super) async fn expire_node(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
 ) -> ApiResult {
     let id = path_id(&id, "node id")?;
+    let body = input(q, &body)?;
+    let disable = flag(&body["disableExpiry"]) || flag(&body["disable_expiry"]);
+    let expiry_ms = match body.get("expiry") {
+        Some(Value::String(s)) if !s.is_empty() => Some(rfc3339_ms(s, "expiry")?),
+        _ => None,
+    };
     st.admin
-        .expire_node(Request::new(proto::NodeIdRequest { id }))
+        .set_node_expiry(Request::new(proto::SetNodeExpiryRequest {
+            id,
+            expiry_ms,
+            disable,
+        }))
         .await?;
     node_reply(&st, id)
+}
+
+/// `POST /api/v1/node/backfillips?confirmed=true`: gives nodes that lack an IPv4 or IPv6
+/// address one. Every node here is given both at registration, so nothing ever lacks
+/// one; the reply lists no change, and says so only after the caller confirmed.
+pub(super) async fn backfill_ips(
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    if !flag(&body["confirmed"]) {
+        return Err(ApiError(tonic::Status::invalid_argument(
+            "not confirmed, aborting: send confirmed=true to backfill addresses",
+        )));
+    }
+    Ok(Json(json!({ "changes": Vec::<String>::new() })))
+}
+
+/// `POST /api/v1/debug/node` with `{"user", "key", "name", "routes"}`: a made-up machine
+/// (fresh random keys) waits on an interactive login as `key`, advertising `routes`;
+/// `auth/register` (or `node/register`) with that key then makes it a node of a user.
+/// The reply echoes the machine as headscale does (no id or address before it is
+/// registered).
+pub(super) async fn debug_create_node(
+    State(st): State<Arc<ApiState>>,
+    Query(q): Query<Vec<(String, String)>>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body = input(q, &body)?;
+    let user = {
+        let t = st.db.store.read();
+        let id = resolve_user(&t, &body["user"])?;
+        user_of(&t, id)
+    };
+    let auth_id = body["key"].as_str().unwrap_or_default().to_string();
+    if auth_id.is_empty()
+        || auth_id.len() > 64
+        || !auth_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ApiError(tonic::Status::invalid_argument(
+            "key must be 1-64 letters, digits, '-' or '_': the id the machine will wait as",
+        )));
+    }
+    let name = body["name"].as_str().unwrap_or_default().to_string();
+    if !crate::state::valid_label(&name) {
+        return Err(ApiError(tonic::Status::invalid_argument(format!(
+            "name {name:?} is not a valid host name: use 1-63 letters, digits and '-'"
+        ))));
+    }
+    let mut routes = Vec::new();
+    for r in strings(&body["routes"]) {
+        let net: ipnet::IpNet = r.parse().map_err(|_| {
+            ApiError(tonic::Status::invalid_argument(format!(
+                "route {r:?} is not a prefix like 10.0.0.0/24"
+            )))
+        })?;
+        routes.push(net.trunc().to_string());
+    }
+    let hostinfo = json!({ "Hostname": name, "OS": "TestOS", "RoutableIPs": routes });
+    let random_key = |kind: &str| {
+        let mut b = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+        format!("{kind}:{}", hex::encode(b))
+    };
+    let login = crate::state::PendingLogin {
+        auth_id,
+        machine_key: random_key("mkey"),
+        node_key: random_key("nodekey"),
+        hostname: name.clone(),
+        hostinfo: hostinfo.to_string(),
+        ephemeral: false,
+        created: crate::state::now_ms(),
+        prefixes: st.ctx.prefixes,
+        key_lifetime: st.ctx.key_lifetime,
+    };
+    let echo = json!({
+        "id": "0",
+        "machineKey": login.machine_key,
+        "nodeKey": login.node_key,
+        "discoKey": "",
+        "ipAddresses": [],
+        "name": name,
+        "givenName": "",
+        "user": user,
+        "online": false,
+        "tags": [],
+        "approvedRoutes": [],
+        "availableRoutes": routes,
+        "subnetRoutes": [],
+        "registerMethod": "REGISTER_METHOD_UNSPECIFIED",
+    });
+    st.admin.start_debug_login(login).await?;
+    Ok(Json(json!({ "node": echo })))
 }
 
 pub(super) async fn rename_node(

@@ -18,6 +18,12 @@ pub(super) enum AuthCmd {
         #[arg(long)]
         auth_id: String,
     },
+    /// Turn away a machine waiting on an interactive login (it is shown a new login URL
+    /// if it asks again).
+    Reject {
+        #[arg(long)]
+        auth_id: String,
+    },
     /// Let a Tailscale SSH connection held by a `check` rule go on (or refuse it with
     /// --reject). The id is the last part of the link the ssh user was shown
     /// (…/ssh/check/ID); the whole link works too.
@@ -46,6 +52,17 @@ pub(super) async fn run(cmd: AuthCmd, target: &Target, json: bool) -> Result<()>
                     "Node {} ({}) registered, address {}",
                     n.id, n.given_name, n.ipv4
                 );
+            })?;
+        }
+        AuthCmd::Reject { auth_id } => {
+            let auth_id = crate::state::PendingLogin::id_from(&auth_id).to_string();
+            c.reject_login(proto::AuthIdRequest {
+                auth_id: auth_id.clone(),
+            })
+            .await
+            .map_err(grpc_error)?;
+            emit(json, &serde_json::json!({ "rejected": auth_id }), || {
+                println!("Login {auth_id} turned away");
             })?;
         }
         AuthCmd::ApproveSsh { auth_id, reject } => {

@@ -19,9 +19,18 @@ pub(super) enum NodesCmd {
         #[arg(long, short = 'i')]
         identifier: u64,
     },
+    /// Expire a node's key now, or set when it expires (--expiry), or let it never expire
+    /// (--disable).
     Expire {
         #[arg(long, short = 'i')]
         identifier: u64,
+        /// When the key expires: an RFC 3339 time (2027-01-31T12:00:00Z) or a lifetime
+        /// from now (90d, 12h).
+        #[arg(long, conflicts_with = "disable")]
+        expiry: Option<String>,
+        /// The node's key never expires.
+        #[arg(long)]
+        disable: bool,
     },
     Rename {
         #[arg(long, short = 'i')]
@@ -64,15 +73,31 @@ pub(super) async fn run(cmd: NodesCmd, target: &Target, json: bool) -> Result<()
                 println!("Node {identifier} deleted");
             })?;
         }
-        NodesCmd::Expire { identifier } => {
-            let r = c
-                .expire_node(proto::NodeIdRequest { id: identifier })
+        NodesCmd::Expire {
+            identifier,
+            expiry,
+            disable,
+        } => {
+            let r = if expiry.is_none() && !disable {
+                c.expire_node(proto::NodeIdRequest { id: identifier }).await
+            } else {
+                let expiry_ms = expiry.as_deref().map(expiry_time).transpose()?;
+                c.set_node_expiry(proto::SetNodeExpiryRequest {
+                    id: identifier,
+                    expiry_ms,
+                    disable,
+                })
                 .await
-                .map_err(grpc_error)?
-                .into_inner();
+            }
+            .map_err(grpc_error)?
+            .into_inner();
             let n = r.node.context("no node in reply")?;
-            emit(json, &n, || {
-                println!("Node {} expired", n.given_name);
+            emit(json, &n, || match n.expiry_ms {
+                None => println!("Node {} never expires", n.given_name),
+                Some(at) if at <= crate::state::now_ms() => {
+                    println!("Node {} expired", n.given_name)
+                }
+                Some(at) => println!("Node {} expires at {}", n.given_name, fmt_ms(Some(at))),
             })?;
         }
         NodesCmd::Rename {
@@ -190,6 +215,20 @@ fn nodes_table(nodes: &[proto::Node]) -> String {
         out.push_str(&line(&mut row.iter().map(String::as_str)));
     }
     out
+}
+
+/// `--expiry`: an RFC 3339 time, or a lifetime from now such as 90d.
+fn expiry_time(text: &str) -> Result<i64> {
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        return Ok(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX));
+    }
+    let lifetime = crate::config::parse_duration_ms(text).map_err(|e| {
+        anyhow::anyhow!(
+            "--expiry {text:?} is neither an RFC 3339 time (2027-01-31T12:00:00Z) nor a lifetime (90d): {e}"
+        )
+    })?;
+    Ok(crate::state::now_ms().saturating_add(lifetime))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `hydrascale preauthkeys`: create, list and expire pre-auth keys.
+//! `hydrascale preauthkeys`: create, list, expire and delete pre-auth keys.
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -33,6 +33,12 @@ pub(super) enum KeysCmd {
         user: String,
         /// The key's prefix as shown by `preauthkeys list`.
         prefix: String,
+    },
+    /// Delete a key by its id (the ID column of `preauthkeys list`); the nodes it
+    /// registered stay.
+    Delete {
+        #[arg(long)]
+        id: u64,
     },
 }
 
@@ -99,6 +105,14 @@ pub(super) async fn run(cmd: KeysCmd, target: &Target, json: bool) -> Result<()>
             let k = r.key.context("no key in reply")?;
             emit(json, &k, || {
                 println!("Key {} expired", k.prefix);
+            })?;
+        }
+        KeysCmd::Delete { id } => {
+            c.delete_pre_auth_key(proto::PreAuthKeyIdRequest { id })
+                .await
+                .map_err(grpc_error)?;
+            emit(json, &serde_json::json!({ "deleted": id }), || {
+                println!("Key {id} deleted");
             })?;
         }
     }

@@ -26,6 +26,8 @@ pub enum StateError {
     AuthKeyUsed,
     #[error("no pre-auth key of user {user:?} starts with {prefix:?}; see `hydrascale preauthkeys list --user {user}`")]
     PreAuthKeyNotFound { user: String, prefix: String },
+    #[error("no pre-auth key has the id {0}; see `hydrascale preauthkeys list --user USER`")]
+    PreAuthKeyIdNotFound(u64),
     #[error("no API key has the prefix {0:?}; see `hydrascale apikeys list`")]
     ApiKeyNotFound(String),
     #[error("an API key with the prefix {0:?} exists already; create the key again")]

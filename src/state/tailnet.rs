@@ -244,6 +244,9 @@ impl Tailnet {
                 | Command::SetTags { .. }
                 | Command::ApproveRoutes { .. }
                 | Command::ExpireNode { .. }
+                | Command::SetNodeExpiry { .. }
+                | Command::DeletePreAuthKey { .. }
+                | Command::RejectLogin { .. }
                 | Command::LinkUser { .. }
                 | Command::Acme { .. }
         );

@@ -1180,3 +1180,61 @@ fn node_index_answers_what_a_scan_would() {
     assert_eq!(copy, t);
     check(&copy);
 }
+
+/// headscale 0.29's shapes: a pre-auth key deleted by id (its nodes stay), a node's key
+/// expiry set, disabled and set again, a waiting login turned away.
+#[test]
+fn keys_deleted_by_id_node_expiry_set_and_logins_rejected() {
+    let mut t = setup();
+    let n = node(ok(&mut t, reg(1, 1, "multi")));
+    let key_id = n.auth_key_id.expect("registered with a key");
+    ok(&mut t, Command::DeletePreAuthKey { id: key_id });
+    assert!(!t.preauth_keys.contains_key(&key_id));
+    assert!(t.nodes.contains_key(&n.id), "the key's node stays");
+    assert_eq!(
+        refused(&mut t, Command::DeletePreAuthKey { id: key_id }),
+        StateError::PreAuthKeyIdNotFound(key_id)
+    );
+    assert_eq!(
+        refused(&mut t, reg(2, 2, "multi")),
+        StateError::AuthKeyUnknown
+    );
+
+    let later = NOW + 86_400_000;
+    let set = |expiry| Command::SetNodeExpiry { id: n.id, expiry };
+    assert_eq!(node(ok(&mut t, set(Some(later)))).expiry, Some(later));
+    assert_eq!(node(ok(&mut t, set(None))).expiry, None);
+    assert_eq!(node(ok(&mut t, set(Some(NOW)))).expiry, Some(NOW));
+    assert_eq!(
+        refused(
+            &mut t,
+            Command::SetNodeExpiry {
+                id: 999,
+                expiry: None
+            }
+        ),
+        StateError::NodeNotFound(999)
+    );
+
+    ok(&mut t, pending("turned-away", 3, 3, NOW));
+    ok(
+        &mut t,
+        Command::RejectLogin {
+            auth_id: "turned-away".into(),
+        },
+    );
+    assert!(t.pending_logins.is_empty());
+    assert_eq!(
+        refused(&mut t, complete("turned-away", "alice", NOW)),
+        StateError::LoginNotFound("turned-away".into())
+    );
+    for c in [
+        Command::DeletePreAuthKey { id: 1 },
+        set(None),
+        Command::RejectLogin {
+            auth_id: "x".into(),
+        },
+    ] {
+        assert_eq!(c.level(), 3, "{c:?}");
+    }
+}

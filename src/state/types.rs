@@ -242,7 +242,7 @@ impl Replica {
 /// level (`Db::check_level`), so a rolling upgrade never stops a replica not yet upgraded.
 /// Raise it with the first new kind of command of a version (or a new field whose loss
 /// an older replica would not notice), and give that kind the new level.
-pub const COMMAND_LEVEL: u32 = 2;
+pub const COMMAND_LEVEL: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RegisterAuth {
@@ -460,6 +460,22 @@ pub enum Command {
         step: AcmeStep,
         now: i64,
     },
+    /// An administrator deletes pre-auth key `id` (nodes it registered stay; the key can no
+    /// longer register any).
+    DeletePreAuthKey {
+        id: u64,
+    },
+    /// An administrator sets node `id`'s key expiry: a time (in the past: expired now), or
+    /// `None` for a key that never expires.
+    SetNodeExpiry {
+        id: u64,
+        expiry: Option<i64>,
+    },
+    /// An administrator turns away the machine waiting to log in as `auth_id`: its login
+    /// is dropped (the machine is shown a new login URL if it asks again).
+    RejectLogin {
+        auth_id: String,
+    },
 }
 
 impl Command {
@@ -474,6 +490,10 @@ impl Command {
             | Command::LinkUser { .. } => 2,
             // The cluster's ACME certificate, in the replicated state.
             Command::Acme { .. } => 2,
+            // headscale 0.29's REST shapes: keys deleted by id, node expiry set or disabled.
+            Command::DeletePreAuthKey { .. }
+            | Command::SetNodeExpiry { .. }
+            | Command::RejectLogin { .. } => 3,
             _ => 1,
         }
     }

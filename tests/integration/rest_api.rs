@@ -232,3 +232,247 @@ async fn rest_api_is_headscale_compatible_and_needs_a_key() {
         "{keys}"
     );
 }
+
+/// headscale 0.29's remaining endpoints, each with the CLI's view of what it did: keys
+/// expired and deleted by id, node expiry set and disabled, the debug machine registered
+/// through `auth/register`, logins turned away, policy checked without being set, health,
+/// backfill, and the OpenAPI document. Without a key each is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_covers_headscale_0_29() {
+    let server = TestServer::start().await;
+    let addr = server.handle().control_addr.to_string();
+    let key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let call = |method: &str, path: &str, body: Option<&str>| {
+        http_json(&addr, method, path, Some(&key), body)
+    };
+    server.cli_json(&["users", "create", "ops"]);
+    let key_ids = || -> Vec<(u64, bool)> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as i64;
+        server
+            .cli_json(&["preauthkeys", "list", "--user", "ops"])
+            .as_array()
+            .expect("keys")
+            .iter()
+            .map(|k| {
+                let expired = k["expiration_ms"].as_i64().is_some_and(|e| e <= now);
+                (k["id"].as_u64().expect("id"), expired)
+            })
+            .collect()
+    };
+
+    // Pre-auth keys by id: expire, then delete; the older shape (user + key) deletes too.
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let (code, pak) = call(
+            "POST",
+            "/api/v1/preauthkey",
+            Some(r#"{"user":"ops","reusable":true,"expiration":"2099-01-01T00:00:00Z"}"#),
+        );
+        assert_eq!(code, 200, "{pak}");
+        made.push((
+            pak["preAuthKey"]["id"].as_str().expect("id").to_string(),
+            pak["preAuthKey"]["key"].as_str().expect("key").to_string(),
+        ));
+    }
+    let first: u64 = made[0].0.parse().expect("numeric id");
+    let (code, err) = http_json(
+        &addr,
+        "DELETE",
+        &format!("/api/v1/preauthkey?id={first}"),
+        None,
+        None,
+    );
+    assert_eq!(code, 401, "{err}");
+    let (code, err) = http_json(
+        &addr,
+        "POST",
+        "/api/v1/preauthkey/expire",
+        None,
+        Some(&format!(r#"{{"id":"{first}"}}"#)),
+    );
+    assert_eq!(code, 401, "{err}");
+    assert_eq!(key_ids().len(), 2, "refused calls changed nothing");
+    assert!(key_ids().iter().all(|(_, expired)| !expired));
+    let (code, r) = call(
+        "POST",
+        "/api/v1/preauthkey/expire",
+        Some(&format!(r#"{{"id":"{first}"}}"#)),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert!(key_ids().contains(&(first, true)), "{:?}", key_ids());
+    let (code, r) = call("DELETE", &format!("/api/v1/preauthkey?id={first}"), None);
+    assert_eq!(code, 200, "{r}");
+    assert!(!key_ids().iter().any(|(id, _)| *id == first));
+    let (code, r) = call("DELETE", &format!("/api/v1/preauthkey?id={first}"), None);
+    assert_eq!((code, r["code"].as_i64()), (404, Some(5)), "{r}");
+    let (code, r) = call(
+        "DELETE",
+        &format!("/api/v1/preauthkey?user=ops&key={}", made[1].1),
+        None,
+    );
+    assert_eq!(code, 200, "{r}");
+    assert!(key_ids().is_empty(), "{:?}", key_ids());
+
+    // A made-up machine waits on an interactive login, and auth/register makes it a node.
+    let (code, r) = call(
+        "POST",
+        "/api/v1/debug/node",
+        Some(r#"{"user":"ops","key":"debug-one","name":"debug-box","routes":["10.9.0.0/24"]}"#),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"]["name"], "debug-box");
+    assert_eq!(r["node"]["user"]["name"], "ops");
+    let (code, r) = call(
+        "POST",
+        "/api/v1/auth/approve",
+        Some(r#"{"authId":"debug-one"}"#),
+    );
+    assert_eq!(code, 400, "a login needs a user: {r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("auth/register"),
+        "{r}"
+    );
+    let (code, r) = http_json(
+        &addr,
+        "POST",
+        "/api/v1/auth/register",
+        None,
+        Some(r#"{"user":"ops","authId":"debug-one"}"#),
+    );
+    assert_eq!(code, 401, "{r}");
+    let (code, r) = call(
+        "POST",
+        "/api/v1/auth/register",
+        Some(r#"{"user":"ops","authId":"debug-one"}"#),
+    );
+    assert_eq!(code, 200, "{r}");
+    let node = &r["node"];
+    assert_eq!(node["user"]["name"], "ops");
+    assert_eq!(node["availableRoutes"], serde_json::json!(["10.9.0.0/24"]));
+    let id = node["id"].as_str().expect("id").to_string();
+    let cli_node = |id: &str| {
+        server
+            .cli_json(&["nodes", "list"])
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["id"].as_u64().map(|i| i.to_string()).as_deref() == Some(id))
+            .cloned()
+            .expect("the node in the CLI's list")
+    };
+    assert_eq!(cli_node(&id)["hostname"], "debug-box");
+
+    // Node expiry: a time, disabled, both (refused), now.
+    let (code, r) = call(
+        "POST",
+        &format!("/api/v1/node/{id}/expire?expiry=2099-06-01T00:00:00Z"),
+        None,
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["node"]["expiry"], "2099-06-01T00:00:00Z");
+    assert_eq!(cli_node(&id)["expiry_ms"].as_i64(), Some(4_083_955_200_000));
+    let (code, r) = call(
+        "POST",
+        &format!("/api/v1/node/{id}/expire?disableExpiry=true"),
+        None,
+    );
+    assert_eq!(code, 200, "{r}");
+    assert!(r["node"]["expiry"].is_null(), "{r}");
+    assert!(cli_node(&id)["expiry_ms"].is_null());
+    let (code, r) = call(
+        "POST",
+        &format!("/api/v1/node/{id}/expire?disableExpiry=true&expiry=2099-06-01T00:00:00Z"),
+        None,
+    );
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        cli_node(&id)["expiry_ms"].is_null(),
+        "a refused call changed nothing"
+    );
+    let (code, r) = call("POST", &format!("/api/v1/node/{id}/expire"), None);
+    assert_eq!(code, 200, "{r}");
+    assert!(cli_node(&id)["expiry_ms"].as_i64().is_some());
+    // The CLI's own forms.
+    let n = server.cli_json(&["nodes", "expire", "-i", &id, "--disable"]);
+    assert!(n["expiry_ms"].is_null(), "{n}");
+    let n = server.cli_json(&[
+        "nodes",
+        "expire",
+        "-i",
+        &id,
+        "--expiry",
+        "2099-06-01T00:00:00Z",
+    ]);
+    assert_eq!(n["expiry_ms"].as_i64(), Some(4_083_955_200_000), "{n}");
+
+    // A second made-up machine is turned away: its login is gone.
+    let (code, _) = call(
+        "POST",
+        "/api/v1/debug/node",
+        Some(r#"{"user":"ops","key":"debug-two","name":"debug-two"}"#),
+    );
+    assert_eq!(code, 200);
+    let (code, r) = call(
+        "POST",
+        "/api/v1/auth/reject",
+        Some(r#"{"authId":"debug-two"}"#),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (code, r) = call(
+        "POST",
+        "/api/v1/auth/register",
+        Some(r#"{"user":"ops","authId":"debug-two"}"#),
+    );
+    assert_eq!(code, 404, "{r}");
+    let (code, r) = call(
+        "POST",
+        "/api/v1/auth/reject",
+        Some(r#"{"authId":"nobody"}"#),
+    );
+    assert_eq!(code, 404, "{r}");
+
+    // Policy check: a mistake is refused and says where; nothing is set either way.
+    let before = call("GET", "/api/v1/policy", None).1;
+    let bad = serde_json::json!({ "policy": "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:nope\"]}\n  ]\n}\n" });
+    let (code, r) = call("POST", "/api/v1/policy/check", Some(&bad.to_string()));
+    assert_eq!(code, 400, "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("would be refused"),
+        "{r}"
+    );
+    let good = serde_json::json!({ "policy": "{\"acls\": [{\"action\": \"accept\", \"src\": [\"*\"], \"dst\": [\"*:*\"]}]}" });
+    let (code, r) = call("POST", "/api/v1/policy/check", Some(&good.to_string()));
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(
+        call("GET", "/api/v1/policy", None).1,
+        before,
+        "check set nothing"
+    );
+
+    // Health, backfill, the document.
+    let (code, r) = call("GET", "/api/v1/health", None);
+    assert_eq!(
+        (code, &r),
+        (200, &serde_json::json!({ "databaseConnectivity": true }))
+    );
+    assert_eq!(http_json(&addr, "GET", "/api/v1/health", None, None).0, 401);
+    let (code, r) = call("POST", "/api/v1/node/backfillips", None);
+    assert_eq!(code, 400, "{r}");
+    let (code, r) = call("POST", "/api/v1/node/backfillips?confirmed=true", None);
+    assert_eq!((code, &r), (200, &serde_json::json!({ "changes": [] })));
+    let (code, text) = crate::fixtures::http_get(&addr, "/api/v1/openapi.yaml").expect("GET");
+    assert_eq!(code, 200);
+    assert!(text.contains("openapi: 3.0.3") && text.contains("/api/v1/auth/register:"));
+}

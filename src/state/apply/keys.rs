@@ -55,6 +55,13 @@ impl Tailnet {
         Ok((CommandOutput::PreAuthKey(k.clone()), Vec::new()))
     }
 
+    pub(super) fn delete_preauth_key(&mut self, id: u64) -> Outcome {
+        self.preauth_keys
+            .remove(&id)
+            .ok_or(StateError::PreAuthKeyIdNotFound(id))?;
+        Ok((CommandOutput::Done, Vec::new()))
+    }
+
     /// The pre-auth key with SHA-256 `hash`, if `machine_key` may register `node_key`
     /// with it now.
     pub(super) fn key_grant(

@@ -33,6 +33,14 @@ impl Tailnet {
         self.complete_login(&p, user_id, now)
     }
 
+    /// An administrator turns the login `auth_id` away.
+    pub(super) fn reject_login(&mut self, auth_id: &str) -> Outcome {
+        self.pending_logins
+            .remove(auth_id)
+            .ok_or_else(|| StateError::LoginNotFound(auth_id.to_string()))?;
+        Ok((CommandOutput::Done, Vec::new()))
+    }
+
     /// The OIDC provider vouches for login `auth_id` as (`issuer`, `subject`): the user
     /// bound to that identity, else a new one named after `name`, unless a user of that
     /// name predates identities (an administrator links it first).

@@ -131,6 +131,9 @@ impl Tailnet {
                 self.remove_idle_ephemeral(node_ids, *cutoff)
             }
             Command::ExpireNode { id, now } => self.expire_node(*id, *now),
+            Command::SetNodeExpiry { id, expiry } => self.set_node_expiry(*id, *expiry),
+            Command::DeletePreAuthKey { id } => self.delete_preauth_key(*id),
+            Command::RejectLogin { auth_id } => self.reject_login(auth_id),
             Command::RenameNode { id, new_name } => self.rename_node(*id, new_name),
             Command::ReplicaDown { replica, now } => self.replica_down(*replica, *now),
             Command::RegisterReplica { replica } => self.register_replica(replica),

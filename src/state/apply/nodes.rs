@@ -155,11 +155,15 @@ impl Tailnet {
     }
 
     pub(super) fn expire_node(&mut self, id: u64, now: i64) -> Outcome {
+        self.set_node_expiry(id, Some(now))
+    }
+
+    pub(super) fn set_node_expiry(&mut self, id: u64, expiry: Option<i64>) -> Outcome {
         let n = self
             .nodes
             .get_mut(&id)
             .ok_or(StateError::NodeNotFound(id))?;
-        n.expiry = Some(now);
+        n.expiry = expiry;
         Ok((
             CommandOutput::Node(n.clone()),
             vec![Change::NodeUpserted(id)],
