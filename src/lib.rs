@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod derp;
+pub mod dns;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod listener;

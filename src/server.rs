@@ -471,6 +471,11 @@ pub async fn run_server(config: Config) -> Result<ServerHandle, ServerError> {
         tasks.spawn(control::reconcile_online(state, stop));
     }
     tasks.spawn(return_freed_memory(shutdown_rx.clone()));
+    tasks.spawn(crate::dns::seed(
+        db.clone(),
+        config.dns.clone(),
+        shutdown_rx.clone(),
+    ));
     let plain_app = tls_store.as_ref().map(|_| {
         let mut plain = control::plain_router(state.clone())
             .merge(crate::tls::challenge_routes(db.clone()))

@@ -10,6 +10,7 @@
 
 mod cluster;
 pub mod convert;
+mod dns;
 mod keys;
 mod nodes;
 mod policy;
@@ -301,6 +302,20 @@ impl AdminService for Admin {
         req: Request<proto::DecideSshCheckRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         nodes::decide_ssh_check(self, req).await
+    }
+
+    async fn get_dns(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::DnsReply>, Status> {
+        dns::get_dns(self, req).await
+    }
+
+    async fn set_dns(
+        &self,
+        req: Request<proto::SetDnsRequest>,
+    ) -> Result<Response<proto::DnsReply>, Status> {
+        dns::set_dns(self, req).await
     }
 
     async fn get_policy(

@@ -9,6 +9,7 @@
 //! `openapi.yaml` describes every route; a test checks the two agree.
 
 mod auth;
+mod dns;
 mod keys;
 mod nodes;
 mod policy;
@@ -164,6 +165,8 @@ fn routes() -> Vec<Route> {
         route!(GET "/api/v1/policy" => policy::get_policy),
         route!(PUT "/api/v1/policy" => policy::set_policy),
         route!(POST "/api/v1/policy/check" => policy::check_policy),
+        route!(GET "/api/v1/dns" => dns::get_dns),
+        route!(PUT "/api/v1/dns" => dns::set_dns),
     ]
 }
 

@@ -7,6 +7,7 @@ mod apikeys;
 mod auth;
 mod client;
 mod cluster;
+mod dns;
 mod migrate;
 mod nodes;
 mod output;
@@ -23,6 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use apikeys::ApiKeysCmd;
 use auth::AuthCmd;
 use cluster::ClusterCmd;
+use dns::DnsCmd;
 use migrate::MigrateCmd;
 use nodes::NodesCmd;
 use policy::PolicyCmd;
@@ -97,6 +99,9 @@ enum Cmd {
     /// The tailnet policy (Tailscale's policy file format, HuJSON).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// The tailnet's DNS settings (MagicDNS, resolvers, split DNS, extra records).
+    #[command(subcommand)]
+    Dns(DnsCmd),
 }
 
 pub fn main_entry() -> Result<()> {
@@ -135,5 +140,6 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Migrate(cmd) => migrate::run(cmd, target.config.as_deref(), json),
         Cmd::Auth(cmd) => auth::run(cmd, &target, json).await,
         Cmd::Policy(cmd) => policy::run(cmd, &target, json).await,
+        Cmd::Dns(cmd) => dns::run(cmd, &target, json).await,
     }
 }

@@ -511,7 +511,9 @@ async fn run_stream(
                         | Ok(Change::SshCheckDecided(_))
                         | Ok(Change::TlsChanged) => {}
                         Ok(Change::ReplicasChanged) => derp_changed = true,
-                        Ok(Change::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
+                        // DNS settings travel only in full maps; they change rarely.
+                        Ok(Change::Reset | Change::DnsChanged)
+                        | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                         Err(broadcast::error::RecvError::Closed) => return,
                     }
                     pending = match changes.try_recv() {

@@ -123,10 +123,11 @@ pub(super) fn user_profiles(t: &Tailnet) -> Vec<UserProfile> {
         .collect()
 }
 
-/// Tailscale's `DNSConfig` from the `[dns]` settings: the same for every node, so it
-/// travels only in full maps.
-pub(super) fn dns_config(config: &Config) -> DnsConfig {
-    let d = &config.dns;
+/// Tailscale's `DNSConfig` from the tailnet's DNS settings (the replicated ones, or this
+/// replica's `[dns]` until they are seeded): the same for every node, so it travels only
+/// in full maps.
+pub(super) fn dns_config(t: &Tailnet, config: &Config) -> DnsConfig {
+    let d = t.dns.as_ref().unwrap_or(&config.dns);
     let resolvers = |list: &[String]| -> Vec<DnsResolver> {
         list.iter()
             .map(|a| DnsResolver { addr: a.clone() })
@@ -414,7 +415,7 @@ mod tests {
         let mut config = Config::default();
         let same = |c: &Config| {
             assert_eq!(
-                serde_json::to_value(dns_config(c)).unwrap(),
+                serde_json::to_value(dns_config(&crate::state::Tailnet::default(), c)).unwrap(),
                 reference::dns_config(c)
             )
         };
@@ -464,7 +465,7 @@ mod tests {
     fn dns_settings_become_the_clients_dns_config() {
         let mut config = Config::default();
         assert_eq!(
-            json!(dns_config(&config)),
+            json!(dns_config(&crate::state::Tailnet::default(), &config)),
             serde_json::json!({ "Domains": ["hydrascale.internal"], "Proxied": true, "Resolvers": [] })
         );
         config.dns.nameservers = vec!["1.1.1.1".into()];
@@ -480,7 +481,7 @@ mod tests {
             value: "100.64.0.9".into(),
         });
         assert_eq!(
-            json!(dns_config(&config)),
+            json!(dns_config(&crate::state::Tailnet::default(), &config)),
             serde_json::json!({
                 "Domains": ["hydrascale.internal", "corp.example"],
                 "Proxied": true,
@@ -491,9 +492,35 @@ mod tests {
         );
         config.dns.magic_dns = false;
         assert_eq!(
-            json!(dns_config(&config))["Domains"],
+            json!(dns_config(&crate::state::Tailnet::default(), &config))["Domains"],
             serde_json::json!(["corp.example"])
         );
-        assert_eq!(json!(dns_config(&config))["Proxied"], false);
+        assert_eq!(
+            json!(dns_config(&crate::state::Tailnet::default(), &config))["Proxied"],
+            false
+        );
+    }
+
+    #[test]
+    fn replicated_dns_settings_win_over_the_replicas_own() {
+        let mut config = Config::default();
+        config.dns.nameservers = vec!["9.9.9.9".into()];
+        let mut t = crate::state::Tailnet::default();
+        let mine = json!(dns_config(&t, &config));
+        assert_eq!(
+            mine["Resolvers"],
+            serde_json::json!([{ "Addr": "9.9.9.9" }])
+        );
+        t.dns = Some(crate::state::DnsSettings {
+            nameservers: vec!["1.1.1.1".into()],
+            magic_dns: false,
+            ..Default::default()
+        });
+        let replicated = json!(dns_config(&t, &config));
+        assert_eq!(
+            replicated["Resolvers"],
+            serde_json::json!([{ "Addr": "1.1.1.1" }])
+        );
+        assert_eq!(replicated["Proxied"], false);
     }
 }

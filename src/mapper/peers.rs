@@ -428,7 +428,8 @@ impl Observer for PeerCache {
                 | Change::Reset
                 | Change::PolicyChanged
                 | Change::SshCheckDecided(_)
-                | Change::TlsChanged => {}
+                | Change::TlsChanged
+                | Change::DnsChanged => {}
             }
         }
         // Routers coming, going or going offline move subnet routes between the others.

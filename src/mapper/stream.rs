@@ -134,7 +134,7 @@ impl StreamView {
         let mut resp = MapResponse {
             node: Some(self_json),
             derp_map: Some(derp_map.clone()),
-            dns_config: Some(dns_config(config)),
+            dns_config: Some(dns_config(t, config)),
             domain: base.clone(),
             packet_filter: Some(filter),
             ssh_policy: ssh,

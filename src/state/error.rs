@@ -70,6 +70,8 @@ pub enum StateError {
     BadRoute(String),
     #[error("the policy was refused, the previous one stays in force: {0}")]
     BadPolicy(String),
+    #[error("the DNS settings were refused, the previous ones stay in force: {field}: {message}")]
+    BadDns { field: String, message: String },
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]
     TooManyPendingLogins,
     #[error("user {name:?} was stored before this server recorded who created its users, so it cannot tell whether this OIDC login is that user; an administrator who knows it is links them with `hydrascale users link --name {name} --issuer {issuer} --subject {subject}` (or renames the user), then log in again")]

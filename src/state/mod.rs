@@ -3,6 +3,7 @@
 
 mod api_keys;
 mod apply;
+mod dns;
 mod error;
 mod index;
 pub mod ipam;
@@ -16,6 +17,7 @@ mod tests;
 mod tests_acme;
 mod types;
 
+pub use dns::{valid_domain, valid_resolver, DnsProblem, DnsRecord, DnsSettings, MAX_DNS_ENTRIES};
 pub use error::StateError;
 pub use store::{now_ms, Db, DbError, Meters, Observer, StampedChange, StateStore};
 pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Tailnet};

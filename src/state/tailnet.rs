@@ -49,6 +49,10 @@ pub struct Tailnet {
     /// one replica at a time order it.
     #[serde(default)]
     pub tls: TlsState,
+    /// The DNS settings clients get; none until the founding replica's `[dns]` seeds them
+    /// (replicas serve their own `[dns]` meanwhile).
+    #[serde(default)]
+    pub dns: Option<super::dns::DnsSettings>,
     #[serde(default)]
     pub(super) next_api_key_id: u64,
     pub(super) next_user_id: u64,
@@ -247,6 +251,7 @@ impl Tailnet {
                 | Command::SetNodeExpiry { .. }
                 | Command::DeletePreAuthKey { .. }
                 | Command::RejectLogin { .. }
+                | Command::SetDns { .. }
                 | Command::LinkUser { .. }
                 | Command::Acme { .. }
         );

@@ -1238,3 +1238,46 @@ fn keys_deleted_by_id_node_expiry_set_and_logins_rejected() {
         assert_eq!(c.level(), 3, "{c:?}");
     }
 }
+
+/// The DNS settings: a seed is taken only while none are set, a replacement is checked
+/// (a refused one changes nothing), and only a real change is announced to the streams.
+#[test]
+fn dns_settings_are_seeded_once_and_replaced_checked() {
+    let mut t = setup();
+    let first = crate::state::DnsSettings {
+        nameservers: vec!["1.1.1.1".into()],
+        ..Default::default()
+    };
+    let seed = |s: &crate::state::DnsSettings| Command::SetDns {
+        settings: s.clone(),
+        seed: true,
+    };
+    assert_eq!(t.apply(&seed(&first)).1, vec![Change::DnsChanged]);
+    let other = crate::state::DnsSettings {
+        magic_dns: false,
+        ..Default::default()
+    };
+    assert!(
+        t.apply(&seed(&other)).1.is_empty(),
+        "a second seed changes nothing"
+    );
+    assert_eq!(t.dns.as_ref(), Some(&first));
+    let set = |s: &crate::state::DnsSettings| Command::SetDns {
+        settings: s.clone(),
+        seed: false,
+    };
+    assert_eq!(t.apply(&set(&other)).1, vec![Change::DnsChanged]);
+    assert!(
+        t.apply(&set(&other)).1.is_empty(),
+        "the same settings again"
+    );
+    let bad = crate::state::DnsSettings {
+        nameservers: vec!["dns.example".into()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        refused(&mut t, set(&bad)),
+        StateError::BadDns { .. }
+    ));
+    assert_eq!(t.dns.as_ref(), Some(&other));
+}

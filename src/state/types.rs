@@ -476,6 +476,12 @@ pub enum Command {
     RejectLogin {
         auth_id: String,
     },
+    /// Replaces the tailnet's DNS settings (checked here; refused settings change
+    /// nothing). `seed`: only if none are set yet (a replica's `[dns]` at founding).
+    SetDns {
+        settings: crate::state::DnsSettings,
+        seed: bool,
+    },
 }
 
 impl Command {
@@ -493,7 +499,8 @@ impl Command {
             // headscale 0.29's REST shapes: keys deleted by id, node expiry set or disabled.
             Command::DeletePreAuthKey { .. }
             | Command::SetNodeExpiry { .. }
-            | Command::RejectLogin { .. } => 3,
+            | Command::RejectLogin { .. }
+            | Command::SetDns { .. } => 3,
             _ => 1,
         }
     }
@@ -731,4 +738,6 @@ pub enum Change {
     SshCheckDecided(String),
     /// The cluster's certificate or ACME challenge changed: replicas serve the new one.
     TlsChanged,
+    /// The DNS settings changed: every client gets the new `DNSConfig`.
+    DnsChanged,
 }

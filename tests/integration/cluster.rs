@@ -929,3 +929,120 @@ async fn cluster_status_on_a_follower_shows_the_leaders_view_and_down_members() 
         assert_eq!(leader_row["down"].as_bool(), Some(true), "{st}");
     }
 }
+
+/// DNS settings are tailnet state: seeded by the founding replicas, changed through
+/// replica 1 (CLI) and replica 3 (REST), and an official client streaming from replica 2
+/// gets each change on its open stream: its resolver answers the new extra record and it
+/// shows the new nameserver and split domain. A refused change leaves them as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_settings_changed_through_one_replica_reach_clients_on_another() {
+    let Some(bin) = require_tailscale() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lb_url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
+    let replicas = start_cluster(dir.path(), &lb_url).await;
+    let seeded = wait_for("the DNS settings seeded", Duration::from_secs(30), || {
+        let r = replicas[1].cli_json(&["dns", "show"]);
+        async move { (r["magic_dns"] == true).then_some(r) }
+    })
+    .await;
+    assert_eq!(seeded["nameservers"], serde_json::json!([]), "{seeded}");
+    let key = create_reusable_key(&replicas[0], "dora");
+    let root = dir.path().join("clients");
+    let client = Tailscaled::start(&bin, &root, "dns-b");
+    client
+        .up(&format!("http://{}", replicas[1].control), &key)
+        .await;
+    let out = client.cli(&["set", "--accept-dns=true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let records = dir.path().join("records.json");
+    std::fs::write(
+        &records,
+        r#"[{"name": "wiki.corp.test", "type": "A", "value": "100.64.0.77"}]"#,
+    )
+    .expect("write records");
+    let set = replicas[0].cli_json(&[
+        "dns",
+        "set",
+        "--nameservers",
+        "127.0.0.1:5397",
+        "--split",
+        "corp.test=127.0.0.1:5396",
+        "--extra-records",
+        records.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(
+        set["nameservers"],
+        serde_json::json!(["127.0.0.1:5397"]),
+        "{set}"
+    );
+    let query = |name: &str| {
+        let out = client.cli(&["dns", "query", name, "A"]);
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    wait_for(
+        "the client on replica 2 resolves the new record",
+        Duration::from_secs(30),
+        || {
+            let ok = query("wiki.corp.test.").contains("100.64.0.77");
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let status =
+        String::from_utf8_lossy(&client.cli(&["dns", "status", "--json"]).stdout).to_string();
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+    assert_eq!(v["CurrentTailnet"]["MagicDNSEnabled"], true, "{status}");
+    eprintln!("the client on replica 2 after the change through replica 1: {status}");
+    for want in ["127.0.0.1:5397", "127.0.0.1:5396", "corp.test"] {
+        assert!(status.contains(want), "dns status lacks {want}: {status}");
+    }
+
+    // A refused change (a nameserver that is a name, not an address) changes nothing.
+    let out = replicas[2].cli(&["dns", "set", "--nameservers", "dns.example"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nameservers") && err.contains("dns.example"),
+        "{err}"
+    );
+    assert_eq!(
+        replicas[1].cli_json(&["dns", "show"])["nameservers"],
+        serde_json::json!(["127.0.0.1:5397"])
+    );
+
+    // Through the REST API of replica 3: MagicDNS off reaches the client on replica 2.
+    let api_key = replicas[2].cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let mut dns = replicas[2].cli_json(&["dns", "show"]);
+    dns["magic_dns"] = serde_json::json!(false);
+    let (code, reply) = crate::fixtures::http_json(
+        &replicas[2].control.to_string(),
+        "PUT",
+        "/api/v1/dns",
+        Some(&api_key),
+        Some(&serde_json::json!({ "dns": dns }).to_string()),
+    );
+    assert_eq!(code, 200, "{reply}");
+    assert_eq!(reply["dns"]["magic_dns"], false, "{reply}");
+    wait_for(
+        "MagicDNS off reaches the client on replica 2",
+        Duration::from_secs(30),
+        || {
+            let status = String::from_utf8_lossy(&client.cli(&["dns", "status", "--json"]).stdout)
+                .to_string();
+            let v: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+            let ok = v["CurrentTailnet"]["MagicDNSEnabled"] == false;
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+}

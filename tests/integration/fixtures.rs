@@ -34,7 +34,9 @@ async fn settle(h: &ServerHandle) {
         "the replica to announce itself",
         Duration::from_secs(10),
         || {
-            let ok = db.store.read().replicas.contains_key(&id);
+            let t = db.store.read();
+            // ... and seeded the DNS settings, a write a test must not race.
+            let ok = t.replicas.contains_key(&id) && t.dns.is_some();
             async move { ok.then_some(()) }
         },
     )
@@ -714,6 +716,14 @@ pub async fn start_as_cluster_with(replicas: &mut [ReplicaProc], server_url: &st
             })
             .unwrap_or(false);
         async move { announced.then_some(()) }
+    })
+    .await;
+    // ... and the DNS settings are seeded (a write made once every replica reads it).
+    wait_for("the DNS settings seeded", Duration::from_secs(30), || {
+        let out = first.cli(&["dns", "show"]);
+        let seeded = out.status.success()
+            && !String::from_utf8_lossy(&out.stdout).contains("not seeded yet");
+        async move { seeded.then_some(()) }
     })
     .await;
 }

@@ -6,6 +6,7 @@
 
 mod acme;
 mod cluster;
+mod dns;
 mod keys;
 mod logins;
 mod nodes;
@@ -134,6 +135,7 @@ impl Tailnet {
             Command::SetNodeExpiry { id, expiry } => self.set_node_expiry(*id, *expiry),
             Command::DeletePreAuthKey { id } => self.delete_preauth_key(*id),
             Command::RejectLogin { auth_id } => self.reject_login(auth_id),
+            Command::SetDns { settings, seed } => self.set_dns(settings, *seed),
             Command::RenameNode { id, new_name } => self.rename_node(*id, new_name),
             Command::ReplicaDown { replica, now } => self.replica_down(*replica, *now),
             Command::RegisterReplica { replica } => self.register_replica(replica),
