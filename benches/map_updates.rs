@@ -87,6 +87,7 @@ fn setup(nodes: usize, policy: Option<&str>) -> (Config, Tailnet, Arc<PeerCache>
                 display_name: String::new(),
                 now: 1,
                 by_admin: true,
+                profile: Default::default(),
             },
         );
     }

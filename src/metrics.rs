@@ -909,6 +909,7 @@ mod tests {
                 display_name: String::new(),
                 now: 1,
                 by_admin: true,
+                profile: Default::default(),
             };
             let bytes = serde_json::to_vec(&cmd).expect("encode");
             store.apply(1, &bytes).expect("applied");

@@ -190,6 +190,7 @@ impl<'a> Reader<'a> {
                 "name",
                 "display_name",
                 "email",
+                "profile_pic_url",
                 "created_at",
                 "provider_identifier",
             ],
@@ -219,6 +220,7 @@ impl<'a> Reader<'a> {
                     created: r["created_at"].time_ms()?.unwrap_or(0),
                     oidc,
                     origin,
+                    profile: profile_of(&r),
                 },
             );
         }
@@ -363,6 +365,7 @@ impl<'a> Reader<'a> {
                 "expiry",
                 "approved_routes",
                 "created_at",
+                "register_method",
             ],
         )? {
             if let Some(n) = self.node(&r, &mut seen)? {
@@ -482,6 +485,12 @@ impl<'a> Reader<'a> {
             auth_key_id: auth_key_id.filter(|k| self.keys.contains_key(k)),
             online: false,
             online_via: None,
+            register_method: match r["register_method"].text() {
+                Some("authkey") => crate::state::RegisterMethod::AuthKey,
+                Some("cli") => crate::state::RegisterMethod::Cli,
+                Some("oidc") => crate::state::RegisterMethod::Oidc,
+                _ => crate::state::RegisterMethod::Unrecorded,
+            },
         };
         Ok(Some(ReadNode { ipv4, ipv6, node }))
     }
@@ -608,10 +617,26 @@ fn tagged_owner(
             created: 0,
             oidc: None,
             origin: UserOrigin::Admin,
+            profile: Default::default(),
         },
     );
     report.tagged_owner = Some(name);
     id
+}
+
+/// headscale's `email` and `profile_pic_url`, each kept only if the state would take it.
+fn profile_of(r: &Row) -> crate::state::Profile {
+    let field = |v: Option<&str>, ok: fn(&str) -> bool| {
+        v.filter(|v| v.len() <= crate::state::MAX_PROFILE_FIELD && ok(v))
+            .unwrap_or_default()
+            .to_string()
+    };
+    crate::state::Profile {
+        email: field(r["email"].text(), |e| e.contains('@')),
+        picture_url: field(r["profile_pic_url"].text(), |p| {
+            p.starts_with("https://") || p.starts_with("http://")
+        }),
+    }
 }
 
 #[cfg(test)]

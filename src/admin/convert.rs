@@ -24,6 +24,8 @@ pub fn user_msg(u: &crate::state::User) -> proto::User {
             crate::state::UserOrigin::Unrecorded => "unrecorded",
         }
         .into(),
+        email: u.profile.email.clone(),
+        picture_url: u.profile.picture_url.clone(),
     }
 }
 

@@ -4,22 +4,32 @@ use tonic::{Request, Response, Status};
 
 use super::convert::user_msg;
 use super::{proto, Admin};
-use crate::state::{now_ms, Command, CommandOutput};
+use crate::state::{now_ms, Command, CommandOutput, Profile};
 
 pub(super) async fn create_user(
     admin: &Admin,
     req: Request<proto::CreateUserRequest>,
 ) -> Result<Response<proto::UserReply>, Status> {
     let r = req.into_inner();
+    let profile = Profile {
+        email: r.email,
+        picture_url: r.picture_url,
+    };
     let mut cmd = Command::CreateUser {
         name: r.name,
         display_name: r.display_name,
         now: now_ms(),
         by_admin: true,
+        profile: profile.clone(),
     };
-    // During a rolling upgrade, replicas of the earlier version would drop the origin
-    // and their state would part from the others': propose the user as those versions
-    // do. Its origin then stays unrecorded, so no OIDC login ever binds to it by name.
+    // During a rolling upgrade, replicas of an earlier version would drop the profile or
+    // the origin and their state would part from the others': propose the user as those
+    // versions do. Without the origin no OIDC login ever binds to it by name.
+    if !profile.is_empty() && admin.db.check_level(&cmd).is_err() {
+        return Err(Status::failed_precondition(
+            "a user's e-mail or picture needs every replica upgraded to this version; create the user without them now and set them later",
+        ));
+    }
     if admin.db.check_level(&cmd).is_err() {
         if let Command::CreateUser { by_admin, .. } = &mut cmd {
             *by_admin = false;

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::admin::proto::admin_service_server::AdminService;
 use crate::admin::{convert, proto};
-use crate::state::Tailnet;
+use crate::state::{RegisterMethod, Tailnet};
 
 /// headscale's node object: the admin API's node message, with the owner as a whole user
 /// object and the disco key, which the message does not carry.
@@ -35,7 +35,14 @@ fn node_json(t: &Tailnet, n: &crate::state::Node) -> Value {
         "lastSeen": opt_time(m.last_seen_ms),
         "expiry": opt_time(m.expiry_ms),
         "createdAt": time(m.created_ms),
-        "registerMethod": "REGISTER_METHOD_AUTH_KEY",
+        "registerMethod": match n.register_method {
+            RegisterMethod::AuthKey => "REGISTER_METHOD_AUTH_KEY",
+            RegisterMethod::Cli => "REGISTER_METHOD_CLI",
+            RegisterMethod::Oidc => "REGISTER_METHOD_OIDC",
+            // Nodes registered before the method was kept: a key left its id behind.
+            RegisterMethod::Unrecorded if n.auth_key_id.is_some() => "REGISTER_METHOD_AUTH_KEY",
+            RegisterMethod::Unrecorded => "REGISTER_METHOD_UNSPECIFIED",
+        },
         "online": m.online,
         "tags": m.tags,
         "forcedTags": m.tags,

@@ -26,10 +26,10 @@ fn user_json(u: &proto::User) -> Value {
         "name": u.name,
         "createdAt": time(u.created_ms),
         "displayName": u.display_name,
-        "email": "",
+        "email": u.email,
         "providerId": provider_id,
         "provider": if u.origin == "oidc" { "oidc" } else { "" },
-        "profilePicUrl": "",
+        "profilePicUrl": u.picture_url,
     })
 }
 
@@ -43,6 +43,7 @@ pub(super) fn user_of(t: &Tailnet, id: u64) -> Value {
 pub(super) struct UserQuery {
     id: Option<String>,
     name: Option<String>,
+    email: Option<String>,
 }
 
 pub(super) async fn list_users(
@@ -55,6 +56,11 @@ pub(super) async fn list_users(
         .values()
         .filter(|u| q.id.as_deref().is_none_or(|id| id == u.id.to_string()))
         .filter(|u| q.name.as_deref().is_none_or(|n| n == u.name))
+        .filter(|u| {
+            q.email
+                .as_deref()
+                .is_none_or(|e| e.eq_ignore_ascii_case(&u.profile.email))
+        })
         .map(|u| user_json(&convert::user_msg(u)))
         .collect();
     Ok(Json(json!({ "users": users })))
@@ -73,12 +79,14 @@ pub(super) async fn create_user(
 ) -> ApiResult {
     let body = input(q, &body)?;
     let name = body["name"].as_str().unwrap_or_default().to_string();
-    let display_name = body["displayName"].as_str().unwrap_or_default().to_string();
+    let text = |k: &str| body[k].as_str().unwrap_or_default().to_string();
     let r = st
         .admin
         .create_user(Request::new(proto::CreateUserRequest {
             name,
-            display_name,
+            display_name: text("displayName"),
+            email: text("email"),
+            picture_url: text("pictureUrl"),
         }))
         .await?
         .into_inner();

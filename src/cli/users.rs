@@ -14,6 +14,11 @@ pub(super) enum UsersCmd {
         name: String,
         #[arg(long, default_value = "")]
         display_name: String,
+        #[arg(long, default_value = "")]
+        email: String,
+        /// A URL of the user's picture (https://...).
+        #[arg(long, default_value = "")]
+        picture_url: String,
     },
     List,
     Rename {
@@ -45,9 +50,19 @@ pub(super) enum UsersCmd {
 pub(super) async fn run(cmd: UsersCmd, target: &Target, json: bool) -> Result<()> {
     let mut c = super::client::connect(target).await?;
     match cmd {
-        UsersCmd::Create { name, display_name } => {
+        UsersCmd::Create {
+            name,
+            display_name,
+            email,
+            picture_url,
+        } => {
             let r = c
-                .create_user(proto::CreateUserRequest { name, display_name })
+                .create_user(proto::CreateUserRequest {
+                    name,
+                    display_name,
+                    email,
+                    picture_url,
+                })
                 .await
                 .map_err(grpc_error)?
                 .into_inner();

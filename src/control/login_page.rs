@@ -29,8 +29,8 @@ use serde::Deserialize;
 use super::context::ControlState;
 use super::oidc::{self, Identity, Ticket};
 use crate::state::{
-    now_ms, Command, CommandOutput, DbError, SshCheck, StateError, UserOrigin, LOGIN_TTL_MS,
-    SSH_CHECK_TTL_MS,
+    now_ms, Command, CommandOutput, DbError, Profile, SshCheck, StateError, UserOrigin,
+    LOGIN_TTL_MS, SSH_CHECK_TTL_MS,
 };
 
 /// The policy of every HTML page: nothing loads but its own inline style, forms post
@@ -331,6 +331,8 @@ fn confirm_page(
         subject: who.subject.clone(),
         name: who.name.clone(),
         display_name: who.display_name.clone(),
+        email: who.email.clone().unwrap_or_default(),
+        picture_url: who.picture.clone().unwrap_or_default(),
         expires: now.saturating_add(oidc::TICKET_TTL_MS),
     }
     .seal(st.key.secret());
@@ -419,6 +421,10 @@ pub async fn oidc_confirm(
                 name: t.name,
                 display_name: t.display_name,
                 now,
+                profile: Profile {
+                    email: t.email,
+                    picture_url: t.picture_url,
+                },
             };
             match st.db.write(cmd).await {
                 Err(DbError::State(e @ StateError::UnlinkedUser { .. })) => {

@@ -56,6 +56,8 @@ pub struct Identity {
     /// verified e-mail address, else `preferred_username`, else the subject.
     pub name: String,
     pub display_name: String,
+    /// The `picture` claim when it is an http(s) URL.
+    pub picture: Option<String>,
 }
 
 /// What the confirmation page hands to its own form: who logged in, for which waiting
@@ -70,6 +72,12 @@ pub struct Ticket {
     pub subject: String,
     pub name: String,
     pub display_name: String,
+    /// The verified e-mail address and the picture the provider gave (empty: none); the
+    /// user's profile takes them.
+    #[serde(default)]
+    pub email: String,
+    #[serde(default)]
+    pub picture_url: String,
     /// Unix milliseconds after which the ticket is refused.
     pub expires: i64,
 }
@@ -422,12 +430,20 @@ impl Oidc {
             .or(claims.pointer("/attributes/name").and_then(Value::as_str))
             .unwrap_or_default()
             .to_string();
+        let picture = claims["picture"]
+            .as_str()
+            .filter(|p| {
+                (p.starts_with("https://") || p.starts_with("http://"))
+                    && p.len() <= crate::state::MAX_PROFILE_FIELD
+            })
+            .map(str::to_string);
         Ok(Identity {
             issuer: issuer.trim_end_matches('/').to_string(),
             subject: sub.to_string(),
             email,
             name,
             display_name,
+            picture,
         })
     }
 }
@@ -691,6 +707,8 @@ mod tests {
             subject: "s".into(),
             name: "n".into(),
             display_name: String::new(),
+            email: String::new(),
+            picture_url: String::new(),
             expires: 1000,
         };
         let sealed = t.seal(b"k1");

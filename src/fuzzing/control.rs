@@ -60,6 +60,7 @@ impl Replica {
             display_name: "Alice".into(),
             by_admin: true,
             now: NOW,
+            profile: Default::default(),
         });
         r.apply(&Command::CreatePreAuthKey {
             user: "alice".into(),

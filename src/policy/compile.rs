@@ -386,6 +386,7 @@ pub(crate) fn sample_tailnet() -> Tailnet {
             display_name: String::new(),
             now: 1,
             by_admin: true,
+            profile: Default::default(),
         })
         .0
         .unwrap();

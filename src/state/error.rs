@@ -70,6 +70,8 @@ pub enum StateError {
     BadRoute(String),
     #[error("the policy was refused, the previous one stays in force: {0}")]
     BadPolicy(String),
+    #[error("the user's profile was refused: {0}")]
+    BadProfile(String),
     #[error("the DNS settings were refused, the previous ones stay in force: {field}: {message}")]
     BadDns { field: String, message: String },
     #[error("too many machines are waiting for an administrator to finish their login; finish or let expire the ones waiting, then run `tailscale up` again")]

@@ -24,6 +24,7 @@ pub use tailnet::{sanitize_hostname, valid_label, valid_tag, valid_user_name, Ta
 pub use types::{
     is_exit_route, routes_in_hostinfo, AcmeAccountRecord, AcmeChallengeKind, AcmeChallengeRecord,
     AcmeLease, AcmeStep, ApiKey, Change, Command, CommandOutput, Node, OidcIdentity, PendingLogin,
-    PolicyRecord, PreAuthKey, Prefixes, RegisterAuth, Replica, Secret, SshCheck, TlsCertRecord,
-    TlsState, User, UserOrigin, COMMAND_LEVEL, LOGIN_TTL_MS, MAX_PENDING_LOGINS, SSH_CHECK_TTL_MS,
+    PolicyRecord, PreAuthKey, Prefixes, Profile, RegisterAuth, RegisterMethod, Replica, Secret,
+    SshCheck, TlsCertRecord, TlsState, User, UserOrigin, COMMAND_LEVEL, LOGIN_TTL_MS,
+    MAX_PENDING_LOGINS, MAX_PROFILE_FIELD, SSH_CHECK_TTL_MS,
 };

@@ -333,6 +333,7 @@ mod tests {
                     display_name: String::new(),
                     now: 1,
                     by_admin: true,
+                    profile: Default::default(),
                 }),
             )
             .expect("applies");
@@ -421,6 +422,7 @@ mod tests {
             display_name: String::new(),
             now: 1,
             by_admin: false,
+            profile: Default::default(),
         };
         let mut registry = std::collections::BTreeMap::new();
         registry.insert(1, replica(1, 2));
@@ -452,6 +454,7 @@ mod tests {
             display_name: String::new(),
             now: 1,
             by_admin,
+            profile: Default::default(),
         };
         assert_eq!(by(true).level(), 2);
         assert_eq!(by(false).level(), 1);
@@ -473,6 +476,7 @@ mod tests {
             display_name: String::new(),
             now: 1,
             by_admin: false,
+            profile: Default::default(),
         });
         assert_eq!(t.level, 1);
         let _ = t.apply(&Command::CreateUser {
@@ -480,6 +484,7 @@ mod tests {
             display_name: String::new(),
             now: 1,
             by_admin: true,
+            profile: Default::default(),
         });
         assert_eq!(t.level, 2);
     }

@@ -18,6 +18,7 @@ fn setup() -> Tailnet {
             display_name: String::new(),
             now: NOW,
             by_admin: true,
+            profile: Default::default(),
         },
     );
     for (k, reusable, exp) in [
@@ -184,6 +185,7 @@ fn oidc_login(auth_id: &str, sub: &str, name: &str) -> Command {
         name: name.into(),
         display_name: String::new(),
         now: NOW,
+        profile: Default::default(),
     }
 }
 
@@ -363,7 +365,8 @@ fn users_and_names() {
                 name: "alice".into(),
                 display_name: String::new(),
                 now: NOW,
-                by_admin: true
+                by_admin: true,
+                profile: Default::default(),
             }
         ),
         StateError::UserExists("alice".into())
@@ -384,7 +387,8 @@ fn users_and_names() {
                 name: "bad name".into(),
                 display_name: String::new(),
                 now: NOW,
-                by_admin: true
+                by_admin: true,
+                profile: Default::default(),
             }
         ),
         StateError::BadUserName(_)
@@ -427,6 +431,7 @@ fn apply_is_deterministic_and_snapshot_roundtrips() {
             display_name: "U".into(),
             now: NOW,
             by_admin: true,
+            profile: Default::default(),
         }];
         v.push(Command::CreatePreAuthKey {
             user: "u".into(),
@@ -608,6 +613,7 @@ fn restore_seeds_only_a_new_cluster_and_keeps_its_replicas() {
             display_name: String::new(),
             now: NOW,
             by_admin: true,
+            profile: Default::default(),
         },
     );
     assert_eq!(fresh.users.len(), old.users.len() + 1);
@@ -1167,6 +1173,7 @@ fn node_index_answers_what_a_scan_would() {
             display_name: String::new(),
             now: 9,
             by_admin: true,
+            profile: Default::default(),
         },
     ] {
         ok(&mut t, cmd);
@@ -1280,4 +1287,60 @@ fn dns_settings_are_seeded_once_and_replaced_checked() {
         StateError::BadDns { .. }
     ));
     assert_eq!(t.dns.as_ref(), Some(&other));
+}
+
+/// A user's profile is checked when an administrator gives it and refreshed (never
+/// emptied) by each OIDC login; a node records how it logged in.
+#[test]
+fn profiles_and_register_methods() {
+    let mut t = setup();
+    let profile = |email: &str, picture_url: &str| crate::state::Profile {
+        email: email.into(),
+        picture_url: picture_url.into(),
+    };
+    let create = |name: &str, p: crate::state::Profile| Command::CreateUser {
+        name: name.into(),
+        display_name: String::new(),
+        now: NOW,
+        by_admin: true,
+        profile: p,
+    };
+    let bad = refused(&mut t, create("eve", profile("not-an-address", "")));
+    assert!(matches!(bad, StateError::BadProfile(_)), "{bad:?}");
+    let bad = refused(&mut t, create("eve", profile("", "file:///etc/passwd")));
+    assert!(matches!(bad, StateError::BadProfile(_)), "{bad:?}");
+    assert!(t.user_by_name("eve").is_none());
+    assert_eq!(create("eve", profile("eve@example.com", "")).level(), 3);
+    assert_eq!(create("eve", profile("", "")).level(), 2);
+
+    let n = node(ok(&mut t, reg(1, 1, "multi")));
+    assert_eq!(n.register_method, crate::state::RegisterMethod::AuthKey);
+    ok(&mut t, pending("by-admin", 2, 2, NOW));
+    let n = node(ok(&mut t, complete("by-admin", "alice", NOW)));
+    assert_eq!(n.register_method, crate::state::RegisterMethod::Cli);
+
+    ok(&mut t, pending("o1", 3, 3, NOW));
+    let mut login = oidc_login("o1", "sub-1", "olga");
+    if let Command::OidcLogin { profile: p, .. } = &mut login {
+        *p = profile("olga@example.com", "https://example.com/o.png");
+    }
+    let n = node(ok(&mut t, login));
+    assert_eq!(n.register_method, crate::state::RegisterMethod::Oidc);
+    let u = t.users[&n.user_id].clone();
+    assert_eq!(
+        u.profile,
+        profile("olga@example.com", "https://example.com/o.png")
+    );
+    // The next login carries a new address and no picture: the picture stays.
+    ok(&mut t, pending("o2", 4, 4, NOW));
+    let mut again = oidc_login("o2", "sub-1", "olga");
+    if let Command::OidcLogin { profile: p, .. } = &mut again {
+        *p = profile("olga@new.example", "");
+    }
+    let (_, changes) = t.apply(&again);
+    assert!(changes.contains(&Change::UserChanged(u.id)), "{changes:?}");
+    assert_eq!(
+        t.users[&u.id].profile,
+        profile("olga@new.example", "https://example.com/o.png")
+    );
 }

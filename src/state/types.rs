@@ -37,7 +37,29 @@ pub struct User {
     /// Who made the user; users stored before this was recorded are `Unrecorded`.
     #[serde(default)]
     pub origin: UserOrigin,
+    /// E-mail address and picture, as an administrator gave them or the OIDC provider
+    /// last said (a verified address only).
+    #[serde(default, skip_serializing_if = "Profile::is_empty")]
+    pub profile: Profile,
 }
+
+/// A user's e-mail address and picture URL (headscale's `email` and `profile_pic_url`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub email: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub picture_url: String,
+}
+
+impl Profile {
+    pub fn is_empty(&self) -> bool {
+        self.email.is_empty() && self.picture_url.is_empty()
+    }
+}
+
+/// Longest e-mail address or picture URL a profile keeps.
+pub const MAX_PROFILE_FIELD: usize = 2048;
 
 /// An identity at an OIDC provider: the provider's issuer URL and the `sub` it gives the
 /// person, which the provider never reassigns (OIDC Core 5.7).
@@ -137,6 +159,28 @@ pub struct Node {
     /// also advertised.
     #[serde(default)]
     pub approved_routes: Vec<ipnet::IpNet>,
+    /// How the node last logged in (unrecorded for nodes registered before this was kept).
+    #[serde(default, skip_serializing_if = "RegisterMethod::is_unrecorded")]
+    pub register_method: RegisterMethod,
+}
+
+/// How a node logged in: headscale's `registerMethod`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RegisterMethod {
+    #[default]
+    Unrecorded,
+    /// With a pre-auth key.
+    AuthKey,
+    /// An administrator let a waiting machine in (`hydrascale auth register`, REST).
+    Cli,
+    /// The person logged in at the OIDC provider.
+    Oidc,
+}
+
+impl RegisterMethod {
+    pub fn is_unrecorded(&self) -> bool {
+        *self == RegisterMethod::Unrecorded
+    }
 }
 
 /// A machine waiting for an administrator to finish its interactive login
@@ -264,6 +308,8 @@ pub enum Command {
         /// wrote (some of which an OIDC login proposed), whose users stay `Unrecorded`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         by_admin: bool,
+        #[serde(default, skip_serializing_if = "Profile::is_empty")]
+        profile: Profile,
     },
     RenameUser {
         old_name: String,
@@ -444,6 +490,9 @@ pub enum Command {
         name: String,
         display_name: String,
         now: i64,
+        /// What the provider says now: the user's profile takes it (fields given only).
+        #[serde(default, skip_serializing_if = "Profile::is_empty")]
+        profile: Profile,
     },
     /// An administrator binds user `name` to an OIDC identity (an OIDC login as that
     /// identity then reaches this user), or unbinds it (`identity: None`).
@@ -490,6 +539,12 @@ impl Command {
     pub fn level(&self) -> u32 {
         match self {
             Command::Batch { commands } => commands.iter().map(Command::level).max().unwrap_or(1),
+            // A profile an older replica would drop without noticing.
+            Command::CreateUser { profile, .. } | Command::OidcLogin { profile, .. }
+                if !profile.is_empty() =>
+            {
+                3
+            }
             // OIDC identities: users bound to (issuer, subject) and how they came to be.
             Command::CreateUser { by_admin: true, .. }
             | Command::OidcLogin { .. }

@@ -276,6 +276,27 @@ async fn oidc_login_with_a_real_provider() {
     let users = server.cli_json(&["users", "list"]);
     assert_eq!(users[0]["name"], "alice@example.com", "{users}");
     assert_eq!(users[0]["display_name"], "Alice Example", "{users}");
+    // The verified address becomes the user's e-mail, and the node says how it came in.
+    assert_eq!(users[0]["email"], "alice@example.com", "{users}");
+    let node_id = server.cli_json(&["nodes", "list"])[0]["id"]
+        .as_u64()
+        .expect("node id");
+    let api_key = server.cli_json(&["apikeys", "create"])["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let (_, node) = crate::fixtures::http_json(
+        &server.handle().control_addr.to_string(),
+        "GET",
+        &format!("/api/v1/node/{node_id}"),
+        Some(&api_key),
+        None,
+    );
+    assert_eq!(
+        node["node"]["registerMethod"], "REGISTER_METHOD_OIDC",
+        "{node}"
+    );
+    assert_eq!(node["node"]["user"]["email"], "alice@example.com", "{node}");
     let nodes = server.cli_json(&["nodes", "list"]);
     assert_eq!(nodes[0]["user"], "alice@example.com", "{nodes}");
     assert_eq!(nodes[0]["given_name"], "o1", "{nodes}");

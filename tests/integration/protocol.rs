@@ -254,6 +254,7 @@ async fn concurrent_updates_share_log_entries() {
                 display_name: String::new(),
                 now: 1_800_000_000_000,
                 by_admin: true,
+                profile: Default::default(),
             })
             .await
         });

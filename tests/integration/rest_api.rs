@@ -249,6 +249,30 @@ async fn rest_api_covers_headscale_0_29() {
         http_json(&addr, method, path, Some(&key), body)
     };
     server.cli_json(&["users", "create", "ops"]);
+    // Users with every field headscale's CreateUser takes, found again by e-mail.
+    let (code, r) = call(
+        "POST",
+        "/api/v1/user",
+        Some(
+            r#"{"name":"pat","displayName":"Pat","email":"pat@example.com","pictureUrl":"https://example.com/pat.png"}"#,
+        ),
+    );
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["user"]["email"], "pat@example.com");
+    assert_eq!(r["user"]["profilePicUrl"], "https://example.com/pat.png");
+    let found = call("GET", "/api/v1/user?email=PAT@example.com", None).1;
+    assert_eq!(found["users"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(found["users"][0]["name"], "pat");
+    let (code, r) = call(
+        "POST",
+        "/api/v1/user",
+        Some(r#"{"name":"quinn","pictureUrl":"javascript:alert(1)"}"#),
+    );
+    assert_eq!(code, 400, "{r}");
+    assert!(!server
+        .cli_json(&["users", "list"])
+        .to_string()
+        .contains("quinn"));
     let key_ids = || -> Vec<(u64, bool)> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -358,6 +382,7 @@ async fn rest_api_covers_headscale_0_29() {
     let node = &r["node"];
     assert_eq!(node["user"]["name"], "ops");
     assert_eq!(node["availableRoutes"], serde_json::json!(["10.9.0.0/24"]));
+    assert_eq!(node["registerMethod"], "REGISTER_METHOD_CLI");
     let id = node["id"].as_str().expect("id").to_string();
     let cli_node = |id: &str| {
         server

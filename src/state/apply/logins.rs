@@ -7,8 +7,8 @@ use super::Outcome;
 use crate::state::error::StateError;
 use crate::state::tailnet::Tailnet;
 use crate::state::types::{
-    Change, CommandOutput, OidcIdentity, PendingLogin, User, UserOrigin, LOGIN_TTL_MS,
-    MAX_PENDING_LOGINS,
+    Change, CommandOutput, OidcIdentity, PendingLogin, Profile, RegisterMethod, User, UserOrigin,
+    LOGIN_TTL_MS, MAX_PENDING_LOGINS,
 };
 
 impl Tailnet {
@@ -30,7 +30,7 @@ impl Tailnet {
     pub(super) fn complete_login_as(&mut self, auth_id: &str, user: &str, now: i64) -> Outcome {
         let p = self.pending_login(auth_id, now)?;
         let user_id = self.user_id(user)?;
-        self.complete_login(&p, user_id, now)
+        self.complete_login(&p, user_id, now, RegisterMethod::Cli)
     }
 
     /// An administrator turns the login `auth_id` away.
@@ -44,6 +44,7 @@ impl Tailnet {
     /// The OIDC provider vouches for login `auth_id` as (`issuer`, `subject`): the user
     /// bound to that identity, else a new one named after `name`, unless a user of that
     /// name predates identities (an administrator links it first).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn oidc_login(
         &mut self,
         auth_id: &str,
@@ -52,10 +53,31 @@ impl Tailnet {
         name: &str,
         display_name: &str,
         now: i64,
+        profile: &Profile,
     ) -> Outcome {
         let p = self.pending_login(auth_id, now)?;
+        // A provider's odd claim costs the profile, never the login.
+        let profile = if super::users::check_profile(profile).is_ok() {
+            profile.clone()
+        } else {
+            Profile::default()
+        };
         if let Some(id) = self.user_by_identity(issuer, subject).map(|u| u.id) {
-            return self.complete_login(&p, id, now);
+            let before = self.users.get(&id).map(|u| u.profile.clone());
+            let out = self.complete_login(&p, id, now, RegisterMethod::Oidc)?;
+            let (out, mut changes) = out;
+            if let Some(u) = self.users.get_mut(&id) {
+                if !profile.email.is_empty() {
+                    u.profile.email = profile.email.clone();
+                }
+                if !profile.picture_url.is_empty() {
+                    u.profile.picture_url = profile.picture_url.clone();
+                }
+                if before.as_ref() != Some(&u.profile) {
+                    changes.insert(0, Change::UserChanged(id));
+                }
+            }
+            return Ok((out, changes));
         }
         if let Some(u) = self
             .user_by_name(name)
@@ -77,13 +99,14 @@ impl Tailnet {
                 subject: subject.to_string(),
             }),
             origin: UserOrigin::Oidc,
+            profile,
         };
         let id = user.id;
         // The registration validates before it changes anything; if it refuses,
         // the user made for it goes too, so the command changes nothing.
         self.users.insert(id, user);
         self.next_user_id = id;
-        match self.complete_login(&p, id, now) {
+        match self.complete_login(&p, id, now, RegisterMethod::Oidc) {
             Ok((out, mut changes)) => {
                 changes.insert(0, Change::UserChanged(id));
                 Ok((out, changes))
@@ -106,8 +129,15 @@ impl Tailnet {
     }
 
     /// Registers the machine of login `p` as a node of user `user_id` and drops the login.
-    fn complete_login(&mut self, p: &PendingLogin, user_id: u64, now: i64) -> Outcome {
+    fn complete_login(
+        &mut self,
+        p: &PendingLogin,
+        user_id: u64,
+        now: i64,
+        method: RegisterMethod,
+    ) -> Outcome {
         let grant = Grant {
+            method,
             user_id,
             tags: Vec::new(),
             ephemeral: p.ephemeral,

@@ -8,6 +8,7 @@ use crate::state::ipam;
 use crate::state::tailnet::{stable_id, Tailnet};
 use crate::state::types::{
     routes_in_hostinfo, Change, CommandOutput, Node, PreAuthKey, Prefixes, RegisterAuth,
+    RegisterMethod,
 };
 
 /// What authorises a registration: a pre-auth key, or an administrator's interactive-login
@@ -17,6 +18,7 @@ pub(super) struct Grant {
     pub(super) tags: Vec<String>,
     pub(super) ephemeral: bool,
     pub(super) key_id: Option<u64>,
+    pub(super) method: RegisterMethod,
 }
 
 impl From<&PreAuthKey> for Grant {
@@ -26,6 +28,7 @@ impl From<&PreAuthKey> for Grant {
             tags: k.tags.clone(),
             ephemeral: k.ephemeral,
             key_id: Some(k.id),
+            method: RegisterMethod::AuthKey,
         }
     }
 }
@@ -162,6 +165,7 @@ impl Tailnet {
             n.ephemeral = k.ephemeral || r.ephemeral;
             n.auth_key_id = k.key_id;
             n.expiry = r.expiry;
+            n.register_method = k.method;
         }
         if let Some(stored) = key
             .and_then(|k| k.key_id)
@@ -212,6 +216,7 @@ impl Tailnet {
             online_via: None,
             advertised_routes: routes_in_hostinfo(r.hostinfo),
             approved_routes: Vec::new(),
+            register_method: k.method,
         };
         self.index.added(&n, r.prefixes, offset);
         self.nodes.insert(id, n);

@@ -3,7 +3,9 @@
 use super::Outcome;
 use crate::state::error::StateError;
 use crate::state::tailnet::{valid_user_name, Tailnet};
-use crate::state::types::{Change, CommandOutput, OidcIdentity, User, UserOrigin};
+use crate::state::types::{
+    Change, CommandOutput, OidcIdentity, Profile, User, UserOrigin, MAX_PROFILE_FIELD,
+};
 
 impl Tailnet {
     pub(super) fn create_user(
@@ -12,10 +14,12 @@ impl Tailnet {
         display_name: &str,
         now: i64,
         by_admin: bool,
+        profile: &Profile,
     ) -> Outcome {
         if !valid_user_name(name) {
             return Err(StateError::BadUserName(name.to_string()));
         }
+        check_profile(profile)?;
         if self.user_by_name(name).is_some() {
             return Err(StateError::UserExists(name.to_string()));
         }
@@ -31,6 +35,7 @@ impl Tailnet {
             } else {
                 UserOrigin::Unrecorded
             },
+            profile: profile.clone(),
         };
         self.users.insert(u.id, u.clone());
         Ok((
@@ -108,4 +113,29 @@ impl Tailnet {
             vec![Change::UserChanged(id)],
         ))
     }
+}
+
+/// A profile a client of the admin API or a provider could make huge or nonsensical.
+pub(super) fn check_profile(p: &Profile) -> Result<(), StateError> {
+    for (field, v) in [("email", &p.email), ("picture URL", &p.picture_url)] {
+        if v.len() > MAX_PROFILE_FIELD || v.chars().any(char::is_control) {
+            return Err(StateError::BadProfile(format!(
+                "the {field} must be at most {MAX_PROFILE_FIELD} characters without control characters"
+            )));
+        }
+    }
+    if !p.email.is_empty() && !p.email.contains('@') {
+        return Err(StateError::BadProfile(format!(
+            "{:?} is not an e-mail address",
+            p.email
+        )));
+    }
+    let web = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+    if !(p.picture_url.is_empty() || web(&p.picture_url)) {
+        return Err(StateError::BadProfile(format!(
+            "the picture URL {:?} must start with https:// or http://",
+            p.picture_url
+        )));
+    }
+    Ok(())
 }
