@@ -279,7 +279,20 @@ pub struct Sources {
     /// Whether this replica serves clients (in contact with a quorum).
     pub serving: watch::Receiver<bool>,
     /// The control listener's certificate, when `[tls]` is on.
-    pub tls: Option<Arc<crate::tls::CertStore>>,
+    pub tls: Option<Arc<dyn ServedCert>>,
+}
+
+/// The control listener's certificate as a scrape sees it. `tls::CertStore` implements
+/// it; a trait so that this module needs nothing from `tls`, which counts into
+/// [`Metrics`] (no import circle between the two).
+pub trait ServedCert: Send + Sync {
+    /// Unix milliseconds the served certificate is valid from and until; `None` before
+    /// the first certificate.
+    fn validity_ms(&self) -> Option<(i64, i64)>;
+    /// Certificates swapped in since start.
+    fn swaps(&self) -> u64;
+    /// Whether the certificate comes from ACME rather than files.
+    fn acme(&self) -> bool;
 }
 
 struct Family<'a> {
@@ -316,11 +329,39 @@ fn load(c: &AtomicU64) -> u64 {
 pub fn render(src: &Sources) -> String {
     let mut out = String::with_capacity(8192);
     let m = &src.metrics;
+    raft_metrics(&mut out, src);
+    {
+        let mut f = Family { out: &mut out };
+        tailnet_metrics(&mut f, src);
+        map_metrics(&mut f, m);
+        session_metrics(&mut f, m);
+        refusal_metrics(&mut f, m);
+    }
+    m.update_fanout.render(
+        &mut out,
+        "hydrascale_update_fanout_seconds",
+        "From a change applied on this replica to the update carrying it queued on a client's stream.",
+    );
+
+    if let Some(derp) = &src.derp {
+        derp_metrics(&mut Family { out: &mut out }, derp);
+    }
+    if let Some(store) = &src.tls {
+        tls_metrics(&mut Family { out: &mut out }, store.as_ref(), src);
+    }
+    process_metrics(&mut out);
+    out
+}
+
+/// Raft: term, leadership, log positions, membership, quorum contact, readiness, and
+/// how long applying an entry takes.
+fn raft_metrics(out: &mut String, src: &Sources) {
+    let m = &src.metrics;
     let raft = &src.db.raft;
     let st = raft.status();
     let id = raft.node_id();
     {
-        let mut f = Family { out: &mut out };
+        let mut f = Family { out: &mut *out };
         f.one(
             "hydrascale_raft_term",
             "gauge",
@@ -417,11 +458,14 @@ pub fn render(src: &Sources) -> String {
         );
     }
     m.apply.render(
-        &mut out,
+        out,
         "hydrascale_raft_apply_duration_seconds",
         "Time to apply one committed entry to the state.",
     );
+}
 
+/// The tailnet as the replicated state holds it: nodes, online nodes, users, keys.
+fn tailnet_metrics(f: &mut Family<'_>, src: &Sources) {
     let (nodes, online, users, keys) = {
         let t = src.db.store.read();
         (
@@ -431,255 +475,254 @@ pub fn render(src: &Sources) -> String {
             t.preauth_keys.len(),
         )
     };
-    {
-        let mut f = Family { out: &mut out };
-        f.one("hydrascale_nodes", "gauge", "Nodes in the tailnet.", nodes);
-        f.one(
-            "hydrascale_nodes_online",
-            "gauge",
-            "Nodes streaming a map from any replica.",
-            online,
-        );
-        f.one("hydrascale_users", "gauge", "Users in the tailnet.", users);
-        f.one(
-            "hydrascale_preauth_keys",
-            "gauge",
-            "Pre-auth keys, used or not.",
-            keys,
-        );
-        f.one(
-            "hydrascale_map_streams",
-            "gauge",
-            "Streaming map long-polls open on this replica (its connected nodes).",
-            m.map_streams.load(Ordering::Relaxed),
-        );
-        f.labelled(
-            "hydrascale_map_responses_total",
-            "counter",
-            "Map responses sent by this replica, by kind.",
-            [
-                ("kind=\"full\"".to_string(), load(&m.map_responses_full)),
-                ("kind=\"delta\"".to_string(), load(&m.map_responses_delta)),
-                ("kind=\"keepalive\"".to_string(), load(&m.map_keepalives)),
-            ],
-        );
-        f.one(
-            "hydrascale_map_bytes_total",
-            "counter",
-            "Bytes of map responses (compressed, framed) sent by this replica.",
-            load(&m.map_bytes),
-        );
-        f.one(
-            "hydrascale_map_deltas_shared_total",
-            "counter",
-            "Delta map responses sent as made once for several streams (same changes, no policy).",
-            load(&m.map_deltas_shared),
-        );
-        f.labelled(
-            "hydrascale_map_peer_runs_total",
-            "counter",
-            "Runs of peers in map responses, by whether their compressed frame was shared \
-             with another stream's response or compressed anew.",
-            [
-                ("frame=\"shared\"".to_string(), load(&m.map_runs_shared)),
-                (
-                    "frame=\"compressed\"".to_string(),
-                    load(&m.map_runs_compressed),
-                ),
-            ],
-        );
-        f.labelled(
-            "hydrascale_registrations_total",
-            "counter",
-            "Registration requests handled by this replica, by outcome.",
-            [
-                ("result=\"ok\"".to_string(), load(&m.registrations)),
-                (
-                    "result=\"refused\"".to_string(),
-                    load(&m.registrations_refused),
-                ),
-            ],
-        );
-        f.labelled(
-            "hydrascale_noise_handshakes_total",
-            "counter",
-            "TS2021 Noise handshakes on this replica, by outcome.",
-            [
-                ("result=\"ok\"".to_string(), load(&m.noise_handshakes)),
-                (
-                    "result=\"failed\"".to_string(),
-                    load(&m.noise_handshake_failures),
-                ),
-            ],
-        );
-        f.labelled(
-            "hydrascale_noise_sessions_ended_total",
-            "counter",
-            "TS2021 Noise sessions that ended on this replica, by why: the client closed it, \
-             an HTTP/2 or I/O error, or the client fell silent and the replica closed it.",
-            [
-                (
-                    "reason=\"closed\"".to_string(),
-                    load(&m.noise_sessions_closed),
-                ),
-                (
-                    "reason=\"error\"".to_string(),
-                    load(&m.noise_sessions_failed),
-                ),
-                (
-                    "reason=\"silent\"".to_string(),
-                    load(&m.noise_sessions_silent),
-                ),
-                (
-                    "reason=\"unidentified\"".to_string(),
-                    load(&m.noise_sessions_unidentified),
-                ),
-            ],
-        );
-        f.labelled(
-            "hydrascale_connections_refused_total",
-            "counter",
-            "Connections a listener refused or closed before serving them, by listener and \
-             reason: too many from the client's address, no request head within the header \
-             timeout, or an invalid PROXY protocol header from a trusted proxy.",
-            Listener::ALL.iter().enumerate().flat_map(|(l, listener)| {
-                ConnRefusal::ALL.iter().enumerate().map(move |(r, why)| {
-                    (
-                        format!(
-                            "listener=\"{}\",reason=\"{}\"",
-                            listener.label(),
-                            why.label()
-                        ),
-                        load(&m.connections_refused[l][r]),
-                    )
-                })
-            }),
-        );
-        f.labelled(
-            "hydrascale_limit_refusals_total",
-            "counter",
-            "Requests refused by a bound on what clients control, by limit (docs/security.md).",
-            Limit::ALL
-                .iter()
-                .zip(&m.limit_refusals)
-                .map(|(l, c)| (format!("limit=\"{}\"", l.label()), load(c))),
-        );
-    }
-    m.update_fanout.render(
-        &mut out,
-        "hydrascale_update_fanout_seconds",
-        "From a change applied on this replica to the update carrying it queued on a client's stream.",
+    f.one("hydrascale_nodes", "gauge", "Nodes in the tailnet.", nodes);
+    f.one(
+        "hydrascale_nodes_online",
+        "gauge",
+        "Nodes streaming a map from any replica.",
+        online,
     );
+    f.one("hydrascale_users", "gauge", "Users in the tailnet.", users);
+    f.one(
+        "hydrascale_preauth_keys",
+        "gauge",
+        "Pre-auth keys, used or not.",
+        keys,
+    );
+}
 
-    if let Some(derp) = &src.derp {
-        let s = derp.stats();
-        let mut f = Family { out: &mut out };
-        f.one(
-            "hydrascale_derp_clients",
-            "gauge",
-            "DERP clients connected (mesh peers included).",
-            load(&s.clients_connected),
-        );
-        f.one(
-            "hydrascale_derp_clients_accepted_total",
-            "counter",
-            "DERP connections accepted.",
-            load(&s.clients_accepted),
-        );
-        f.one(
-            "hydrascale_derp_clients_rejected_total",
-            "counter",
-            "DERP clients refused (not a node of this tailnet, or a bad mesh key).",
-            load(&s.clients_rejected),
-        );
-        f.one(
-            "hydrascale_derp_handshake_failures_total",
-            "counter",
-            "DERP connections that failed before their handshake completed.",
-            load(&s.handshake_failures),
-        );
-        f.one(
-            "hydrascale_derp_packets_relayed_total",
-            "counter",
-            "Packets delivered to a client of this relay.",
-            load(&s.packets_relayed),
-        );
-        f.one(
-            "hydrascale_derp_bytes_relayed_total",
-            "counter",
-            "Payload bytes delivered to clients of this relay.",
-            load(&s.bytes_relayed),
-        );
-        f.one(
-            "hydrascale_derp_packets_forwarded_total",
-            "counter",
-            "Packets forwarded to another replica's relay over the mesh.",
-            load(&s.packets_forwarded),
-        );
-        f.labelled(
-            "hydrascale_derp_packets_dropped_total",
-            "counter",
-            "Packets dropped, by reason.",
-            [
+/// The map plane: open streams, responses by kind, bytes, shared work.
+fn map_metrics(f: &mut Family<'_>, m: &Metrics) {
+    f.one(
+        "hydrascale_map_streams",
+        "gauge",
+        "Streaming map long-polls open on this replica (its connected nodes).",
+        m.map_streams.load(Ordering::Relaxed),
+    );
+    f.labelled(
+        "hydrascale_map_responses_total",
+        "counter",
+        "Map responses sent by this replica, by kind.",
+        [
+            ("kind=\"full\"".to_string(), load(&m.map_responses_full)),
+            ("kind=\"delta\"".to_string(), load(&m.map_responses_delta)),
+            ("kind=\"keepalive\"".to_string(), load(&m.map_keepalives)),
+        ],
+    );
+    f.one(
+        "hydrascale_map_bytes_total",
+        "counter",
+        "Bytes of map responses (compressed, framed) sent by this replica.",
+        load(&m.map_bytes),
+    );
+    f.one(
+        "hydrascale_map_deltas_shared_total",
+        "counter",
+        "Delta map responses sent as made once for several streams (same changes, no policy).",
+        load(&m.map_deltas_shared),
+    );
+    f.labelled(
+        "hydrascale_map_peer_runs_total",
+        "counter",
+        "Runs of peers in map responses, by whether their compressed frame was shared \
+         with another stream's response or compressed anew.",
+        [
+            ("frame=\"shared\"".to_string(), load(&m.map_runs_shared)),
+            (
+                "frame=\"compressed\"".to_string(),
+                load(&m.map_runs_compressed),
+            ),
+        ],
+    );
+}
+
+/// Registrations and TS2021 sessions: handshakes and how sessions ended.
+fn session_metrics(f: &mut Family<'_>, m: &Metrics) {
+    f.labelled(
+        "hydrascale_registrations_total",
+        "counter",
+        "Registration requests handled by this replica, by outcome.",
+        [
+            ("result=\"ok\"".to_string(), load(&m.registrations)),
+            (
+                "result=\"refused\"".to_string(),
+                load(&m.registrations_refused),
+            ),
+        ],
+    );
+    f.labelled(
+        "hydrascale_noise_handshakes_total",
+        "counter",
+        "TS2021 Noise handshakes on this replica, by outcome.",
+        [
+            ("result=\"ok\"".to_string(), load(&m.noise_handshakes)),
+            (
+                "result=\"failed\"".to_string(),
+                load(&m.noise_handshake_failures),
+            ),
+        ],
+    );
+    f.labelled(
+        "hydrascale_noise_sessions_ended_total",
+        "counter",
+        "TS2021 Noise sessions that ended on this replica, by why: the client closed it, \
+         an HTTP/2 or I/O error, or the client fell silent and the replica closed it.",
+        [
+            (
+                "reason=\"closed\"".to_string(),
+                load(&m.noise_sessions_closed),
+            ),
+            (
+                "reason=\"error\"".to_string(),
+                load(&m.noise_sessions_failed),
+            ),
+            (
+                "reason=\"silent\"".to_string(),
+                load(&m.noise_sessions_silent),
+            ),
+            (
+                "reason=\"unidentified\"".to_string(),
+                load(&m.noise_sessions_unidentified),
+            ),
+        ],
+    );
+}
+
+/// What listeners and the limits on client-controlled input refused.
+fn refusal_metrics(f: &mut Family<'_>, m: &Metrics) {
+    f.labelled(
+        "hydrascale_connections_refused_total",
+        "counter",
+        "Connections a listener refused or closed before serving them, by listener and \
+         reason: too many from the client's address, no request head within the header \
+         timeout, or an invalid PROXY protocol header from a trusted proxy.",
+        Listener::ALL.iter().enumerate().flat_map(|(l, listener)| {
+            ConnRefusal::ALL.iter().enumerate().map(move |(r, why)| {
                 (
-                    "reason=\"queue_full\"".to_string(),
-                    load(&s.packets_dropped_queue_full),
-                ),
-                (
-                    "reason=\"unknown_dest\"".to_string(),
-                    load(&s.packets_dropped_unknown_dest),
-                ),
-            ],
-        );
-        f.labelled(
-            "hydrascale_derp_control_frames_dropped_total",
-            "counter",
-            "Control frames not queued to a client whose queue was full (it pings faster \
-             than it reads), by frame.",
-            [
-                ("frame=\"pong\"".to_string(), load(&s.pongs_dropped)),
-                (
-                    "frame=\"peer_gone\"".to_string(),
-                    load(&s.peer_gone_dropped),
-                ),
-            ],
-        );
-        f.one(
-            "hydrascale_derp_mesh_watchers_cut_total",
-            "counter",
-            "Mesh peers disconnected because they fell too far behind on peer presence frames \
-             (they reconnect and start over).",
-            load(&s.watchers_cut),
-        );
-    }
-    if let Some(store) = &src.tls {
-        tls_metrics(&mut Family { out: &mut out }, store, src);
-    }
-    process_metrics(&mut out);
-    out
+                    format!(
+                        "listener=\"{}\",reason=\"{}\"",
+                        listener.label(),
+                        why.label()
+                    ),
+                    load(&m.connections_refused[l][r]),
+                )
+            })
+        }),
+    );
+    f.labelled(
+        "hydrascale_limit_refusals_total",
+        "counter",
+        "Requests refused by a bound on what clients control, by limit (docs/security.md).",
+        Limit::ALL
+            .iter()
+            .zip(&m.limit_refusals)
+            .map(|(l, c)| (format!("limit=\"{}\"", l.label()), load(c))),
+    );
+}
+
+/// The embedded DERP relay: clients, packets relayed, forwarded and dropped.
+fn derp_metrics(f: &mut Family<'_>, derp: &DerpServer) {
+    let s = derp.stats();
+    f.one(
+        "hydrascale_derp_clients",
+        "gauge",
+        "DERP clients connected (mesh peers included).",
+        load(&s.clients_connected),
+    );
+    f.one(
+        "hydrascale_derp_clients_accepted_total",
+        "counter",
+        "DERP connections accepted.",
+        load(&s.clients_accepted),
+    );
+    f.one(
+        "hydrascale_derp_clients_rejected_total",
+        "counter",
+        "DERP clients refused (not a node of this tailnet, or a bad mesh key).",
+        load(&s.clients_rejected),
+    );
+    f.one(
+        "hydrascale_derp_handshake_failures_total",
+        "counter",
+        "DERP connections that failed before their handshake completed.",
+        load(&s.handshake_failures),
+    );
+    f.one(
+        "hydrascale_derp_packets_relayed_total",
+        "counter",
+        "Packets delivered to a client of this relay.",
+        load(&s.packets_relayed),
+    );
+    f.one(
+        "hydrascale_derp_bytes_relayed_total",
+        "counter",
+        "Payload bytes delivered to clients of this relay.",
+        load(&s.bytes_relayed),
+    );
+    f.one(
+        "hydrascale_derp_packets_forwarded_total",
+        "counter",
+        "Packets forwarded to another replica's relay over the mesh.",
+        load(&s.packets_forwarded),
+    );
+    f.labelled(
+        "hydrascale_derp_packets_dropped_total",
+        "counter",
+        "Packets dropped, by reason.",
+        [
+            (
+                "reason=\"queue_full\"".to_string(),
+                load(&s.packets_dropped_queue_full),
+            ),
+            (
+                "reason=\"unknown_dest\"".to_string(),
+                load(&s.packets_dropped_unknown_dest),
+            ),
+        ],
+    );
+    f.labelled(
+        "hydrascale_derp_control_frames_dropped_total",
+        "counter",
+        "Control frames not queued to a client whose queue was full (it pings faster \
+         than it reads), by frame.",
+        [
+            ("frame=\"pong\"".to_string(), load(&s.pongs_dropped)),
+            (
+                "frame=\"peer_gone\"".to_string(),
+                load(&s.peer_gone_dropped),
+            ),
+        ],
+    );
+    f.one(
+        "hydrascale_derp_mesh_watchers_cut_total",
+        "counter",
+        "Mesh peers disconnected because they fell too far behind on peer presence frames \
+         (they reconnect and start over).",
+        load(&s.watchers_cut),
+    );
 }
 
 /// The served certificate's lifetime (what the expiry alert watches), and with ACME the
 /// cluster's ordering state from the replicated state.
-fn tls_metrics(f: &mut Family<'_>, store: &crate::tls::CertStore, src: &Sources) {
-    if let Some(info) = store.info() {
+fn tls_metrics(f: &mut Family<'_>, store: &dyn ServedCert, src: &Sources) {
+    if let Some((not_before, not_after)) = store.validity_ms() {
         f.one(
             "hydrascale_tls_certificate_expiry_timestamp_seconds",
             "gauge",
             "When the TLS certificate this replica serves expires (unix seconds).",
-            info.not_after / 1000,
+            not_after / 1000,
         );
         f.one(
             "hydrascale_tls_certificate_lifetime_seconds",
             "gauge",
             "How long the TLS certificate this replica serves is valid in all (not after - not before).",
-            (info.not_after - info.not_before) / 1000,
+            (not_after - not_before) / 1000,
         );
         f.one(
             "hydrascale_tls_certificate_remaining_seconds",
             "gauge",
             "Seconds until the TLS certificate this replica serves expires (negative: expired).",
-            (info.not_after - crate::state::now_ms()) / 1000,
+            (not_after - crate::state::now_ms()) / 1000,
         );
     }
     f.one(

@@ -571,7 +571,9 @@ impl Startup {
             db: self.db.clone(),
             derp: derp.clone(),
             serving: serving.clone(),
-            tls: tls.clone(),
+            tls: tls
+                .clone()
+                .map(|t| t as Arc<dyn crate::metrics::ServedCert>),
         };
         let limits = crate::listener::Limits {
             listener: crate::metrics::Listener::Metrics,
