@@ -19,6 +19,11 @@
 //! `DERP_BENCH_SECS` (throughput run length, default 5), `DERP_BENCH_PAIRS`
 //! (default 4), `DERP_BENCH_RATE` (latency run, packets/s, default 2000),
 //! `DERP_BENCH_IDLE` (idle connections, default 2000).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark, not the server: it stops on the first failure"
+)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

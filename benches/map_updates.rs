@@ -16,6 +16,11 @@
 //! Run with `cargo bench --bench map_updates`; `MAP_BENCH_NODES` (default 10000),
 //! `MAP_BENCH_ROUNDS` (default 3; the best round is reported, as the least disturbed) and
 //! `MAP_BENCH_ONLY` (one change by name).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark, not the server: it stops on the first failure"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

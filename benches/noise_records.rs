@@ -12,6 +12,11 @@
 //!
 //! Run with `cargo bench --bench noise_records`; `NOISE_BENCH_MESSAGES` (default 20000,
 //! scaled down for large sizes) and `NOISE_BENCH_ROUNDS` (default 3; the best is kept).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark, not the server: it stops on the first failure"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -16,6 +16,11 @@
 //! Run with `cargo bench --bench noise_sessions`; knobs: `NOISE_BENCH_SESSIONS` (1000),
 //! `NOISE_BENCH_ROUNDS` (3, the best kept), `NOISE_BENCH_PING_MS` (200),
 //! `NOISE_BENCH_IDLE_SECS` (5).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark, not the server: it stops on the first failure"
+)]
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};

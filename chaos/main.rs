@@ -14,6 +14,11 @@
 //! `CHAOS_OUT` (a directory the history and summary are written to, and where each run's
 //! directory with every process's log is kept), `HYDRASCALE_TEST_LOG` (the replicas' log
 //! filter).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test, with its location"
+)]
 
 mod faults;
 #[allow(dead_code)]

@@ -23,6 +23,7 @@ pub mod server;
 pub mod state;
 pub mod tailcfg;
 pub mod tls;
+pub mod watched;
 
 pub use config::Config;
 pub use server::{run_server, ServerHandle};

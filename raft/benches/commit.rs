@@ -11,6 +11,11 @@
 //! `RAFT_BENCH_DIR` (where the data directories go; default a temporary directory under
 //! the system's; put it on the disk you mean to measure), `RAFT_BENCH_SECS` (per run,
 //! default 5), `RAFT_BENCH_SIZE` (command bytes, default 256).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark, not the server: it stops on the first failure"
+)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

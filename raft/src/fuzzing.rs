@@ -5,6 +5,11 @@
 //! a bug: the `cargo fuzz` target in `fuzz/` is a one-line call to it, and a unit test runs
 //! it through [`stand_in`] over the committed seeds (`fuzz/corpus/<target>/`) and a few
 //! thousand inputs mutated from them with a fixed seed, so the two cannot drift apart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "fuzz harnesses: a panic on what the harness itself built is the bug report"
+)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,9 @@
 //! Replication tests with real nodes on loopback and RocksDB in temporary directories.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test, with its location"
+)]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -434,6 +434,157 @@ async fn until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// What woke a stream: whether it owes a full map (its changes lagged or the state was
+/// replaced) and whether the DERP map changed.
+#[derive(Clone, Copy)]
+struct Wake {
+    full: bool,
+    derp_changed: bool,
+}
+
+/// Drains the burst of announcements that began with `first`, so many changes become one
+/// message; notes in `oldest_change` when the oldest was applied. Which nodes changed the
+/// stream reads from the peer cache's history: the announcements only wake it, and say
+/// when a full map or DERP map is due. `None` when the state's announcements ended.
+fn drain_changes(
+    first: Result<crate::state::StampedChange, broadcast::error::RecvError>,
+    changes: &mut broadcast::Receiver<crate::state::StampedChange>,
+    oldest_change: &mut Option<std::time::Instant>,
+) -> Option<Wake> {
+    let mut wake = Wake {
+        full: false,
+        derp_changed: false,
+    };
+    let mut pending = Some(first);
+    while let Some(item) = pending.take() {
+        let item = item.map(|(at, c)| {
+            oldest_change.get_or_insert(at);
+            c
+        });
+        match item {
+            Ok(Change::NodeUpserted(_))
+            | Ok(Change::NodeRemoved(_))
+            | Ok(Change::UserChanged(_))
+            | Ok(Change::PolicyChanged)
+            | Ok(Change::SshCheckDecided(_))
+            | Ok(Change::TlsChanged) => {}
+            Ok(Change::ReplicasChanged) => wake.derp_changed = true,
+            // DNS settings travel only in full maps; they change rarely.
+            Ok(Change::Reset | Change::DnsChanged)
+            | Err(broadcast::error::RecvError::Lagged(_)) => wake.full = true,
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+        pending = match changes.try_recv() {
+            Ok(c) => Some(Ok(c)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                Some(Err(broadcast::error::RecvError::Lagged(n)))
+            }
+            Err(_) => None,
+        };
+    }
+    Some(wake)
+}
+
+/// What a stream sends for the changes it woke up for.
+struct Answer {
+    /// A message of its own (none: nothing visible changed, or `shared` carries it).
+    resp: Option<MapResponse>,
+    /// The frame another stream made for the same changes, sent as it is.
+    shared: Option<Bytes>,
+    /// The key under which other streams may share what this one makes.
+    share_as: Option<(u64, u64)>,
+}
+
+/// The stream's answer to `wake` from the state `t`: the delta another stream already
+/// made for the same view, else its own delta, else (a lag, a reset) a full map of its
+/// own; with the DERP map when that changed. `None` when the stream must end (its node
+/// is gone, or no full map can be made).
+fn answer_changes(
+    st: &ControlState,
+    view: &mut StreamView,
+    t: &crate::state::Tailnet,
+    wake: Wake,
+    now: i64,
+) -> Option<Answer> {
+    let mut answer = Answer {
+        resp: None,
+        shared: None,
+        share_as: None,
+    };
+    let key = if wake.full || wake.derp_changed {
+        None
+    } else {
+        view.shared_key(t, &st.peers)
+    };
+    let made = key.and_then(|k| st.deltas.get(k).map(|f| (k, f)));
+    let delta = if wake.full {
+        Err(Resync::Full)
+    } else if let Some(((_, seq), frame)) = made {
+        view.advance(seq);
+        answer.shared = frame;
+        Ok(None)
+    } else {
+        answer.share_as = key;
+        view.delta(t, &st.peers, &st.config, now)
+    };
+    answer.resp = match delta {
+        Ok(r) if wake.derp_changed => {
+            let mut r = r.unwrap_or_default();
+            r.derp_map = Some(st.derp_map(t));
+            Some(r)
+        }
+        Ok(r) => r,
+        Err(Resync::Gone) => return None,
+        Err(Resync::Full) => {
+            // A full map is this stream's own, never shared.
+            answer.share_as = None;
+            Some(view.full(t, &st.peers, &st.config, &st.derp_map(t), now)?)
+        }
+    };
+    Some(answer)
+}
+
+/// Encodes a message stream `id` made and offers it to the streams sharing `share_as`.
+/// `None` when it cannot be encoded (the stream ends).
+fn encode_own(
+    st: &ControlState,
+    resp: &MapResponse,
+    share_as: Option<(u64, u64)>,
+    id: u64,
+) -> Option<Bytes> {
+    if !resp.keep_alive && tracing::enabled!(tracing::Level::TRACE) {
+        let ids = |l: &Option<Vec<crate::tailcfg::Shared>>| {
+            l.as_ref()
+                .map(|l| l.iter().map(|p| p.2).collect::<Vec<_>>())
+        };
+        tracing::trace!(
+            node = id,
+            full = ?ids(&resp.peers),
+            changed = ?ids(&resp.peers_changed),
+            removed = ?resp.peers_removed,
+            patched = resp.peers_changed_patch.as_ref().map_or(0, Vec::len),
+            shared_as = ?share_as,
+            "map: made"
+        );
+    }
+    let encoded = if resp.keep_alive {
+        keep_alive_frame(&st.frames)
+    } else {
+        encode_frame(resp, &st.frames)
+    };
+    let frame = match encoded {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding map response failed");
+            return None;
+        }
+    };
+    if let Some(key) = share_as {
+        st.deltas.put(key, Some(frame.clone()));
+    }
+    Some(frame)
+}
+
 async fn run_stream(
     st: Arc<ControlState>,
     mut view: StreamView,
@@ -492,116 +643,36 @@ async fn run_stream(
             }
             _ = keepalive.tick() => Some(MapResponse { keep_alive: true, ..Default::default() }),
             first = changes.recv() => {
-                // Which nodes changed, the stream reads from the peer cache's history; the
-                // announcements only wake it, and say when a full map or DERP map is due.
-                let mut full = false;
-                let mut derp_changed = false;
-                let mut pending = Some(first);
-                // Drain the burst so many changes become one message.
-                while let Some(item) = pending.take() {
-                    let item = item.map(|(at, c)| {
-                        oldest_change.get_or_insert(at);
-                        c
-                    });
-                    match item {
-                        Ok(Change::NodeUpserted(_))
-                        | Ok(Change::NodeRemoved(_))
-                        | Ok(Change::UserChanged(_))
-                        | Ok(Change::PolicyChanged)
-                        | Ok(Change::SshCheckDecided(_))
-                        | Ok(Change::TlsChanged) => {}
-                        Ok(Change::ReplicasChanged) => derp_changed = true,
-                        // DNS settings travel only in full maps; they change rarely.
-                        Ok(Change::Reset | Change::DnsChanged)
-                        | Err(broadcast::error::RecvError::Lagged(_)) => full = true,
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    }
-                    pending = match changes.try_recv() {
-                        Ok(c) => Some(Ok(c)),
-                        Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
-                        Err(_) => None,
-                    };
-                }
+                let Some(wake) = drain_changes(first, &mut changes, &mut oldest_change) else {
+                    return;
+                };
                 let t = st.db.store.read();
                 let now = now_ms();
                 expires = key_deadline(&t, id, now);
                 revoked = revoked_at(&t, id, now);
-                let key = if full || derp_changed {
-                    None
-                } else {
-                    view.shared_key(&t, &st.peers)
-                };
-                let made = key.and_then(|k| st.deltas.get(k).map(|f| (k, f)));
-                let delta = if full {
-                    Err(Resync::Full)
-                } else if let Some(((_, seq), frame)) = made {
-                    view.advance(seq);
-                    shared = frame;
-                    Ok(None)
-                } else {
-                    share_as = key;
-                    view.delta(&t, &st.peers, &st.config, now)
-                };
-                match delta {
-                    Ok(r) if derp_changed => {
-                        let mut r = r.unwrap_or_default();
-                        r.derp_map = Some(st.derp_map(&t));
-                        Some(r)
+                match answer_changes(&st, &mut view, &t, wake, now) {
+                    Some(a) => {
+                        (shared, share_as) = (a.shared, a.share_as);
+                        a.resp
                     }
-                    Ok(r) => r,
-                    Err(Resync::Gone) => break,
-                    Err(Resync::Full) => {
-                        // A full map is this stream's own, never shared.
-                        share_as = None;
-                        match view.full(&t, &st.peers, &st.config, &st.derp_map(&t), now) {
-                            Some(r) => Some(r),
-                            None => break,
-                        }
-                    }
+                    None => break,
                 }
             }
         };
         let (frame, kind, keep_alive) = match (resp, shared) {
-            (Some(resp), _) => {
-                if !resp.keep_alive && tracing::enabled!(tracing::Level::TRACE) {
-                    let ids = |l: &Option<Vec<crate::tailcfg::Shared>>| {
-                        l.as_ref()
-                            .map(|l| l.iter().map(|p| p.2).collect::<Vec<_>>())
+            (Some(resp), _) => match encode_own(&st, &resp, share_as, id) {
+                Some(frame) => {
+                    let kind = if resp.keep_alive {
+                        &metrics.map_keepalives
+                    } else if resp.peers.is_some() {
+                        &metrics.map_responses_full
+                    } else {
+                        &metrics.map_responses_delta
                     };
-                    tracing::trace!(
-                        node = id,
-                        full = ?ids(&resp.peers),
-                        changed = ?ids(&resp.peers_changed),
-                        removed = ?resp.peers_removed,
-                        patched = resp.peers_changed_patch.as_ref().map_or(0, Vec::len),
-                        shared_as = ?share_as,
-                        "map: made"
-                    );
+                    (frame, kind, resp.keep_alive)
                 }
-                let kind = if resp.keep_alive {
-                    &metrics.map_keepalives
-                } else if resp.peers.is_some() {
-                    &metrics.map_responses_full
-                } else {
-                    &metrics.map_responses_delta
-                };
-                let encoded = if resp.keep_alive {
-                    keep_alive_frame(&st.frames)
-                } else {
-                    encode_frame(&resp, &st.frames)
-                };
-                let frame = match encoded {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "encoding map response failed");
-                        break;
-                    }
-                };
-                if let Some(key) = share_as {
-                    st.deltas.put(key, Some(frame.clone()));
-                }
-                (frame, kind, resp.keep_alive)
-            }
+                None => break,
+            },
             (None, Some(frame)) => {
                 tracing::trace!(node = id, seq = view.synced(), "map: shared delta");
                 metrics.map_deltas_shared.fetch_add(1, Ordering::Relaxed);

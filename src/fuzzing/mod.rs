@@ -8,6 +8,11 @@
 //! a few thousand inputs mutated from them with a fixed seed
 //! ([`hydrascale_raft::fuzzing::stand_in`]), on stable Rust, so the two cannot drift.
 //! `fuzz/README.md` says how to run the targets and how the seeds were made.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "fuzz harnesses: a panic on what the harness itself built is the bug report"
+)]
 
 pub mod control;
 pub mod derp;

@@ -127,7 +127,14 @@ pub(super) fn user_profiles(t: &Tailnet) -> Vec<UserProfile> {
 /// replica's `[dns]` until they are seeded): the same for every node, so it travels only
 /// in full maps.
 pub(super) fn dns_config(t: &Tailnet, config: &Config) -> DnsConfig {
-    let d = t.dns.as_ref().unwrap_or(&config.dns);
+    let own;
+    let d = match &t.dns {
+        Some(d) => d,
+        None => {
+            own = config.dns.settings();
+            &own
+        }
+    };
     let resolvers = |list: &[String]| -> Vec<DnsResolver> {
         list.iter()
             .map(|a| DnsResolver { addr: a.clone() })

@@ -191,6 +191,22 @@ fn lock_mut<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a scrape reads of the served certificate (`metrics` asks through this trait, so it
+/// imports nothing from here).
+impl crate::metrics::ServedCert for CertStore {
+    fn validity_ms(&self) -> Option<(i64, i64)> {
+        self.info().map(|i| (i.not_before, i.not_after))
+    }
+
+    fn swaps(&self) -> u64 {
+        CertStore::swaps(self)
+    }
+
+    fn acme(&self) -> bool {
+        CertStore::acme(self)
+    }
+}
+
 impl CertStore {
     pub fn new(current: Option<Served>, placeholder_name: Option<&str>) -> Result<Self, TlsError> {
         let placeholder = match placeholder_name {

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::fixtures::{
-    create_user_retrying, http_get, leader_of, require_tailscale, user_names, wait_for, Haproxy,
-    ReplicaProc, Tailscaled,
+    create_user_retrying, http_get, leader_of, require_tailscale, user_names,
+    user_with_reusable_key, wait_for, Haproxy, ReplicaProc, Tailscaled,
 };
 
 /// Starts replicas 1-3 as one new cluster whose clients log in at `server_url`, Raft over
@@ -26,22 +26,6 @@ pub async fn start_cluster(root: &std::path::Path, server_url: &str) -> Vec<Repl
     replicas
 }
 
-fn create_reusable_key(r: &ReplicaProc, user: &str) -> String {
-    r.cli_json(&["users", "create", user]);
-    r.cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        user,
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string()
-}
-
 /// Two clients on different replicas, direct paths forbidden by the client's own debug
 /// switch: packets go client -> relay of replica 1 -> mesh -> relay of replica 2 -> client
 /// (each replica lists its own relay first in the DERP map it serves).
@@ -53,7 +37,7 @@ async fn clients_on_different_replicas_relay_through_the_derp_mesh() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lb_url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
     let replicas = start_cluster(dir.path(), &lb_url).await;
-    let key = create_reusable_key(&replicas[0], "bob");
+    let key = user_with_reusable_key(&replicas[0], "bob");
     let root = dir.path().join("clients");
     let derp_only = [("TS_DEBUG_ALWAYS_USE_DERP", "1")];
     let a = Tailscaled::start_with_env(&bin, &root, "relay-a", &derp_only);
@@ -158,7 +142,7 @@ async fn three_replicas_behind_haproxy_survive_losing_replicas() {
     .await;
 
     // Writes work on any replica (followers forward to the leader).
-    let key = create_reusable_key(&replicas[1], "alice");
+    let key = user_with_reusable_key(&replicas[1], "alice");
 
     let root = dir.path().join("clients");
     let nodes: Vec<Tailscaled> = ["n1", "n2"]
@@ -694,7 +678,7 @@ async fn recover_a_cluster_that_lost_its_majority() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("http://127.0.0.1:{}", crate::fixtures::free_port());
     let mut replicas = start_cluster(dir.path(), &url).await;
-    create_reusable_key(&replicas[0], "alice");
+    user_with_reusable_key(&replicas[0], "alice");
     create_user_retrying(&replicas[1], "bob", Duration::from_secs(10)).await;
     wait_for(
         "replica 3 applied both users",
@@ -948,7 +932,7 @@ async fn dns_settings_changed_through_one_replica_reach_clients_on_another() {
     })
     .await;
     assert_eq!(seeded["nameservers"], serde_json::json!([]), "{seeded}");
-    let key = create_reusable_key(&replicas[0], "dora");
+    let key = user_with_reusable_key(&replicas[0], "dora");
     let root = dir.path().join("clients");
     let client = Tailscaled::start(&bin, &root, "dns-b");
     client

@@ -350,6 +350,47 @@ pub fn http_json(
     (code, json)
 }
 
+/// The scraped series `series` (name with labels, as written) of the replica whose
+/// metrics listener is `metrics_addr`; 0 if absent.
+pub fn metric(metrics_addr: &str, series: &str) -> f64 {
+    scrape(metrics_addr).get(series).copied().unwrap_or(0.0)
+}
+
+/// What the CLI administers: an in-process [`TestServer`] or a [`ReplicaProc`].
+pub trait Admin {
+    fn cli_json(&self, args: &[&str]) -> serde_json::Value;
+}
+
+impl Admin for TestServer {
+    fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        TestServer::cli_json(self, args)
+    }
+}
+
+impl Admin for ReplicaProc {
+    fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        ReplicaProc::cli_json(self, args)
+    }
+}
+
+/// Creates `user` and a reusable pre-auth key of it that expires in an hour; the key.
+pub fn user_with_reusable_key(admin: &impl Admin, user: &str) -> String {
+    admin.cli_json(&["users", "create", user]);
+    let v = admin.cli_json(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        user,
+        "--reusable",
+        "--expiration",
+        "1h",
+    ]);
+    v["key"]
+        .as_str()
+        .unwrap_or_else(|| panic!("preauthkeys create printed no key: {v}"))
+        .to_string()
+}
+
 /// A replica's `/metrics` as series (name with labels, as written) -> value.
 pub fn scrape(metrics_addr: &str) -> std::collections::BTreeMap<String, f64> {
     let (code, body) = http_get(metrics_addr, "/metrics").expect("metrics listener answers");

@@ -19,7 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::fixtures::{
-    free_port, http_get, require_tailscale, scrape, wait_for, ReplicaProc, Tailscaled,
+    free_port, http_get, require_tailscale, user_with_reusable_key, wait_for, ReplicaProc,
+    Tailscaled,
 };
 
 type H2 = hydrascale::noise::client::ControlClient;
@@ -198,7 +199,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn metric(r: &ReplicaProc, series: &str) -> f64 {
-    scrape(&r.metrics).get(series).copied().unwrap_or(0.0)
+    crate::fixtures::metric(&r.metrics, series)
 }
 
 fn limit_refusals(r: &ReplicaProc, limit: &str) -> f64 {
@@ -220,22 +221,6 @@ fn node_names(r: &ReplicaProc) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-fn preauth_key(r: &ReplicaProc, user: &str) -> String {
-    r.cli_json(&["users", "create", user]);
-    r.cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        user,
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string()
 }
 
 /// What the flood's requests got.
@@ -480,7 +465,7 @@ async fn an_oversized_hostinfo_is_refused_and_the_previous_one_kept() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let r = replica(dir.path(), &[]).await;
-    let authkey = preauth_key(&r, "alice");
+    let authkey = user_with_reusable_key(&r, "alice");
     let key = server_key(&r.control);
 
     // The victim (our own node, from the attacker's address) and an observer peer.
@@ -674,7 +659,7 @@ async fn an_oversized_hostinfo_is_refused_and_the_previous_one_kept() {
 async fn a_thousand_map_streams_of_one_node_are_refused_beyond_the_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let r = replica(dir.path(), &[]).await;
-    let authkey = preauth_key(&r, "alice");
+    let authkey = user_with_reusable_key(&r, "alice");
     let key = server_key(&r.control);
     let machine = random32();
     let (nk, disco) = (nodekey(), discokey());
@@ -903,7 +888,7 @@ async fn idle_connections_are_closed_and_everyone_else_is_served() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let r = replica(dir.path(), &[]).await;
-    let authkey = preauth_key(&r, "alice");
+    let authkey = user_with_reusable_key(&r, "alice");
     let api_key = r.cli_json(&["apikeys", "create"])["key"]
         .as_str()
         .expect("api key")
@@ -1144,7 +1129,7 @@ async fn noise_sessions_that_never_identify_are_bounded_and_closed() {
     use hydrascale::control::limits::IDENTIFY_WITHIN;
     let dir = tempfile::tempdir().expect("tempdir");
     let r = replica(dir.path(), &["--set", "limits.max_unidentified_sessions=5"]).await;
-    let authkey = preauth_key(&r, "alice");
+    let authkey = user_with_reusable_key(&r, "alice");
     let key = server_key(&r.control);
     let opened = Instant::now();
     let mut idle = Vec::new();

@@ -1,4 +1,9 @@
 //! The one integration test binary: real replicas in-process, real clients as processes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test, with its location"
+)]
 
 mod cluster;
 mod deploy;
@@ -19,3 +24,4 @@ mod revocation;
 mod routes;
 mod ssh;
 mod tls;
+mod watched;

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use crate::fixtures::{
-    create_user_retrying, http_get, leader_of, make_certs, require_tailscale, user_names, wait_for,
-    Haproxy, Lan, ReplicaProc, Tailscaled,
+    create_user_retrying, http_get, leader_of, make_certs, require_tailscale, user_names,
+    user_with_reusable_key, wait_for, Haproxy, Lan, ReplicaProc, Tailscaled,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,19 +38,7 @@ async fn partitions_with_the_leader_in_the_minority_and_in_the_majority() {
     })
     .await;
 
-    replicas[0].cli_json(&["users", "create", "alice"]);
-    let key = replicas[0].cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        "alice",
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = user_with_reusable_key(&replicas[0], "alice");
     let root = dir.path().join("clients");
     let nodes: Vec<Tailscaled> = ["p1", "p2"]
         .iter()

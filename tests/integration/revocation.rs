@@ -11,7 +11,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::fixtures::{require_tailscale, scrape, wait_for, ReplicaProc, Tailscaled};
+use crate::fixtures::{
+    require_tailscale, scrape, user_with_reusable_key, wait_for, ReplicaProc, Tailscaled,
+};
 
 /// Replica 2's open map streams and its regular DERP clients (mesh peers left out).
 fn sessions(r: &ReplicaProc, mesh: f64) -> (f64, f64) {
@@ -172,19 +174,7 @@ async fn revocation_takes_effect_on_every_replica() {
     .await;
     let mesh = 2.0;
 
-    r1.cli_json(&["users", "create", "u"]);
-    let key = r1.cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        "u",
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = user_with_reusable_key(r1, "u");
     let at_r2 = format!("http://{}", r2.control);
     let root = dir.path().join("clients");
     let names = ["keep", "expired", "deleted", "loggedout"];

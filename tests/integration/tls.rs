@@ -18,8 +18,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::fixtures::{
-    free_port, http_get, leader_of, require_tailscale, scrape, start_as_cluster_with, wait_for,
-    Haproxy, ReplicaProc, Tailscaled, TestServer,
+    free_port, http_get, leader_of, require_tailscale, scrape, start_as_cluster_with,
+    user_with_reusable_key, wait_for, Haproxy, ReplicaProc, Tailscaled, TestServer,
 };
 
 /// A CA of the test's own: signs the certificate files of the first test and Pebble's
@@ -354,22 +354,6 @@ impl Pebble {
     }
 }
 
-fn create_key(server: &TestServer, user: &str) -> String {
-    server.cli_json(&["users", "create", user]);
-    server.cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        user,
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string()
-}
-
 /// `tailscale ping` from `from` to `ip` until a pong comes back; the ping's output.
 async fn ping(from: &Tailscaled, ip: &str) -> String {
     wait_for(
@@ -458,7 +442,7 @@ async fn certificate_files_serve_clients_and_derp_over_tls_and_reload_live() {
         );
     }
 
-    let key = create_key(&server, "alice");
+    let key = user_with_reusable_key(&server, "alice");
     let root = server.dir.path().join("clients");
     let only_derp = [("TS_DEBUG_ALWAYS_USE_DERP", "1")];
     let a = Tailscaled::start_https(&bin, &root, "ta", &ca_file, &only_derp);
@@ -629,7 +613,7 @@ async fn acme_single(challenge: &str) {
         .await;
         assert_eq!(pebble.orders(), 1);
     } else {
-        let key = create_key(&server, "alice");
+        let key = user_with_reusable_key(&server, "alice");
         let root = dir.path().join("clients");
         let a = Tailscaled::start_https(&bin, &root, "acme-a", &roots_file, &[]);
         a.up(&url, &key).await;
@@ -649,7 +633,7 @@ async fn acme_tls_alpn01_for_one_replica_and_an_official_client() {
 
 /// The scraped series `name` of replica `r` (0 if absent).
 fn metric(r: &ReplicaProc, name: &str) -> f64 {
-    scrape(&r.metrics).get(name).copied().unwrap_or(0.0)
+    crate::fixtures::metric(&r.metrics, name)
 }
 
 /// Three replicas behind HAProxy (the shipped TLS variant: TLS passed through, port 80
@@ -876,19 +860,7 @@ async fn acme_cluster_renews_once_across_a_leader_change() {
 
     // Official clients join over https through the load balancer and reach each other.
     let admin = &replicas[(new_leader - 1) as usize];
-    admin.cli_json(&["users", "create", "alice"]);
-    let key = admin.cli_json(&[
-        "preauthkeys",
-        "create",
-        "--user",
-        "alice",
-        "--reusable",
-        "--expiration",
-        "1h",
-    ])["key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let key = user_with_reusable_key(admin, "alice");
     let root = dir.path().join("clients");
     let a = Tailscaled::start_https(&bin, &root, "ca", &roots_file, &[]);
     let b = Tailscaled::start_https(&bin, &root, "cb", &roots_file, &[]);

@@ -24,6 +24,11 @@
 //! Like the interop tests it needs the official client (installed by the README's own
 //! step into `.tools/bin`); it runs under `scripts/test.sh` (`HYDRASCALE_INTEROP=1`) and
 //! says why it did nothing in a bare `cargo test`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test, with its location"
+)]
 
 #[allow(dead_code)]
 #[path = "../integration/fixtures.rs"]
