@@ -524,6 +524,15 @@ pub struct ClusterConfig {
     /// A replica that has not heard from a quorum for this long stops serving clients, and
     /// the leader marks the nodes of a replica silent for this long offline.
     pub isolation_timeout: ConfigDuration,
+    /// A follower that has not heard from its leader for twice this long (the leader
+    /// lease) may campaign, once a majority of voters agree (pre-vote); openraft's own
+    /// election timer is drawn between this and twice this. Keep it well above the
+    /// longest stall of a replica (scheduling, fsync): a shorter one fails over faster
+    /// and risks elections no one needed.
+    pub election_timeout: ConfigDuration,
+    /// How often the leader sends heartbeats (openraft sends them on a tick of 1.5 times
+    /// this); must be below `election_timeout`.
+    pub heartbeat_interval: ConfigDuration,
     /// A file written by `hydrascale cluster backup`: the replica that starts a new cluster
     /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
     /// has state, and by the other replicas.
@@ -551,6 +560,8 @@ impl Default for ClusterConfig {
             advertise_raft_addr: None,
             advertise_admin_addr: None,
             isolation_timeout: ConfigDuration::seconds(8),
+            election_timeout: ConfigDuration::millis(200),
+            heartbeat_interval: ConfigDuration::millis(100),
             restore_from: None,
             tls_dir: None,
             tls_ca_file: None,
@@ -612,6 +623,16 @@ impl ClusterConfig {
 
     pub fn isolation_timeout(&self) -> std::time::Duration {
         self.isolation_timeout.duration()
+    }
+
+    /// Raft's election timeout range in milliseconds: `election_timeout` to twice it.
+    pub fn election_timeout_ms(&self) -> (u64, u64) {
+        let min = u64::try_from(self.election_timeout.ms()).unwrap_or(0);
+        (min, 2 * min)
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        u64::try_from(self.heartbeat_interval.ms()).unwrap_or(0)
     }
 }
 
@@ -884,6 +905,32 @@ impl Config {
                 message: "must be at least 1s (longer than a leader election, e.g. 8s)".into(),
             });
         }
+        let election = self.cluster.election_timeout.ms();
+        let heartbeat = self.cluster.heartbeat_interval.ms();
+        if heartbeat < 10 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.heartbeat_interval".into(),
+                message: "must be at least 10ms, e.g. 100ms".into(),
+            });
+        }
+        if election < 2 * heartbeat || election > 60_000 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.election_timeout".into(),
+                message: format!(
+                    "must be at least twice cluster.heartbeat_interval ({}) and at most 60s, e.g. 250ms with heartbeats every 100ms",
+                    self.cluster.heartbeat_interval.text
+                ),
+            });
+        }
+        if 2 * election >= self.cluster.isolation_timeout.ms() {
+            return Err(ConfigError::Invalid {
+                key: "cluster.isolation_timeout".into(),
+                message: format!(
+                    "must be longer than a leader election (twice cluster.election_timeout = {}ms, and more), e.g. 8s",
+                    2 * election
+                ),
+            });
+        }
         if self.ephemeral_inactivity_timeout.ms() < 1_000 {
             return Err(ConfigError::Invalid {
                 key: "ephemeral_inactivity_timeout".into(),
@@ -977,6 +1024,10 @@ impl ConfigDuration {
         }
     }
 
+    pub fn millis(n: i64) -> Self {
+        Self::of(n, "ms", 1)
+    }
+
     pub fn seconds(n: i64) -> Self {
         Self::of(n, "s", 1_000)
     }
@@ -1025,7 +1076,7 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
-/// Parses "90s", "15m", "1h", "7d", "0" into milliseconds.
+/// Parses "250ms", "90s", "15m", "1h", "7d", "0" into milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let t = text.trim();
     if t == "0" {
@@ -1033,17 +1084,22 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     }
     let split = t
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{t:?} needs a unit: s, m, h or d (e.g. 90d)"))?;
+        .ok_or_else(|| format!("{t:?} needs a unit: ms, s, m, h or d (e.g. 90d)"))?;
     let (num, unit) = t.split_at(split);
     let n: i64 = num
         .parse()
         .map_err(|_| format!("{t:?} is not a duration like 30m, 12h or 90d"))?;
     let mult = match unit {
+        "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("{t:?} has unknown unit {unit:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{t:?} has unknown unit {unit:?}; use ms, s, m, h or d"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{t:?} is too long"))
@@ -1212,6 +1268,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cluster.isolation_timeout"), "{err}");
+    }
+
+    #[test]
+    fn raft_timings_are_configurable_and_checked() {
+        let mut c = Config::default();
+        assert_eq!(c.cluster.election_timeout_ms(), (200, 400));
+        assert_eq!(c.cluster.heartbeat_ms(), 100);
+        c.set("cluster.election_timeout", "1500ms").expect("1500ms");
+        c.set("cluster.heartbeat_interval", "500ms").expect("500ms");
+        assert_eq!(c.cluster.election_timeout_ms(), (1500, 3000));
+        assert_eq!(c.cluster.heartbeat_ms(), 500);
+        // Heartbeats must come at least twice per election timeout.
+        let err = c
+            .set("cluster.election_timeout", "900ms")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.election_timeout"), "{err}");
+        let err = c
+            .set("cluster.heartbeat_interval", "5ms")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.heartbeat_interval"), "{err}");
+        // A replica must not give up its clients before an election could have ended.
+        let err = c
+            .set("cluster.election_timeout", "5s")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.isolation_timeout"), "{err}");
+        c.set("cluster.isolation_timeout", "20s").expect("20s");
+        c.set("cluster.election_timeout", "5s").expect("5s");
+        assert_eq!(c.cluster.election_timeout_ms(), (5000, 10000));
     }
 
     #[test]
@@ -1446,6 +1533,7 @@ extra_records = [{ name = "grafana.hydrascale.internal", type = "A", value = "10
     fn durations() {
         assert_eq!(parse_duration_ms("90s"), Ok(90_000));
         assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
         assert!(parse_duration_ms("2w").is_err());
         assert!(parse_duration_ms("h").is_err());
         let d: ConfigDuration = "90d".parse().expect("90d");
