@@ -447,8 +447,11 @@ impl RaftNode {
             _ = leader_lost => {
                 // A leader that handed leadership over on purpose is still there and
                 // answers at once (it held the write back, so "not leader": retried
-                // below); one cut off answers nothing.
-                match tokio::time::timeout(Duration::from_secs(1), &mut call).await {
+                // below); one cut off answers nothing. A lease is ample for the answer
+                // on any network the lease suits, and waiting longer only delayed the
+                // caller's retry after a partition (by a second, issue 31).
+                let answer_within = self.inner.leader_lease.min(Duration::from_secs(1));
+                match tokio::time::timeout(answer_within, &mut call).await {
                     Ok(r) => r,
                     Err(_) => return Err(RaftError::LeaderLost { leader }),
                 }
