@@ -4,11 +4,12 @@
 //! fails while the voters' leader lease lasts (the longest election timeout since they
 //! last heard from the leader). So the leader holds back new proposals, makes sure the
 //! target has every entry, and stops its heartbeats; the target starts an election as
-//! soon as the lease has run out. Every other follower waits a lease *plus* a random
-//! election timeout before it campaigns, so the target is first and wins. Writes wait
-//! for the handover (about one lease) and then go to the new leader.
+//! soon as the lease has run out. Meanwhile the leader and the target refuse pre-votes
+//! (`prevote`), so no other voter may campaign: with election timeouts shorter than
+//! the target's wait, another voter's timer could fire first. Writes wait for the
+//! handover (about one lease) and then go to the new leader.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -19,15 +20,53 @@ use crate::{RaftError, RaftNode, TypeConfig};
 /// Lets proposals through, except during a handover. Every proposal on this node holds
 /// it shared while openraft appends and commits; a handover holds it exclusively.
 #[derive(Clone, Default)]
-pub(crate) struct WriteGate(Arc<RwLock<()>>);
+pub(crate) struct WriteGate {
+    lock: Arc<RwLock<()>>,
+    /// While a handover is under way, on the leader handing over and on its target: why
+    /// this replica refuses pre-votes, and until when. With election timeouts shorter
+    /// than the target's wait (a lease plus 250 ms), a third voter's timer could otherwise
+    /// fire first: the leader, its heartbeats off, and the target, silent like any
+    /// follower, would both have granted it.
+    handing_over: Arc<Mutex<Option<(Instant, String)>>>,
+}
 
 impl WriteGate {
     pub(crate) async fn enter(&self) -> RwLockReadGuard<'_, ()> {
-        self.0.read().await
+        self.lock.read().await
     }
 
     async fn close(&self) -> RwLockWriteGuard<'_, ()> {
-        self.0.write().await
+        self.lock.write().await
+    }
+
+    fn handing_over(&self) -> std::sync::MutexGuard<'_, Option<(Instant, String)>> {
+        self.handing_over.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuse pre-votes until `until`, saying `why`.
+    pub(crate) fn refuse_prevotes(&self, until: Instant, why: String) {
+        *self.handing_over() = Some((until, why));
+    }
+
+    fn allow_prevotes(&self) {
+        *self.handing_over() = None;
+    }
+
+    /// Why this replica refuses pre-votes now because of a handover, if it does.
+    pub(crate) fn prevote_refusal(&self) -> Option<String> {
+        self.handing_over()
+            .as_ref()
+            .filter(|(until, _)| Instant::now() < *until)
+            .map(|(_, why)| why.clone())
+    }
+}
+
+/// Lets pre-votes through again however the handover ends.
+struct PrevotesRefused<'a>(&'a WriteGate);
+
+impl Drop for PrevotesRefused<'_> {
+    fn drop(&mut self) {
+        self.0.allow_prevotes();
     }
 }
 
@@ -116,8 +155,16 @@ impl RaftNode {
             )));
         }
 
-        let _quiet = HeartbeatsOff::new(&inner.raft);
         let delay = inner.leader_lease + Duration::from_millis(250);
+        inner.gate.refuse_prevotes(
+            Instant::now() + delay + Duration::from_secs(4),
+            format!(
+                "replica {} is handing leadership over to replica {to}",
+                inner.id
+            ),
+        );
+        let _refusing = PrevotesRefused(&inner.gate);
+        let _quiet = HeartbeatsOff::new(&inner.raft);
         inner
             .forwarder
             .timeout_now(&addr, to, inner.id, delay)

@@ -71,7 +71,11 @@ pub struct RaftConfig {
     pub listen_addr: SocketAddr,
     /// What peers dial; defaults to the bound listen address.
     pub advertise_addr: Option<String>,
+    /// openraft's election timer is drawn from this range; its upper end is also the
+    /// leader lease (voters refuse other candidates for that long after an append) and the
+    /// silence after which pre-vote (`prevote`) lets a follower campaign.
     pub election_timeout_ms: (u64, u64),
+    /// openraft sends heartbeats on a tick of 1.5 times this.
     pub heartbeat_ms: u64,
     /// Build a snapshot every this many applied entries.
     pub snapshot_every: u64,
@@ -91,8 +95,10 @@ impl Default for RaftConfig {
             data_dir: PathBuf::from("raft"),
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_addr: None,
-            election_timeout_ms: (1500, 3000),
-            heartbeat_ms: 500,
+            // Hydrascale's defaults (`cluster.election_timeout`, `heartbeat_interval`):
+            // failover in about a second; see docs/performance.md, "Cluster failover".
+            election_timeout_ms: (200, 400),
+            heartbeat_ms: 100,
             snapshot_every: 10_000,
             write_timeout: Duration::from_secs(10),
             tls: None,
@@ -441,8 +447,11 @@ impl RaftNode {
             _ = leader_lost => {
                 // A leader that handed leadership over on purpose is still there and
                 // answers at once (it held the write back, so "not leader": retried
-                // below); one cut off answers nothing.
-                match tokio::time::timeout(Duration::from_secs(1), &mut call).await {
+                // below); one cut off answers nothing. A lease is ample for the answer
+                // on any network the lease suits, and waiting longer only delayed the
+                // caller's retry after a partition (by a second, issue 31).
+                let answer_within = self.inner.leader_lease.min(Duration::from_secs(1));
+                match tokio::time::timeout(answer_within, &mut call).await {
                     Ok(r) => r,
                     Err(_) => return Err(RaftError::LeaderLost { leader }),
                 }

@@ -25,6 +25,15 @@ pub struct ClusterConfig {
     /// A replica that has not heard from a quorum for this long stops serving clients, and
     /// the leader marks the nodes of a replica silent for this long offline.
     pub isolation_timeout: ConfigDuration,
+    /// A follower that has not heard from its leader for twice this long (the leader
+    /// lease) may campaign, once a majority of voters agree (pre-vote); openraft's own
+    /// election timer is drawn between this and twice this. Keep it well above the
+    /// longest stall of a replica (scheduling, fsync): a shorter one fails over faster
+    /// and risks elections no one needed.
+    pub election_timeout: ConfigDuration,
+    /// How often the leader sends heartbeats (openraft sends them on a tick of 1.5 times
+    /// this); must be below `election_timeout`.
+    pub heartbeat_interval: ConfigDuration,
     /// A file written by `hydrascale cluster backup`: the replica that starts a new cluster
     /// seeds it with this state (users, nodes, keys, control key). Ignored once the cluster
     /// has state, and by the other replicas.
@@ -52,6 +61,8 @@ impl Default for ClusterConfig {
             advertise_raft_addr: None,
             advertise_admin_addr: None,
             isolation_timeout: ConfigDuration::seconds(8),
+            election_timeout: ConfigDuration::millis(200),
+            heartbeat_interval: ConfigDuration::millis(100),
             restore_from: None,
             tls_dir: None,
             tls_ca_file: None,
@@ -113,5 +124,15 @@ impl ClusterConfig {
 
     pub fn isolation_timeout(&self) -> std::time::Duration {
         self.isolation_timeout.duration()
+    }
+
+    /// Raft's election timeout range in milliseconds: `election_timeout` to twice it.
+    pub fn election_timeout_ms(&self) -> (u64, u64) {
+        let min = u64::try_from(self.election_timeout.ms()).unwrap_or(0);
+        (min, 2 * min)
+    }
+
+    pub fn heartbeat_ms(&self) -> u64 {
+        u64::try_from(self.heartbeat_interval.ms()).unwrap_or(0)
     }
 }

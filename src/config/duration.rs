@@ -28,6 +28,10 @@ impl ConfigDuration {
         }
     }
 
+    pub fn millis(n: i64) -> Self {
+        Self::of(n, "ms", 1)
+    }
+
     pub fn seconds(n: i64) -> Self {
         Self::of(n, "s", 1_000)
     }
@@ -76,7 +80,7 @@ impl<'de> Deserialize<'de> for ConfigDuration {
     }
 }
 
-/// Parses "90s", "15m", "1h", "7d", "0" into milliseconds.
+/// Parses "250ms", "90s", "15m", "1h", "7d", "0" into milliseconds.
 pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let t = text.trim();
     if t == "0" {
@@ -84,17 +88,22 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     }
     let split = t
         .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{t:?} needs a unit: s, m, h or d (e.g. 90d)"))?;
+        .ok_or_else(|| format!("{t:?} needs a unit: ms, s, m, h or d (e.g. 90d)"))?;
     let (num, unit) = t.split_at(split);
     let n: i64 = num
         .parse()
         .map_err(|_| format!("{t:?} is not a duration like 30m, 12h or 90d"))?;
     let mult = match unit {
+        "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("{t:?} has unknown unit {unit:?}; use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "{t:?} has unknown unit {unit:?}; use ms, s, m, h or d"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{t:?} is too long"))

@@ -323,6 +323,32 @@ impl Config {
                 message: "must be at least 1s (longer than a leader election, e.g. 8s)".into(),
             });
         }
+        let election = self.cluster.election_timeout.ms();
+        let heartbeat = self.cluster.heartbeat_interval.ms();
+        if heartbeat < 10 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.heartbeat_interval".into(),
+                message: "must be at least 10ms, e.g. 100ms".into(),
+            });
+        }
+        if election < 2 * heartbeat || election > 60_000 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.election_timeout".into(),
+                message: format!(
+                    "must be at least twice cluster.heartbeat_interval ({}) and at most 60s, e.g. 250ms with heartbeats every 100ms",
+                    self.cluster.heartbeat_interval.text
+                ),
+            });
+        }
+        if 2 * election >= self.cluster.isolation_timeout.ms() {
+            return Err(ConfigError::Invalid {
+                key: "cluster.isolation_timeout".into(),
+                message: format!(
+                    "must be longer than a leader election (twice cluster.election_timeout = {}ms, and more), e.g. 8s",
+                    2 * election
+                ),
+            });
+        }
         if self.ephemeral_inactivity_timeout.ms() < 1_000 {
             return Err(ConfigError::Invalid {
                 key: "ephemeral_inactivity_timeout".into(),

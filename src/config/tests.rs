@@ -129,6 +129,37 @@ fn cluster_peers_are_parsed_and_checked() {
 }
 
 #[test]
+fn raft_timings_are_configurable_and_checked() {
+    let mut c = Config::default();
+    assert_eq!(c.cluster.election_timeout_ms(), (200, 400));
+    assert_eq!(c.cluster.heartbeat_ms(), 100);
+    c.set("cluster.election_timeout", "1500ms").expect("1500ms");
+    c.set("cluster.heartbeat_interval", "500ms").expect("500ms");
+    assert_eq!(c.cluster.election_timeout_ms(), (1500, 3000));
+    assert_eq!(c.cluster.heartbeat_ms(), 500);
+    // Heartbeats must come at least twice per election timeout.
+    let err = c
+        .set("cluster.election_timeout", "900ms")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cluster.election_timeout"), "{err}");
+    let err = c
+        .set("cluster.heartbeat_interval", "5ms")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cluster.heartbeat_interval"), "{err}");
+    // A replica must not give up its clients before an election could have ended.
+    let err = c
+        .set("cluster.election_timeout", "5s")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cluster.isolation_timeout"), "{err}");
+    c.set("cluster.isolation_timeout", "20s").expect("20s");
+    c.set("cluster.election_timeout", "5s").expect("5s");
+    assert_eq!(c.cluster.election_timeout_ms(), (5000, 10000));
+}
+
+#[test]
 fn oidc_settings_are_checked() {
     let load = |toml: &str| {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -341,6 +341,8 @@ async fn start_raft(
         data_dir: config.data_dir.join("raft"),
         listen_addr: config.raft_listen_addr,
         advertise_addr: config.cluster.advertise_raft_addr.clone(),
+        election_timeout_ms: config.cluster.election_timeout_ms(),
+        heartbeat_ms: config.cluster.heartbeat_ms(),
         tls,
         ..Default::default()
     };

@@ -192,6 +192,14 @@ impl RaftService for RaftGrpc {
         }
         // Bounded so a confused caller cannot park an election for long.
         let delay = std::time::Duration::from_millis(r.delay_ms.min(60_000));
+        // Until it has campaigned, no other voter may: it would win ahead of this one.
+        self.gate.refuse_prevotes(
+            std::time::Instant::now() + delay + std::time::Duration::from_secs(1),
+            format!(
+                "replica {} is taking leadership over from replica {} (handover)",
+                m.id, r.leader
+            ),
+        );
         crate::handover::timeout_now(&self.raft, r.leader, delay);
         Ok(Response::new(Payload { data: Vec::new() }))
     }
@@ -203,7 +211,10 @@ impl RaftService for RaftGrpc {
         let claimed = req.get_ref().candidate;
         self.admit(&req, Some(claimed))?;
         let m = self.raft.metrics().borrow().clone();
-        let refusal = crate::prevote::refusal(&m, &self.contacts, self.leader_lease);
+        let refusal = self
+            .gate
+            .prevote_refusal()
+            .or_else(|| crate::prevote::refusal(&m, &self.contacts, self.leader_lease));
         Ok(Response::new(PreVoteReply {
             granted: refusal.is_none(),
             reason: refusal.unwrap_or_default(),
