@@ -19,6 +19,12 @@
 //! `DERP_BENCH_SECS` (throughput run length, default 5), `DERP_BENCH_PAIRS`
 //! (default 4), `DERP_BENCH_RATE` (latency run, packets/s, default 2000),
 //! `DERP_BENCH_IDLE` (idle connections, default 2000).
+//!
+//! Side by side (`scripts/bench-vs-derper.sh`): `DERP_BENCH_REPLICAS=1` runs one replica
+//! alone (no mesh, no Raft peers), and `DERP_BENCH_DERPER=/path/to/derper` runs
+//! Tailscale's `derper` (plain HTTP on loopback, STUN off, like the replicas here) instead,
+//! under the same single-server measurements. `DERP_BENCH_PORT_BASE` takes the servers'
+//! ports from there upwards instead of from the kernel's ephemeral range.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -44,18 +50,41 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The next port from `DERP_BENCH_PORT_BASE` that is free for TCP and UDP, if it is set.
+fn next_base_port() -> Option<u16> {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU16> = std::sync::OnceLock::new();
+    let base: u16 = std::env::var("DERP_BENCH_PORT_BASE").ok()?.parse().ok()?;
+    let next = NEXT.get_or_init(|| std::sync::atomic::AtomicU16::new(base));
+    loop {
+        let p = next.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            p >= base && p < base.saturating_add(1000),
+            "DERP_BENCH_PORT_BASE: no free port in the 1000 above {base}"
+        );
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        {
+            return Some(p);
+        }
+    }
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    next_base_port().unwrap_or_else(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    })
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    next_base_port().unwrap_or_else(|| {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("free udp port")
+    })
 }
 
 struct Replica {
@@ -91,8 +120,29 @@ impl Replica {
     }
 }
 
-fn start_cluster(dir: &Path) -> Vec<Replica> {
-    let ids = [1u64, 2, 3];
+/// Tailscale's `derper` at `bin`, alone, plain HTTP on a loopback port, STUN and the
+/// HTTP-port redirect off, clients not verified (as the replicas here).
+fn start_derper(dir: &Path, bin: &str) -> Replica {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("derper.log")).expect("log");
+    let child = Command::new(bin)
+        .arg("-a")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-stun=false", "-http-port=-1", "-hostname", "127.0.0.1"])
+        .arg("-c")
+        .arg(dir.join("derper.key"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start derper");
+    Replica {
+        control: format!("127.0.0.1:{port}"),
+        child,
+    }
+}
+
+fn start_cluster(dir: &Path, replicas: u64) -> Vec<Replica> {
+    let ids: Vec<u64> = (1..=replicas).collect();
     let ports: Vec<(u16, u16, u16, u16)> = ids
         .iter()
         .map(|_| (free_port(), free_port(), free_port(), free_udp_port()))
@@ -103,6 +153,17 @@ fn start_cluster(dir: &Path) -> Vec<Replica> {
         .map(|(id, p)| format!("{id}=127.0.0.1:{}", p.2))
         .collect::<Vec<_>>()
         .join(",");
+    // Raft between replicas runs over mutual TLS, as in any real cluster.
+    let certs = dir.join("certs");
+    let ids_arg = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let made = Command::new(env!("CARGO_BIN_EXE_hydrascale"))
+        .args(["cluster", "certs", "--out"])
+        .arg(&certs)
+        .args(["--ids", &ids_arg])
+        .stdout(Stdio::null())
+        .status()
+        .expect("hydrascale cluster certs");
+    assert!(made.success(), "hydrascale cluster certs failed");
     let mut out = Vec::new();
     for (id, (control, admin, raft, stun)) in ids.iter().zip(ports) {
         let rdir = dir.join(format!("r{id}"));
@@ -125,8 +186,14 @@ verify_clients = false
 
 [cluster]
 peers = "{peers}"
+tls_dir = "{tls}"
+
+[limits]
+# Every benchmark client connects from 127.0.0.1 (derper has no such limit).
+max_connections_per_address = 0
 "#,
             data = rdir.join("data").display(),
+            tls = certs.join(format!("replica-{id}")).display(),
         );
         let cfg = rdir.join("hydrascale.toml");
         std::fs::write(&cfg, toml).expect("write config");
@@ -148,13 +215,14 @@ peers = "{peers}"
     out
 }
 
-fn ready(addr: &str) -> bool {
+/// Whether `path` on `addr` answers 200 (`/ready` on a replica, `/derp/probe` on derper).
+fn ready(addr: &str, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(s, "GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
         return false;
     }
     let mut text = String::new();
@@ -432,12 +500,26 @@ fn main() {
     let idle: usize = env_or("DERP_BENCH_IDLE", 2000);
     let fd_limit = raise_fd_limit();
 
+    let derper = std::env::var("DERP_BENCH_DERPER").ok();
+    let count: u64 = if derper.is_some() {
+        1
+    } else {
+        env_or("DERP_BENCH_REPLICAS", 3u64).clamp(1, 3)
+    };
+
     let tmp = std::env::temp_dir().join(format!("hydrascale-derp-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).expect("bench dir");
-    let replicas = start_cluster(&tmp);
+    let (replicas, probe_path) = match &derper {
+        Some(bin) => (vec![start_derper(&tmp, bin)], "/derp/probe"),
+        None => (start_cluster(&tmp, count), "/ready"),
+    };
+    let server = match &derper {
+        Some(bin) => format!("derper ({bin})"),
+        None => format!("hydrascale, {count} replica(s)"),
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !replicas.iter().all(|r| ready(&r.control)) {
+    while !replicas.iter().all(|r| ready(&r.control, probe_path)) {
         assert!(
             Instant::now() < deadline,
             "replicas not ready after 60 s; logs in {}",
@@ -450,27 +532,30 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (r1, r2, r3) = (
-        replicas[0].control.as_str(),
-        replicas[1].control.as_str(),
-        replicas[2].control.as_str(),
-    );
+    let addrs: Vec<&str> = replicas.iter().map(|r| r.control.as_str()).collect();
+    let r1 = addrs[0];
     println!(
-        "hydrascale DERP relay benchmark: {} CPUs, {PACKET}-byte packets, {pairs} sender/receiver pairs, {secs} s per throughput run",
+        "DERP relay benchmark, {server}: {} CPUs, {PACKET}-byte packets, {pairs} sender/receiver pairs, {secs} s per throughput run",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     rt.block_on(async {
         let t = throughput(&replicas, &[(r1, r1)], pairs, secs).await;
         report_throughput("throughput, one replica", &t);
-        let t = throughput(&replicas, &[(r1, r2)], pairs, secs).await;
-        report_throughput("throughput, across mesh", &t);
-        let around = [(r1, r2), (r2, r3), (r3, r1)];
-        let t = throughput(&replicas, &around, pairs.div_ceil(3) * 3, secs).await;
-        report_throughput("throughput, all three", &t);
+        if let [_, r2, ..] = addrs[..] {
+            let t = throughput(&replicas, &[(r1, r2)], pairs, secs).await;
+            report_throughput("throughput, across mesh", &t);
+        }
+        if let [_, r2, r3] = addrs[..] {
+            let around = [(r1, r2), (r2, r3), (r3, r1)];
+            let t = throughput(&replicas, &around, pairs.div_ceil(3) * 3, secs).await;
+            report_throughput("throughput, all three", &t);
+        }
         let l = latency(r1, r1, rate, secs).await;
         report_latency("latency, one replica", rate, &l);
-        let l = latency(r1, r2, rate, secs).await;
-        report_latency("latency, across mesh", rate, &l);
+        if let [_, r2, ..] = addrs[..] {
+            let l = latency(r1, r2, rate, secs).await;
+            report_latency("latency, across mesh", rate, &l);
+        }
         let want = idle.min(fd_limit.saturating_sub(200) as usize);
         let (opened, before, after) = idle_memory(&replicas[0], want).await;
         let per = (after.saturating_sub(before)) as f64 * 1024.0 / opened.max(1) as f64;

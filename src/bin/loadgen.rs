@@ -5,6 +5,12 @@
 //! a change takes to reach every node: one node joining, a policy change opening a port,
 //! and (with tagged servers) one that changes who sees whom.
 //!
+//! It speaks only what the official client speaks, so it runs against headscale too
+//! (`scripts/bench-vs-headscale.sh`): a pre-auth key, `PUT /api/v1/policy` with an API key,
+//! and the TS2021 early payload headscale sends before HTTP/2 (read and dropped by
+//! `noise::client`). Memory and CPU come from any Prometheus endpoint with the standard
+//! `process_*` series, which headscale's metrics listener has too.
+//!
 //! Load is open-loop: node i starts at `i / rate` seconds whatever happened to the nodes
 //! before it, and latencies count from that scheduled moment, so a slow server cannot
 //! hide its slowness by slowing the generator down.
