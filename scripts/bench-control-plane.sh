@@ -23,6 +23,8 @@ peers=""
 for i in 1 2 3; do
   peers+="${peers:+,}$i=127.0.0.1:$((BASE + i * 10 + 3))"
 done
+# Raft between replicas runs over mutual TLS, as a real cluster's does (try-cluster.sh).
+"$BIN/hydrascale" cluster certs --out "$OUT/cluster/certs" --ids 1,2,3 > /dev/null
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -44,6 +46,7 @@ stun_listen_addr = "127.0.0.1:$((p + 5))"
 
 [cluster]
 peers = "$peers"
+tls_dir = "$OUT/cluster/certs/replica-$i"
 
 [limits]
 # Every simulated node connects from 127.0.0.1: one client address for all of them.
