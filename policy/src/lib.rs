@@ -141,6 +141,9 @@ pub struct Policy {
     pub auto_approvers: AutoApprovers,
     pub node_attrs: Vec<NodeAttr>,
     pub tests: Vec<PolicyTest>,
+    /// Keys Tailscale accepts that change nothing here, each with where it is and why it
+    /// is ignored (`policy check` prints them).
+    pub warnings: Vec<PolicyError>,
 }
 
 /// Who or what a node is, as far as the policy cares. A tagged node is its tags and no

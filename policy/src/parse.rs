@@ -49,6 +49,34 @@ fn strings<'a>(v: &'a Spanned, what: &str) -> Result<Vec<(&'a str, Pos)>, Policy
         .collect()
 }
 
+/// Keys Tailscale's policy format has that change nothing for a self-hosted tailnet (or
+/// that Hydrascale checks itself some other way): accepted, with a warning saying why.
+const IGNORED: &[(&str, &str)] = &[
+    ("sshTests", "SSH policy tests are not run by Hydrascale (its \"tests\" are)"),
+    ("randomizeClientPort", "clients pick their own WireGuard port here"),
+    ("postures", "device posture checks are not evaluated by Hydrascale"),
+    ("srcPosture", "device posture checks are not evaluated by Hydrascale"),
+    ("defaultSrcPosture", "device posture checks are not evaluated by Hydrascale"),
+    ("ipsets", "IP sets are not expanded by Hydrascale"),
+    ("acceptEnv", "SSH sessions get no variables from the connecting side (acceptEnv is not sent to clients yet)"),
+];
+
+/// Keys of Tailscale features Hydrascale does not have: refused, naming the feature, so
+/// the policy is not silently read as something it does not say.
+const MISSING: &[(&str, &str)] = &[
+    ("via", "routing a grant through chosen routers (\"via\")"),
+    ("ipPool", "address pools for nodes (\"ipPool\")"),
+    (
+        "derpMap",
+        "a DERP map in the policy (\"derpMap\"; use the derp settings)",
+    ),
+];
+
+thread_local! {
+    /// The warnings of the policy being parsed on this thread ([`parse`] takes them).
+    static WARNINGS: std::cell::RefCell<Vec<PolicyError>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The members of an object, each key checked against `known` (compared without case, as
 /// Tailscale does).
 fn fields<'a>(
@@ -58,11 +86,33 @@ fn fields<'a>(
 ) -> Result<BTreeMap<&'static str, &'a Spanned>, PolicyError> {
     let mut out = BTreeMap::new();
     for (k, pos, val) in obj(v, what)? {
+        let named = |table: &[(&'static str, &'static str)]| {
+            table
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, why)| *why)
+        };
         match known.iter().find(|n| n.eq_ignore_ascii_case(k)) {
             Some(&n) => {
                 if out.insert(n, val).is_some() {
                     return fail(*pos, format!("{k:?} appears twice in {what}"));
                 }
+            }
+            None if named(IGNORED).is_some() => {
+                let why = named(IGNORED).unwrap_or_default();
+                WARNINGS.with(|w| {
+                    w.borrow_mut().push(PolicyError {
+                        pos: *pos,
+                        msg: format!("{k:?} in {what} is ignored: {why}"),
+                    })
+                });
+            }
+            None if named(MISSING).is_some() => {
+                let feature = named(MISSING).unwrap_or_default();
+                return fail(
+                    *pos,
+                    format!("{feature} is a Tailscale feature Hydrascale does not have yet; remove {k:?} from {what}"),
+                );
             }
             None => {
                 return fail(
@@ -326,6 +376,13 @@ fn check_period(text: &str) -> Result<u64, String> {
 
 /// Reads and checks a policy file.
 pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+    WARNINGS.with(|w| w.borrow_mut().clear());
+    let mut policy = parse_checked(text)?;
+    policy.warnings = WARNINGS.with(|w| std::mem::take(&mut *w.borrow_mut()));
+    Ok(policy)
+}
+
+fn parse_checked(text: &str) -> Result<Policy, PolicyError> {
     let root = hujson::parse(text).map_err(|e| PolicyError {
         pos: e.pos,
         msg: e.msg,

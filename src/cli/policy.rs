@@ -73,7 +73,11 @@ pub(super) async fn run(cmd: PolicyCmd, target: &Target, json: bool) -> Result<(
 /// `policy check`: parses FILE and runs its tests as `policy set` would, offline.
 fn check(file: &Path) -> Result<()> {
     let text = read_policy(file)?;
-    crate::policy::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let policy =
+        crate::policy::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    for w in &policy.warnings {
+        eprintln!("{}: warning: {w}", file.display());
+    }
     println!("{}: the policy is valid and its tests pass", file.display());
     Ok(())
 }
