@@ -7,6 +7,11 @@
 //! have (named in the message), or is one of the known differences listed below, where
 //! Tailscale takes something odd (whitespace in a tag, an SSH rule without "src") that
 //! this parser refuses. A new difference of either kind fails the test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
 
 use hydrascale_policy::parse;
 
