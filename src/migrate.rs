@@ -626,16 +626,16 @@ fn tagged_owner(
 
 /// headscale's `email` and `profile_pic_url`, each kept only if the state would take it.
 fn profile_of(r: &Row) -> crate::state::Profile {
-    let field = |v: Option<&str>, ok: fn(&str) -> bool| {
-        v.filter(|v| v.len() <= crate::state::MAX_PROFILE_FIELD && ok(v))
-            .unwrap_or_default()
-            .to_string()
-    };
-    crate::state::Profile {
-        email: field(r["email"].text(), |e| e.contains('@')),
-        picture_url: field(r["profile_pic_url"].text(), |p| {
-            p.starts_with("https://") || p.starts_with("http://")
-        }),
+    use crate::state::Profile;
+    Profile {
+        email: r["email"]
+            .text()
+            .and_then(Profile::checked_email)
+            .unwrap_or_default(),
+        picture_url: r["profile_pic_url"]
+            .text()
+            .and_then(Profile::checked_picture_url)
+            .unwrap_or_default(),
     }
 }
 

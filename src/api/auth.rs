@@ -9,8 +9,8 @@ use axum::Json;
 use serde_json::{json, Value};
 use tonic::Request;
 
-use super::nodes::node_reply;
-use super::{input, resolve_user, user_name, ApiError, ApiResult, ApiState};
+use super::nodes::register_waiting;
+use super::{input, ApiError, ApiResult, ApiState};
 use crate::admin::proto;
 use crate::admin::proto::admin_service_server::AdminService;
 use crate::state::PendingLogin;
@@ -43,21 +43,7 @@ pub(super) async fn register(
 ) -> ApiResult {
     let body = input(q, &body)?;
     let auth_id = auth_id(&body)?;
-    let user = {
-        let t = st.db.store.read();
-        let id = resolve_user(&t, &body["user"])?;
-        user_name(&t, id)?
-    };
-    let r = st
-        .admin
-        .complete_login(Request::new(proto::CompleteLoginRequest { auth_id, user }))
-        .await?
-        .into_inner();
-    let id = r
-        .node
-        .map(|n| n.id)
-        .ok_or_else(|| ApiError(tonic::Status::internal("no node in reply")))?;
-    node_reply(&st, id)
+    register_waiting(&st, &body["user"], &auth_id).await
 }
 
 /// Which kind of wait `id` names, on this replica's state.

@@ -12,8 +12,8 @@ use tonic::Request;
 
 use super::users::user_of;
 use super::{
-    flag, id_from, input, lifetime_ms, opt_time, resolve_user, strings, time, user_name, ApiError,
-    ApiResult, ApiState,
+    flag, id_from, input, lifetime_ms, named_user, opt_time, resolve_user, strings, time,
+    user_name, ApiError, ApiResult, ApiState,
 };
 use crate::admin::proto::admin_service_server::AdminService;
 use crate::admin::{convert, proto};
@@ -76,11 +76,7 @@ pub(super) async fn create_preauth_key(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let body = input(q, &body)?;
-    let user = {
-        let t = st.db.store.read();
-        let id = resolve_user(&t, &body["user"])?;
-        user_name(&t, id)?
-    };
+    let user = named_user(&st, &body["user"])?;
     let tags = strings(&body["aclTags"]);
     let r = st
         .admin

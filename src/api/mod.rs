@@ -292,6 +292,13 @@ fn path_id(s: &str, what: &str) -> Result<u64, ApiError> {
     id_from(&Value::String(s.to_string()), what)
 }
 
+/// The name of the user `v` names (by id or name), as the admin calls take it.
+fn named_user(st: &ApiState, v: &Value) -> Result<String, ApiError> {
+    let t = st.db.store.read();
+    let id = resolve_user(&t, v)?;
+    user_name(&t, id)
+}
+
 fn user_name(t: &Tailnet, id: u64) -> Result<String, ApiError> {
     t.users.get(&id).map(|u| u.name.clone()).ok_or_else(|| {
         ApiError(tonic::Status::not_found(format!(

@@ -12,7 +12,7 @@ use tonic::Request;
 
 use super::users::user_of;
 use super::{
-    flag, input, opt_time, path_id, resolve_user, rfc3339_ms, strings, time, user_name, ApiError,
+    flag, input, named_user, opt_time, path_id, resolve_user, rfc3339_ms, strings, time, ApiError,
     ApiResult, ApiState,
 };
 use crate::admin::proto::admin_service_server::AdminService;
@@ -278,20 +278,25 @@ pub(super) async fn register_node(
     body: axum::body::Bytes,
 ) -> ApiResult {
     let body = input(q, &body)?;
-    let user = {
-        let t = st.db.store.read();
-        let id = resolve_user(&t, &body["user"])?;
-        user_name(&t, id)?
-    };
-    let auth_id = crate::state::PendingLogin::id_from(body["key"].as_str().unwrap_or_default());
+    register_waiting(&st, &body["user"], body["key"].as_str().unwrap_or_default()).await
+}
+
+/// Finishes the interactive login `auth_id` (the id, or the URL the machine shows) for
+/// the user `user` names: the machine becomes that user's node. Serves headscale's
+/// `node/register` and `auth/register`.
+pub(super) async fn register_waiting(st: &ApiState, user: &Value, auth_id: &str) -> ApiResult {
+    let user = named_user(st, user)?;
     let r = st
         .admin
         .complete_login(Request::new(proto::CompleteLoginRequest {
-            auth_id: auth_id.to_string(),
+            auth_id: crate::state::PendingLogin::id_from(auth_id).to_string(),
             user,
         }))
         .await?
         .into_inner();
-    let id = r.node.map(|n| n.id).unwrap_or_default();
-    node_reply(&st, id)
+    let id = r
+        .node
+        .map(|n| n.id)
+        .ok_or_else(|| ApiError(tonic::Status::internal("no node in reply")))?;
+    node_reply(st, id)
 }

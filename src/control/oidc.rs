@@ -432,11 +432,7 @@ impl Oidc {
             .to_string();
         let picture = claims["picture"]
             .as_str()
-            .filter(|p| {
-                (p.starts_with("https://") || p.starts_with("http://"))
-                    && p.len() <= crate::state::MAX_PROFILE_FIELD
-            })
-            .map(str::to_string);
+            .and_then(crate::state::Profile::checked_picture_url);
         Ok(Identity {
             issuer: issuer.trim_end_matches('/').to_string(),
             subject: sub.to_string(),

@@ -56,6 +56,49 @@ impl Profile {
     pub fn is_empty(&self) -> bool {
         self.email.is_empty() && self.picture_url.is_empty()
     }
+
+    /// A profile an admin API client, a provider or a migrated database could make huge
+    /// or nonsensical is refused, saying which field is wrong. The one check for all of
+    /// them (`apply`, OIDC claims, headscale migration).
+    pub fn check(&self) -> Result<(), crate::state::StateError> {
+        let bad = |m: String| Err(crate::state::StateError::BadProfile(m));
+        for (field, v) in [("email", &self.email), ("picture URL", &self.picture_url)] {
+            if v.len() > MAX_PROFILE_FIELD || v.chars().any(char::is_control) {
+                return bad(format!(
+                    "the {field} must be at most {MAX_PROFILE_FIELD} characters without control characters"
+                ));
+            }
+        }
+        if !self.email.is_empty() && !self.email.contains('@') {
+            return bad(format!("{:?} is not an e-mail address", self.email));
+        }
+        let web = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+        if !(self.picture_url.is_empty() || web(&self.picture_url)) {
+            return bad(format!(
+                "the picture URL {:?} must start with https:// or http://",
+                self.picture_url
+            ));
+        }
+        Ok(())
+    }
+
+    /// `email` alone, if [`Profile::check`] takes it.
+    pub fn checked_email(email: &str) -> Option<String> {
+        let p = Profile {
+            email: email.to_string(),
+            ..Default::default()
+        };
+        p.check().is_ok().then_some(p.email)
+    }
+
+    /// `picture_url` alone, if [`Profile::check`] takes it.
+    pub fn checked_picture_url(url: &str) -> Option<String> {
+        let p = Profile {
+            picture_url: url.to_string(),
+            ..Default::default()
+        };
+        p.check().is_ok().then_some(p.picture_url)
+    }
 }
 
 /// Longest e-mail address or picture URL a profile keeps.

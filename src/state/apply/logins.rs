@@ -57,7 +57,7 @@ impl Tailnet {
     ) -> Outcome {
         let p = self.pending_login(auth_id, now)?;
         // A provider's odd claim costs the profile, never the login.
-        let profile = if super::users::check_profile(profile).is_ok() {
+        let profile = if profile.check().is_ok() {
             profile.clone()
         } else {
             Profile::default()

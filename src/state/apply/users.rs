@@ -3,9 +3,7 @@
 use super::Outcome;
 use crate::state::error::StateError;
 use crate::state::tailnet::{valid_user_name, Tailnet};
-use crate::state::types::{
-    Change, CommandOutput, OidcIdentity, Profile, User, UserOrigin, MAX_PROFILE_FIELD,
-};
+use crate::state::types::{Change, CommandOutput, OidcIdentity, Profile, User, UserOrigin};
 
 impl Tailnet {
     pub(super) fn create_user(
@@ -19,7 +17,7 @@ impl Tailnet {
         if !valid_user_name(name) {
             return Err(StateError::BadUserName(name.to_string()));
         }
-        check_profile(profile)?;
+        profile.check()?;
         if self.user_by_name(name).is_some() {
             return Err(StateError::UserExists(name.to_string()));
         }
@@ -113,29 +111,4 @@ impl Tailnet {
             vec![Change::UserChanged(id)],
         ))
     }
-}
-
-/// A profile a client of the admin API or a provider could make huge or nonsensical.
-pub(super) fn check_profile(p: &Profile) -> Result<(), StateError> {
-    for (field, v) in [("email", &p.email), ("picture URL", &p.picture_url)] {
-        if v.len() > MAX_PROFILE_FIELD || v.chars().any(char::is_control) {
-            return Err(StateError::BadProfile(format!(
-                "the {field} must be at most {MAX_PROFILE_FIELD} characters without control characters"
-            )));
-        }
-    }
-    if !p.email.is_empty() && !p.email.contains('@') {
-        return Err(StateError::BadProfile(format!(
-            "{:?} is not an e-mail address",
-            p.email
-        )));
-    }
-    let web = |u: &str| u.starts_with("https://") || u.starts_with("http://");
-    if !(p.picture_url.is_empty() || web(&p.picture_url)) {
-        return Err(StateError::BadProfile(format!(
-            "the picture URL {:?} must start with https:// or http://",
-            p.picture_url
-        )));
-    }
-    Ok(())
 }
